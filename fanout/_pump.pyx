@@ -1,0 +1,251 @@
+# The native pump: one loop per Distributor that drains every lane's FrameRing
+# into that lane's non-blocking pipe, without the GIL. Twin: fanout/_pump_py.py.
+#
+# Who owns what: the Pump holds a strong reference to every FrameRing in its
+# table (self._rings), so the fr_state pointers in the C table stay valid while
+# the loop uses them. The table itself is guarded by table_lock; the loop holds
+# it for one send pass (never while sleeping in poll), so after remove() returns
+# the loop no longer touches that lane's fd and the caller may close it.
+
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport uint64_t
+from posix.unistd cimport close, read, write
+
+from fanout._ring cimport (
+    FrameRing,
+    fr_send,
+    fr_state,
+    fr_unsent,
+    pthread_mutex_destroy,
+    pthread_mutex_init,
+    pthread_mutex_lock,
+    pthread_mutex_t,
+    pthread_mutex_trylock,
+    pthread_mutex_unlock,
+)
+
+NATIVE = True
+
+cdef extern from "<poll.h>" nogil:
+    cdef struct pollfd:
+        int fd
+        short events
+        short revents
+    ctypedef unsigned long nfds_t
+    int poll(pollfd* fds, nfds_t nfds, int timeout)
+    enum:
+        POLLIN
+        POLLOUT
+
+cdef extern from "<sys/eventfd.h>" nogil:
+    int eventfd(unsigned int initval, int flags)
+    enum:
+        EFD_NONBLOCK
+        EFD_CLOEXEC
+
+cdef extern from *:
+    """
+    static inline void fanout_store(int *p, int v) { __atomic_store_n(p, v, __ATOMIC_SEQ_CST); }
+    static inline int fanout_load(int *p) { return __atomic_load_n(p, __ATOMIC_SEQ_CST); }
+    static inline int fanout_xchg(int *p, int v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+    """
+    void fanout_store(int* p, int v) nogil
+    int fanout_load(int* p) nogil
+    int fanout_xchg(int* p, int v) nogil
+
+
+cdef struct lane_t:
+    fr_state* st
+    int fd
+    int blocked   # the last send left bytes behind: wait for POLLOUT
+    int broken    # the fd failed (reader gone): skip until re-added
+    int error
+
+
+cdef class Pump:
+    """Drains lanes' FrameRings into their pipes from one thread, without the GIL.
+
+    ``add(key, ring, fd)`` attaches (or re-attaches) a lane, ``remove(key)``
+    detaches it, ``notify()`` wakes the loop after appends, ``run()`` is the loop
+    (call it in a thread), ``stop()`` ends it, ``close()`` frees the eventfd.
+    ``notify`` costs a syscall only when the loop sleeps.
+    """
+
+    cdef pthread_mutex_t table_lock
+    cdef lane_t* lanes
+    cdef Py_ssize_t nlanes
+    cdef dict _rings
+    cdef list _keys
+    cdef int efd
+    cdef int sleeping
+    cdef int running
+    cdef object __weakref__
+
+    def __cinit__(self):
+        self.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
+        if self.efd < 0:
+            raise OSError(errno, "eventfd failed")
+        pthread_mutex_init(&self.table_lock, NULL)
+        self.lanes = NULL
+        self.nlanes = 0
+        self._rings = {}
+        self._keys = []
+        self.running = 1
+        self.sleeping = 0
+
+    def __dealloc__(self):
+        if self.efd >= 0:
+            close(self.efd)
+        PyMem_RawFree(self.lanes)
+        pthread_mutex_destroy(&self.table_lock)
+
+    cdef void _lock_table(self):
+        if pthread_mutex_trylock(&self.table_lock) != 0:
+            with nogil:  # the loop holds the table for one send pass at most
+                pthread_mutex_lock(&self.table_lock)
+
+    def add(self, key, FrameRing ring not None, int fd):
+        """Attach ``ring`` to be drained into ``fd`` (replacing ``key``'s lane)."""
+        self._lock_table()
+        try:
+            self._rings[key] = (ring, fd)
+            self._rebuild()
+        finally:
+            pthread_mutex_unlock(&self.table_lock)
+        self._wake()
+
+    def remove(self, key):
+        """Detach ``key``'s lane; on return the loop no longer uses its fd."""
+        self._lock_table()
+        try:
+            if self._rings.pop(key, None) is not None:
+                self._rebuild()
+        finally:
+            pthread_mutex_unlock(&self.table_lock)
+        # A poll() still watching the old fd holds a reference to its file, which
+        # would delay the reader's EOF: wake the loop so it lets go.
+        self._wake()
+
+    def broken(self):
+        """Return ``{key: errno}`` of lanes whose fd failed since they were added."""
+        cdef Py_ssize_t i
+        out = {}
+        self._lock_table()
+        try:
+            for i in range(self.nlanes):
+                if self.lanes[i].broken:
+                    out[self._keys[i]] = self.lanes[i].error
+        finally:
+            pthread_mutex_unlock(&self.table_lock)
+        return out
+
+    cdef _rebuild(self):
+        # table_lock held. Flags of lanes that stay are kept.
+        cdef lane_t* new
+        cdef Py_ssize_t i = 0, j
+        cdef FrameRing ring
+        old = {self._keys[j]: j for j in range(self.nlanes)}
+        new = <lane_t*>PyMem_RawMalloc(sizeof(lane_t) * (len(self._rings) + 1))
+        if new == NULL:
+            raise MemoryError()
+        keys = []
+        for key, (ring, fd) in self._rings.items():
+            j = old.get(key, -1)
+            if j >= 0 and self.lanes[j].fd == fd and self.lanes[j].st == ring.st:
+                new[i] = self.lanes[j]
+            else:
+                new[i].st = ring.st
+                new[i].fd = fd
+                new[i].blocked = 0
+                new[i].broken = 0
+                new[i].error = 0
+            keys.append(key)
+            i += 1
+        PyMem_RawFree(self.lanes)
+        self.lanes = new
+        self.nlanes = i
+        self._keys = keys
+
+    cdef void _wake(self) noexcept nogil:
+        cdef uint64_t one = 1
+        write(self.efd, &one, 8)
+
+    def notify(self):
+        """Wake the loop if it sleeps (call after appending to a ring)."""
+        if fanout_load(&self.sleeping) and fanout_xchg(&self.sleeping, 0):
+            self._wake()
+
+    def stop(self):
+        """Make ``run()`` return soon."""
+        fanout_store(&self.running, 0)
+        self._wake()
+
+    def close(self):
+        """Free the eventfd (after ``run()`` returned)."""
+        if self.efd >= 0:
+            close(self.efd)
+            self.efd = -1
+
+    def run(self):
+        """Drain rings into their fds until ``stop()``; call in a dedicated thread."""
+        with nogil:  # the loop touches only C state: the table under table_lock,
+            self._loop()  # each ring under its own mutex
+
+    cdef void _loop(self) noexcept nogil:
+        cdef pollfd* fds = NULL
+        cdef Py_ssize_t i, nfds, cap = 0
+        cdef Py_ssize_t r
+        cdef int ready
+        cdef uint64_t drained
+        while fanout_load(&self.running):
+            pthread_mutex_lock(&self.table_lock)
+            if cap < self.nlanes + 1:
+                PyMem_RawFree(fds)
+                cap = self.nlanes + 1
+                fds = <pollfd*>PyMem_RawMalloc(sizeof(pollfd) * cap)
+                if fds == NULL:  # keep trying with a short nap rather than die
+                    cap = 0
+                    pthread_mutex_unlock(&self.table_lock)
+                    poll(NULL, 0, 10)
+                    continue
+            fds[0].fd = self.efd
+            fds[0].events = POLLIN
+            nfds = 1
+            # One pass: every lane with bytes waiting gets one writev.
+            for i in range(self.nlanes):
+                self.lanes[i].blocked = 0
+                if self.lanes[i].broken:
+                    continue
+                if fr_unsent(self.lanes[i].st) == 0:
+                    continue
+                r = fr_send(self.lanes[i].st, self.lanes[i].fd)
+                if r < 0:
+                    self.lanes[i].broken = 1
+                    self.lanes[i].error = <int>-r
+                elif fr_unsent(self.lanes[i].st) > 0:
+                    self.lanes[i].blocked = 1
+                    fds[nfds].fd = self.lanes[i].fd
+                    fds[nfds].events = POLLOUT
+                    nfds += 1
+            pthread_mutex_unlock(&self.table_lock)
+            # Announce the nap, then look once more: an append that raced with
+            # the pass either shows up here or sees sleeping == 1 and wakes us.
+            fanout_store(&self.sleeping, 1)
+            ready = 0
+            pthread_mutex_lock(&self.table_lock)
+            for i in range(self.nlanes):
+                if (not self.lanes[i].broken and not self.lanes[i].blocked
+                        and fr_unsent(self.lanes[i].st) > 0):
+                    ready = 1
+                    break
+            pthread_mutex_unlock(&self.table_lock)
+            if ready or not fanout_load(&self.running):
+                fanout_store(&self.sleeping, 0)
+                continue
+            while poll(fds, nfds, -1) < 0 and errno == EINTR:
+                pass
+            fanout_store(&self.sleeping, 0)
+            if fds[0].revents & POLLIN:
+                read(self.efd, &drained, 8)
+        PyMem_RawFree(fds)

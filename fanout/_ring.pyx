@@ -1,0 +1,491 @@
+# Native rings: the hot-path twin of fanout/_ring_py.py (same API, same errors).
+#
+# FrameRing keeps its whole state in a C struct (fr_state) guarded by a pthread
+# mutex, so the native pump (fanout/_pump.pyx) can send from it without the GIL.
+# Rule that keeps this deadlock-free: the ring mutex is never held while waiting
+# for the GIL; a thread holding the GIL that finds the mutex taken releases the
+# GIL before it waits.
+
+cimport cython
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
+from libc.errno cimport EAGAIN, EINTR, errno
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcpy, memset
+
+from os import strerror
+
+from fanout._ring_common import (
+    MIN_FRAME_CAPACITY,
+    RING_GROW_FROM_ZERO,
+    check_ack,
+    check_size,
+    frame_length,
+)
+from fanout.errors import RingFull, ring_full_message
+
+from fanout._ring_common import HEADER_SIZE  # noqa: F401  (re-exported)
+
+NATIVE = True
+
+cdef extern from "<sys/uio.h>" nogil:
+    cdef struct iovec:
+        void* iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec* iov, int iovcnt)
+
+cdef enum:
+    HDR = 12                # frame header: u32 length + u64 seq, little endian
+    BIG_COPY = 64 * 1024    # copies at least this large run without the GIL
+
+
+# -- byte helpers; all run with st.lock held --------------------------------------
+
+cdef inline void _copy_in(fr_state* st, size_t off, const unsigned char* src,
+                          size_t n) noexcept nogil:
+    cdef size_t start = (st.head + off) % st.cap
+    cdef size_t first = n if n < st.cap - start else st.cap - start
+    memcpy(st.buf + start, src, first)
+    if first < n:
+        memcpy(st.buf, src + first, n - first)
+
+
+cdef inline void _copy_out(fr_state* st, size_t off, unsigned char* dst,
+                           size_t n) noexcept nogil:
+    cdef size_t start = (st.head + off) % st.cap
+    cdef size_t first = n if n < st.cap - start else st.cap - start
+    memcpy(dst, st.buf + start, first)
+    if first < n:
+        memcpy(dst + first, st.buf, n - first)
+
+
+cdef inline void _put_header(unsigned char* h, uint32_t length,
+                             uint64_t seq) noexcept nogil:
+    cdef int i
+    for i in range(4):
+        h[i] = (length >> (8 * i)) & 0xFF
+    for i in range(8):
+        h[4 + i] = (seq >> (8 * i)) & 0xFF
+
+
+cdef inline void _get_header(fr_state* st, size_t off, size_t* length,
+                             uint64_t* seq) noexcept nogil:
+    cdef unsigned char h[HDR]
+    cdef int i
+    cdef uint64_t s = 0
+    cdef uint32_t n = 0
+    _copy_out(st, off, h, HDR)
+    for i in range(4):
+        n |= (<uint32_t>h[i]) << (8 * i)
+    for i in range(8):
+        s |= (<uint64_t>h[4 + i]) << (8 * i)
+    length[0] = n
+    seq[0] = s
+
+
+cdef int _relocate(fr_state* st, size_t cap) noexcept nogil:
+    """Move the bytes held to a new buffer of cap bytes; -1 when out of memory."""
+    cdef unsigned char* buf = <unsigned char*>PyMem_RawMalloc(cap if cap else 1)
+    if buf == NULL:
+        return -1
+    if st.used:
+        _copy_out(st, 0, buf, st.used)
+    PyMem_RawFree(st.buf)
+    st.buf = buf
+    st.cap = cap
+    st.head = 0
+    return 0
+
+
+cdef void _advance_sent(fr_state* st, size_t written) noexcept nogil:
+    cdef size_t length, end
+    cdef uint64_t seq
+    st.sent += written
+    while st.boundary < st.sent:
+        _get_header(st, st.boundary, &length, &seq)
+        end = st.boundary + HDR + length
+        if end > st.sent:
+            break
+        st.boundary = end
+        st.sent_seq = seq
+
+
+cdef Py_ssize_t fr_send(fr_state* st, int fd) noexcept nogil:
+    cdef iovec iov[2]
+    cdef ssize_t written
+    cdef size_t todo, start, first
+    cdef int count = 1, err
+    pthread_mutex_lock(&st.lock)
+    todo = st.used - st.sent
+    if todo == 0:
+        pthread_mutex_unlock(&st.lock)
+        return 0
+    start = (st.head + st.sent) % st.cap
+    first = todo if todo < st.cap - start else st.cap - start
+    iov[0].iov_base = st.buf + start
+    iov[0].iov_len = first
+    if first < todo:
+        iov[1].iov_base = st.buf
+        iov[1].iov_len = todo - first
+        count = 2
+    while True:
+        written = writev(fd, iov, count)
+        if written >= 0 or errno != EINTR:
+            break
+    if written < 0:
+        err = errno
+        pthread_mutex_unlock(&st.lock)
+        if err == EAGAIN:  # == EWOULDBLOCK on Linux
+            return 0
+        return -err
+    _advance_sent(st, <size_t>written)
+    pthread_mutex_unlock(&st.lock)
+    return written
+
+
+cdef size_t fr_unsent(fr_state* st) noexcept nogil:
+    cdef size_t n
+    pthread_mutex_lock(&st.lock)
+    n = st.used - st.sent
+    pthread_mutex_unlock(&st.lock)
+    return n
+
+
+cdef inline void _lock(fr_state* st):
+    if pthread_mutex_trylock(&st.lock) != 0:
+        with nogil:  # wait for the pump's writev without blocking other threads
+            pthread_mutex_lock(&st.lock)
+
+
+cdef class Ring:
+    """A growable FIFO ring of Python objects (k8s.io/utils ``buffer.Ring``).
+
+    Options:
+        initial_size: slots to start with (0 allowed: the first write makes 16).
+        normal_size: when set, a ``read_one`` that leaves the ring empty shrinks the
+            capacity back to it if larger; ``None`` never shrinks (``RingGrowing``).
+
+    Not thread-safe: callers serialise access (fanout's thread listener holds a
+    lock around every call).
+    """
+
+    def __cinit__(self, initial_size=0, normal_size=None):
+        self._n = check_size("initial_size", initial_size)
+        normal = check_size("normal_size", normal_size, allow_none=True)
+        self._shrinks = normal is not None
+        self._normal = normal if self._shrinks else 0
+        self._data = [None] * self._n
+        self._beg = 0
+        self._readable = 0
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def write_one(self, item):
+        """Append ``item``, doubling the capacity when full."""
+        cdef Py_ssize_t i
+        if self._readable == self._n:
+            self._resize(self._n * 2 if self._n else RING_GROW_FROM_ZERO)
+        i = self._beg + self._readable
+        if i >= self._n:
+            i -= self._n
+        self._data[i] = item
+        self._readable += 1
+
+    @cython.boundscheck(False)
+    @cython.wraparound(False)
+    def read_one(self):
+        """Remove and return ``(item, True)``, or ``(None, False)`` when empty."""
+        cdef Py_ssize_t beg = self._beg
+        if self._readable == 0:
+            return None, False
+        item = self._data[beg]
+        self._data[beg] = None  # keep no reference to what was read
+        self._readable -= 1
+        self._beg = 0 if beg == self._n - 1 else beg + 1
+        if self._readable == 0 and self._shrinks and self._n > self._normal:
+            self._data = [None] * self._normal
+            self._n = self._normal
+            self._beg = 0
+        return item, True
+
+    cdef _resize(self, Py_ssize_t n):
+        cdef list old = self._data
+        cdef Py_ssize_t i
+        new = [None] * n
+        for i in range(self._readable):
+            new[i] = old[(self._beg + i) % self._n]
+        self._data = new
+        self._n = n
+        self._beg = 0
+
+    def __len__(self):
+        return self._readable
+
+    @property
+    def capacity(self):
+        """Number of slots allocated."""
+        return self._n
+
+
+cdef class FrameRing:
+    """A growable byte ring of length-delimited frames with three cursors.
+
+    ``acked <= sent <= written``: frames before ``acked`` are freed; frames between
+    ``acked`` and ``sent`` are in flight and stay until acked, so ``rewind()`` can
+    send them again; frames after ``sent`` wait for ``send_to``.
+
+    Each frame travels as a 12-byte header (payload length u32, sequence number
+    u64, little endian) and the payload. Sequence numbers start at 1.
+
+    Options:
+        initial_bytes: capacity to start with (grows by doubling, from 64 if 0).
+        normal_bytes: capacity to shrink back to once every frame is acked
+            (default: ``initial_bytes``).
+        max_bytes: bound on the bytes held (headers included); ``append`` past it
+            raises ``RingFull``. ``None``: unbounded.
+
+    Thread safety: every method takes the ring's mutex, so one producer thread
+    appending while one pump thread sends and another thread acks is safe;
+    ``send_to`` and large copies in ``append`` run without the GIL.
+    """
+
+    def __cinit__(self, initial_bytes=4096, normal_bytes=None, max_bytes=None):
+        cdef fr_state* st
+        cap = check_size("initial_bytes", initial_bytes)
+        normal = check_size("normal_bytes", normal_bytes, allow_none=True)
+        bound = check_size("max_bytes", max_bytes, allow_none=True)
+        if bound is not None and bound <= HDR:
+            raise ValueError(
+                f"max_bytes must exceed the {HDR}-byte frame header, got {bound}"
+            )
+        if bound is not None and cap > bound:
+            cap = bound
+        if normal is None:
+            normal = cap
+        if bound is not None and normal > bound:
+            normal = bound
+        st = <fr_state*>PyMem_RawMalloc(sizeof(fr_state))
+        if st == NULL:
+            raise MemoryError()
+        memset(st, 0, sizeof(fr_state))
+        st.buf = <unsigned char*>PyMem_RawMalloc(cap if cap else 1)
+        if st.buf == NULL:
+            PyMem_RawFree(st)
+            raise MemoryError()
+        st.cap = cap
+        st.normal = normal
+        st.bounded = bound is not None
+        st.maxb = bound if bound is not None else 0
+        st.next_seq = 1
+        pthread_mutex_init(&st.lock, NULL)
+        self.st = st
+
+    def __dealloc__(self):
+        if self.st != NULL:
+            pthread_mutex_destroy(&self.st.lock)
+            PyMem_RawFree(self.st.buf)
+            PyMem_RawFree(self.st)
+            self.st = NULL
+
+    def append(self, frame):
+        """Copy ``frame`` in as the next frame and return its sequence number."""
+        cdef Py_buffer view
+        cdef fr_state* st = self.st
+        cdef size_t n, total, cap, held
+        cdef uint64_t seq
+        cdef unsigned char hdr[HDR]
+        cdef int failed
+        try:
+            PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
+        except (TypeError, BufferError):
+            frame_length(frame)  # raises the message both rings share
+            raise
+        try:
+            n = view.len
+            if n == 0 or n > 0xFFFFFFFF:
+                frame_length(frame)
+            total = n + HDR
+            _lock(st)
+            if st.bounded and st.used + total > st.maxb:
+                held = st.used
+                pthread_mutex_unlock(&st.lock)
+                raise RingFull(ring_full_message(total, held, st.maxb))
+            if st.used + total > st.cap:
+                cap = st.cap if st.cap > MIN_FRAME_CAPACITY else MIN_FRAME_CAPACITY
+                while cap < st.used + total:
+                    cap *= 2
+                if st.bounded and cap > st.maxb:
+                    cap = st.maxb
+                with nogil:  # relocation touches only our buffers, under st.lock
+                    failed = _relocate(st, cap)
+                if failed:
+                    pthread_mutex_unlock(&st.lock)
+                    raise MemoryError(f"FrameRing cannot grow to {cap} bytes")
+            seq = st.next_seq
+            _put_header(hdr, <uint32_t>n, seq)
+            _copy_in(st, st.used, hdr, HDR)
+            if n >= BIG_COPY:
+                with nogil:  # view pins the source, st.lock owns the destination
+                    _copy_in(st, st.used + HDR, <const unsigned char*>view.buf, n)
+            else:
+                _copy_in(st, st.used + HDR, <const unsigned char*>view.buf, n)
+            st.used += total
+            st.frames += 1
+            st.next_seq = seq + 1
+            pthread_mutex_unlock(&st.lock)
+            return seq
+        finally:
+            PyBuffer_Release(&view)
+
+    def send_to(self, int fd):
+        """Write pending bytes to non-blocking ``fd``; return how many were taken."""
+        cdef Py_ssize_t r
+        with nogil:  # fr_send works on the C state under its own mutex
+            r = fr_send(self.st, fd)
+        if r < 0:
+            raise OSError(-r, strerror(-r))
+        return r
+
+    def ack(self, seq):
+        """Free every frame up to and including ``seq``; return how many were freed."""
+        cdef fr_state* st = self.st
+        cdef size_t freed_bytes = 0, freed = 0, length
+        cdef uint64_t frame_seq, target
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            check_ack(seq, 0, 0)
+        _lock(st)
+        if seq > st.next_seq - 1 or seq > st.sent_seq:
+            last, sent = st.next_seq - 1, st.sent_seq
+            pthread_mutex_unlock(&st.lock)
+            check_ack(seq, last, sent)
+        if seq <= <object>st.acked_seq:
+            pthread_mutex_unlock(&st.lock)
+            return 0
+        target = seq
+        while freed_bytes < st.boundary:
+            _get_header(st, freed_bytes, &length, &frame_seq)
+            if frame_seq > target:
+                break
+            freed_bytes += HDR + length
+            freed += 1
+        if st.cap:
+            st.head = (st.head + freed_bytes) % st.cap
+        st.used -= freed_bytes
+        st.sent -= freed_bytes
+        st.boundary -= freed_bytes
+        st.frames -= freed
+        st.acked_seq = target
+        if st.used == 0:
+            st.head = 0
+            if st.cap > st.normal:
+                _relocate(st, st.normal)  # shrinking: failure keeps the old buffer
+        pthread_mutex_unlock(&st.lock)
+        return freed
+
+    def rewind(self):
+        """Make the next ``send_to`` start again at the first frame not acked."""
+        cdef fr_state* st = self.st
+        _lock(st)
+        st.sent = 0
+        st.boundary = 0
+        st.sent_seq = st.acked_seq
+        n = st.frames
+        pthread_mutex_unlock(&st.lock)
+        return n
+
+    def drop_unsent(self, nbytes):
+        """Drop the oldest frames not yet sent until ``nbytes`` are free.
+
+        Frames in flight (sent, not acked) are kept. Returns ``(frames, bytes)``
+        dropped.
+        """
+        cdef fr_state* st = self.st
+        cdef size_t want = check_size("nbytes", nbytes)
+        cdef size_t start, end, length, frames = 0, gap
+        cdef uint64_t seq
+        cdef unsigned char* prefix
+        _lock(st)
+        # A partly sent frame must be finished, so dropping starts after it.
+        start = st.boundary
+        if st.sent > start:
+            _get_header(st, start, &length, &seq)
+            start += HDR + length
+        end = start
+        while end < st.used and end - start < want:
+            _get_header(st, end, &length, &seq)
+            end += HDR + length
+            frames += 1
+        gap = end - start
+        if gap:
+            # Move the kept prefix [0, start) forward over the dropped frames.
+            prefix = <unsigned char*>PyMem_RawMalloc(start if start else 1)
+            if prefix == NULL:
+                pthread_mutex_unlock(&st.lock)
+                raise MemoryError()
+            _copy_out(st, 0, prefix, start)
+            _copy_in(st, gap, prefix, start)
+            PyMem_RawFree(prefix)
+            st.head = (st.head + gap) % st.cap
+            st.used -= gap
+            st.frames -= frames
+        pthread_mutex_unlock(&st.lock)
+        return frames, gap
+
+    def peek(self):
+        """Return a copy of the first payload not acked, or ``None``."""
+        cdef fr_state* st = self.st
+        cdef size_t length
+        cdef uint64_t seq
+        cdef bytearray out
+        _lock(st)
+        if st.frames == 0:
+            pthread_mutex_unlock(&st.lock)
+            return None
+        _get_header(st, 0, &length, &seq)
+        out = bytearray(length)
+        _copy_out(st, HDR, <unsigned char*>(<char*>out), length)
+        pthread_mutex_unlock(&st.lock)
+        return bytes(out)
+
+    def __len__(self):
+        return self.st.frames
+
+    @property
+    def nbytes(self):
+        """Bytes held (headers included), in flight or waiting."""
+        return self.st.used
+
+    @property
+    def capacity(self):
+        """Bytes allocated."""
+        return self.st.cap
+
+    @property
+    def unsent_bytes(self):
+        """Bytes waiting for ``send_to``."""
+        return fr_unsent(self.st)
+
+    @property
+    def max_bytes(self):
+        """The bound on bytes held, or ``None``."""
+        return self.st.maxb if self.st.bounded else None
+
+    @property
+    def normal_bytes(self):
+        """The capacity the ring shrinks back to once empty."""
+        return self.st.normal
+
+    @property
+    def last_seq(self):
+        """Sequence number of the last frame appended (0 before any)."""
+        return self.st.next_seq - 1
+
+    @property
+    def acked_seq(self):
+        """The highest sequence number acked (0 before any)."""
+        return self.st.acked_seq
+
+    @property
+    def sent_seq(self):
+        """Sequence number of the last frame completely sent."""
+        return self.st.sent_seq

@@ -1,0 +1,41 @@
+"""fanout: fan notifications out from one producer to many isolated listeners.
+
+The Python answer to client-go's ``sharedProcessor``: every listener has its own
+growable ring, so a slow handler never slows the producer or other listeners,
+and (by default) its handler runs in its own worker processes.
+"""
+
+from fanout._impl import IMPORT_ERROR, NATIVE, FrameRing, Ring
+from fanout.codec import Codec, MsgpackCodec, MsgspecCodec
+from fanout.distributor import Distributor
+from fanout.errors import DistributorStopped, FanoutError, ListenerFull, RingFull
+from fanout.handlers import FuncHandler, Handler
+from fanout.listener import Registration
+from fanout.notifications import Add, Delete, Notification, Update
+from fanout.stats import ListenerStats
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "IMPORT_ERROR",
+    "NATIVE",
+    "Add",
+    "Codec",
+    "Delete",
+    "Distributor",
+    "DistributorStopped",
+    "FanoutError",
+    "FrameRing",
+    "FuncHandler",
+    "Handler",
+    "ListenerFull",
+    "ListenerStats",
+    "MsgpackCodec",
+    "MsgspecCodec",
+    "Notification",
+    "Registration",
+    "Ring",
+    "RingFull",
+    "Update",
+    "__version__",
+]

@@ -1,0 +1,257 @@
+"""The wire codec: a notification becomes one MessagePack payload, encoded once.
+
+Payload layout: ``[kind, t_ns, a, b]``: kind 0 = Add(obj=a, is_in_initial_list=b),
+1 = Update(old=a, new=b), 2 = Delete(obj=a); ``t_ns`` is ``time.monotonic_ns()``
+at ``distribute`` (system-wide on Linux), so a worker can measure latency.
+
+Extension types (MessagePack ext codes 1-3 are fanout's; 64-127 are the user's):
+1 = numpy array (``[dtype.str, shape, raw bytes]``, decoded read-only without a
+second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from fanout.notifications import Add, Delete, Notification, Update
+
+__all__ = ["Codec", "MsgpackCodec", "MsgspecCodec", "get_codec"]
+
+ADD, UPDATE, DELETE = 0, 1, 2
+EXT_NDARRAY, EXT_DATETIME, EXT_DATE = 1, 2, 3
+USER_EXT_CODES = range(64, 128)
+
+
+def _unencodable(obj: Any) -> TypeError:
+    cls = type(obj)
+    return TypeError(
+        f"cannot encode an object of type {cls.__module__}.{cls.__qualname__}: fanout's "
+        f"codec takes dict, list, tuple, str, bytes, int, float, bool, None, datetime, "
+        f"date and numpy arrays; convert it first, or pass codec=MsgpackCodec("
+        f"default=...) to teach the codec the type"
+    )
+
+
+def _builtin_to_ext(obj: Any) -> Any:
+    """Return ``(code, bytes)`` for a type fanout encodes itself, or None."""
+    if isinstance(obj, _dt.datetime):
+        return EXT_DATETIME, obj.isoformat().encode()
+    if isinstance(obj, _dt.date):
+        return EXT_DATE, obj.isoformat().encode()
+    if type(obj).__module__ == "numpy":
+        import numpy as np
+
+        if isinstance(obj, np.ndarray):
+            if obj.dtype.hasobject:
+                raise TypeError(
+                    "cannot encode a numpy array of dtype object: only arrays of plain "
+                    "numbers, bools or fixed-size strings travel as raw bytes"
+                )
+            arr = np.ascontiguousarray(obj)
+            body = msgpack.packb([arr.dtype.str, list(arr.shape), arr.data], use_bin_type=True)
+            return EXT_NDARRAY, body
+    return None
+
+
+def _builtin_from_ext(code: int, data: bytes) -> Any:
+    if code == EXT_NDARRAY:
+        import numpy as np
+
+        dtype, shape, raw = msgpack.unpackb(data, raw=False)
+        return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
+    if code == EXT_DATETIME:
+        return _dt.datetime.fromisoformat(data.decode())
+    if code == EXT_DATE:
+        return _dt.date.fromisoformat(data.decode())
+    return None
+
+
+def _to_wire(n: Notification) -> tuple[int, Any, Any]:
+    cls = type(n)
+    if cls is Update:
+        return UPDATE, n.old, n.new  # type: ignore[union-attr]
+    if cls is Add:
+        return ADD, n.obj, n.is_in_initial_list  # type: ignore[union-attr]
+    if cls is Delete:
+        return DELETE, n.obj, None  # type: ignore[union-attr]
+    raise TypeError(
+        f"distribute takes fanout.Add, fanout.Update or fanout.Delete, not "
+        f"{type(n).__name__} ({n!r:.80})"
+    )
+
+
+def from_wire(kind: int, a: Any, b: Any) -> Notification:
+    """Rebuild the notification a payload carried."""
+    if kind == UPDATE:
+        return Update(a, b)
+    if kind == ADD:
+        return Add(a, bool(b))
+    if kind == DELETE:
+        return Delete(a)
+    raise ValueError(f"unknown notification kind {kind!r} in payload")
+
+
+class Codec:
+    """Base of codecs: ``encode`` a notification once, ``decode`` it in a worker.
+
+    Subclasses implement ``pack(obj) -> bytes`` and ``unpack(data) -> obj``; a
+    codec is pickled to every worker, so keep its state picklable.
+    """
+
+    name = "codec"
+
+    def pack(self, obj: Any) -> bytes:
+        """Serialize ``obj``; raise ``TypeError`` naming a type it cannot take."""
+        raise NotImplementedError
+
+    def unpack(self, data: Any) -> Any:
+        """Deserialize what ``pack`` made."""
+        raise NotImplementedError
+
+    def encode(self, n: Notification, t_ns: int) -> bytes:
+        """Encode ``n`` stamped with ``t_ns`` into one payload."""
+        kind, a, b = _to_wire(n)
+        return self.pack([kind, t_ns, a, b])
+
+    def decode(self, data: Any) -> tuple[Notification, int]:
+        """Return ``(notification, t_ns)`` from a payload."""
+        kind, t_ns, a, b = self.unpack(data)
+        return from_wire(kind, a, b), t_ns
+
+
+class MsgpackCodec(Codec):
+    """MessagePack through the ``msgpack`` package (the default codec).
+
+    Options:
+        default: ``f(obj) -> encodable`` for types fanout does not know (called
+            after fanout's own datetime / date / numpy handling).
+        ext_hook: ``f(code, data) -> obj`` for extension codes 64-127 that
+            ``default`` produced as ``msgpack.ExtType``.
+    """
+
+    name = "msgpack"
+
+    def __init__(
+        self,
+        default: Callable[[Any], Any] | None = None,
+        ext_hook: Callable[[int, bytes], Any] | None = None,
+    ) -> None:
+        for opt, value in (("default", default), ("ext_hook", ext_hook)):
+            if value is not None and not callable(value):
+                raise TypeError(f"MsgpackCodec {opt} must be callable or None, not {value!r}")
+        self.default = default
+        self.ext_hook = ext_hook
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"default": self.default, "ext_hook": self.ext_hook}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def _default(self, obj: Any) -> Any:
+        ext = _builtin_to_ext(obj)
+        if ext is not None:
+            return msgpack.ExtType(*ext)
+        if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
+            return obj.item()  # numpy scalar
+        if self.default is not None:
+            return self.default(obj)
+        raise _unencodable(obj)
+
+    def _ext(self, code: int, data: bytes) -> Any:
+        obj = _builtin_from_ext(code, data)
+        if obj is not None:
+            return obj
+        if self.ext_hook is not None and code in USER_EXT_CODES:
+            return self.ext_hook(code, data)
+        return msgpack.ExtType(code, data)
+
+    def pack(self, obj: Any) -> bytes:
+        """Serialize ``obj``; raise ``TypeError`` naming a type it cannot take."""
+        packer = getattr(self._local, "packer", None)
+        if packer is None:  # one Packer per thread: Packer is not thread-safe
+            packer = self._local.packer = msgpack.Packer(
+                default=self._default, use_bin_type=True, datetime=False
+            )
+        try:
+            return packer.pack(obj)  # type: ignore[no-any-return]
+        except TypeError:
+            raise
+        except (OverflowError, ValueError) as exc:
+            raise TypeError(f"cannot encode notification: {exc}") from exc
+
+    def unpack(self, data: Any) -> Any:
+        """Deserialize what ``pack`` made."""
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=self._ext)
+
+
+class MsgspecCodec(Codec):
+    """MessagePack through ``msgspec`` (faster decoding; ``pip install msgspec``).
+
+    msgspec's own conventions apply: a naive ``datetime`` or a ``date`` arrives as
+    ISO 8601 text; tz-aware datetimes, numpy arrays and everything else round-trip.
+    """
+
+    name = "msgspec"
+
+    def __init__(self) -> None:
+        try:
+            import msgspec
+        except ImportError:
+            raise ImportError(
+                "codec='msgspec' needs the msgspec package: pip install msgspec "
+                "(or pip install 'fanout[bench]')"
+            ) from None
+        self._msgspec = msgspec
+        self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
+        self._dec = msgspec.msgpack.Decoder(ext_hook=self._ext_hook)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__()  # type: ignore[misc]
+
+    def _enc_hook(self, obj: Any) -> Any:
+        ext = _builtin_to_ext(obj)
+        if ext is not None:
+            return self._msgspec.msgpack.Ext(*ext)
+        if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
+            return obj.item()
+        raise _unencodable(obj)
+
+    def _ext_hook(self, code: int, data: memoryview) -> Any:
+        obj = _builtin_from_ext(code, bytes(data))
+        return obj if obj is not None else self._msgspec.msgpack.Ext(code, bytes(data))
+
+    def pack(self, obj: Any) -> bytes:
+        """Serialize ``obj``; raise ``TypeError`` naming a type it cannot take."""
+        try:
+            return self._enc.encode(obj)  # type: ignore[no-any-return]
+        except TypeError:
+            raise
+        except (OverflowError, ValueError, self._msgspec.EncodeError) as exc:
+            raise TypeError(f"cannot encode notification: {exc}") from exc
+
+    def unpack(self, data: Any) -> Any:
+        """Deserialize what ``pack`` made."""
+        return self._dec.decode(data)
+
+
+def get_codec(spec: Any) -> Codec:
+    """Return the codec named by ``spec`` ("msgpack", "msgspec") or ``spec`` itself."""
+    if isinstance(spec, Codec):
+        return spec
+    if spec == "msgpack":
+        return MsgpackCodec()
+    if spec == "msgspec":
+        return MsgspecCodec()
+    raise ValueError(
+        f"codec must be 'msgpack', 'msgspec' or a fanout.Codec instance, got {spec!r}"
+    )

@@ -1,0 +1,559 @@
+"""The Distributor: client-go's ``sharedProcessor`` with process-isolated listeners.
+
+``distribute`` encodes a notification once, routes it to one lane of every
+target listener and appends the bytes to that lane's ring; the native pump
+thread writes rings into worker pipes; the supervisor thread keeps workers
+alive. See ../shared/DESIGN.md for the picture.
+"""
+
+from __future__ import annotations
+
+import math
+import multiprocessing
+import pickle
+import threading
+import time
+import weakref
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+from fanout._impl import Pump
+from fanout.codec import Codec, get_codec
+from fanout.errors import DistributorStopped
+from fanout.handlers import resolve_handler
+from fanout.listener import Lane, ProcessListener, Registration, ThreadListener
+from fanout.notifications import NOTIFICATION_TYPES, Add, Notification
+from fanout.supervisor import Supervisor
+
+__all__ = ["Distributor"]
+
+MIN_RESYNC_PERIOD = 1.0  # client-go's minimumResyncPeriod
+EXECUTORS = ("process", "thread")
+OVERFLOW_POLICIES = ("block", "drop_oldest", "drop_newest", "error")
+START_METHODS = ("forkserver", "spawn")
+_names = iter(range(1, 1 << 62))
+
+
+def _check_period(name: str, value: Any, *, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
+    return float(value)
+
+
+def effective_resync(requested: float, check: float) -> float:
+    """client-go ``determineResyncPeriod``: 0 stays 0; never below the check period."""
+    if requested == 0 or check == 0:
+        return 0.0
+    return max(requested, check)
+
+
+class Distributor:
+    """Fans notifications out to listeners, each in its own workers or thread.
+
+    Options:
+        resync_check_period: seconds between the producer's resync checks
+            (client-go's ``resyncCheckPeriod``); 0 disables resync.
+        clock: ``() -> seconds``, used for resync decisions (inject a fake one
+            in tests).
+        start_method: ``"forkserver"`` (default) or ``"spawn"``; ``"fork"`` is
+            refused because the pump thread makes forking unsafe.
+        codec: ``"msgpack"`` (default), ``"msgspec"`` or a ``fanout.Codec``.
+
+    ``with Distributor() as d:`` starts on enter and ``stop(drain=True)`` on exit.
+    Thread safety: ``distribute`` is meant for one producer thread; the other
+    methods may be called from any thread.
+    """
+
+    close_grace = 5.0  # a removed listener's worker gets this long to leave
+
+    def __init__(
+        self,
+        resync_check_period: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
+        start_method: str = "forkserver",
+        codec: str | Codec = "msgpack",
+    ) -> None:
+        check = _check_period("resync_check_period", resync_check_period)
+        assert check is not None
+        if not callable(clock):
+            raise TypeError(f"clock must be a callable returning seconds, not {clock!r}")
+        if start_method == "fork":
+            raise ValueError(
+                "start_method='fork' is unsafe: the pump and supervisor threads may hold "
+                "locks at fork time; use 'forkserver' (default) or 'spawn'"
+            )
+        if start_method not in START_METHODS:
+            raise ValueError(
+                f"start_method must be 'forkserver' or 'spawn', got {start_method!r}"
+            )
+        self.codec = get_codec(codec)
+        self.start_method = start_method
+        self.mp_context = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            self.mp_context.set_forkserver_preload(["fanout.worker"])
+        self.clock = clock
+        self._check_period = check
+        self.lock = threading.RLock()
+        self._listeners: tuple[Registration, ...] = ()
+        # (listeners, any process listener, any bounded listener), swapped whole
+        # so distribute() reads one consistent snapshot without the lock.
+        self._snap: tuple[tuple[Registration, ...], bool, bool] = ((), False, False)
+        self._started = threading.Event()
+        self.started = False
+        self.stopped = False
+        self.stopping = False
+        self.producer_synced = False
+        self._closing: list[Registration] = []  # removed, workers not yet reaped
+        self.pump: Any = Pump()
+        self._pump_thread: threading.Thread | None = None
+        self.supervisor = Supervisor(self)
+        self._finalizer = weakref.finalize(self, Distributor._emergency_stop, self._cleanup_state())
+
+    def __reduce__(self) -> Any:
+        raise TypeError(
+            "a Distributor cannot be pickled or sent to a worker process; handlers run "
+            "in workers and cannot add, remove or distribute"
+        )
+
+    def __repr__(self) -> str:
+        state = "stopped" if self.stopped else "started" if self.started else "new"
+        return f"<Distributor {state} listeners={len(self._listeners)}>"
+
+    # -- introspection -------------------------------------------------------------------
+
+    @property
+    def resync_check_period(self) -> float:
+        """Seconds between resync checks (may be lowered by ``add_listener``)."""
+        return self._check_period
+
+    @property
+    def listener_count(self) -> int:
+        """Number of registered listeners."""
+        return len(self._listeners)
+
+    def is_registered(self, reg: Any) -> bool:
+        """Tell whether ``reg`` is a registration of this distributor, not removed."""
+        return reg in self._listeners
+
+    @property
+    def listeners(self) -> tuple[Registration, ...]:
+        """The registered listeners, in the order they were added."""
+        return self._listeners
+
+    # -- listeners -----------------------------------------------------------------------
+
+    def add_listener(
+        self,
+        handler: Any,
+        name: str | None = None,
+        workers: int = 1,
+        executor: str = "process",
+        key: Callable[[Any], Hashable] | None = None,
+        resync_period: float | None = None,
+        initial_list: Iterable[Any] | None = None,
+        max_pending_bytes: int | None = None,
+        overflow: str = "block",
+        handler_timeout: float | None = None,
+        max_attempts: int = 3,
+        on_error: Callable[[Registration, Notification | None, str], Any] | None = None,
+        on_dead_letter: Callable[[Registration, Notification | None, str], Any] | None = None,
+    ) -> Registration:
+        """Register a handler and return its ``Registration`` (started at once if running)."""
+        opts = self._listener_options(
+            handler,
+            name,
+            workers,
+            executor,
+            key,
+            resync_period,
+            max_pending_bytes,
+            overflow,
+            handler_timeout,
+            max_attempts,
+            on_error,
+            on_dead_letter,
+        )
+        items = list(initial_list) if initial_list is not None else []
+        with self.lock:
+            if self.stopped or self.stopping:
+                raise DistributorStopped("add_listener after stop(): build a new Distributor")
+            reg: Registration
+            if executor == "thread":
+                reg = ThreadListener(self, opts)
+            else:
+                reg = ProcessListener(self, opts)
+            try:
+                self._queue_initial(reg, items)
+                self._set_resync(reg)
+                if self.started:
+                    reg.start()
+            except BaseException:
+                self._discard(reg)
+                raise
+            self._publish((*self._listeners, reg))
+        self.supervisor.wake()
+        self.pump.notify()
+        return reg
+
+    def _listener_options(
+        self,
+        handler: Any,
+        name: Any,
+        workers: Any,
+        executor: Any,
+        key: Any,
+        resync_period: Any,
+        max_pending_bytes: Any,
+        overflow: Any,
+        handler_timeout: Any,
+        max_attempts: Any,
+        on_error: Any,
+        on_dead_letter: Any,
+    ) -> dict[str, Any]:
+        """Check every option; raise naming the bad one. Nothing is changed here."""
+        if executor not in EXECUTORS:
+            raise ValueError(f"executor must be 'process' or 'thread', got {executor!r}")
+        handler, is_factory = resolve_handler(handler)
+        if name is None:
+            name = f"listener-{next(_names)}"
+        elif not isinstance(name, str) or not name:
+            raise TypeError(f"name must be a non-empty str, not {name!r}")
+        if isinstance(workers, bool) or not isinstance(workers, int):
+            raise TypeError(f"workers must be an int, not {workers!r}")
+        if workers < 1:
+            raise ValueError(f"workers must be >= 1, got {workers}")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be a function obj -> hashable, or None, not {key!r}")
+        requested = _check_period("resync_period", resync_period, allow_none=True)
+        if max_pending_bytes is not None:
+            if isinstance(max_pending_bytes, bool) or not isinstance(max_pending_bytes, int):
+                raise TypeError(f"max_pending_bytes must be an int or None, not {max_pending_bytes!r}")
+            if max_pending_bytes <= 0:
+                raise ValueError(f"max_pending_bytes must be > 0, got {max_pending_bytes}")
+        if overflow not in OVERFLOW_POLICIES:
+            raise ValueError(
+                f"overflow must be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, "
+                f"got {overflow!r}"
+            )
+        timeout = _check_period("handler_timeout", handler_timeout, allow_none=True)
+        if timeout == 0:
+            raise ValueError("handler_timeout must be > 0 seconds, or None for no limit")
+        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
+            raise TypeError(f"max_attempts must be an int, not {max_attempts!r}")
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
+        for opt, func in (("on_error", on_error), ("on_dead_letter", on_dead_letter)):
+            if func is not None and not callable(func):
+                raise TypeError(f"{opt} must be callable(reg, notification, text), not {func!r}")
+        opts: dict[str, Any] = {
+            "name": name,
+            "workers": workers,
+            "key": key,
+            "resync_period": requested,
+            "max_pending_bytes": max_pending_bytes,
+            "overflow": overflow,
+            "handler_timeout": timeout,
+            "max_attempts": max_attempts,
+            "on_error": on_error,
+            "on_dead_letter": on_dead_letter,
+            "handler": handler,
+            "is_factory": is_factory,
+        }
+        if executor == "thread":
+            for opt, value, why in (
+                ("workers", workers != 1, "a thread listener runs one thread"),
+                ("handler_timeout", timeout is not None, "a thread cannot be stopped"),
+                ("max_pending_bytes", max_pending_bytes is not None, "it passes objects, not bytes"),
+            ):
+                if value:
+                    raise ValueError(
+                        f"{opt} needs executor='process' ({why}); drop it or use processes"
+                    )
+        else:
+            try:
+                opts["handler_blob"] = pickle.dumps(handler, protocol=pickle.HIGHEST_PROTOCOL)
+            except Exception as exc:
+                raise TypeError(
+                    f"handler {handler!r:.80} cannot be pickled for the worker processes "
+                    f"({exc}); pass a zero-argument class or module-level factory that "
+                    f"builds it in each worker, or use executor='thread'"
+                ) from exc
+        return opts
+
+    def _queue_initial(self, reg: Registration, items: list[Any]) -> None:
+        if not items:
+            return
+        t_ns = time.monotonic_ns()
+        adds = [Add(obj, True) for obj in items]
+        if isinstance(reg, ThreadListener):
+            reg.add_initial([(n, t_ns) for n in adds])
+            return
+        assert isinstance(reg, ProcessListener)
+        # Encode (and route) everything before queueing anything: an item the
+        # codec refuses leaves the listener unregistered and nothing queued.
+        planned = [(reg.route(n), self.codec.encode(n, t_ns)) for n in adds]
+        reg.add_initial(planned)
+
+    def _set_resync(self, reg: Registration) -> None:
+        """client-go ``AddEventHandlerWithOptions`` resync rules (lock held)."""
+        requested = reg.requested_resync
+        if requested is None:
+            requested = self._check_period
+        elif requested != 0 and requested < MIN_RESYNC_PERIOD:
+            requested = MIN_RESYNC_PERIOD
+        reg.requested_resync = requested
+        if requested != 0 and requested < self._check_period:
+            if self.started:
+                requested = self._check_period
+            else:
+                self._check_period = requested
+                for other in self._listeners:
+                    other.resync_period = effective_resync(other.requested_resync, requested)
+        reg.resync_period = effective_resync(requested, self._check_period)
+        reg.next_resync = self.clock() + reg.resync_period
+
+    def _publish(self, listeners: tuple[Registration, ...]) -> None:
+        """Swap in a new listener snapshot for ``distribute`` (lock held)."""
+        self._listeners = listeners
+        self._snap = (
+            listeners,
+            any(isinstance(r, ProcessListener) for r in listeners),
+            any(getattr(r, "max_pending_bytes", None) for r in listeners),
+        )
+
+    def _discard(self, reg: Registration) -> None:
+        if isinstance(reg, ProcessListener):
+            reg.close()
+            if reg.exited():
+                reg.release()
+            else:
+                self._closing.append(reg)
+
+    def remove_listener(self, reg: Any) -> None:
+        """Stop delivering to ``reg`` without waiting; idempotent, foreign handles ignored."""
+        with self.lock:
+            if reg not in self._listeners:
+                return
+            reg.removed = True
+            self._publish(tuple(r for r in self._listeners if r is not reg))
+            if isinstance(reg, ThreadListener):
+                reg.close(drain=False)
+            else:
+                self._discard(reg)
+        self.supervisor.wake()
+
+    def shutdown_listener(self, reg: Any, timeout: float | None = None) -> bool:
+        """Remove ``reg``, then wait until its workers exited (True) or ``timeout`` passed."""
+        current = threading.current_thread()
+        if isinstance(reg, ThreadListener) and current is reg.thread:
+            raise RuntimeError(
+                f"shutdown_listener({reg.name!r}) called from its own handler would wait "
+                f"for itself; call remove_listener() there instead"
+            )
+        if current is self.supervisor:
+            raise RuntimeError(
+                "shutdown_listener() called from an on_error / on_dead_letter callback "
+                "would wait for the supervisor running it; call remove_listener() there"
+            )
+        self.remove_listener(reg)
+        if not isinstance(reg, Registration) or reg._dist is not self:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        if isinstance(reg, ThreadListener):
+            if reg.thread is not None:
+                reg.thread.join(timeout)
+            return reg.exited()
+        for lane in reg.lanes:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            if not lane.exited.wait(left):
+                return False
+        return True
+
+    # -- producer ------------------------------------------------------------------------
+
+    def distribute(self, n: Notification, sync: bool = False) -> None:
+        """Deliver ``n`` to every listener (``sync=True``: only those due for resync)."""
+        if type(n) not in NOTIFICATION_TYPES:
+            raise TypeError(
+                f"distribute takes fanout.Add, fanout.Update or fanout.Delete, "
+                f"not {type(n).__name__}"
+            )
+        listeners, any_process, bounded = self._snap
+        if not listeners or self.stopped:
+            return
+        if not self.started:
+            # client-go: distribute before run() waits for the listeners to start.
+            self._started.wait()
+            listeners, any_process, bounded = self._snap
+            if self.stopped or self.stopping or not listeners:
+                return
+        if sync:
+            listeners = tuple(r for r in listeners if r.syncing)
+            if not listeners:
+                return
+        t_ns = time.monotonic_ns()
+        payload = self.codec.encode(n, t_ns) if any_process else None
+        # Route every target first: a key function that raises, or a bounded
+        # listener without room (overflow="error"), stops the call before any
+        # listener got anything.
+        plan = [(r, r.route(n) if isinstance(r, ProcessListener) else None) for r in listeners]
+        if bounded:
+            for r, lane in plan:
+                if lane is not None and r.max_pending_bytes is not None:
+                    r.check_room(lane, payload)  # type: ignore[attr-defined]
+        item = (n, t_ns)
+        for r, lane in plan:
+            if lane is None:
+                r.put(item)  # type: ignore[attr-defined]
+            else:
+                r.put(lane, payload)  # type: ignore[attr-defined]
+        self.pump.notify()
+
+    def should_resync(self) -> bool:
+        """Recompute which listeners are due for resync; True if any is."""
+        now = self.clock()
+        due = False
+        with self.lock:
+            for reg in self._listeners:
+                reg.syncing = reg.resync_period != 0 and now >= reg.next_resync
+                if reg.syncing:
+                    due = True
+                    reg.next_resync = now + reg.resync_period
+        return due
+
+    def mark_synced(self) -> None:
+        """Say the producer delivered its initial list (``has_synced`` can turn true)."""
+        self.producer_synced = True
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> Distributor:
+        """Start the pump, the supervisor and every listener's workers or thread."""
+        with self.lock:
+            if self.stopped or self.stopping:
+                raise DistributorStopped("start() after stop(): build a new Distributor")
+            if self.started:
+                return self
+            self._pump_thread = threading.Thread(
+                target=self.pump.run, name="fanout-pump", daemon=True
+            )
+            self._pump_thread.start()
+            self.supervisor.start()
+            for reg in self._listeners:
+                reg.start()
+            self.started = True
+        self._started.set()
+        self.supervisor.wake()
+        self.pump.notify()
+        return self
+
+    def supervised_lanes(self) -> list[Lane]:
+        """Every lane the supervisor watches, removed ones until reaped (lock held)."""
+        closing = [r for r in self._closing if not r.exited()]
+        for reg in self._closing:
+            if reg not in closing and isinstance(reg, ProcessListener):
+                reg.release()
+        self._closing = closing
+        lanes: list[Lane] = []
+        for reg in (*self._listeners, *closing):
+            if isinstance(reg, ProcessListener):
+                lanes.extend(reg.lanes)
+        return lanes
+
+    def stop(self, drain: bool = False, timeout: float | None = None) -> bool:
+        """Stop every listener; ``drain=True`` delivers what is pending first.
+
+        Returns True when nothing pending was lost (always False for a
+        ``drain=False`` stop that dropped notifications). Afterwards no worker
+        process, thread, fd or shared memory of this distributor remains.
+        """
+        with self.lock:
+            if self.stopped:
+                return True
+            was_started = self.started
+        drained = True
+        if was_started and drain:
+            drained = self._wait_drained(timeout)
+        elif was_started:
+            drained = all(r.drained() for r in self._listeners)
+        with self.lock:
+            self.stopping = True
+            listeners = self._listeners
+            self._publish(())
+            for reg in listeners:
+                reg.removed = True
+                if isinstance(reg, ThreadListener):
+                    reg.close(drain=False)
+                else:
+                    reg.close()
+            self._closing.extend(r for r in listeners if isinstance(r, ProcessListener))
+        self._started.set()  # release producers waiting for start()
+        if was_started:
+            self._reap(listeners)
+        with self.lock:
+            self.stopped = True
+            for reg in self._closing:
+                reg.release()
+            self._closing = []
+        self._finalizer.detach()
+        self._shutdown_threads(was_started)
+        return drained
+
+    def _wait_drained(self, timeout: float | None) -> bool:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while not all(r.drained() for r in self._listeners):
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+        return True
+
+    def _reap(self, listeners: tuple[Registration, ...]) -> None:
+        """Wait for workers and threads to leave; kill what stays past the grace."""
+        deadline = time.monotonic() + 1.0
+        self.supervisor.wake()
+        for reg in listeners:
+            if isinstance(reg, ThreadListener) and reg.thread is not None:
+                reg.thread.join(max(0.0, deadline - time.monotonic()))
+        while True:
+            with self.lock:
+                lanes = [lane for r in self._closing for lane in r.lanes if lane.proc]  # type: ignore[attr-defined]
+                if not lanes:
+                    return
+                if time.monotonic() >= deadline:
+                    for lane in lanes:
+                        lane.close_deadline = 0.0
+                        lane.proc.kill()
+            self.supervisor.wake()
+            time.sleep(0.002)
+
+    def _shutdown_threads(self, was_started: bool) -> None:
+        self.pump.stop()
+        self.supervisor.stop()
+        if was_started:
+            assert self._pump_thread is not None
+            self._pump_thread.join()
+            self.supervisor.join()
+        self.pump.close()
+        self.supervisor.close()
+
+    def _cleanup_state(self) -> Any:
+        return (self.pump, self.supervisor)
+
+    @staticmethod
+    def _emergency_stop(state: Any) -> None:
+        """Last resort when a started Distributor is garbage collected unstopped."""
+        pump, supervisor = state
+        pump.stop()
+        supervisor.stop()
+
+    def __enter__(self) -> Distributor:
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop(drain=exc[0] is None)

@@ -1,0 +1,579 @@
+"""Listeners: a registration, its lanes (worker + pipe + ring) or its thread.
+
+A ``Registration`` is what ``Distributor.add_listener`` returns. Process
+listeners own one ``Lane`` per worker; thread listeners own one object ``Ring``
+and one thread. The distributor calls ``route`` then ``put`` for each
+notification; the supervisor (``fanout.supervisor``) calls the lane methods that
+start, reap and rewind workers.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import mmap
+import os
+import threading
+import time
+import traceback
+from collections.abc import Callable, Hashable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fanout._impl import FrameRing, Ring
+from fanout._ring_common import HEADER_SIZE
+from fanout.errors import ListenerFull, RingFull
+from fanout.handlers import build_handler
+from fanout.notifications import Add, Notification, Update
+from fanout.stats import (
+    DONE,
+    ERRORS,
+    HANDLED,
+    HIST,
+    NBUCKETS,
+    SLOT_BYTES,
+    SLOT_WORDS,
+    START_NS,
+    STARTED,
+    STOP,
+    ListenerStats,
+    bucket_of,
+    percentile,
+)
+from fanout.worker import FdArg, WorkerSpec, worker_main
+
+if TYPE_CHECKING:
+    from fanout.distributor import Distributor
+
+__all__ = ["Registration"]
+
+log = logging.getLogger("fanout")
+
+PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: the producer rarely waits on a full pipe
+RING_INITIAL_BYTES = 64 * 1024
+ACK_EVERY = 256  # appends between opportunistic acks on the producer side
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def default_key(n: Notification) -> Hashable | None:
+    """``(namespace, name)`` of the object's ``metadata`` when present, else None."""
+    obj = n.new if type(n) is Update else n.obj  # type: ignore[union-attr]
+    if type(obj) is dict:
+        md = obj.get("metadata")
+        if type(md) is dict:
+            name = md.get("name")
+            if name is not None:
+                return (md.get("namespace"), name)
+    return None
+
+
+class Registration:
+    """One listener of a ``Distributor``: the handle ``add_listener`` returns.
+
+    Read-only attributes: ``name``, ``executor``, ``workers``, ``resync_period``
+    (effective, seconds). Methods: ``has_synced()``, ``wait_synced(timeout)``,
+    ``stats()``. Pass it to ``remove_listener`` / ``shutdown_listener``.
+    """
+
+    executor = "?"
+
+    def __init__(self, dist: Distributor, opts: dict[str, Any]) -> None:
+        self._dist = dist
+        self.name: str = opts["name"]
+        self.workers: int = opts["workers"]
+        self.requested_resync: float = opts["resync_period"]
+        self.resync_period: float = 0.0
+        self.next_resync = 0.0
+        self.syncing = True  # client-go: a new listener is a syncing listener
+        self.key: Callable[[Any], Hashable] | None = opts["key"]
+        self.on_error = opts["on_error"]
+        self.on_dead_letter = opts["on_dead_letter"]
+        self.max_attempts: int = opts["max_attempts"]
+        self.handler_timeout: float | None = opts["handler_timeout"]
+        self.max_pending_bytes: int | None = opts["max_pending_bytes"]
+        self.overflow: str = opts["overflow"]
+        self.removed = False
+        self.dropped = 0
+        self.dead_lettered = 0
+        self.restarts = 0
+
+    def __repr__(self) -> str:
+        state = "removed" if self.removed else "active"
+        return f"<Registration {self.name!r} {self.executor} workers={self.workers} {state}>"
+
+    def __reduce__(self) -> Any:
+        raise TypeError("a Registration belongs to its Distributor's process; it cannot be pickled")
+
+    # -- sync ------------------------------------------------------------------------
+
+    def has_synced(self) -> bool:
+        """Tell whether the producer synced and every initial-list add finished."""
+        return self._dist.producer_synced and self._initial_done()
+
+    def wait_synced(self, timeout: float | None = None) -> bool:
+        """Block until ``has_synced()`` (True) or ``timeout`` seconds passed (False)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = 0.0005
+        while not self.has_synced():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(delay)
+            delay = min(delay * 2, 0.01)
+        return True
+
+    def _initial_done(self) -> bool:
+        raise NotImplementedError
+
+    # -- reporting (called outside the distributor's lock) ---------------------------
+
+    def report_error(self, n: Notification | None, text: str) -> None:
+        """Log a handler exception and pass it to ``on_error``."""
+        log.error("listener %r: handler raised on %r:\n%s", self.name, n, text)
+        self._callback(self.on_error, n, text)
+
+    def report_dead_letter(self, n: Notification | None, reason: str) -> None:
+        """Log a dead-lettered notification and pass it to ``on_dead_letter``."""
+        log.warning("listener %r: dead-lettered %r: %s", self.name, n, reason)
+        self._callback(self.on_dead_letter, n, reason)
+
+    def _callback(self, func: Callable[..., Any] | None, n: Any, text: str) -> None:
+        if func is None:
+            return
+        try:
+            func(self, n, text)
+        except Exception:
+            log.exception("listener %r: callback %r raised", self.name, func)
+
+
+class ProcessListener(Registration):
+    """A listener whose handler runs in ``workers`` processes, one lane each."""
+
+    executor = "process"
+
+    def __init__(self, dist: Distributor, opts: dict[str, Any]) -> None:
+        super().__init__(dist, opts)
+        self.handler_blob: bytes = opts["handler_blob"]
+        self.is_factory: bool = opts["is_factory"]
+        self.rr = 0
+        # One memfd holds every lane's progress slot: shared with the workers,
+        # freed by the kernel when the last mapping goes, so it cannot leak.
+        size = SLOT_BYTES * self.workers
+        self.memfd = os.memfd_create(f"fanout-{self.name}", os.MFD_CLOEXEC)
+        os.ftruncate(self.memfd, size)
+        self.shm = mmap.mmap(self.memfd, size)
+        self.slots = np.frombuffer(self.shm, dtype=np.uint64).reshape(self.workers, SLOT_WORDS)
+        normal = RING_INITIAL_BYTES
+        if self.max_pending_bytes is not None:
+            normal = min(normal, self.max_pending_bytes)
+        self.lanes = [
+            Lane(self, i, FrameRing(normal, normal, self.max_pending_bytes))
+            for i in range(self.workers)
+        ]
+
+    # -- producer side ---------------------------------------------------------------
+
+    def route(self, n: Notification) -> Lane:
+        """Pick the lane of ``n``: by key, so one object's notifications keep order."""
+        lanes = self.lanes
+        if len(lanes) == 1:
+            return lanes[0]
+        key = self.key(n.new if type(n) is Update else n.obj) if self.key else default_key(n)  # type: ignore[union-attr]
+        if key is None:
+            self.rr += 1
+            return lanes[self.rr % len(lanes)]
+        return lanes[hash(key) % len(lanes)]
+
+    def check_room(self, lane: Lane, payload: bytes) -> None:
+        """Raise ``ListenerFull`` if ``payload`` cannot go to ``lane`` (before any put)."""
+        need = len(payload) + HEADER_SIZE
+        bound = self.max_pending_bytes
+        assert bound is not None
+        if need > bound:
+            raise ListenerFull(
+                f"listener {self.name!r}: a notification of {need} bytes can never fit "
+                f"max_pending_bytes={bound}; nothing was distributed. Raise "
+                f"max_pending_bytes above the largest notification"
+            )
+        if self.overflow != "error":
+            return
+        ring = lane.ring
+        if ring.nbytes + need > bound:
+            lane.ack()
+            if ring.nbytes + need > bound:
+                raise ListenerFull(
+                    f"listener {self.name!r} lane {lane.index} is full: {ring.nbytes} of "
+                    f"max_pending_bytes={bound} bytes pending; nothing was distributed. "
+                    f"Let the handler catch up, raise max_pending_bytes, or use "
+                    f"overflow='block', 'drop_oldest' or 'drop_newest'"
+                )
+
+    def put(self, lane: Lane, payload: bytes) -> None:
+        """Append an encoded notification to ``lane``, applying the overflow policy."""
+        ring = lane.ring
+        try:
+            ring.append(payload)
+        except RingFull:
+            self._put_full(lane, payload)
+            return
+        lane.appends += 1
+        if not lane.appends % ACK_EVERY:
+            lane.ack()
+
+    def _put_full(self, lane: Lane, payload: bytes) -> None:
+        ring = lane.ring
+        lane.ack()
+        try:
+            ring.append(payload)
+            return
+        except RingFull:
+            pass
+        policy = self.overflow
+        if policy == "drop_newest":
+            self.dropped += 1
+        elif policy == "drop_oldest":
+            bound = self.max_pending_bytes
+            assert bound is not None
+            frames, _ = ring.drop_unsent(ring.nbytes + len(payload) + HEADER_SIZE - bound)
+            self.dropped += frames
+            try:
+                ring.append(payload)
+            except RingFull:  # frames in flight fill the bound: the newest goes
+                self.dropped += 1
+        elif policy == "error":  # check_room passed, then the ring filled: a race
+            raise ListenerFull(f"listener {self.name!r} lane {lane.index} is full")
+        else:
+            self._put_blocking(lane, payload)
+
+    def _put_blocking(self, lane: Lane, payload: bytes) -> None:
+        """Wait for room (backpressure); give up only when the listener goes away."""
+        delay = 50e-6
+        dist = self._dist
+        while True:
+            if self.removed or dist.stopping:
+                self.dropped += 1
+                return
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+            lane.ack()
+            try:
+                lane.ring.append(payload)
+                return
+            except RingFull:
+                continue
+
+    def add_initial(self, payloads: list[tuple[Lane, bytes]]) -> None:
+        """Queue the initial list and remember, per lane, where it ends."""
+        for lane, payload in payloads:
+            self.put(lane, payload)
+            lane.initial_seq = lane.ring.last_seq
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start every lane's worker (distributor lock held)."""
+        for lane in self.lanes:
+            lane.spawn()
+
+    def close(self) -> None:
+        """Ask every worker to leave and stop feeding it (distributor lock held)."""
+        for lane in self.lanes:
+            lane.close()
+
+    def exited(self) -> bool:
+        """Tell whether every worker has exited and been reaped."""
+        return all(lane.proc is None for lane in self.lanes)
+
+    def release(self) -> None:
+        """Free the shared memory once no lane uses it."""
+        if self.memfd < 0:
+            return
+        os.close(self.memfd)
+        self.memfd = -1
+        # Swap every numpy view of the mapping for a copy (stats() after stop
+        # still reads the final counters), so the mapping and the fd mmap keeps
+        # can be closed now rather than at GC.
+        self.slots = self.slots.copy()
+        for lane in self.lanes:
+            lane.slot = self.slots[lane.index]
+        try:
+            self.shm.close()
+        except BufferError:  # a concurrent stats() still holds a view; GC frees it
+            pass
+
+    def drained(self) -> bool:
+        """Tell whether every frame was handled (or dropped / dead-lettered)."""
+        for lane in self.lanes:
+            lane.ack()
+            if len(lane.ring):
+                return False
+        return True
+
+    def _initial_done(self) -> bool:
+        for lane in self.lanes:
+            if lane.initial_seq and int(lane.slot[DONE]) < lane.initial_seq:
+                lane.ack()
+                if len(lane.ring) and lane.ring.acked_seq < lane.initial_seq:
+                    return False
+        return True
+
+    def stats(self) -> ListenerStats:
+        """Return a snapshot of this listener's counters."""
+        pending = pending_bytes = capacity = 0
+        for lane in self.lanes:
+            lane.ack()
+            pending += len(lane.ring)
+            pending_bytes += lane.ring.nbytes
+            capacity += lane.ring.capacity
+        slots = self.slots.copy()
+        hist = slots[:, HIST : HIST + NBUCKETS].sum(axis=0).tolist()
+        return ListenerStats(
+            name=self.name,
+            executor=self.executor,
+            workers=self.workers,
+            pending=pending,
+            pending_bytes=pending_bytes,
+            capacity_bytes=capacity,
+            delivered=int(slots[:, HANDLED].sum()),
+            errors=int(slots[:, ERRORS].sum()),
+            dropped=self.dropped,
+            dead_lettered=self.dead_lettered,
+            restarts=self.restarts,
+            latency_p50=percentile(hist, 0.5),
+            latency_p99=percentile(hist, 0.99),
+            latency_max=percentile(hist, 1.0),
+        )
+
+    def worker_pids(self) -> list[int]:
+        """Return the pids of the running workers."""
+        return [lane.proc.pid for lane in self.lanes if lane.proc is not None and lane.proc.pid]
+
+
+class Lane:
+    """One worker process, its data pipe, return pipe, ring and progress slot.
+
+    State belongs to the distributor's lock; the pump reads the ring and the pipe
+    under their own locks.
+    """
+
+    def __init__(self, listener: ProcessListener, index: int, ring: Any) -> None:
+        self.listener = listener
+        self.index = index
+        self.ring = ring
+        self.slot = listener.slots[index]
+        self.proc: Any = None
+        self.wfd = -1  # data pipe, parent's (write) end, non-blocking
+        self.rfd = -1  # return pipe, parent's (read) end, non-blocking
+        self.rbuf = bytearray()
+        self.ready = False
+        self.closing = False
+        self.appends = 0
+        self.initial_seq = 0
+        self.attempts: dict[int, int] = {}
+        self.kill_reason: str | None = None
+        self.kill_at = 0.0  # when a SIGTERM'ed worker gets SIGKILL
+        self.close_deadline = 0.0
+        self.respawn_at = 0.0
+        self.backoff = 0.0
+        self.exited = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"<Lane {self.listener.name!r}[{self.index}]>"
+
+    def ack(self) -> None:
+        """Free ring frames the worker has finished."""
+        ring = self.ring
+        done = int(self.slot[DONE])
+        if done > ring.acked_seq:
+            ring.ack(min(done, ring.sent_seq))
+
+    def spawn(self) -> None:
+        """Start a worker for this lane and attach its pipe to the pump."""
+        listener = self.listener
+        dist = listener._dist
+        self.slot[STARTED] = self.slot[DONE] = self.ring.acked_seq
+        self.slot[START_NS] = 0
+        self.slot[STOP] = 0
+        r, w = os.pipe2(os.O_CLOEXEC)
+        rr, rw = os.pipe2(os.O_CLOEXEC)
+        try:
+            try:
+                fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+            except OSError:
+                pass  # above /proc/sys/fs/pipe-max-size: keep the default
+            spec = WorkerSpec(
+                listener=listener.name,
+                lane=self.index,
+                handler_blob=listener.handler_blob,
+                is_factory=listener.is_factory,
+                codec=dist.codec,
+                slot_offset=self.index * SLOT_BYTES,
+            )
+            proc = dist.mp_context.Process(
+                target=worker_main,
+                args=(spec, FdArg(r), FdArg(rw), FdArg(listener.memfd)),
+                name=f"fanout-{listener.name}-{self.index}",
+                daemon=True,
+            )
+            proc.start()
+        except BaseException:
+            for fd in (w, rr):
+                os.close(fd)
+            raise
+        finally:
+            os.close(r)
+            os.close(rw)
+        os.set_blocking(w, False)
+        os.set_blocking(rr, False)
+        self.proc, self.wfd, self.rfd = proc, w, rr
+        self.rbuf = bytearray()
+        self.ready = False
+        self.kill_reason = None
+        self.kill_at = 0.0
+        self.respawn_at = 0.0
+        self.ring.rewind()
+        dist.pump.add(self, self.ring, w)
+
+    def detach(self) -> None:
+        """Stop feeding the worker and close the parent's pipe ends."""
+        self.listener._dist.pump.remove(self)
+        if self.wfd >= 0:
+            os.close(self.wfd)
+            self.wfd = -1
+
+    def close(self) -> None:
+        """Ask the worker to leave: STOP flag, then EOF on its pipe."""
+        if self.closing:
+            return
+        self.closing = True
+        self.slot[STOP] = 1
+        self.detach()
+        self.close_deadline = time.monotonic() + self.listener._dist.close_grace
+        if self.proc is None:
+            self.exited.set()
+
+
+class ThreadListener(Registration):
+    """A listener whose handler runs in one in-process thread fed from a ``Ring``.
+
+    The notification objects themselves are passed (no copy, no codec): for
+    cheap, trusted handlers.
+    """
+
+    executor = "thread"
+
+    def __init__(self, dist: Distributor, opts: dict[str, Any]) -> None:
+        super().__init__(dist, opts)
+        self.handler = build_handler(opts["handler"], opts["is_factory"])
+        self.ring = Ring(0, 16)
+        self.cond = threading.Condition(threading.Lock())
+        self.waiting = False
+        self.stopping = False
+        self.busy = 0  # items taken from the ring, not yet handled
+        self.delivered = 0
+        self.errors = 0
+        self.initial_left = 0
+        self.hist = [0] * NBUCKETS
+        self.thread: threading.Thread | None = None
+
+    def put(self, item: tuple[Notification, int]) -> None:
+        """Queue ``(notification, t_ns)`` for the thread."""
+        with self.cond:
+            self.ring.write_one(item)
+            if self.waiting:
+                self.cond.notify()
+
+    def add_initial(self, items: list[tuple[Notification, int]]) -> None:
+        """Queue the initial list (counted for ``has_synced``)."""
+        self.initial_left += len(items)
+        for item in items:
+            self.put(item)
+
+    def start(self) -> None:
+        """Start the thread."""
+        self.thread = threading.Thread(
+            target=self._run, name=f"fanout-{self.name}", daemon=True
+        )
+        self.thread.start()
+
+    def close(self, drain: bool = False) -> None:
+        """Ask the thread to leave (after what is queued, if ``drain``)."""
+        with self.cond:
+            self.stopping = True
+            if not drain:
+                while self.ring.read_one()[1]:
+                    pass
+            self.cond.notify()
+
+    def exited(self) -> bool:
+        """Tell whether the thread has ended (or never started)."""
+        return self.thread is None or not self.thread.is_alive()
+
+    def release(self) -> None:
+        """Nothing to free: the thread owns no OS resource but itself."""
+
+    def drained(self) -> bool:
+        """Tell whether everything queued was handled."""
+        with self.cond:
+            return len(self.ring) == 0 and self.busy == 0
+
+    def _initial_done(self) -> bool:
+        return self.initial_left <= 0
+
+    def _run(self) -> None:
+        ring, cond, handler = self.ring, self.cond, self.handler
+        on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
+        hist = self.hist
+        monotonic_ns = time.monotonic_ns
+        while True:
+            batch = []
+            with cond:
+                while not len(ring):
+                    if self.stopping:
+                        return
+                    self.waiting = True
+                    cond.wait()
+                    self.waiting = False
+                while len(batch) < 256:
+                    item, ok = ring.read_one()
+                    if not ok:
+                        break
+                    batch.append(item)
+                self.busy = len(batch)
+            for n, t_ns in batch:
+                hist[bucket_of(monotonic_ns() - t_ns)] += 1
+                cls = type(n)
+                try:
+                    if cls is Update:
+                        on_update(n.old, n.new)
+                    elif cls is Add:
+                        on_add(n.obj, n.is_in_initial_list)
+                    else:
+                        on_delete(n.obj)
+                except Exception:
+                    self.errors += 1
+                    self.report_error(n, traceback.format_exc())
+                if self.initial_left > 0:  # the initial list is queued first
+                    self.initial_left -= 1
+                self.delivered += 1
+                self.busy -= 1
+
+    def stats(self) -> ListenerStats:
+        """Return a snapshot of this listener's counters."""
+        hist = list(self.hist)
+        return ListenerStats(
+            name=self.name,
+            executor=self.executor,
+            workers=1,
+            pending=len(self.ring) + max(0, self.busy),
+            pending_bytes=0,
+            capacity_bytes=0,
+            delivered=self.delivered,
+            errors=self.errors,
+            dropped=self.dropped,
+            dead_lettered=0,
+            restarts=0,
+            latency_p50=percentile(hist, 0.5),
+            latency_p99=percentile(hist, 0.99),
+            latency_max=percentile(hist, 1.0),
+        )

@@ -1,0 +1,321 @@
+"""The supervisor thread: watches workers, restarts them, and loses nothing.
+
+It waits on every worker's sentinel and return pipe. A dead worker's lane is
+rewound to the first frame the worker had not finished (read from its progress
+slot) and a new worker gets those frames again; the frame it died in counts one
+attempt, and after ``max_attempts`` it is dead-lettered. A call running past
+``handler_timeout`` gets its worker SIGTERM, then SIGKILL. Return-pipe messages
+(handler exceptions, start-up failures) are reported; garbage gets the worker
+killed and restarted. User callbacks run here, outside the distributor's lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from multiprocessing.connection import wait
+from typing import TYPE_CHECKING, Any
+
+import msgpack
+
+from fanout.listener import Lane, ProcessListener
+from fanout.stats import DONE, START_NS, STARTED
+from fanout.worker import EXIT_BAD_FRAME, EXIT_START_FAILED, MAX_RETURN_MESSAGE, RETURN_HEADER
+
+if TYPE_CHECKING:
+    from fanout.distributor import Distributor
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("fanout")
+
+TERM_GRACE = 0.2  # SIGTERM -> SIGKILL for a handler past its timeout
+MAX_BACKOFF = 5.0  # between restarts of a worker that dies while starting
+FIRST_BACKOFF = 0.1
+ACK_TICK = 0.1  # how often held frames are released when nothing else happens
+
+
+def describe_exit(code: int | None) -> str:
+    """Say how a worker ended, from its exit code."""
+    if code is None:
+        return "worker vanished"
+    if code < 0:
+        try:
+            return f"worker killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"worker killed by signal {-code}"
+    if code == EXIT_START_FAILED:
+        return "worker could not build its handler"
+    if code == EXIT_BAD_FRAME:
+        return "worker received a frame it could not decode"
+    return f"worker exited with code {code}"
+
+
+class Supervisor(threading.Thread):
+    """Per-distributor thread that keeps every lane's worker alive."""
+
+    def __init__(self, dist: Distributor) -> None:
+        super().__init__(name="fanout-supervisor", daemon=True)
+        self.dist = dist
+        self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        self.stopping = False
+
+    def wake(self) -> None:
+        """Make the loop look at the lanes again."""
+        try:
+            os.write(self.wake_w, b"x")
+        except (BlockingIOError, OSError):
+            pass  # already woken, or closed after stop
+
+    def stop(self) -> None:
+        """End the loop (after the distributor stopped every worker)."""
+        self.stopping = True
+        self.wake()
+
+    def close(self) -> None:
+        """Free the wake pipe (after the thread ended)."""
+        for fd in (self.wake_r, self.wake_w):
+            os.close(fd)
+
+    def run(self) -> None:
+        while not self.stopping:
+            try:
+                self._once()
+            except Exception:  # never let the supervisor die: it is the safety net
+                log.exception("fanout supervisor: unexpected error (continuing)")
+                time.sleep(0.05)
+
+    def _once(self) -> None:
+        dist = self.dist
+        calls: list[Callable[[], None]] = []
+        with dist.lock:
+            lanes = dist.supervised_lanes()
+            watch: dict[int, tuple[Lane, str]] = {}
+            for lane in lanes:
+                if lane.proc is not None:
+                    watch[lane.proc.sentinel] = (lane, "exit")
+                    if lane.rfd >= 0:
+                        watch[lane.rfd] = (lane, "msg")
+            timeout = self._timeout(lanes)
+        ready = wait([self.wake_r, *watch], timeout)
+        if self.wake_r in ready:
+            try:
+                while os.read(self.wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+        with dist.lock:
+            # Messages first: an exception reported just before a crash is
+            # reported before the crash is handled.
+            for fd in ready:
+                lane, what = watch.get(fd, (None, ""))
+                if lane is not None and what == "msg" and lane.rfd == fd:
+                    self._read_messages(lane, calls)
+            for fd in ready:
+                lane, what = watch.get(fd, (None, ""))
+                if lane is not None and what == "exit" and lane.proc is not None:
+                    if lane.proc.sentinel == fd:
+                        self._on_exit(lane, calls)
+            self._tick(dist.supervised_lanes(), calls)
+        for call in calls:
+            call()
+
+    def _timeout(self, lanes: list[Lane]) -> float | None:
+        now = time.monotonic()
+        timeout: float | None = None
+
+        def sooner(t: float) -> None:
+            nonlocal timeout
+            t = max(t, 0.001)
+            timeout = t if timeout is None else min(timeout, t)
+
+        for lane in lanes:
+            listener = lane.listener
+            if lane.proc is None:
+                if lane.respawn_at and not lane.closing:
+                    sooner(lane.respawn_at - now)
+                continue
+            if lane.kill_at:
+                sooner(lane.kill_at - now)
+            if lane.closing:
+                sooner(lane.close_deadline - now)
+            if listener.handler_timeout is not None:
+                sooner(min(listener.handler_timeout / 4, 0.1))
+            if len(lane.ring):
+                sooner(ACK_TICK)
+        return timeout
+
+    # -- return pipe ---------------------------------------------------------------------
+
+    def _read_messages(self, lane: Lane, calls: list[Callable[[], None]]) -> None:
+        while lane.rfd >= 0:
+            try:
+                chunk = os.read(lane.rfd, 65536)
+            except BlockingIOError:
+                break
+            if not chunk:  # the worker is exiting; its sentinel tells when it is gone
+                os.close(lane.rfd)
+                lane.rfd = -1
+                break
+            lane.rbuf += chunk
+        buf = lane.rbuf
+        pos = 0
+        while len(buf) - pos >= RETURN_HEADER.size:
+            (size,) = RETURN_HEADER.unpack_from(buf, pos)
+            if size > MAX_RETURN_MESSAGE:
+                self._garbage(lane, f"a {size}-byte message header", calls)
+                return
+            end = pos + RETURN_HEADER.size + size
+            if end > len(buf):
+                break
+            try:
+                msg = msgpack.unpackb(bytes(buf[pos + RETURN_HEADER.size : end]), raw=False)
+                kind = msg["t"]
+            except Exception as exc:
+                self._garbage(lane, f"an undecodable message ({exc})", calls)
+                return
+            pos = end
+            self._on_message(lane, kind, msg, calls)
+        del buf[:pos]
+
+    def _on_message(
+        self, lane: Lane, kind: Any, msg: dict[str, Any], calls: list[Callable[[], None]]
+    ) -> None:
+        listener = lane.listener
+        if kind == "ready":
+            lane.ready = True
+            lane.backoff = 0.0
+        elif kind == "error":
+            try:
+                n = self.dist.codec.decode(msg["payload"])[0]
+            except Exception:
+                n = None
+            text = str(msg.get("text", ""))
+            calls.append(lambda: listener.report_error(n, text))
+        elif kind == "fatal":
+            text = str(msg.get("text", ""))
+            calls.append(lambda: listener.report_error(None, text))
+        else:
+            calls.append(
+                lambda: listener.report_error(None, f"worker sent unknown message {kind!r}")
+            )
+
+    def _garbage(self, lane: Lane, what: str, calls: list[Callable[[], None]]) -> None:
+        listener = lane.listener
+        pid = lane.proc.pid if lane.proc is not None else None
+        text = f"worker {pid} of listener {listener.name!r} sent {what} on its return pipe; restarting it"
+        calls.append(lambda: listener.report_error(None, text))
+        if lane.rfd >= 0:
+            os.close(lane.rfd)
+            lane.rfd = -1
+        lane.rbuf = bytearray()
+        if lane.proc is not None:
+            lane.kill_reason = lane.kill_reason or "worker sent garbage on its return pipe"
+            lane.proc.kill()
+
+    # -- exits ---------------------------------------------------------------------------
+
+    def _on_exit(self, lane: Lane, calls: list[Callable[[], None]]) -> None:
+        proc = lane.proc
+        proc.join(0)
+        code = proc.exitcode
+        if lane.rfd >= 0:
+            self._read_messages(lane, calls)
+        if lane.rfd >= 0:
+            os.close(lane.rfd)
+            lane.rfd = -1
+        lane.detach()
+        proc.close()
+        lane.proc = None
+        listener = lane.listener
+        if lane.closing or self.dist.stopping:
+            lane.exited.set()
+            return
+        reason = lane.kill_reason or describe_exit(code)
+        ring, slot = lane.ring, lane.slot
+        started, done = int(slot[STARTED]), int(slot[DONE])
+        if done > ring.acked_seq:
+            ring.ack(min(done, ring.sent_seq))
+        if started > done and started > ring.acked_seq:
+            attempts = lane.attempts.get(started, 0) + 1
+            if attempts >= listener.max_attempts:
+                payload = ring.peek()
+                ring.ack(started)
+                lane.attempts.pop(started, None)
+                listener.dead_lettered += 1
+                why = f"{reason} while handling it, {attempts} times (max_attempts={listener.max_attempts})"
+                calls.append(self._dead_letter_call(listener, payload, why))
+            else:
+                lane.attempts[started] = attempts
+        for seq in [s for s in lane.attempts if s <= ring.acked_seq]:
+            del lane.attempts[seq]
+        listener.restarts += 1
+        if lane.ready:
+            log.warning("listener %r lane %d: %s; restarting it", listener.name, lane.index, reason)
+            lane.backoff = 0.0
+            self._respawn(lane, calls)
+        else:
+            lane.backoff = min(max(lane.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
+            lane.respawn_at = time.monotonic() + lane.backoff
+            log.error(
+                "listener %r lane %d: %s while starting; retrying in %.1f s",
+                listener.name,
+                lane.index,
+                reason,
+                lane.backoff,
+            )
+
+    def _dead_letter_call(
+        self, listener: ProcessListener, payload: bytes | None, why: str
+    ) -> Callable[[], None]:
+        codec = self.dist.codec
+
+        def call() -> None:
+            try:
+                n = codec.decode(payload)[0] if payload is not None else None
+            except Exception:
+                n = None
+            listener.report_dead_letter(n, why)
+
+        return call
+
+    def _respawn(self, lane: Lane, calls: list[Callable[[], None]]) -> None:
+        try:
+            lane.spawn()
+        except Exception as exc:
+            lane.backoff = min(max(lane.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
+            lane.respawn_at = time.monotonic() + lane.backoff
+            text = f"could not start a worker: {exc!r}; retrying in {lane.backoff:.1f} s"
+            calls.append(lambda: lane.listener.report_error(None, text))
+
+    # -- timers --------------------------------------------------------------------------
+
+    def _tick(self, lanes: list[Lane], calls: list[Callable[[], None]]) -> None:
+        now = time.monotonic()
+        now_ns = time.monotonic_ns()
+        for lane in lanes:
+            proc = lane.proc
+            listener = lane.listener
+            if proc is None:
+                if lane.respawn_at and now >= lane.respawn_at and not lane.closing:
+                    if not self.dist.stopping:
+                        self._respawn(lane, calls)
+                continue
+            lane.ack()
+            if lane.kill_at and now >= lane.kill_at:
+                proc.kill()
+                lane.kill_at = 0.0
+            if lane.closing and now >= lane.close_deadline:
+                proc.kill()
+                continue
+            timeout = listener.handler_timeout
+            if timeout is not None and not lane.kill_reason:
+                started_ns = int(lane.slot[START_NS])
+                if started_ns and now_ns - started_ns > timeout * 1e9:
+                    lane.kill_reason = f"handler_timeout={timeout} s exceeded"
+                    proc.terminate()
+                    lane.kill_at = now + TERM_GRACE

@@ -1,0 +1,180 @@
+"""The worker process: read frames from its pipe, call the handler, record progress.
+
+One worker serves one lane. It shares no lock with anyone: it reads its data pipe,
+writes its own progress slot (shared memory) and writes rare messages (ready,
+handler exceptions, start-up failures) to its return pipe. Killed at any instant,
+it can wedge nothing; the parent rewinds the lane from the slot.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import pickle
+import signal
+import struct
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from multiprocessing import reduction
+from typing import Any
+
+import msgpack
+
+from fanout._ring_common import HEADER, HEADER_SIZE
+from fanout.codec import ADD, DELETE, UPDATE, Codec
+from fanout.handlers import build_handler
+from fanout.stats import (
+    DONE,
+    ERRORS,
+    HANDLED,
+    HIST,
+    PID,
+    SLOT_BYTES,
+    START_NS,
+    STARTED,
+    STOP,
+    bucket_of,
+)
+
+__all__ = ["FdArg", "WorkerSpec", "worker_main"]
+
+RETURN_HEADER = struct.Struct("<I")
+MAX_RETURN_MESSAGE = 16 * 1024 * 1024
+READ_CHUNK = 1 << 20
+
+# Exit codes the parent understands.
+EXIT_START_FAILED = 3
+EXIT_BAD_FRAME = 4
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """What a worker needs to start, pickled by multiprocessing."""
+
+    listener: str
+    lane: int
+    handler_blob: bytes
+    is_factory: bool
+    codec: Codec
+    slot_offset: int
+
+
+class FdArg:
+    """A file descriptor passed to a worker (works with forkserver and spawn)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Called while multiprocessing pickles the Process: DupFd registers the
+        # fd with the spawning Popen, which hands it over to the child.
+        return (_rebuild_fd, (reduction.DupFd(self.fd),))
+
+
+def _rebuild_fd(dup: Any) -> int:
+    return int(dup.detach())
+
+
+def send_message(fd: int, msg: dict[str, Any]) -> None:
+    """Write one length-prefixed MessagePack message to the return pipe."""
+    body = msgpack.packb(msg, use_bin_type=True)
+    data = memoryview(RETURN_HEADER.pack(len(body)) + body)
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> None:
+    """Entry point of a worker process."""
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    shm = mmap.mmap(shm_fd, 0)
+    os.close(shm_fd)
+    slot = memoryview(shm)[spec.slot_offset : spec.slot_offset + SLOT_BYTES].cast("Q")
+    slot[PID] = os.getpid()
+    try:
+        handler = build_handler(pickle.loads(spec.handler_blob), spec.is_factory)
+    except BaseException:
+        send_message(
+            ret_fd,
+            {
+                "t": "fatal",
+                "text": f"handler could not be built in worker {os.getpid()}:\n"
+                + traceback.format_exc(),
+            },
+        )
+        os._exit(EXIT_START_FAILED)
+    send_message(ret_fd, {"t": "ready", "pid": os.getpid()})
+    try:
+        _serve(spec, handler, data_fd, ret_fd, slot)
+    except _BadFrame as exc:
+        send_message(ret_fd, {"t": "fatal", "text": str(exc)})
+        os._exit(EXIT_BAD_FRAME)
+    # Everything was handled (EOF) or the parent asked to stop: leave at once,
+    # without running handlers' atexit hooks twice or flushing inherited buffers.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+class _BadFrame(Exception):
+    pass
+
+
+def _serve(spec: WorkerSpec, handler: Any, fd: int, ret_fd: int, slot: memoryview) -> None:
+    """Read frames until EOF or STOP, calling the handler for each."""
+    unpack = spec.codec.unpack
+    on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
+    unpack_header = HEADER.unpack_from
+    monotonic_ns = time.monotonic_ns
+    leftover = b""
+    while True:
+        chunk = os.read(fd, READ_CHUNK)
+        if not chunk:
+            return
+        data = leftover + chunk if leftover else chunk
+        view = memoryview(data)
+        end = len(data)
+        pos = 0
+        while end - pos >= HEADER_SIZE:
+            length, seq = unpack_header(data, pos)
+            stop = pos + HEADER_SIZE + length
+            if stop > end:
+                break
+            if slot[STOP]:
+                return
+            payload = view[pos + HEADER_SIZE : stop]
+            pos = stop
+            try:
+                kind, t_ns, a, b = unpack(payload)
+            except Exception as exc:
+                raise _BadFrame(f"frame {seq} of lane {spec.lane} cannot be decoded: {exc}")
+            now = monotonic_ns()
+            slot[START_NS] = now
+            slot[STARTED] = seq
+            slot[HIST + bucket_of(now - t_ns)] += 1
+            try:
+                if kind == UPDATE:
+                    on_update(a, b)
+                elif kind == ADD:
+                    on_add(a, bool(b))
+                elif kind == DELETE:
+                    on_delete(a)
+                else:
+                    raise ValueError(f"unknown notification kind {kind!r}")
+            except Exception:
+                slot[ERRORS] += 1
+                send_message(
+                    ret_fd,
+                    {
+                        "t": "error",
+                        "seq": seq,
+                        "text": traceback.format_exc(),
+                        "payload": bytes(payload),
+                    },
+                )
+            slot[HANDLED] += 1
+            slot[START_NS] = 0
+            slot[DONE] = seq
+        leftover = data[pos:] if pos < end else b""

@@ -14,6 +14,7 @@ from posix.unistd cimport close, read, write
 
 from fanout._ring cimport (
     FrameRing,
+    fr_capped,
     fr_send,
     fr_state,
     fr_unsent,
@@ -196,7 +197,7 @@ cdef class Pump:
         cdef pollfd* fds = NULL
         cdef Py_ssize_t i, nfds, cap = 0
         cdef Py_ssize_t r
-        cdef int ready
+        cdef int ready, timeout
         cdef uint64_t drained
         while fanout_load(&self.running):
             pthread_mutex_lock(&self.table_lock)
@@ -212,6 +213,7 @@ cdef class Pump:
             fds[0].fd = self.efd
             fds[0].events = POLLIN
             nfds = 1
+            timeout = -1
             # One pass: every lane with bytes waiting gets one writev.
             for i in range(self.nlanes):
                 self.lanes[i].blocked = 0
@@ -225,9 +227,14 @@ cdef class Pump:
                     self.lanes[i].error = <int>-r
                 elif fr_unsent(self.lanes[i].st) > 0:
                     self.lanes[i].blocked = 1
-                    fds[nfds].fd = self.lanes[i].fd
-                    fds[nfds].events = POLLOUT
-                    nfds += 1
+                    if fr_capped(self.lanes[i].st):
+                        # Waiting for the reader to finish frames, which no fd
+                        # announces: look again in a millisecond.
+                        timeout = 1
+                    else:
+                        fds[nfds].fd = self.lanes[i].fd
+                        fds[nfds].events = POLLOUT
+                        nfds += 1
             pthread_mutex_unlock(&self.table_lock)
             # Announce the nap, then look once more: an append that raced with
             # the pass either shows up here or sees sleeping == 1 and wakes us.
@@ -243,7 +250,7 @@ cdef class Pump:
             if ready or not fanout_load(&self.running):
                 fanout_store(&self.sleeping, 0)
                 continue
-            while poll(fds, nfds, -1) < 0 and errno == EINTR:
+            while poll(fds, nfds, timeout) < 0 and errno == EINTR:
                 pass
             fanout_store(&self.sleeping, 0)
             if fds[0].revents & POLLIN:

@@ -87,6 +87,7 @@ class Pump:
         while self._running:
             watch = poller()
             watch.register(self._efd, select.POLLIN)
+            timeout = None
             with self._table_lock:
                 lanes = list(self._lanes.values())
                 for lane in lanes:
@@ -101,16 +102,23 @@ class Pump:
                         continue
                     if ring.unsent_bytes:
                         lane[2] = True
-                        watch.register(fd, select.POLLOUT)
+                        if ring.capped():
+                            # Waiting for the reader to finish frames, which no
+                            # fd announces: look again in a millisecond.
+                            timeout = 1
+                        else:
+                            watch.register(fd, select.POLLOUT)
             # Announce the nap, then look once more: an append that raced with
             # the pass either shows up here or sees _sleeping and wakes us.
             self._sleeping = True
-            if not self._running or any(
-                not lane[3] and not lane[2] and lane[0].unsent_bytes for lane in lanes
-            ) or len(lanes) != len(self._lanes):
+            if (
+                not self._running
+                or any(not lane[3] and not lane[2] and lane[0].unsent_bytes for lane in lanes)
+                or len(lanes) != len(self._lanes)
+            ):
                 self._sleeping = False
                 continue
-            watch.poll()
+            watch.poll(timeout)
             self._sleeping = False
             try:
                 os.eventfd_read(self._efd)

@@ -30,6 +30,8 @@ cdef struct fr_state:
     uint64_t next_seq
     uint64_t acked_seq
     uint64_t sent_seq
+    size_t inflight_cap       # 0: no cap on bytes sent but not acked
+    uint64_t* ack_src         # reader's "last done" word, or NULL
     pthread_mutex_t lock
 
 
@@ -37,6 +39,8 @@ cdef struct fr_state:
 cdef Py_ssize_t fr_send(fr_state* st, int fd) noexcept nogil
 # Bytes waiting to be sent (takes the lock).
 cdef size_t fr_unsent(fr_state* st) noexcept nogil
+# True when bytes wait but the in-flight cap holds them back (takes the lock).
+cdef bint fr_capped(fr_state* st) noexcept nogil
 
 
 cdef class Ring:
@@ -51,3 +55,4 @@ cdef class Ring:
 
 cdef class FrameRing:
     cdef fr_state* st
+    cdef object _ack_view

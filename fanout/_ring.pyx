@@ -19,7 +19,9 @@ from fanout._ring_common import (
     MIN_FRAME_CAPACITY,
     RING_GROW_FROM_ZERO,
     check_ack,
+    check_fd,
     check_size,
+    check_words,
     frame_length,
 )
 from fanout.errors import RingFull, ring_full_message
@@ -41,9 +43,15 @@ cdef enum:
 
 # -- byte helpers; all run with st.lock held --------------------------------------
 
+cdef inline size_t _phys(fr_state* st, size_t off) noexcept nogil:
+    # head < cap and off <= cap, so one subtraction replaces a division.
+    cdef size_t i = st.head + off
+    return i - st.cap if i >= st.cap else i
+
+
 cdef inline void _copy_in(fr_state* st, size_t off, const unsigned char* src,
                           size_t n) noexcept nogil:
-    cdef size_t start = (st.head + off) % st.cap
+    cdef size_t start = _phys(st, off)
     cdef size_t first = n if n < st.cap - start else st.cap - start
     memcpy(st.buf + start, src, first)
     if first < n:
@@ -52,7 +60,7 @@ cdef inline void _copy_in(fr_state* st, size_t off, const unsigned char* src,
 
 cdef inline void _copy_out(fr_state* st, size_t off, unsigned char* dst,
                            size_t n) noexcept nogil:
-    cdef size_t start = (st.head + off) % st.cap
+    cdef size_t start = _phys(st, off)
     cdef size_t first = n if n < st.cap - start else st.cap - start
     memcpy(dst, st.buf + start, first)
     if first < n:
@@ -110,17 +118,59 @@ cdef void _advance_sent(fr_state* st, size_t written) noexcept nogil:
         st.sent_seq = seq
 
 
+cdef size_t _ack_to(fr_state* st, uint64_t target) noexcept nogil:
+    """Free frames with seq <= target among those completely sent; lock held."""
+    cdef size_t freed_bytes = 0, freed = 0, length
+    cdef uint64_t frame_seq
+    if target <= st.acked_seq:
+        return 0
+    while freed_bytes < st.boundary:
+        _get_header(st, freed_bytes, &length, &frame_seq)
+        if frame_seq > target:
+            break
+        freed_bytes += HDR + length
+        freed += 1
+    st.head = _phys(st, freed_bytes) if st.cap else 0
+    st.used -= freed_bytes
+    st.sent -= freed_bytes
+    st.boundary -= freed_bytes
+    st.frames -= freed
+    st.acked_seq = target
+    if st.used == 0:
+        st.head = 0
+        if st.cap > st.normal:
+            _relocate(st, st.normal)  # shrinking: failure keeps the old buffer
+    return freed
+
+
+cdef inline void _ack_from_source(fr_state* st) noexcept nogil:
+    # The reader publishes its last finished seq; frames up to it are free.
+    cdef uint64_t done
+    if st.ack_src != NULL:
+        done = st.ack_src[0]
+        if done > st.acked_seq:
+            _ack_to(st, done if done < st.sent_seq else st.sent_seq)
+
+
 cdef Py_ssize_t fr_send(fr_state* st, int fd) noexcept nogil:
     cdef iovec iov[2]
     cdef ssize_t written
     cdef size_t todo, start, first
     cdef int count = 1, err
     pthread_mutex_lock(&st.lock)
+    _ack_from_source(st)
     todo = st.used - st.sent
+    if st.inflight_cap:
+        # Bytes in flight (sent, not acked) stay below the cap, so frames that
+        # wait can still be dropped by an overflow policy.
+        if st.sent >= st.inflight_cap:
+            todo = 0
+        elif todo > st.inflight_cap - st.sent:
+            todo = st.inflight_cap - st.sent
     if todo == 0:
         pthread_mutex_unlock(&st.lock)
         return 0
-    start = (st.head + st.sent) % st.cap
+    start = _phys(st, st.sent)
     first = todo if todo < st.cap - start else st.cap - start
     iov[0].iov_base = st.buf + start
     iov[0].iov_len = first
@@ -149,6 +199,14 @@ cdef size_t fr_unsent(fr_state* st) noexcept nogil:
     n = st.used - st.sent
     pthread_mutex_unlock(&st.lock)
     return n
+
+
+cdef bint fr_capped(fr_state* st) noexcept nogil:
+    cdef bint capped
+    pthread_mutex_lock(&st.lock)
+    capped = st.inflight_cap != 0 and st.sent >= st.inflight_cap and st.used > st.sent
+    pthread_mutex_unlock(&st.lock)
+    return capped
 
 
 cdef inline void _lock(fr_state* st):
@@ -249,9 +307,13 @@ cdef class FrameRing:
     ``send_to`` and large copies in ``append`` run without the GIL.
     """
 
-    def __cinit__(self, initial_bytes=4096, normal_bytes=None, max_bytes=None):
+    def __cinit__(self, initial_bytes=4096, normal_bytes=None, max_bytes=None,
+                  max_inflight=None):
         cdef fr_state* st
         cap = check_size("initial_bytes", initial_bytes)
+        inflight = check_size("max_inflight", max_inflight, allow_none=True)
+        if inflight == 0:
+            raise ValueError("max_inflight must be > 0 bytes, or None for no cap")
         normal = check_size("normal_bytes", normal_bytes, allow_none=True)
         bound = check_size("max_bytes", max_bytes, allow_none=True)
         if bound is not None and bound <= HDR:
@@ -277,8 +339,11 @@ cdef class FrameRing:
         st.bounded = bound is not None
         st.maxb = bound if bound is not None else 0
         st.next_seq = 1
+        st.inflight_cap = inflight if inflight is not None else 0
+        st.ack_src = NULL
         pthread_mutex_init(&st.lock, NULL)
         self.st = st
+        self._ack_view = None
 
     def __dealloc__(self):
         if self.st != NULL:
@@ -337,11 +402,12 @@ cdef class FrameRing:
         finally:
             PyBuffer_Release(&view)
 
-    def send_to(self, int fd):
+    def send_to(self, fd):
         """Write pending bytes to non-blocking ``fd``; return how many were taken."""
         cdef Py_ssize_t r
+        cdef int cfd = check_fd(fd)
         with nogil:  # fr_send works on the C state under its own mutex
-            r = fr_send(self.st, fd)
+            r = fr_send(self.st, cfd)
         if r < 0:
             raise OSError(-r, strerror(-r))
         return r
@@ -349,8 +415,7 @@ cdef class FrameRing:
     def ack(self, seq):
         """Free every frame up to and including ``seq``; return how many were freed."""
         cdef fr_state* st = self.st
-        cdef size_t freed_bytes = 0, freed = 0, length
-        cdef uint64_t frame_seq, target
+        cdef size_t freed
         if isinstance(seq, bool) or not isinstance(seq, int):
             check_ack(seq, 0, 0)
         _lock(st)
@@ -361,26 +426,35 @@ cdef class FrameRing:
         if seq <= <object>st.acked_seq:
             pthread_mutex_unlock(&st.lock)
             return 0
-        target = seq
-        while freed_bytes < st.boundary:
-            _get_header(st, freed_bytes, &length, &frame_seq)
-            if frame_seq > target:
-                break
-            freed_bytes += HDR + length
-            freed += 1
-        if st.cap:
-            st.head = (st.head + freed_bytes) % st.cap
-        st.used -= freed_bytes
-        st.sent -= freed_bytes
-        st.boundary -= freed_bytes
-        st.frames -= freed
-        st.acked_seq = target
-        if st.used == 0:
-            st.head = 0
-            if st.cap > st.normal:
-                _relocate(st, st.normal)  # shrinking: failure keeps the old buffer
+        freed = _ack_to(st, <uint64_t>seq)
         pthread_mutex_unlock(&st.lock)
         return freed
+
+    def set_ack_source(self, words, index=0):
+        """Let ``send_to`` ack up to ``words[index]`` (a uint64 buffer the reader updates).
+
+        ``None`` removes the source. The ring keeps a view of ``words`` until then.
+        """
+        cdef uint64_t[::1] view
+        if words is None:
+            _lock(self.st)
+            self.st.ack_src = NULL
+            pthread_mutex_unlock(&self.st.lock)
+            self._ack_view = None
+            return
+        view = check_words(words, index)
+        _lock(self.st)
+        self.st.ack_src = &view[index]
+        pthread_mutex_unlock(&self.st.lock)
+        self._ack_view = view
+
+    def capped(self):
+        """Tell whether bytes wait but the in-flight cap holds them back."""
+        cdef fr_state* st = self.st
+        _lock(st)
+        capped = st.inflight_cap != 0 and st.used > st.sent >= st.inflight_cap
+        pthread_mutex_unlock(&st.lock)
+        return capped
 
     def rewind(self):
         """Make the next ``send_to`` start again at the first frame not acked."""
@@ -463,12 +537,20 @@ cdef class FrameRing:
     @property
     def unsent_bytes(self):
         """Bytes waiting for ``send_to``."""
-        return fr_unsent(self.st)
+        _lock(self.st)
+        n = self.st.used - self.st.sent
+        pthread_mutex_unlock(&self.st.lock)
+        return n
 
     @property
     def max_bytes(self):
         """The bound on bytes held, or ``None``."""
         return self.st.maxb if self.st.bounded else None
+
+    @property
+    def max_inflight(self):
+        """The cap on bytes sent but not acked, or ``None``."""
+        return self.st.inflight_cap if self.st.inflight_cap else None
 
     @property
     def normal_bytes(self):

@@ -15,7 +15,9 @@ __all__ = [
     "MIN_FRAME_CAPACITY",
     "RING_GROW_FROM_ZERO",
     "check_ack",
+    "check_fd",
     "check_size",
+    "check_words",
     "frame_length",
 ]
 
@@ -39,6 +41,8 @@ def check_size(name: str, value: Any, *, allow_none: bool = False) -> int | None
         raise TypeError(f"{name} must be an int, not {type(value).__name__} ({value!r})")
     if value < 0:
         raise ValueError(f"{name} must be >= 0, got {value}")
+    if value > MAX_SIZE:
+        raise ValueError(f"{name} must be <= 2**62, got {value}")
     return value
 
 
@@ -53,11 +57,40 @@ def frame_length(frame: Any) -> int:
         ) from None
     with view:
         n = view.nbytes
+        contiguous = view.c_contiguous
+    if not contiguous:
+        raise TypeError("frame must be a contiguous bytes-like object; copy it with bytes()")
     if n == 0:
         raise ValueError("frame is empty; a frame must hold at least one byte")
     if n > MAX_PAYLOAD:
         raise ValueError(f"frame of {n} bytes exceeds the 4 GiB frame limit")
     return n
+
+
+MAX_SIZE = 1 << 62  # sizes beyond this are mistakes, not rings
+
+
+def check_fd(fd: Any) -> int:
+    """Return ``fd`` as a file descriptor number, or raise naming the bad value."""
+    if isinstance(fd, bool) or not isinstance(fd, int):
+        raise TypeError(f"fd must be an int file descriptor, not {type(fd).__name__} ({fd!r})")
+    if not 0 <= fd < 1 << 31:
+        raise ValueError(f"fd must be a file descriptor number >= 0, got {fd}")
+    return fd
+
+
+def check_words(words: Any, index: Any) -> memoryview:
+    """Return a writable uint64 view of ``words`` that has ``index``, or raise."""
+    try:
+        view = memoryview(words).cast("B").cast("Q")
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"ack source must be a buffer of uint64 words (numpy uint64 array, "
+            f"memoryview cast to 'Q'), not {type(words).__name__}"
+        ) from None
+    if isinstance(index, bool) or not isinstance(index, int) or not 0 <= index < len(view):
+        raise ValueError(f"ack source index must be in range(0, {len(view)}), got {index!r}")
+    return view
 
 
 def check_ack(seq: Any, last_seq: int, sent_seq: int) -> int:

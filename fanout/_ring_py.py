@@ -16,7 +16,9 @@ from fanout._ring_common import (
     MIN_FRAME_CAPACITY,
     RING_GROW_FROM_ZERO,
     check_ack,
+    check_fd,
     check_size,
+    check_words,
     frame_length,
 )
 from fanout.errors import RingFull, ring_full_message
@@ -108,12 +110,15 @@ class FrameRing:
     """
 
     __slots__ = (
+        "_ack_index",
+        "_ack_view",
         "_acked_seq",
         "_boundary",
         "_buf",
         "_cap",
         "_frames",
         "_head",
+        "_inflight",
         "_lock",
         "_max",
         "_next_seq",
@@ -128,8 +133,12 @@ class FrameRing:
         initial_bytes: int = 4096,
         normal_bytes: int | None = None,
         max_bytes: int | None = None,
+        max_inflight: int | None = None,
     ) -> None:
         cap = check_size("initial_bytes", initial_bytes)
+        inflight = check_size("max_inflight", max_inflight, allow_none=True)
+        if inflight == 0:
+            raise ValueError("max_inflight must be > 0 bytes, or None for no cap")
         normal = check_size("normal_bytes", normal_bytes, allow_none=True)
         bound = check_size("max_bytes", max_bytes, allow_none=True)
         assert cap is not None
@@ -153,6 +162,9 @@ class FrameRing:
         self._next_seq = 1
         self._acked_seq = 0
         self._sent_seq = 0  # last frame completely sent
+        self._inflight = inflight or 0  # 0: no cap on bytes sent but not acked
+        self._ack_view: memoryview | None = None
+        self._ack_index = 0
         self._lock = threading.Lock()
 
     # -- byte helpers (lock held) -------------------------------------------------
@@ -212,8 +224,17 @@ class FrameRing:
 
     def send_to(self, fd: int) -> int:
         """Write pending bytes to non-blocking ``fd``; return how many were taken."""
+        fd = check_fd(fd)
         with self._lock:
+            if self._ack_view is not None:
+                done = self._ack_view[self._ack_index]
+                if done > self._acked_seq:
+                    self._ack_to(min(done, self._sent_seq))
             todo = self._used - self._sent
+            if self._inflight:
+                # Bytes in flight (sent, not acked) stay below the cap, so frames
+                # that wait can still be dropped by an overflow policy.
+                todo = max(0, min(todo, self._inflight - self._sent))
             if todo == 0:
                 return 0
             cap = self._cap
@@ -248,27 +269,45 @@ class FrameRing:
         """Free every frame up to and including ``seq``; return how many were freed."""
         with self._lock:
             check_ack(seq, self._next_seq - 1, self._sent_seq)
-            if seq <= self._acked_seq:
-                return 0
-            freed_bytes = freed = 0
-            while freed_bytes < self._boundary:
-                length, frame_seq = self._header(freed_bytes)
-                if frame_seq > seq:
-                    break
-                freed_bytes += HEADER_SIZE + length
-                freed += 1
-            self._head = (self._head + freed_bytes) % self._cap if self._cap else 0
-            self._used -= freed_bytes
-            self._sent -= freed_bytes
-            self._boundary -= freed_bytes
-            self._frames -= freed
-            self._acked_seq = seq
-            if self._used == 0:
-                self._head = 0
-                if self._cap > self._normal:
-                    self._buf = bytearray(self._normal)
-                    self._cap = self._normal
-            return freed
+            return self._ack_to(seq)
+
+    def _ack_to(self, seq: int) -> int:
+        """Free frames with seq <= ``seq`` among those completely sent; lock held."""
+        if seq <= self._acked_seq:
+            return 0
+        freed_bytes = freed = 0
+        while freed_bytes < self._boundary:
+            length, frame_seq = self._header(freed_bytes)
+            if frame_seq > seq:
+                break
+            freed_bytes += HEADER_SIZE + length
+            freed += 1
+        self._head = (self._head + freed_bytes) % self._cap if self._cap else 0
+        self._used -= freed_bytes
+        self._sent -= freed_bytes
+        self._boundary -= freed_bytes
+        self._frames -= freed
+        self._acked_seq = seq
+        if self._used == 0:
+            self._head = 0
+            if self._cap > self._normal:
+                self._buf = bytearray(self._normal)
+                self._cap = self._normal
+        return freed
+
+    def set_ack_source(self, words: Any, index: int = 0) -> None:
+        """Let ``send_to`` ack up to ``words[index]`` (a uint64 buffer the reader updates).
+
+        ``None`` removes the source. The ring keeps a view of ``words`` until then.
+        """
+        view = None if words is None else check_words(words, index)
+        with self._lock:
+            self._ack_view, self._ack_index = view, index
+
+    def capped(self) -> bool:
+        """Tell whether bytes wait but the in-flight cap holds them back."""
+        with self._lock:
+            return bool(self._inflight) and self._used > self._sent >= self._inflight
 
     def rewind(self) -> int:
         """Make the next ``send_to`` start again at the first frame not acked."""
@@ -284,6 +323,8 @@ class FrameRing:
         Frames in flight (sent, not acked) are kept. Returns ``(frames, bytes)``
         dropped.
         """
+        nbytes = check_size("nbytes", nbytes)
+        assert nbytes is not None
         with self._lock:
             # A partly sent frame must be finished, so dropping starts after it.
             start = self._boundary
@@ -336,6 +377,11 @@ class FrameRing:
     def max_bytes(self) -> int | None:
         """The bound on bytes held, or ``None``."""
         return self._max
+
+    @property
+    def max_inflight(self) -> int | None:
+        """The cap on bytes sent but not acked, or ``None``."""
+        return self._inflight or None
 
     @property
     def normal_bytes(self) -> int:

@@ -1,0 +1,122 @@
+"""Shared fixtures: both ring implementations, and leak checks for process tests."""
+
+from __future__ import annotations
+
+import os
+import threading
+import types
+
+import pytest
+
+import fanout._ring_py
+from fanout import _impl
+
+try:
+    import fanout._ring as _native_ring
+except ImportError:  # pure-Python install (FANOUT_NO_EXTENSIONS=1 at build time)
+    _native_ring = None  # type: ignore[assignment]
+
+# The implementation fanout itself picked: with FANOUT_NO_EXTENSIONS=1 the whole
+# suite, distributor included, runs on the pure-Python twins.
+RING_IMPLS = [pytest.param(fanout._ring_py, id="py")]
+if _native_ring is not None and _impl.NATIVE:
+    RING_IMPLS.insert(0, pytest.param(_native_ring, id="native"))
+
+
+@pytest.fixture(params=RING_IMPLS)
+def ring_impl(request: pytest.FixtureRequest) -> types.ModuleType:
+    """A ring module (``Ring``, ``FrameRing``): the native one and its twin."""
+    return request.param
+
+
+def _fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def _shm() -> set[str]:
+    try:
+        return {name for name in os.listdir("/dev/shm") if name.startswith("fanout")}
+    except FileNotFoundError:
+        return set()
+
+
+def _children() -> set[int]:
+    import psutil
+
+    keep = set()
+    for child in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(child.cmdline())
+        except psutil.Error:
+            continue
+        # multiprocessing's own helpers live for the whole run, by design.
+        if "forkserver" in cmd or "resource_tracker" in cmd:
+            continue
+        keep.add(child.pid)
+    return keep
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _multiprocessing_helpers():
+    """Start multiprocessing's long-lived helpers first, so leak checks ignore them."""
+    import multiprocessing
+    from multiprocessing import forkserver, resource_tracker
+
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["fanout.worker"])
+    forkserver.ensure_running()
+    resource_tracker.ensure_running()
+
+
+@pytest.fixture
+def no_leaks():
+    """Fail the test if it leaves a child process, thread, fd or /dev/shm segment."""
+    import time
+
+    fds, shm, threads = _fds(), _shm(), set(threading.enumerate())
+    yield
+    deadline = time.monotonic() + 5.0
+    while True:
+        extra_children = _children()
+        extra_threads = {t for t in threading.enumerate() if t not in threads and t.is_alive()}
+        extra_fds = _fds() - fds
+        extra_shm = _shm() - shm
+        if not (extra_children or extra_threads or extra_fds or extra_shm):
+            return
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    fd_info = {fd: _describe_fd(fd) for fd in extra_fds}
+    pytest.fail(
+        f"leaked: children={sorted(extra_children)} threads={[t.name for t in extra_threads]} "
+        f"fds={fd_info} shm={sorted(extra_shm)}"
+    )
+
+
+def _describe_fd(fd: int) -> str:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return "?"
+
+
+@pytest.fixture
+def make_dist(no_leaks):
+    """Build Distributors that are stopped (drain=False) after the test, leak-checked."""
+    import fanout
+
+    made: list[fanout.Distributor] = []
+
+    def make(**kwargs):
+        d = fanout.Distributor(**kwargs)
+        made.append(d)
+        return d
+
+    yield make
+    for d in made:
+        d.stop(drain=False)
+
+
+@pytest.fixture(params=["forkserver", "spawn"])
+def start_method(request: pytest.FixtureRequest) -> str:
+    """Both supported start methods."""
+    return request.param

@@ -1,4 +1,4 @@
-"""Build fanout's native extensions (fanout/_ring.pyx, fanout/_pump.pyx).
+"""Build fanout's native extensions (fanout/_ring.pyx, _pump.pyx, _worker.pyx).
 
 FANOUT_NO_EXTENSIONS=1 builds a pure-Python install (fanout then uses its
 pure-Python twins). FANOUT_CYTHON_ANNOTATE=1 writes Cython's HTML annotation next
@@ -23,7 +23,7 @@ def extensions():
     macros = [("CYTHON_TRACE_NOGIL", "1")] if trace else []
     mods = [
         Extension(f"fanout.{name}", [f"fanout/{name}.pyx"], define_macros=macros)
-        for name in ("_ring", "_pump")
+        for name in ("_ring", "_pump", "_worker")
     ]
     # Every compiler directive lives here; per-function ones (boundscheck) are
     # set in the .pyx only where tests cover the function.

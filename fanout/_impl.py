@@ -7,27 +7,31 @@ so does a missing or broken extension build, which ``IMPORT_ERROR`` then explain
 from __future__ import annotations
 
 import os
+from typing import Any
+
+from fanout import _pump_py, _ring_py
 
 IMPORT_ERROR: str | None = None
+pump_impl: Any = _pump_py
+ring_impl: Any = _ring_py
+serve: Any = None
 
 if os.environ.get("FANOUT_NO_EXTENSIONS", "") not in ("", "0"):
-    from fanout import _pump_py as pump_impl
-    from fanout import _ring_py as ring_impl
-
     IMPORT_ERROR = "FANOUT_NO_EXTENSIONS is set"
 else:
     try:
-        from fanout import _pump as pump_impl  # type: ignore[no-redef]
-        from fanout import _ring as ring_impl  # type: ignore[no-redef]
+        from fanout import _pump, _ring, _worker
     except ImportError as exc:  # built with FANOUT_NO_EXTENSIONS=1, or no compiler
-        from fanout import _pump_py as pump_impl
-        from fanout import _ring_py as ring_impl
-
         IMPORT_ERROR = f"native extensions unavailable: {exc}"
+    else:
+        pump_impl, ring_impl, serve = _pump, _ring, _worker.serve
 
-NATIVE: bool = ring_impl.NATIVE and pump_impl.NATIVE
+if serve is None:
+    from fanout.worker import serve_py as serve
+
+NATIVE: bool = ring_impl is not _ring_py
 Ring = ring_impl.Ring
 FrameRing = ring_impl.FrameRing
 Pump = pump_impl.Pump
 
-__all__ = ["IMPORT_ERROR", "NATIVE", "FrameRing", "Pump", "Ring"]
+__all__ = ["IMPORT_ERROR", "NATIVE", "FrameRing", "Pump", "Ring", "serve"]

@@ -12,6 +12,7 @@ second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text).
 from __future__ import annotations
 
 import datetime as _dt
+import pickle
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -149,10 +150,13 @@ class MsgpackCodec(Codec):
         self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"default": self.default, "ext_hook": self.ext_hook}
+        state = dict(self.__dict__)
+        del state["_local"]  # per-thread Packers stay in this process
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(**state)  # type: ignore[misc]
+        self.__dict__.update(state)
+        self._local = threading.local()
 
     def _default(self, obj: Any) -> Any:
         ext = _builtin_to_ext(obj)
@@ -213,10 +217,14 @@ class MsgspecCodec(Codec):
         self._dec = msgspec.msgpack.Decoder(ext_hook=self._ext_hook)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {}
+        state = dict(self.__dict__)
+        for name in ("_msgspec", "_enc", "_dec"):  # rebuilt in the worker
+            del state[name]
+        return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__()  # type: ignore[misc]
+        self.__dict__.update(state)
+        MsgspecCodec.__init__(self)
 
     def _enc_hook(self, obj: Any) -> Any:
         ext = _builtin_to_ext(obj)
@@ -247,6 +255,12 @@ class MsgspecCodec(Codec):
 def get_codec(spec: Any) -> Codec:
     """Return the codec named by ``spec`` ("msgpack", "msgspec") or ``spec`` itself."""
     if isinstance(spec, Codec):
+        try:  # every worker gets a pickled copy: fail here, not in the workers
+            pickle.loads(pickle.dumps(spec))
+        except Exception as exc:
+            raise TypeError(
+                f"codec {spec!r} must survive pickling to reach the workers: {exc!r}"
+            ) from exc
         return spec
     if spec == "msgpack":
         return MsgpackCodec()

@@ -87,10 +87,9 @@ class Distributor:
                 "locks at fork time; use 'forkserver' (default) or 'spawn'"
             )
         if start_method not in START_METHODS:
-            raise ValueError(
-                f"start_method must be 'forkserver' or 'spawn', got {start_method!r}"
-            )
+            raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {start_method!r}")
         self.codec = get_codec(codec)
+        self.codec_blob = pickle.dumps(self.codec, protocol=pickle.HIGHEST_PROTOCOL)
         self.start_method = start_method
         self.mp_context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
@@ -111,7 +110,9 @@ class Distributor:
         self.pump: Any = Pump()
         self._pump_thread: threading.Thread | None = None
         self.supervisor = Supervisor(self)
-        self._finalizer = weakref.finalize(self, Distributor._emergency_stop, self._cleanup_state())
+        self._finalizer = weakref.finalize(
+            self, Distributor._emergency_stop, self._cleanup_state()
+        )
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -231,7 +232,9 @@ class Distributor:
         requested = _check_period("resync_period", resync_period, allow_none=True)
         if max_pending_bytes is not None:
             if isinstance(max_pending_bytes, bool) or not isinstance(max_pending_bytes, int):
-                raise TypeError(f"max_pending_bytes must be an int or None, not {max_pending_bytes!r}")
+                raise TypeError(
+                    f"max_pending_bytes must be an int or None, not {max_pending_bytes!r}"
+                )
             if max_pending_bytes <= 0:
                 raise ValueError(f"max_pending_bytes must be > 0, got {max_pending_bytes}")
         if overflow not in OVERFLOW_POLICIES:
@@ -267,7 +270,11 @@ class Distributor:
             for opt, value, why in (
                 ("workers", workers != 1, "a thread listener runs one thread"),
                 ("handler_timeout", timeout is not None, "a thread cannot be stopped"),
-                ("max_pending_bytes", max_pending_bytes is not None, "it passes objects, not bytes"),
+                (
+                    "max_pending_bytes",
+                    max_pending_bytes is not None,
+                    "it passes objects, not bytes",
+                ),
             ):
                 if value:
                     raise ValueError(

@@ -103,7 +103,9 @@ class Registration:
         return f"<Registration {self.name!r} {self.executor} workers={self.workers} {state}>"
 
     def __reduce__(self) -> Any:
-        raise TypeError("a Registration belongs to its Distributor's process; it cannot be pickled")
+        raise TypeError(
+            "a Registration belongs to its Distributor's process; it cannot be pickled"
+        )
 
     # -- sync ------------------------------------------------------------------------
 
@@ -113,17 +115,42 @@ class Registration:
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         """Block until ``has_synced()`` (True) or ``timeout`` seconds passed (False)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = 0.0005
-        while not self.has_synced():
-            if deadline is not None and time.monotonic() >= deadline:
-                return False
-            time.sleep(delay)
-            delay = min(delay * 2, 0.01)
-        return True
+        return _poll(self.has_synced, timeout)
 
     def _initial_done(self) -> bool:
         raise NotImplementedError
+
+    def ready(self) -> bool:
+        """Tell whether every worker (or the thread) has started and can handle."""
+        raise NotImplementedError
+
+    def wait_ready(self, timeout: float | None = None) -> bool:
+        """Block until ``ready()`` (True) or ``timeout`` seconds passed (False)."""
+        return _poll(self.ready, timeout)
+
+    def latency_histogram(self) -> list[int]:
+        """Counts per latency bucket (``fanout.stats.bucket_of``), all workers summed."""
+        raise NotImplementedError
+
+    def counters(self) -> dict[str, int]:
+        """The executor-specific part of ``stats()``."""
+        raise NotImplementedError
+
+    def stats(self) -> ListenerStats:
+        """Return a snapshot of this listener's counters."""
+        hist = self.latency_histogram()
+        return ListenerStats(
+            name=self.name,
+            executor=self.executor,
+            workers=self.workers,
+            dropped=self.dropped,
+            dead_lettered=self.dead_lettered,
+            restarts=self.restarts,
+            latency_p50=percentile(hist, 0.5),
+            latency_p99=percentile(hist, 0.99),
+            latency_max=percentile(hist, 1.0),
+            **self.counters(),
+        )
 
     # -- reporting (called outside the distributor's lock) ---------------------------
 
@@ -146,6 +173,18 @@ class Registration:
             log.exception("listener %r: callback %r raised", self.name, func)
 
 
+def _poll(predicate: Callable[[], bool], timeout: float | None) -> bool:
+    """Poll ``predicate`` with a growing nap until true or ``timeout`` passed."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.0005
+    while not predicate():
+        if deadline is not None and time.monotonic() >= deadline:
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.01)
+    return True
+
+
 class ProcessListener(Registration):
     """A listener whose handler runs in ``workers`` processes, one lane each."""
 
@@ -164,12 +203,19 @@ class ProcessListener(Registration):
         self.shm = mmap.mmap(self.memfd, size)
         self.slots = np.frombuffer(self.shm, dtype=np.uint64).reshape(self.workers, SLOT_WORDS)
         normal = RING_INITIAL_BYTES
-        if self.max_pending_bytes is not None:
-            normal = min(normal, self.max_pending_bytes)
+        bound = self.max_pending_bytes
+        if bound is not None:
+            normal = min(normal, bound)
+        # drop_oldest can only drop frames not yet written to the pipe: keep half
+        # the bound for them by capping what is in flight.
+        inflight = (
+            max(1, bound // 2) if bound is not None and self.overflow == "drop_oldest" else None
+        )
         self.lanes = [
-            Lane(self, i, FrameRing(normal, normal, self.max_pending_bytes))
-            for i in range(self.workers)
+            Lane(self, i, FrameRing(normal, normal, bound, inflight)) for i in range(self.workers)
         ]
+        for lane in self.lanes:  # the pump frees what the worker finished
+            lane.ring.set_ack_source(self.slots[lane.index], DONE)
 
     # -- producer side ---------------------------------------------------------------
 
@@ -296,6 +342,7 @@ class ProcessListener(Registration):
         self.slots = self.slots.copy()
         for lane in self.lanes:
             lane.slot = self.slots[lane.index]
+            lane.ring.set_ack_source(None)
         try:
             self.shm.close()
         except BufferError:  # a concurrent stats() still holds a view; GC frees it
@@ -317,32 +364,29 @@ class ProcessListener(Registration):
                     return False
         return True
 
-    def stats(self) -> ListenerStats:
-        """Return a snapshot of this listener's counters."""
+    def counters(self) -> dict[str, int]:
+        """Pending frames and bytes, handled and failed calls, across lanes."""
         pending = pending_bytes = capacity = 0
         for lane in self.lanes:
             lane.ack()
             pending += len(lane.ring)
             pending_bytes += lane.ring.nbytes
             capacity += lane.ring.capacity
-        slots = self.slots.copy()
-        hist = slots[:, HIST : HIST + NBUCKETS].sum(axis=0).tolist()
-        return ListenerStats(
-            name=self.name,
-            executor=self.executor,
-            workers=self.workers,
-            pending=pending,
-            pending_bytes=pending_bytes,
-            capacity_bytes=capacity,
-            delivered=int(slots[:, HANDLED].sum()),
-            errors=int(slots[:, ERRORS].sum()),
-            dropped=self.dropped,
-            dead_lettered=self.dead_lettered,
-            restarts=self.restarts,
-            latency_p50=percentile(hist, 0.5),
-            latency_p99=percentile(hist, 0.99),
-            latency_max=percentile(hist, 1.0),
-        )
+        return {
+            "pending": pending,
+            "pending_bytes": pending_bytes,
+            "capacity_bytes": capacity,
+            "delivered": int(self.slots[:, HANDLED].sum()),
+            "errors": int(self.slots[:, ERRORS].sum()),
+        }
+
+    def ready(self) -> bool:
+        """Tell whether every worker has started and can handle."""
+        return all(lane.ready and lane.proc is not None for lane in self.lanes)
+
+    def latency_histogram(self) -> list[int]:
+        """Counts per latency bucket (``fanout.stats.bucket_of``), all workers summed."""
+        return [int(x) for x in self.slots[:, HIST : HIST + NBUCKETS].sum(axis=0)]
 
     def worker_pids(self) -> list[int]:
         """Return the pids of the running workers."""
@@ -366,6 +410,7 @@ class Lane:
         self.rfd = -1  # return pipe, parent's (read) end, non-blocking
         self.rbuf = bytearray()
         self.ready = False
+        self.fatal = False  # the worker reported a start-up or frame failure
         self.closing = False
         self.appends = 0
         self.initial_seq = 0
@@ -406,7 +451,7 @@ class Lane:
                 lane=self.index,
                 handler_blob=listener.handler_blob,
                 is_factory=listener.is_factory,
-                codec=dist.codec,
+                codec_blob=dist.codec_blob,
                 slot_offset=self.index * SLOT_BYTES,
             )
             proc = dist.mp_context.Process(
@@ -428,6 +473,7 @@ class Lane:
         self.proc, self.wfd, self.rfd = proc, w, rr
         self.rbuf = bytearray()
         self.ready = False
+        self.fatal = False
         self.kill_reason = None
         self.kill_at = 0.0
         self.respawn_at = 0.0
@@ -491,9 +537,7 @@ class ThreadListener(Registration):
 
     def start(self) -> None:
         """Start the thread."""
-        self.thread = threading.Thread(
-            target=self._run, name=f"fanout-{self.name}", daemon=True
-        )
+        self.thread = threading.Thread(target=self._run, name=f"fanout-{self.name}", daemon=True)
         self.thread.start()
 
     def close(self, drain: bool = False) -> None:
@@ -519,6 +563,14 @@ class ThreadListener(Registration):
 
     def _initial_done(self) -> bool:
         return self.initial_left <= 0
+
+    def ready(self) -> bool:
+        """Tell whether the thread has started."""
+        return self.thread is not None and self.thread.is_alive()
+
+    def latency_histogram(self) -> list[int]:
+        """Counts per latency bucket (``fanout.stats.bucket_of``)."""
+        return list(self.hist)
 
     def _run(self) -> None:
         ring, cond, handler = self.ring, self.cond, self.handler
@@ -558,22 +610,12 @@ class ThreadListener(Registration):
                 self.delivered += 1
                 self.busy -= 1
 
-    def stats(self) -> ListenerStats:
-        """Return a snapshot of this listener's counters."""
-        hist = list(self.hist)
-        return ListenerStats(
-            name=self.name,
-            executor=self.executor,
-            workers=1,
-            pending=len(self.ring) + max(0, self.busy),
-            pending_bytes=0,
-            capacity_bytes=0,
-            delivered=self.delivered,
-            errors=self.errors,
-            dropped=self.dropped,
-            dead_lettered=0,
-            restarts=0,
-            latency_p50=percentile(hist, 0.5),
-            latency_p99=percentile(hist, 0.99),
-            latency_max=percentile(hist, 1.0),
-        )
+    def counters(self) -> dict[str, int]:
+        """Pending items, handled and failed calls (no bytes: objects are passed)."""
+        return {
+            "pending": len(self.ring) + max(0, self.busy),
+            "pending_bytes": 0,
+            "capacity_bytes": 0,
+            "delivered": self.delivered,
+            "errors": self.errors,
+        }

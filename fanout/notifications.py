@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 __all__ = ["Add", "Delete", "Notification", "Update"]
 
@@ -31,5 +31,5 @@ class Delete:
     obj: Any
 
 
-Notification = Union[Add, Update, Delete]
+Notification = Add | Update | Delete
 NOTIFICATION_TYPES = (Add, Update, Delete)

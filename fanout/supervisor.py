@@ -39,8 +39,8 @@ FIRST_BACKOFF = 0.1
 ACK_TICK = 0.1  # how often held frames are released when nothing else happens
 
 
-def describe_exit(code: int | None) -> str:
-    """Say how a worker ended, from its exit code."""
+def describe_exit(code: int | None, fatal: bool = False) -> str:
+    """Say how a worker ended, from its exit code (``fatal``: it said why first)."""
     if code is None:
         return "worker vanished"
     if code < 0:
@@ -48,9 +48,11 @@ def describe_exit(code: int | None) -> str:
             return f"worker killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"worker killed by signal {-code}"
-    if code == EXIT_START_FAILED:
+    # A handler may exit with any code: trust fanout's own codes only when the
+    # worker announced them on its return pipe.
+    if fatal and code == EXIT_START_FAILED:
         return "worker could not build its handler"
-    if code == EXIT_BAD_FRAME:
+    if fatal and code == EXIT_BAD_FRAME:
         return "worker received a frame it could not decode"
     return f"worker exited with code {code}"
 
@@ -197,6 +199,7 @@ class Supervisor(threading.Thread):
             text = str(msg.get("text", ""))
             calls.append(lambda: listener.report_error(n, text))
         elif kind == "fatal":
+            lane.fatal = True
             text = str(msg.get("text", ""))
             calls.append(lambda: listener.report_error(None, text))
         else:
@@ -207,7 +210,10 @@ class Supervisor(threading.Thread):
     def _garbage(self, lane: Lane, what: str, calls: list[Callable[[], None]]) -> None:
         listener = lane.listener
         pid = lane.proc.pid if lane.proc is not None else None
-        text = f"worker {pid} of listener {listener.name!r} sent {what} on its return pipe; restarting it"
+        text = (
+            f"worker {pid} of listener {listener.name!r} sent {what} on its return pipe; "
+            f"restarting it"
+        )
         calls.append(lambda: listener.report_error(None, text))
         if lane.rfd >= 0:
             os.close(lane.rfd)
@@ -235,7 +241,7 @@ class Supervisor(threading.Thread):
         if lane.closing or self.dist.stopping:
             lane.exited.set()
             return
-        reason = lane.kill_reason or describe_exit(code)
+        reason = lane.kill_reason or describe_exit(code, lane.fatal)
         ring, slot = lane.ring, lane.slot
         started, done = int(slot[STARTED]), int(slot[DONE])
         if done > ring.acked_seq:
@@ -247,7 +253,10 @@ class Supervisor(threading.Thread):
                 ring.ack(started)
                 lane.attempts.pop(started, None)
                 listener.dead_lettered += 1
-                why = f"{reason} while handling it, {attempts} times (max_attempts={listener.max_attempts})"
+                why = (
+                    f"{reason} while handling it, {attempts} times "
+                    f"(max_attempts={listener.max_attempts})"
+                )
                 calls.append(self._dead_letter_call(listener, payload, why))
             else:
                 lane.attempts[started] = attempts
@@ -255,7 +264,9 @@ class Supervisor(threading.Thread):
             del lane.attempts[seq]
         listener.restarts += 1
         if lane.ready:
-            log.warning("listener %r lane %d: %s; restarting it", listener.name, lane.index, reason)
+            log.warning(
+                "listener %r lane %d: %s; restarting it", listener.name, lane.index, reason
+            )
             lane.backoff = 0.0
             self._respawn(lane, calls)
         else:

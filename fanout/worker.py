@@ -24,6 +24,7 @@ import msgpack
 
 from fanout._ring_common import HEADER, HEADER_SIZE
 from fanout.codec import ADD, DELETE, UPDATE, Codec
+from fanout.errors import BadFrame
 from fanout.handlers import build_handler
 from fanout.stats import (
     DONE,
@@ -38,7 +39,7 @@ from fanout.stats import (
     bucket_of,
 )
 
-__all__ = ["FdArg", "WorkerSpec", "worker_main"]
+__all__ = ["FdArg", "WorkerSpec", "serve_py", "worker_main"]
 
 RETURN_HEADER = struct.Struct("<I")
 MAX_RETURN_MESSAGE = 16 * 1024 * 1024
@@ -57,7 +58,7 @@ class WorkerSpec:
     lane: int
     handler_blob: bytes
     is_factory: bool
-    codec: Codec
+    codec_blob: bytes
     slot_offset: int
 
 
@@ -94,6 +95,8 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
     slot = memoryview(shm)[spec.slot_offset : spec.slot_offset + SLOT_BYTES].cast("Q")
     slot[PID] = os.getpid()
     try:
+        # Unpickled here, not by multiprocessing, so a failure is reported.
+        codec: Codec = pickle.loads(spec.codec_blob)
         handler = build_handler(pickle.loads(spec.handler_blob), spec.is_factory)
     except BaseException:
         send_message(
@@ -106,10 +109,17 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
         )
         os._exit(EXIT_START_FAILED)
     send_message(ret_fd, {"t": "ready", "pid": os.getpid()})
+    from fanout._impl import serve  # the native loop unless FANOUT_NO_EXTENSIONS
+
+    def on_error(seq: int, payload: bytes) -> None:
+        # Called inside the handler's except block: format_exc sees its error.
+        text = traceback.format_exc()
+        send_message(ret_fd, {"t": "error", "seq": seq, "text": text, "payload": payload})
+
     try:
-        _serve(spec, handler, data_fd, ret_fd, slot)
-    except _BadFrame as exc:
-        send_message(ret_fd, {"t": "fatal", "text": str(exc)})
+        serve(data_fd, slot, codec.unpack, handler, on_error)
+    except BadFrame as exc:
+        send_message(ret_fd, {"t": "fatal", "text": f"lane {spec.lane}: {exc}"})
         os._exit(EXIT_BAD_FRAME)
     # Everything was handled (EOF) or the parent asked to stop: leave at once,
     # without running handlers' atexit hooks twice or flushing inherited buffers.
@@ -118,13 +128,11 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
     os._exit(0)
 
 
-class _BadFrame(Exception):
-    pass
+def serve_py(fd: int, slot: memoryview, unpack: Any, handler: Any, on_error: Any) -> None:
+    """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
 
-
-def _serve(spec: WorkerSpec, handler: Any, fd: int, ret_fd: int, slot: memoryview) -> None:
-    """Read frames until EOF or STOP, calling the handler for each."""
-    unpack = spec.codec.unpack
+    Pure-Python twin of ``fanout._worker.serve``.
+    """
     on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
     unpack_header = HEADER.unpack_from
     monotonic_ns = time.monotonic_ns
@@ -134,7 +142,6 @@ def _serve(spec: WorkerSpec, handler: Any, fd: int, ret_fd: int, slot: memoryvie
         if not chunk:
             return
         data = leftover + chunk if leftover else chunk
-        view = memoryview(data)
         end = len(data)
         pos = 0
         while end - pos >= HEADER_SIZE:
@@ -144,12 +151,12 @@ def _serve(spec: WorkerSpec, handler: Any, fd: int, ret_fd: int, slot: memoryvie
                 break
             if slot[STOP]:
                 return
-            payload = view[pos + HEADER_SIZE : stop]
+            payload = data[pos + HEADER_SIZE : stop]
             pos = stop
             try:
                 kind, t_ns, a, b = unpack(payload)
             except Exception as exc:
-                raise _BadFrame(f"frame {seq} of lane {spec.lane} cannot be decoded: {exc}")
+                raise BadFrame(f"frame {seq} cannot be decoded: {exc!r}") from exc
             now = monotonic_ns()
             slot[START_NS] = now
             slot[STARTED] = seq
@@ -165,15 +172,7 @@ def _serve(spec: WorkerSpec, handler: Any, fd: int, ret_fd: int, slot: memoryvie
                     raise ValueError(f"unknown notification kind {kind!r}")
             except Exception:
                 slot[ERRORS] += 1
-                send_message(
-                    ret_fd,
-                    {
-                        "t": "error",
-                        "seq": seq,
-                        "text": traceback.format_exc(),
-                        "payload": bytes(payload),
-                    },
-                )
+                on_error(seq, payload)
             slot[HANDLED] += 1
             slot[START_NS] = 0
             slot[DONE] = seq

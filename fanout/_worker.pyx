@@ -1,0 +1,135 @@
+# The worker's hot loop in native code: twin of fanout/worker.py `serve_py`.
+#
+# Reads big chunks from the data pipe without the GIL, splits frames in C,
+# writes progress words straight into the shared-memory slot, and calls the
+# codec and the handler through Python only for what must be Python.
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport int64_t, uint64_t
+from libc.string cimport memmove
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+from posix.unistd cimport read
+
+from fanout.errors import BadFrame
+from fanout.stats import (
+    DONE as _DONE,
+    ERRORS as _ERRORS,
+    HANDLED as _HANDLED,
+    HIST as _HIST,
+    NBUCKETS as _NBUCKETS,
+    START_NS as _START_NS,
+    STARTED as _STARTED,
+    STOP as _STOP,
+)
+
+NATIVE = True
+
+cdef Py_ssize_t STARTED = _STARTED, DONE = _DONE, START_NS = _START_NS
+cdef Py_ssize_t HANDLED = _HANDLED, ERRORS = _ERRORS, STOP = _STOP
+cdef Py_ssize_t HIST = _HIST, NBUCKETS = _NBUCKETS
+
+cdef enum:
+    HDR = 12
+    ADD = 0
+    UPDATE = 1
+    DELETE = 2
+
+
+cdef inline uint64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)  # the clock of time.monotonic_ns()
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
+cdef inline Py_ssize_t _bucket(int64_t ns) noexcept nogil:
+    # Same as fanout.stats.bucket_of: 4 buckets per power of two.
+    cdef int bits
+    cdef Py_ssize_t i
+    if ns <= 0:
+        return 0
+    bits = 64 - __builtin_clzll(<unsigned long long>ns)
+    i = 4 * (bits - 1) + (((ns >> (bits - 3)) & 3) if bits >= 3 else 0)
+    return i if i < NBUCKETS else NBUCKETS - 1
+
+
+cdef extern from *:
+    int __builtin_clzll(unsigned long long) nogil
+
+
+def serve(int fd, slot_view, unpack, handler, on_error, Py_ssize_t chunk=1 << 20):
+    """Handle frames from ``fd`` until EOF or the slot's STOP word is set."""
+    cdef uint64_t[::1] slot = slot_view
+    cdef unsigned char* buf = <unsigned char*>PyMem_RawMalloc(chunk)
+    cdef unsigned char* grown
+    cdef Py_ssize_t cap = chunk, have = 0, pos, n, length, i
+    cdef uint64_t seq, now
+    cdef int64_t t_ns
+    cdef int kind
+    if buf == NULL:
+        raise MemoryError()
+    on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
+    try:
+        while True:
+            with nogil:  # buf is ours alone; read() blocks until the pump writes
+                n = read(fd, buf + have, cap - have)
+                while n < 0 and errno == EINTR:
+                    n = read(fd, buf + have, cap - have)
+            if n < 0:
+                raise OSError(errno, "read from the data pipe failed")
+            if n == 0:
+                return
+            have += n
+            pos = 0
+            while have - pos >= HDR:
+                length = 0
+                seq = 0
+                for i in range(4):
+                    length |= (<Py_ssize_t>buf[pos + i]) << (8 * i)
+                for i in range(8):
+                    seq |= (<uint64_t>buf[pos + 4 + i]) << (8 * i)
+                if HDR + length > cap:  # a frame larger than the buffer: grow it
+                    memmove(buf, buf + pos, have - pos)
+                    have -= pos
+                    pos = 0
+                    grown = <unsigned char*>PyMem_RawRealloc(buf, HDR + length)
+                    if grown == NULL:
+                        raise MemoryError()
+                    buf = grown
+                    cap = HDR + length
+                    break
+                if have - pos < HDR + length:
+                    break
+                if slot[STOP]:
+                    return
+                payload = PyBytes_FromStringAndSize(<char*>buf + pos + HDR, length)
+                pos += HDR + length
+                try:
+                    kind, t_ns, a, b = unpack(payload)
+                except Exception as exc:
+                    raise BadFrame(f"frame {seq} cannot be decoded: {exc!r}") from exc
+                now = _now_ns()
+                slot[START_NS] = now
+                slot[STARTED] = seq
+                slot[HIST + _bucket(<int64_t>(now - <uint64_t>t_ns))] += 1
+                try:
+                    if kind == UPDATE:
+                        on_update(a, b)
+                    elif kind == ADD:
+                        on_add(a, bool(b))
+                    elif kind == DELETE:
+                        on_delete(a)
+                    else:
+                        raise ValueError(f"unknown notification kind {kind!r}")
+                except Exception:
+                    slot[ERRORS] += 1
+                    on_error(seq, payload)
+                slot[HANDLED] += 1
+                slot[START_NS] = 0
+                slot[DONE] = seq
+            if pos:
+                memmove(buf, buf + pos, have - pos)
+                have -= pos
+    finally:
+        PyMem_RawFree(buf)

@@ -1,0 +1,620 @@
+"""Contenders: one session class per fan-out mechanism, all driven the same way.
+
+A session has ``L`` listeners with ``W`` consumers each; ``start()`` spawns them
+and waits until they are ready (start-up is not measured), ``send(old, new)``
+fans one update out, ``flush()`` pushes out what a batching contender holds,
+``finish(timeout)`` closes the inputs, waits for every consumer to handle
+everything and returns per-consumer ``{"count", "hist"}`` (handler calls and a
+latency histogram, distribute -> handler start, in fanout's buckets), and
+``close()`` kills whatever is left. Consumers run the same handler: optional
+gate (a stalled listener waits for a file), then ``work_us`` of pure Python.
+"""
+
+from __future__ import annotations
+
+import collections
+import multiprocessing
+import os
+import shutil
+import tempfile
+import threading
+import time
+from typing import Any
+
+import msgpack
+
+import fanout
+from fanout.bench.payloads import spin
+from fanout.stats import NBUCKETS, bucket_of
+from fanout.worker import FdArg
+
+__all__ = ["CONTENDERS", "BenchHandler"]
+
+BATCH = 64  # notifications a batching baseline holds before writing
+
+
+class BenchHandler(fanout.Handler):
+    """fanout's side of the common handler: wait for the gate, then spin."""
+
+    def __init__(self, work_us: float, gate: str | None = None) -> None:
+        self.work_us = work_us
+        self.gate = gate
+
+    def on_update(self, old: Any, new: Any) -> None:
+        if self.gate is not None:
+            while not os.path.exists(self.gate):
+                time.sleep(0.002)
+            self.gate = None
+        spin(self.work_us)
+
+
+class _Tally:
+    """The baselines' side of the common handler, with latency bookkeeping."""
+
+    def __init__(self, work_us: float, gate: str | None) -> None:
+        self.handler = BenchHandler(work_us, gate)
+        self.count = 0
+        self.hist = [0] * NBUCKETS
+
+    def handle(self, t_ns: int, old: Any, new: Any) -> None:
+        self.hist[bucket_of(time.monotonic_ns() - t_ns)] += 1
+        self.handler.on_update(old, new)
+        self.count += 1
+
+    def report(self, fd: int) -> None:
+        data = msgpack.packb({"count": self.count, "hist": self.hist})
+        while data:
+            data = data[os.write(fd, data) :]
+        os.close(fd)
+
+
+def _ready(fd: int) -> None:
+    os.write(fd, b"R")
+
+
+def _read_result(fd: int, timeout: float) -> dict[str, Any]:
+    """Read a consumer's result (after its ready byte) from a blocking pipe."""
+    import select
+
+    chunks = []
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            raise TimeoutError("a consumer did not report in time")
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(fd)
+    return msgpack.unpackb(b"".join(chunks), raw=False)  # type: ignore[no-any-return]
+
+
+class _ProcessSession:
+    """Shared plumbing of contenders whose consumers are processes."""
+
+    name = "?"
+    kind = "process"
+
+    def __init__(
+        self,
+        listeners: int,
+        workers: int,
+        work_us: float,
+        gate: str | None,
+        stalled: frozenset[int] = frozenset(),
+    ) -> None:
+        self.L, self.W, self.work_us, self.gate, self.stalled = (
+            listeners,
+            workers,
+            work_us,
+            gate,
+            stalled,
+        )
+        self.ctx = multiprocessing.get_context("forkserver")
+        self.procs: list[Any] = []
+        self.result_fds: list[int] = []
+
+    def _spawn(self, target: Any, listener: int, *args: Any) -> None:
+        r, w = os.pipe()
+        gate = self.gate if listener in self.stalled else None
+        p = self.ctx.Process(
+            target=target, args=(*args, FdArg(w), self.work_us, gate), daemon=True
+        )
+        p.start()
+        os.close(w)
+        self.procs.append(p)
+        self.result_fds.append(r)
+
+    def _wait_ready(self, timeout: float = 60.0) -> None:
+        for fd in self.result_fds:
+            import select
+
+            if not select.select([fd], [], [], timeout)[0] or os.read(fd, 1) != b"R":
+                raise RuntimeError(f"{self.name}: a consumer failed to start")
+
+    def _lane(self, new: Any) -> int:
+        if self.W == 1:
+            return 0
+        return hash(new["metadata"]["name"]) % self.W
+
+    def _collect(self, timeout: float) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        results = [
+            _read_result(fd, max(0.1, deadline - time.monotonic())) for fd in self.result_fds
+        ]
+        self.result_fds = []
+        for p in self.procs:
+            p.join(max(0.1, deadline - time.monotonic()))
+        return results
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+            p.close()
+        self.procs = []
+        for fd in self.result_fds:
+            os.close(fd)
+        self.result_fds = []
+
+    def flush(self) -> None:
+        pass
+
+    def buffered_bytes(self) -> int | None:
+        return None
+
+
+# -- fanout -------------------------------------------------------------------------------
+
+
+class FanoutProcess:
+    """fanout, process listeners, msgpack codec (the default)."""
+
+    name = "fanout-process"
+    kind = "process"
+    codec = "msgpack"
+    executor = "process"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None
+
+    def __init__(
+        self,
+        listeners: int,
+        workers: int,
+        work_us: float,
+        gate: str | None,
+        stalled: frozenset[int] = frozenset(),
+    ) -> None:
+        self.d = fanout.Distributor(codec=self.codec)
+        self.regs = [
+            self.d.add_listener(
+                BenchHandler(work_us, gate if i in stalled else None),
+                name=f"bench-{i}",
+                workers=workers if self.executor == "process" else 1,
+                executor=self.executor,
+            )
+            for i in range(listeners)
+        ]
+        self.stalled = stalled
+
+    def start(self) -> None:
+        self.d.start()
+        for reg in self.regs:
+            if not reg.wait_ready(60):
+                raise RuntimeError(f"{self.name}: workers did not start")
+
+    def send(self, old: Any, new: Any) -> None:
+        self.d.distribute(fanout.Update(old, new))
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self, timeout: float) -> list[dict[str, Any]]:
+        if not self.d.stop(drain=True, timeout=timeout):
+            raise TimeoutError(f"{self.name}: not drained in {timeout} s")
+        out = []
+        for reg in self.regs:
+            s = reg.stats()
+            out.append({"count": s.delivered, "hist": reg.latency_histogram()})
+        return out
+
+    def buffered_bytes(self) -> int | None:
+        return sum(reg.stats().pending_bytes for reg in self.regs)
+
+    def close(self) -> None:
+        self.d.stop(drain=False)
+
+
+class FanoutMsgspec(FanoutProcess):
+    """fanout, process listeners, msgspec codec."""
+
+    name = "fanout-msgspec"
+    codec = "msgspec"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import msgspec  # noqa: F401
+        except ImportError:
+            return "msgspec not installed (pip install msgspec)"
+        return None
+
+
+class FanoutThread(FanoutProcess):
+    """fanout, thread listeners (objects passed in process, no isolation)."""
+
+    name = "fanout-thread"
+    kind = "thread"
+    executor = "thread"
+
+
+# -- hand-written pipe baseline -------------------------------------------------------------
+
+
+def _pipe_consumer(fd: int, result: int, work_us: float, gate: str | None) -> None:
+    tally = _Tally(work_us, gate)
+    _ready(result)
+    unpacker = msgpack.Unpacker(raw=False)
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            break
+        unpacker.feed(chunk)
+        for t_ns, old, new in unpacker:
+            tally.handle(t_ns, old, new)
+    tally.report(result)
+
+
+class PipeBaseline(_ProcessSession):
+    """Encode once with msgpack, write batched frames to one pipe per consumer."""
+
+    name = "pipe+msgpack"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None
+
+    def start(self) -> None:
+        self.fds: list[list[int]] = []
+        self.bufs: list[list[list[bytes]]] = []
+        for i in range(self.L):
+            row = []
+            for _ in range(self.W):
+                r, w = os.pipe()
+                self._spawn(_pipe_consumer, i, FdArg(r))
+                os.close(r)
+                row.append(w)
+            self.fds.append(row)
+            self.bufs.append([[] for _ in range(self.W)])
+        self._wait_ready()
+        self.pending = 0
+
+    def send(self, old: Any, new: Any) -> None:
+        data = msgpack.packb([time.monotonic_ns(), old, new])
+        lane = self._lane(new)
+        for bufs in self.bufs:
+            bufs[lane].append(data)
+        self.pending += 1
+        if self.pending >= BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        for fds, bufs in zip(self.fds, self.bufs, strict=True):
+            for lane, buf in enumerate(bufs):
+                if buf:
+                    data = memoryview(b"".join(buf))
+                    while data:
+                        data = data[os.write(fds[lane], data) :]
+                    buf.clear()
+        self.pending = 0
+
+    def finish(self, timeout: float) -> list[dict[str, Any]]:
+        self.flush()
+        for row in self.fds:
+            for fd in row:
+                os.close(fd)
+        self.fds = []
+        return self._collect(timeout)
+
+    def close(self) -> None:
+        for row in getattr(self, "fds", []):
+            for fd in row:
+                os.close(fd)
+        self.fds = []
+        super().close()
+
+
+# -- multiprocessing.Queue ------------------------------------------------------------------
+
+
+def _queue_consumer(q: Any, result: int, work_us: float, gate: str | None) -> None:
+    tally = _Tally(work_us, gate)
+    _ready(result)
+    while True:
+        item = q.get()
+        if item is None:
+            break
+        tally.handle(*item)
+    tally.report(result)
+
+
+class MpQueue(_ProcessSession):
+    """One ``multiprocessing.Queue`` per consumer (pickles each put)."""
+
+    name = "mp.Queue"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None
+
+    def start(self) -> None:
+        self.queues = []
+        for i in range(self.L):
+            row = [self.ctx.Queue() for _ in range(self.W)]
+            for q in row:
+                self._spawn(_queue_consumer, i, q)
+            self.queues.append(row)
+        self._wait_ready()
+
+    def send(self, old: Any, new: Any) -> None:
+        item = (time.monotonic_ns(), old, new)
+        lane = self._lane(new)
+        for row in self.queues:
+            row[lane].put(item)
+
+    def finish(self, timeout: float) -> list[dict[str, Any]]:
+        for row in self.queues:
+            for q in row:
+                q.put(None)
+        results = self._collect(timeout)
+        self._close_queues()
+        return results
+
+    def _close_queues(self) -> None:
+        for row in getattr(self, "queues", []):
+            for q in row:
+                q.cancel_join_thread()
+                q.close()
+        self.queues = []
+
+    def close(self) -> None:
+        super().close()
+        self._close_queues()
+
+
+# -- faster-fifo ----------------------------------------------------------------------------
+
+
+def _ff_consumer(q: Any, result: int, work_us: float, gate: str | None) -> None:
+    tally = _Tally(work_us, gate)
+    _ready(result)
+    while True:
+        for item in q.get_many(timeout=1e9, max_messages_to_get=1024):
+            if item is None:
+                tally.report(result)
+                return
+            tally.handle(*item)
+
+
+class FasterFifo(_ProcessSession):
+    """One faster-fifo queue per consumer, ``put_many`` in batches."""
+
+    name = "faster-fifo"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import faster_fifo  # noqa: F401
+        except ImportError:
+            return "faster-fifo not installed (pip install faster-fifo)"
+        return None
+
+    def start(self) -> None:
+        import faster_fifo
+
+        self.queues = []
+        for i in range(self.L):
+            row = [faster_fifo.Queue(max_size_bytes=64 << 20) for _ in range(self.W)]
+            for q in row:
+                self._spawn(_ff_consumer, i, q)
+            self.queues.append(row)
+        self.bufs = [[[] for _ in range(self.W)] for _ in range(self.L)]
+        self.pending = 0
+        self._wait_ready()
+
+    def send(self, old: Any, new: Any) -> None:
+        item = (time.monotonic_ns(), old, new)
+        lane = self._lane(new)
+        for bufs in self.bufs:
+            bufs[lane].append(item)
+        self.pending += 1
+        if self.pending >= BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        for row, bufs in zip(self.queues, self.bufs, strict=True):
+            for q, buf in zip(row, bufs, strict=True):
+                if buf:
+                    q.put_many(buf, timeout=1e9)
+                    buf.clear()
+        self.pending = 0
+
+    def finish(self, timeout: float) -> list[dict[str, Any]]:
+        self.flush()
+        for row in self.queues:
+            for q in row:
+                q.put(None, timeout=1e9)
+        return self._collect(timeout)
+
+
+# -- pyzmq ----------------------------------------------------------------------------------
+
+
+def _zmq_consumer(addr: str, result: int, work_us: float, gate: str | None) -> None:
+    import zmq
+
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.connect(addr)
+    tally = _Tally(work_us, gate)
+    _ready(result)
+    unpackb = msgpack.unpackb
+    while True:
+        data = sock.recv()
+        if not data:
+            break
+        t_ns, old, new = unpackb(data, raw=False)
+        tally.handle(t_ns, old, new)
+    sock.close(0)
+    ctx.term()
+    tally.report(result)
+
+
+class Zmq(_ProcessSession):
+    """pyzmq PUSH/PULL over ipc://, one socket per consumer, encode once."""
+
+    name = "pyzmq"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        try:
+            import zmq  # noqa: F401
+        except ImportError:
+            return "pyzmq not installed (pip install pyzmq)"
+        return None
+
+    def start(self) -> None:
+        import zmq
+
+        self.tmp = tempfile.mkdtemp(prefix="fanout-bench-zmq-")
+        self.zctx = zmq.Context()
+        self.socks = []
+        for i in range(self.L):
+            row = []
+            for j in range(self.W):
+                sock = self.zctx.socket(zmq.PUSH)
+                addr = f"ipc://{self.tmp}/{i}-{j}"
+                sock.bind(addr)
+                self._spawn(_zmq_consumer, i, addr)
+                row.append(sock)
+            self.socks.append(row)
+        self._wait_ready()
+
+    def send(self, old: Any, new: Any) -> None:
+        data = msgpack.packb([time.monotonic_ns(), old, new])
+        lane = self._lane(new)
+        for row in self.socks:
+            row[lane].send(data, copy=False)
+
+    def finish(self, timeout: float) -> list[dict[str, Any]]:
+        for row in self.socks:
+            for sock in row:
+                sock.send(b"")
+        results = self._collect(timeout)
+        self._close_zmq()
+        return results
+
+    def _close_zmq(self) -> None:
+        for row in getattr(self, "socks", []):
+            for sock in row:
+                sock.close(0)
+        self.socks = []
+        if hasattr(self, "zctx"):
+            self.zctx.term()
+            del self.zctx
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def close(self) -> None:
+        super().close()
+        self._close_zmq()
+
+
+# -- thread + deque -------------------------------------------------------------------------
+
+
+class ThreadDeque:
+    """Hand-written in-process listener: a thread, a deque and a Condition each."""
+
+    name = "thread+deque"
+    kind = "thread"
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        return None
+
+    def __init__(
+        self,
+        listeners: int,
+        workers: int,
+        work_us: float,
+        gate: str | None,
+        stalled: frozenset[int] = frozenset(),
+    ) -> None:
+        self.tallies = [_Tally(work_us, gate if i in stalled else None) for i in range(listeners)]
+        self.queues: list[collections.deque[Any]] = [collections.deque() for _ in range(listeners)]
+        self.conds = [threading.Condition() for _ in range(listeners)]
+        self.threads = [
+            threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(listeners)
+        ]
+
+    def _run(self, i: int) -> None:
+        q, cond, tally = self.queues[i], self.conds[i], self.tallies[i]
+        while True:
+            with cond:
+                while not q:
+                    cond.wait()
+                item = q.popleft()
+            if item is None:
+                return
+            tally.handle(*item)
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def send(self, old: Any, new: Any) -> None:
+        item = (time.monotonic_ns(), old, new)
+        for q, cond in zip(self.queues, self.conds, strict=True):
+            with cond:
+                q.append(item)
+                cond.notify()
+
+    def flush(self) -> None:
+        pass
+
+    def finish(self, timeout: float) -> list[dict[str, Any]]:
+        for q, cond in zip(self.queues, self.conds, strict=True):
+            with cond:
+                q.append(None)
+                cond.notify()
+        deadline = time.monotonic() + timeout
+        for t in self.threads:
+            t.join(max(0.1, deadline - time.monotonic()))
+            if t.is_alive():
+                raise TimeoutError(f"{self.name}: a listener thread did not finish")
+        return [{"count": t.count, "hist": t.hist} for t in self.tallies]
+
+    def buffered_bytes(self) -> int | None:
+        return None
+
+    def close(self) -> None:
+        for q, cond in zip(self.queues, self.conds, strict=True):
+            with cond:
+                q.append(None)
+                cond.notify()
+
+
+CONTENDERS: list[Any] = [
+    FanoutProcess,
+    FanoutMsgspec,
+    FanoutThread,
+    PipeBaseline,
+    MpQueue,
+    FasterFifo,
+    Zmq,
+    ThreadDeque,
+]

@@ -1,0 +1,183 @@
+"""Handlers and tools shared by the distributor tests (module-level, so they pickle).
+
+A ``Recorder`` appends one line per handler call to a file with ``O_APPEND``
+(small writes are atomic), so calls made by any worker, even one killed a moment
+later, can be read back by the test.
+
+Objects are Kubernetes-like dicts; a few keys steer the recorder:
+``{"raise": True}`` raises ValueError, ``{"exit": code}`` kills the worker
+(``os._exit``; ``"kill"`` sends itself SIGKILL), ``{"sleep": s}`` sleeps, and
+``{"gate": path}`` blocks until ``path`` exists.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import fanout
+
+
+def obj(name: str, v: int = 0, ns: str = "default", **extra: Any) -> dict[str, Any]:
+    """A small Kubernetes-like object."""
+    return {
+        "metadata": {"name": name, "namespace": ns, "resourceVersion": str(v)},
+        "v": v,
+        **extra,
+    }
+
+
+@dataclass(frozen=True)
+class Call:
+    pid: int
+    kind: str
+    name: str
+    v: int
+    initial: bool
+
+
+class Recorder(fanout.Handler):
+    """Record every call to ``path``; obey the steering keys of the object."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+
+    def _record(self, kind: str, o: Any, initial: bool = False) -> None:
+        # Open per call: a thread-mode recorder keeps no fd the leak check would see.
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            name, v = _ident(o)
+            os.write(fd, f"{os.getpid()}\t{kind}\t{name}\t{v}\t{int(initial)}\n".encode())
+        finally:
+            os.close(fd)
+
+    def _steer(self, o: Any) -> None:
+        if not isinstance(o, dict):
+            return
+        if "gate" in o:
+            while not os.path.exists(o["gate"]):
+                time.sleep(0.005)
+        if "sleep" in o:
+            time.sleep(o["sleep"])
+        if "exit" in o:
+            if o["exit"] == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            os._exit(int(o["exit"]))
+        if o.get("raise"):
+            raise ValueError(f"asked to raise by {o['metadata']['name']}")
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        self._steer(obj)
+        self._record("add", obj, is_in_initial_list)
+
+    def on_update(self, old: Any, new: Any) -> None:
+        self._steer(new)
+        self._record("update", new)
+
+    def on_delete(self, obj: Any) -> None:
+        self._steer(obj)
+        self._record("delete", obj)
+
+
+def _ident(o: Any) -> tuple[str, int]:
+    if isinstance(o, dict) and isinstance(o.get("metadata"), dict):
+        return str(o["metadata"].get("name")), int(o.get("v", 0))
+    return repr(o), 0
+
+
+def read_calls(path: str | os.PathLike[str]) -> list[Call]:
+    """Every call recorded so far, in file order."""
+    p = Path(path)
+    if not p.exists():
+        return []
+    calls = []
+    for line in p.read_text().splitlines():
+        pid, kind, name, v, initial = line.split("\t")
+        calls.append(Call(int(pid), kind, name, int(v), initial == "1"))
+    return calls
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.01) -> bool:
+    """Poll ``predicate`` until true or ``timeout``; return its last value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            return bool(value)
+        time.sleep(interval)
+
+
+def wait_calls(path: str | os.PathLike[str], count: int, timeout: float = 30.0) -> list[Call]:
+    """Wait until at least ``count`` calls were recorded; return them."""
+    wait_for(lambda: len(read_calls(path)) >= count, timeout)
+    return read_calls(path)
+
+
+class Noop(fanout.Handler):
+    """Does nothing (a factory too: ``Noop`` is a zero-argument class)."""
+
+
+class FailingFactory:
+    """A factory that always raises (a handler that cannot start)."""
+
+    def __call__(self) -> Any:
+        raise RuntimeError("factory refuses to build the handler")
+
+
+def add_only(obj: Any, initial: bool) -> None:
+    """A module-level function for FuncHandler tests (does nothing)."""
+
+
+def _return_pipe_fd() -> int:
+    """The worker's return-pipe write end: the ``ret_fd`` of a frame up the stack.
+
+    Checked against ``/proc/self/fd``: it must be a pipe open for writing only.
+    (Walking every write-only pipe instead would also hit multiprocessing's
+    resource-tracker pipe, shared by the whole test session.)
+    """
+    import fcntl
+    import stat
+    import sys
+
+    frame = sys._getframe()
+    while frame is not None:
+        fd = frame.f_locals.get("ret_fd")
+        if isinstance(fd, int) and fd > 2:
+            st = os.fstat(fd)
+            flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+            if stat.S_ISFIFO(st.st_mode) and flags & os.O_ACCMODE == os.O_WRONLY:
+                return fd
+        frame = frame.f_back
+    raise RuntimeError("no return pipe (a write-only pipe named ret_fd) found up the stack")
+
+
+class GarbageWriter(Recorder):
+    """A ``Recorder`` that also obeys ``{"garbage": marker_path}``.
+
+    The first time (per marker file) it handles such an object, it writes bytes
+    that are no valid message to its worker's return pipe, then carries on
+    (records the call and returns normally).
+    """
+
+    def _steer(self, o: Any) -> None:
+        if isinstance(o, dict) and "garbage" in o:
+            marker = o["garbage"]
+            try:
+                os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            except FileExistsError:
+                pass
+            else:
+                os.write(_return_pipe_fd(), b"\xff\xff\xff\xff garbage on the return pipe")
+        super()._steer(o)
+
+
+class TermIgnorer(Recorder):
+    """A ``Recorder`` whose workers ignore SIGTERM (as handlers that trap it do)."""
+
+    def _steer(self, o: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        super()._steer(o)

@@ -1,0 +1,617 @@
+"""Failure semantics: crashes, poison pills, timeouts, exceptions, stalls, overflow, stop.
+
+See ../shared/SEMANTICS.md, "Failure semantics" and "Stats". Every test uses the
+``make_dist`` fixture, which also fails the test if a worker process, thread, fd or
+shared-memory segment outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import signal
+import threading
+import time
+from collections import defaultdict
+from typing import Any
+
+import psutil
+import pytest
+from helpers import (
+    FailingFactory,
+    GarbageWriter,
+    Recorder,
+    TermIgnorer,
+    obj,
+    read_calls,
+    wait_calls,
+    wait_for,
+)
+
+import fanout
+
+RING_NORMAL_BYTES = 64 * 1024  # a lane's ring shrinks back to this once drained
+
+
+class Collector:
+    """An ``on_error`` / ``on_dead_letter`` callback that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.items: list[tuple[Any, Any, str]] = []
+
+    def __call__(self, reg: Any, n: Any, text: str) -> None:
+        with self.lock:
+            self.items.append((reg, n, text))
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.items)
+
+    def snapshot(self) -> list[tuple[Any, Any, str]]:
+        with self.lock:
+            return list(self.items)
+
+
+def upd(name: str, v: int, **extra: Any) -> fanout.Update:
+    """An update of object ``name`` to version ``v`` (steering keys go in ``new``)."""
+    return fanout.Update(obj(name, v - 1), obj(name, v, **extra))
+
+
+def versions(path: Any) -> list[int]:
+    return [c.v for c in read_calls(path)]
+
+
+def first_deliveries_by_key(calls: list[Any]) -> dict[str, list[int]]:
+    """Per object name, the versions in the order they were FIRST handled."""
+    seen: set[int] = set()
+    first: dict[str, list[int]] = defaultdict(list)
+    for c in calls:
+        if c.v not in seen:
+            seen.add(c.v)
+            first[c.name].append(c.v)
+    return first
+
+
+# -- worker deaths -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_sigkill_storm_loses_nothing_and_keeps_per_key_order(make_dist, tmp_path):
+    path = tmp_path / "storm"
+    dead = Collector()
+    d = make_dist()
+    reg = d.add_listener(
+        Recorder(path), name="storm", workers=2, max_attempts=3, on_dead_letter=dead
+    )
+    d.start()
+
+    # Distinct live workers this test SIGKILLed, as (pid, start time): a pid seen
+    # again is the same worker (already dying) unless its start time differs.
+    killed: set[tuple[int, float]] = set()
+    storm_over = threading.Event()
+
+    def storm() -> None:
+        rng = random.Random(20240611)
+        while not storm_over.wait(0.1):
+            pids = reg.worker_pids()
+            if not pids:
+                continue
+            pid = rng.choice(pids)
+            try:
+                proc = psutil.Process(pid)
+                ident = (pid, proc.create_time())
+                proc.send_signal(signal.SIGKILL)  # psutil refuses a reused pid
+            except psutil.NoSuchProcess:  # reaped, or a zombie already killed
+                continue
+            killed.add(ident)
+
+    killer = threading.Thread(target=storm, name="sigkill-storm")
+    killer.start()
+    n = 20_000
+    try:
+        batch = 1000
+        for start in range(0, n, batch):
+            for i in range(start, start + batch):
+                d.distribute(upd(f"k{i % 200}", i))
+            time.sleep(0.15)  # spread the run so the storm overlaps all of it
+    finally:
+        storm_over.set()
+        killer.join()
+
+    assert len(killed) >= 5, f"the storm barely happened: {len(killed)} kills"
+    # Every worker death (and only the test causes any) is one restart; wait until
+    # the supervisor has seen them all before stopping, or a death seen while
+    # stopping would rightly not count.
+    assert wait_for(lambda: reg.stats().restarts >= len(killed), 60), reg.stats()
+    assert d.stop(drain=True, timeout=60) is True
+
+    calls = read_calls(path)
+    assert {c.kind for c in calls} == {"update"}
+    handled = {c.v for c in calls}
+    dead_items = dead.snapshot()
+    dead_v = {item[1].new["v"] for item in dead_items}
+    missing = set(range(n)) - handled - dead_v
+    assert not missing, f"{len(missing)} notifications neither handled nor dead-lettered"
+    assert not (handled | dead_v) - set(range(n))
+    for name, vs in first_deliveries_by_key(calls).items():
+        assert vs == sorted(vs), f"order of {name} broken: {vs}"
+    for item in dead_items:
+        assert item[0] is reg
+        assert "SIGKILL" in item[2]
+
+    s = reg.stats()
+    assert s.restarts == len(killed), (s, len(killed))
+    assert s.dead_lettered == len(dead_items)
+    assert s.pending == 0
+    assert s.errors == 0
+    assert s.dropped == 0
+    # delivered counts handler calls that finished (redeliveries included).
+    assert s.delivered >= n - len(dead_items)
+
+
+def test_poison_pill_is_dead_lettered_after_max_attempts(make_dist, tmp_path):
+    path = tmp_path / "rec"
+    dead = Collector()
+    d = make_dist()
+    reg = d.add_listener(Recorder(path), workers=1, max_attempts=3, on_dead_letter=dead)
+    d.start()
+    for v in range(5):
+        d.distribute(upd("before", v))
+    poison = upd("poison", 5, exit="kill")
+    d.distribute(poison)
+    for v in range(6, 16):
+        d.distribute(upd("after", v))
+
+    calls = wait_calls(path, 15, timeout=60)
+    assert wait_for(lambda: len(dead) >= 1 and reg.stats().restarts >= 3, 30)
+    time.sleep(0.3)  # a second dead letter or restart would show up by now
+    assert [(c.name, c.v) for c in calls] == [
+        *(("before", v) for v in range(5)),
+        *(("after", v) for v in range(6, 16)),
+    ]
+    items = dead.snapshot()
+    assert len(items) == 1
+    got_reg, got_n, reason = items[0]
+    assert got_reg is reg
+    assert got_n == poison
+    assert "SIGKILL" in reason
+    s = reg.stats()
+    assert s.dead_lettered == 1
+    assert s.restarts == 3
+    assert s.delivered == 15
+    assert s.errors == 0
+    assert s.pending == 0
+    assert d.stop(drain=True, timeout=30) is True
+    assert len(read_calls(path)) == 15
+
+
+@pytest.mark.parametrize("code", [3, 4, 7])
+def test_dead_letter_reason_names_the_handlers_exit_code(make_dist, tmp_path, code):
+    # A handler that ends its worker with os._exit(code) after the worker was up and
+    # running: the reason must say so, whatever the code (3 and 4 are also the
+    # worker's own "could not build the handler" / "bad frame" exit codes).
+    path = tmp_path / "rec"
+    dead = Collector()
+    d = make_dist()
+    reg = d.add_listener(Recorder(path), workers=1, max_attempts=1, on_dead_letter=dead)
+    d.start()
+    d.distribute(upd("a", 0))
+    d.distribute(upd("exits", 1, exit=code))
+    d.distribute(upd("b", 2))
+    assert [c.v for c in wait_calls(path, 2, timeout=60)] == [0, 2]
+    assert wait_for(lambda: len(dead) >= 1, 30)
+    reason = dead.snapshot()[0][2]
+    assert f"code {code}" in reason, reason
+    assert "could not build" not in reason, reason
+    assert "could not decode" not in reason, reason
+    s = reg.stats()
+    assert s.dead_lettered == 1
+    assert s.restarts == 1
+
+
+@pytest.mark.parametrize("handler_cls", [Recorder, TermIgnorer], ids=["plain", "ignores-sigterm"])
+def test_handler_timeout_kills_worker_and_dead_letters(make_dist, tmp_path, handler_cls):
+    path = tmp_path / "rec"
+    never = tmp_path / "never-created"
+    dead = Collector()
+    d = make_dist()
+    reg = d.add_listener(
+        handler_cls(path), workers=1, handler_timeout=1.0, max_attempts=1, on_dead_letter=dead
+    )
+    d.start()
+    assert wait_for(lambda: reg.worker_pids(), 30)
+    (pid,) = reg.worker_pids()
+    d.distribute(upd("a", 0))
+    stuck = upd("stuck", 1, gate=str(never))
+    d.distribute(stuck)
+    for v in range(2, 7):
+        d.distribute(upd("b", v))
+
+    calls = wait_calls(path, 6, timeout=60)
+    assert [(c.name, c.v) for c in calls] == [("a", 0), *(("b", v) for v in range(2, 7))]
+    assert wait_for(lambda: len(dead) >= 1, 30)
+    items = dead.snapshot()
+    assert len(items) == 1
+    assert items[0][0] is reg
+    assert items[0][1] == stuck
+    assert "handler_timeout" in items[0][2]
+    assert calls[0].pid == pid
+    assert {c.pid for c in calls[1:]} != {pid}
+    assert wait_for(lambda: reg.worker_pids() and reg.worker_pids() != [pid], 30)
+    s = reg.stats()
+    assert s.dead_lettered == 1
+    assert s.restarts == 1
+    assert s.pending == 0
+    assert d.stop(drain=True, timeout=30) is True
+
+
+def test_handler_exception_is_reported_and_worker_survives(make_dist, tmp_path, caplog):
+    caplog.set_level(logging.ERROR, logger="fanout")
+    path = tmp_path / "rec"
+    errors = Collector()
+    dead = Collector()
+    d = make_dist()
+    reg = d.add_listener(Recorder(path), workers=1, on_error=errors, on_dead_letter=dead)
+    d.start()
+    assert wait_for(lambda: reg.worker_pids(), 30)
+    pids = reg.worker_pids()
+    d.distribute(upd("a", 0))
+    boom = upd("boom", 1, **{"raise": True})
+    d.distribute(boom)
+    for v in range(2, 5):
+        d.distribute(upd("b", v))
+
+    calls = wait_calls(path, 4, timeout=60)
+    assert [(c.name, c.v) for c in calls] == [("a", 0), *(("b", v) for v in range(2, 5))]
+    assert wait_for(lambda: len(errors) >= 1 and reg.stats().delivered >= 5, 30)
+    time.sleep(0.2)
+    items = errors.snapshot()
+    assert len(items) == 1
+    got_reg, got_n, text = items[0]
+    assert got_reg is reg
+    assert got_n == boom
+    assert "ValueError" in text
+    assert "asked to raise by boom" in text
+    assert "Traceback" in text
+    assert reg.worker_pids() == pids
+    assert {c.pid for c in calls} == set(pids)
+    logged = [r for r in caplog.records if r.name == "fanout" and r.levelno >= logging.ERROR]
+    assert any("ValueError" in r.getMessage() for r in logged), logged
+    s = reg.stats()
+    assert s.errors == 1
+    assert s.delivered == 5  # the call that raised counts as handled
+    assert s.restarts == 0
+    assert s.dead_lettered == 0
+    assert s.pending == 0
+    assert not dead.snapshot()
+
+
+# -- stalls and overflow -------------------------------------------------------------------
+
+
+def test_stalled_listener_does_not_slow_others_and_catches_up(make_dist, tmp_path):
+    gate = tmp_path / "gate"
+    path_a, path_b = tmp_path / "a", tmp_path / "b"
+    d = make_dist()
+    # A's first notification (its initial list, which B does not get) waits on the gate.
+    a = d.add_listener(
+        Recorder(path_a), name="stalled", initial_list=[obj("first", -1, gate=str(gate))]
+    )
+    b = d.add_listener(Recorder(path_b), name="healthy")
+    d.start()
+    n = 20_000
+    for i in range(n):
+        d.distribute(upd(f"k{i % 100}", i))
+
+    assert len(wait_calls(path_b, n, timeout=60)) == n
+    assert versions(path_b) == list(range(n))
+    s = a.stats()
+    assert s.pending == n + 1  # the first is still running: nothing is handled
+    assert s.pending_bytes > RING_NORMAL_BYTES
+    assert s.capacity_bytes > RING_NORMAL_BYTES
+    assert read_calls(path_a) == []
+
+    gate.touch()
+    assert len(wait_calls(path_a, n + 1, timeout=60)) == n + 1
+    assert versions(path_a) == [-1, *range(n)]
+    assert wait_for(lambda: a.stats().pending == 0, 30)
+    assert wait_for(lambda: a.stats().capacity_bytes == RING_NORMAL_BYTES, 30), a.stats()
+    assert wait_for(lambda: b.stats().capacity_bytes == RING_NORMAL_BYTES, 30), b.stats()
+    assert a.stats().pending_bytes == 0
+    assert d.stop(drain=True, timeout=30) is True
+
+
+BOUND = 4096
+
+
+def _bounded(make_dist, tmp_path, overflow: str):
+    """A distributor with one gated, bounded listener; the gate blocks frame v=0."""
+    gate = tmp_path / "gate"
+    path = tmp_path / "bounded"
+    d = make_dist()
+    reg = d.add_listener(
+        Recorder(path), name=f"bounded-{overflow}", max_pending_bytes=BOUND, overflow=overflow
+    )
+    return d, reg, gate, path
+
+
+def _stall(d: Any, reg: Any, gate: Any) -> None:
+    """Distribute v=0, which waits on the gate, and wait until its handler runs."""
+    d.distribute(upd("k", 0, gate=str(gate)))
+    # The latency histogram gets its first sample when the handler starts.
+    assert wait_for(lambda: reg.stats().latency_p50 is not None, 30)
+
+
+def test_overflow_drop_newest(make_dist, tmp_path):
+    d, reg, gate, path = _bounded(make_dist, tmp_path, "drop_newest")
+    d.start()
+    n = 200
+    _stall(d, reg, gate)
+    for v in range(1, n):
+        d.distribute(upd("k", v))
+    s = reg.stats()
+    assert s.dropped > 0
+    assert s.pending_bytes <= BOUND
+    assert s.pending + s.dropped == n
+    gate.touch()
+    assert wait_for(lambda: reg.stats().pending == 0, 60)
+    s = reg.stats()
+    assert s.delivered + s.dropped == n
+    # Frames never shrink as v grows, so once one is refused every later one is:
+    # the oldest are the ones delivered, in order.
+    assert versions(path) == list(range(n - s.dropped))
+    assert d.stop(drain=True, timeout=30) is True
+
+
+def test_overflow_drop_oldest(make_dist, tmp_path):
+    d, reg, gate, path = _bounded(make_dist, tmp_path, "drop_oldest")
+    d.start()
+    n = 200
+    _stall(d, reg, gate)
+    for v in range(1, n):
+        d.distribute(upd("k", v))
+        time.sleep(0.002)  # a steady producer: the pump keeps up with it
+    s = reg.stats()
+    assert s.dropped > 0
+    assert s.pending_bytes <= BOUND
+    assert s.pending + s.dropped == n
+    gate.touch()
+    assert wait_for(lambda: reg.stats().pending == 0, 60)
+    s = reg.stats()
+    assert s.delivered + s.dropped == n
+    got = versions(path)
+    assert len(got) == n - s.dropped
+    assert got == sorted(got)
+    assert got[0] == 0  # it was running: a running frame cannot be dropped
+    assert got[-1] == n - 1, f"drop_oldest dropped the newest notification; delivered {got}"
+    assert d.stop(drain=True, timeout=30) is True
+
+
+def test_overflow_error_raises_and_nobody_gets_the_notification(make_dist, tmp_path):
+    d, reg, gate, path = _bounded(make_dist, tmp_path, "error")
+    other_path = tmp_path / "unbounded"
+    other = d.add_listener(Recorder(other_path), name="unbounded")
+    d.start()
+    _stall(d, reg, gate)
+    refused = None
+    for v in range(1, 1000):
+        try:
+            d.distribute(upd("k", v))
+        except fanout.ListenerFull:
+            refused = v
+            break
+    assert refused is not None, "a stalled listener bounded to 4 KiB never got full"
+    with pytest.raises(fanout.ListenerFull):
+        d.distribute(upd("k", refused))  # still full: refused again
+    s = reg.stats()
+    assert s.pending_bytes <= BOUND
+    assert s.pending == refused
+    assert s.dropped == 0
+    assert other.stats().pending == refused
+
+    gate.touch()
+    assert [c.v for c in wait_calls(path, refused, timeout=60)] == list(range(refused))
+    assert [c.v for c in wait_calls(other_path, refused, timeout=60)] == list(range(refused))
+    assert wait_for(lambda: reg.stats().pending == 0 and other.stats().pending == 0, 30)
+    d.distribute(upd("k", refused + 1))  # room again
+    assert d.stop(drain=True, timeout=30) is True
+    expected = [*range(refused), refused + 1]
+    assert versions(path) == expected
+    assert versions(other_path) == expected
+    s = reg.stats()
+    assert s.dropped == 0
+    assert s.delivered == refused + 1
+
+
+def test_overflow_block_waits_for_room_and_loses_nothing(make_dist, tmp_path):
+    d, reg, gate, path = _bounded(make_dist, tmp_path, "block")
+    d.start()
+    n = 200
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            d.distribute(upd("k", 0, gate=str(gate)))
+            for v in range(1, n):
+                d.distribute(upd("k", v))
+        except BaseException as exc:  # pragma: no cover - reported below
+            failure.append(exc)
+
+    producer = threading.Thread(target=produce, name="blocked-producer")
+    producer.start()
+    try:
+        time.sleep(0.5)
+        assert producer.is_alive(), "distribute did not block on a full listener"
+        s = reg.stats()
+        assert s.pending_bytes <= BOUND
+        assert 0 < s.pending < n
+    finally:
+        gate.touch()
+        producer.join(60)
+    assert not producer.is_alive()
+    assert not failure
+    assert [c.v for c in wait_calls(path, n, timeout=60)] == list(range(n))
+    s = reg.stats()
+    assert s.dropped == 0
+    assert wait_for(lambda: reg.stats().delivered == n, 30)
+    assert d.stop(drain=True, timeout=30) is True
+
+
+def test_stop_releases_a_producer_blocked_on_a_full_listener(make_dist, tmp_path):
+    d, reg, gate, _ = _bounded(make_dist, tmp_path, "block")
+    d.start()
+    _stall(d, reg, gate)
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            for v in range(1, 200):
+                d.distribute(upd("k", v))
+        except BaseException as exc:  # pragma: no cover - reported below
+            failure.append(exc)
+
+    producer = threading.Thread(target=produce, name="blocked-producer")
+    producer.start()
+    try:
+        time.sleep(0.5)
+        assert producer.is_alive(), "distribute did not block on a full listener"
+        t0 = time.monotonic()
+        assert d.stop(drain=False) is False
+        assert time.monotonic() - t0 < 10
+    finally:
+        gate.touch()  # never leave the producer stuck, even if stop() failed
+        producer.join(60)
+    assert not producer.is_alive()
+    assert not failure
+    assert reg.worker_pids() == []
+
+
+# -- stop ----------------------------------------------------------------------------------
+
+
+def test_stop_drain_delivers_everything(make_dist, tmp_path):
+    path1, path2 = tmp_path / "one", tmp_path / "two"
+    d = make_dist()
+    r1 = d.add_listener(Recorder(path1), name="one-worker", workers=1)
+    r2 = d.add_listener(Recorder(path2), name="two-workers", workers=2)
+    d.start()
+    n = 10_000
+    for i in range(n):
+        d.distribute(upd(f"k{i % 100}", i))
+    assert d.stop(drain=True) is True
+    assert d.stopped
+    assert versions(path1) == list(range(n))
+    calls2 = read_calls(path2)
+    assert sorted(c.v for c in calls2) == list(range(n))
+    for name, vs in first_deliveries_by_key(calls2).items():
+        assert vs == sorted(vs), name
+    for reg in (r1, r2):
+        s = reg.stats()
+        assert s.delivered == n
+        assert s.pending == 0
+        assert s.dropped == 0
+    assert len({c.pid for c in calls2}) == 2
+
+
+def test_stop_without_drain_is_prompt_with_a_stalled_handler(make_dist, tmp_path):
+    never = tmp_path / "never-created"
+    path = tmp_path / "rec"
+    d = make_dist()
+    reg = d.add_listener(Recorder(path), workers=2)
+    d.start()
+    for i in range(100):
+        d.distribute(fanout.Update(obj(f"k{i}", i - 1), obj(f"k{i}", i, gate=str(never))))
+    # A worker is inside the (never ending) handler once a latency sample exists.
+    assert wait_for(lambda: reg.stats().latency_p50 is not None, 30)
+    pids = reg.worker_pids()
+    t0 = time.monotonic()
+    assert d.stop(drain=False) is False  # pending notifications were dropped
+    assert time.monotonic() - t0 < 10
+    assert d.stopped
+    assert reg.worker_pids() == []
+    for pid in pids:
+        assert wait_for(lambda pid=pid: not _alive(pid), 10), pid
+    assert read_calls(path) == []
+
+
+def test_stop_drain_timeout_with_a_stalled_handler(make_dist, tmp_path):
+    never = tmp_path / "never-created"
+    d = make_dist()
+    reg = d.add_listener(Recorder(tmp_path / "rec"), workers=1)
+    d.start()
+    d.distribute(upd("k", 0, gate=str(never)))
+    d.distribute(upd("k", 1))
+    t0 = time.monotonic()
+    assert d.stop(drain=True, timeout=0.5) is False
+    assert time.monotonic() - t0 < 10
+    assert reg.worker_pids() == []
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+# -- broken workers ------------------------------------------------------------------------
+
+
+def test_garbage_on_return_pipe_restarts_worker(make_dist, tmp_path):
+    path = tmp_path / "rec"
+    marker = tmp_path / "garbage-written"
+    errors = Collector()
+    d = make_dist()
+    reg = d.add_listener(GarbageWriter(path), workers=1, on_error=errors)
+    d.start()
+    assert wait_for(lambda: reg.worker_pids(), 30)
+    (pid,) = reg.worker_pids()
+    for v in range(5):
+        d.distribute(upd("a", v))
+    d.distribute(upd("g", 5, garbage=str(marker)))
+    assert wait_for(lambda: len(errors) >= 1 and reg.stats().restarts >= 1, 30), reg.stats()
+    assert marker.exists()
+    for v in range(6, 16):
+        d.distribute(upd("b", v))
+    assert wait_for(lambda: set(range(16)) <= set(versions(path)), 60), versions(path)
+    assert d.stop(drain=True, timeout=30) is True
+
+    items = errors.snapshot()
+    assert len(items) == 1, items
+    assert items[0][0] is reg
+    text = items[0][2].lower()
+    assert "garbage" in text or "return pipe" in text
+    calls = read_calls(path)
+    for name, vs in first_deliveries_by_key(calls).items():
+        assert vs == sorted(vs), name
+    assert any(c.pid != pid for c in calls if c.name == "b")
+    assert all(c.pid == pid for c in calls if c.name == "a")
+    s = reg.stats()
+    assert s.restarts == 1
+    assert s.errors == 0
+    assert s.dead_lettered == 0
+
+
+def test_failing_factory_is_reported_with_backoff(make_dist, tmp_path):
+    errors = Collector()
+    d = make_dist()
+    reg = d.add_listener(FailingFactory(), name="cannot-start", on_error=errors)
+    d.start()
+    d.distribute(upd("k", 0))  # must not raise nor block
+    t0 = time.monotonic()
+    assert wait_for(lambda: len(errors) >= 1, 30)
+    time.sleep(max(0.0, 1.5 - (time.monotonic() - t0)))
+    s = reg.stats()
+    assert 1 <= s.restarts <= 6, s
+    assert s.delivered == 0
+    items = errors.snapshot()
+    assert items[0][0] is reg
+    text = items[0][2]
+    assert "RuntimeError" in text
+    assert "factory refuses to build the handler" in text
+    assert "Traceback" in text
+    t0 = time.monotonic()
+    assert d.stop(drain=False) is False  # the notification was pending, now dropped
+    assert time.monotonic() - t0 < 10
+    assert reg.worker_pids() == []

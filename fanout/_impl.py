@@ -20,7 +20,7 @@ if os.environ.get("FANOUT_NO_EXTENSIONS", "") not in ("", "0"):
     IMPORT_ERROR = "FANOUT_NO_EXTENSIONS is set"
 else:
     try:
-        from fanout import _pump, _ring, _worker
+        from fanout import _pump, _ring, _worker  # type: ignore[attr-defined]
     except ImportError as exc:  # built with FANOUT_NO_EXTENSIONS=1, or no compiler
         IMPORT_ERROR = f"native extensions unavailable: {exc}"
     else:
@@ -33,5 +33,6 @@ NATIVE: bool = ring_impl is not _ring_py
 Ring = ring_impl.Ring
 FrameRing = ring_impl.FrameRing
 Pump = pump_impl.Pump
+append_all = ring_impl.append_all
 
-__all__ = ["IMPORT_ERROR", "NATIVE", "FrameRing", "Pump", "Ring", "serve"]
+__all__ = ["IMPORT_ERROR", "NATIVE", "FrameRing", "Pump", "Ring", "append_all", "serve"]

@@ -56,6 +56,33 @@ cdef extern from *:
     int fanout_xchg(int* p, int v) nogil
 
 
+cdef extern from "<time.h>" nogil:
+    cdef struct timespec:
+        long tv_sec
+        long tv_nsec
+    int clock_gettime(int clk, timespec* ts)
+    int nanosleep(const timespec* req, timespec* rem)
+    enum:
+        CLOCK_MONOTONIC
+
+cdef enum:
+    BURST_NS = 200000      # wake-ups closer than this form a burst
+    COALESCE_NS = 50000    # how long the pump lets a burst gather
+
+
+cdef inline uint64_t _now_ns() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+
+
+cdef inline void _nap_ns(long ns) noexcept nogil:
+    cdef timespec ts
+    ts.tv_sec = 0
+    ts.tv_nsec = ns
+    nanosleep(&ts, NULL)
+
+
 cdef struct lane_t:
     fr_state* st
     int fd
@@ -198,7 +225,7 @@ cdef class Pump:
         cdef Py_ssize_t i, nfds, cap = 0
         cdef Py_ssize_t r
         cdef int ready, timeout
-        cdef uint64_t drained
+        cdef uint64_t drained, woke, last_wake = 0
         while fanout_load(&self.running):
             pthread_mutex_lock(&self.table_lock)
             if cap < self.nlanes + 1:
@@ -255,4 +282,11 @@ cdef class Pump:
             fanout_store(&self.sleeping, 0)
             if fds[0].revents & POLLIN:
                 read(self.efd, &drained, 8)
+                woke = _now_ns()
+                if woke - last_wake < BURST_NS:
+                    # Wake-ups come in a burst: let the producer add a few more
+                    # frames so one writev (and one reader wake-up) carries them.
+                    # At low rates there is no pause, so latency stays low.
+                    _nap_ns(COALESCE_NS)
+                last_wake = woke
         PyMem_RawFree(fds)

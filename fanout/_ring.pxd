@@ -32,6 +32,8 @@ cdef struct fr_state:
     uint64_t sent_seq
     size_t inflight_cap       # 0: no cap on bytes sent but not acked
     uint64_t* ack_src         # reader's "last done" word, or NULL
+    bint sending              # a writev runs without the lock (see fr_send)
+    unsigned char* retired    # buffer replaced during that writev, freed after it
     pthread_mutex_t lock
 
 
@@ -56,3 +58,4 @@ cdef class Ring:
 cdef class FrameRing:
     cdef fr_state* st
     cdef object _ack_view
+    cdef uint64_t _put(self, const unsigned char* data, size_t n) except 0

@@ -26,9 +26,14 @@ from fanout._ring_common import (
 )
 from fanout.errors import RingFull, ring_full_message
 
-from fanout._ring_common import HEADER_SIZE  # noqa: F401  (re-exported)
+from fanout._ring_common import HEADER_SIZE
+
+__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all"]
 
 NATIVE = True
+
+cdef extern from "<sched.h>" nogil:
+    int sched_yield()
 
 cdef extern from "<sys/uio.h>" nogil:
     cdef struct iovec:
@@ -98,7 +103,10 @@ cdef int _relocate(fr_state* st, size_t cap) noexcept nogil:
         return -1
     if st.used:
         _copy_out(st, 0, buf, st.used)
-    PyMem_RawFree(st.buf)
+    if st.sending and st.retired == NULL:
+        st.retired = st.buf  # the running writev still reads it: fr_send frees it
+    else:
+        PyMem_RawFree(st.buf)
     st.buf = buf
     st.cap = cap
     st.head = 0
@@ -152,6 +160,15 @@ cdef inline void _ack_from_source(fr_state* st) noexcept nogil:
             _ack_to(st, done if done < st.sent_seq else st.sent_seq)
 
 
+cdef inline void _wait_not_sending(fr_state* st) noexcept nogil:
+    # Lock held on entry and exit. For the rare operations that move bytes a
+    # running writev may be reading (drop_unsent, rewind).
+    while st.sending:
+        pthread_mutex_unlock(&st.lock)
+        sched_yield()
+        pthread_mutex_lock(&st.lock)
+
+
 cdef Py_ssize_t fr_send(fr_state* st, int fd) noexcept nogil:
     cdef iovec iov[2]
     cdef ssize_t written
@@ -178,18 +195,29 @@ cdef Py_ssize_t fr_send(fr_state* st, int fd) noexcept nogil:
         iov[1].iov_base = st.buf
         iov[1].iov_len = todo - first
         count = 2
+    # The writev runs without the ring lock, so the producer's appends do not
+    # wait for it. Appends only add bytes past `used` (a growth keeps the old
+    # buffer alive in `retired` until we are done); acks only move `head` and
+    # shift offsets, which _advance_sent below adds to.
+    st.sending = 1
+    pthread_mutex_unlock(&st.lock)
     while True:
         written = writev(fd, iov, count)
         if written >= 0 or errno != EINTR:
             break
+    err = errno if written < 0 else 0
+    pthread_mutex_lock(&st.lock)
+    st.sending = 0
+    if st.retired != NULL:
+        PyMem_RawFree(st.retired)
+        st.retired = NULL
+    if written > 0:
+        _advance_sent(st, <size_t>written)
+    pthread_mutex_unlock(&st.lock)
     if written < 0:
-        err = errno
-        pthread_mutex_unlock(&st.lock)
         if err == EAGAIN:  # == EWOULDBLOCK on Linux
             return 0
         return -err
-    _advance_sent(st, <size_t>written)
-    pthread_mutex_unlock(&st.lock)
     return written
 
 
@@ -213,6 +241,33 @@ cdef inline void _lock(fr_state* st):
     if pthread_mutex_trylock(&st.lock) != 0:
         with nogil:  # wait for the pump's writev without blocking other threads
             pthread_mutex_lock(&st.lock)
+
+
+cdef inline void _get_frame(frame, Py_buffer* view) except *:
+    """Get a simple buffer of a non-empty frame, or raise the shared errors."""
+    try:
+        PyObject_GetBuffer(frame, view, PyBUF_SIMPLE)
+    except (TypeError, BufferError):
+        frame_length(frame)  # raises the message both rings share
+        raise
+    if view.len == 0 or view.len > 0xFFFFFFFF:
+        PyBuffer_Release(view)
+        frame_length(frame)
+
+
+def append_all(rings, frame):
+    """Append ``frame`` to every ring of the sequence ``rings`` (one buffer lookup).
+
+    Stops at the first error; rings before it keep the frame.
+    """
+    cdef Py_buffer view
+    cdef FrameRing ring
+    _get_frame(frame, &view)
+    try:
+        for ring in rings:
+            ring._put(<const unsigned char*>view.buf, <size_t>view.len)
+    finally:
+        PyBuffer_Release(&view)
 
 
 cdef class Ring:
@@ -348,6 +403,7 @@ cdef class FrameRing:
     def __dealloc__(self):
         if self.st != NULL:
             pthread_mutex_destroy(&self.st.lock)
+            PyMem_RawFree(self.st.retired)
             PyMem_RawFree(self.st.buf)
             PyMem_RawFree(self.st)
             self.st = NULL
@@ -355,52 +411,48 @@ cdef class FrameRing:
     def append(self, frame):
         """Copy ``frame`` in as the next frame and return its sequence number."""
         cdef Py_buffer view
+        _get_frame(frame, &view)
+        try:
+            return self._put(<const unsigned char*>view.buf, <size_t>view.len)
+        finally:
+            PyBuffer_Release(&view)
+
+    cdef uint64_t _put(self, const unsigned char* data, size_t n) except 0:
+        """Copy n bytes in as the next frame; return its seq (frame checked)."""
         cdef fr_state* st = self.st
-        cdef size_t n, total, cap, held
+        cdef size_t total = n + HDR, cap, held
         cdef uint64_t seq
         cdef unsigned char hdr[HDR]
         cdef int failed
-        try:
-            PyObject_GetBuffer(frame, &view, PyBUF_SIMPLE)
-        except (TypeError, BufferError):
-            frame_length(frame)  # raises the message both rings share
-            raise
-        try:
-            n = view.len
-            if n == 0 or n > 0xFFFFFFFF:
-                frame_length(frame)
-            total = n + HDR
-            _lock(st)
-            if st.bounded and st.used + total > st.maxb:
-                held = st.used
-                pthread_mutex_unlock(&st.lock)
-                raise RingFull(ring_full_message(total, held, st.maxb))
-            if st.used + total > st.cap:
-                cap = st.cap if st.cap > MIN_FRAME_CAPACITY else MIN_FRAME_CAPACITY
-                while cap < st.used + total:
-                    cap *= 2
-                if st.bounded and cap > st.maxb:
-                    cap = st.maxb
-                with nogil:  # relocation touches only our buffers, under st.lock
-                    failed = _relocate(st, cap)
-                if failed:
-                    pthread_mutex_unlock(&st.lock)
-                    raise MemoryError(f"FrameRing cannot grow to {cap} bytes")
-            seq = st.next_seq
-            _put_header(hdr, <uint32_t>n, seq)
-            _copy_in(st, st.used, hdr, HDR)
-            if n >= BIG_COPY:
-                with nogil:  # view pins the source, st.lock owns the destination
-                    _copy_in(st, st.used + HDR, <const unsigned char*>view.buf, n)
-            else:
-                _copy_in(st, st.used + HDR, <const unsigned char*>view.buf, n)
-            st.used += total
-            st.frames += 1
-            st.next_seq = seq + 1
+        _lock(st)
+        if st.bounded and st.used + total > st.maxb:
+            held = st.used
             pthread_mutex_unlock(&st.lock)
-            return seq
-        finally:
-            PyBuffer_Release(&view)
+            raise RingFull(ring_full_message(total, held, st.maxb))
+        if st.used + total > st.cap:
+            cap = st.cap if st.cap > MIN_FRAME_CAPACITY else MIN_FRAME_CAPACITY
+            while cap < st.used + total:
+                cap *= 2
+            if st.bounded and cap > st.maxb:
+                cap = st.maxb
+            with nogil:  # relocation touches only our buffers, under st.lock
+                failed = _relocate(st, cap)
+            if failed:
+                pthread_mutex_unlock(&st.lock)
+                raise MemoryError(f"FrameRing cannot grow to {cap} bytes")
+        seq = st.next_seq
+        _put_header(hdr, <uint32_t>n, seq)
+        _copy_in(st, st.used, hdr, HDR)
+        if n >= BIG_COPY:
+            with nogil:  # the caller's view pins data, st.lock owns the ring
+                _copy_in(st, st.used + HDR, data, n)
+        else:
+            _copy_in(st, st.used + HDR, data, n)
+        st.used += total
+        st.frames += 1
+        st.next_seq = seq + 1
+        pthread_mutex_unlock(&st.lock)
+        return seq
 
     def send_to(self, fd):
         """Write pending bytes to non-blocking ``fd``; return how many were taken."""
@@ -460,6 +512,8 @@ cdef class FrameRing:
         """Make the next ``send_to`` start again at the first frame not acked."""
         cdef fr_state* st = self.st
         _lock(st)
+        with nogil:
+            _wait_not_sending(st)
         st.sent = 0
         st.boundary = 0
         st.sent_seq = st.acked_seq
@@ -479,6 +533,8 @@ cdef class FrameRing:
         cdef uint64_t seq
         cdef unsigned char* prefix
         _lock(st)
+        with nogil:
+            _wait_not_sending(st)
         # A partly sent frame must be finished, so dropping starts after it.
         start = st.boundary
         if st.sent > start:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
 from fanout._ring_common import (
@@ -23,7 +24,7 @@ from fanout._ring_common import (
 )
 from fanout.errors import RingFull, ring_full_message
 
-__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring"]
+__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all"]
 
 NATIVE = False
 
@@ -123,6 +124,7 @@ class FrameRing:
         "_max",
         "_next_seq",
         "_normal",
+        "_sending",
         "_sent",
         "_sent_seq",
         "_used",
@@ -163,6 +165,7 @@ class FrameRing:
         self._acked_seq = 0
         self._sent_seq = 0  # last frame completely sent
         self._inflight = inflight or 0  # 0: no cap on bytes sent but not acked
+        self._sending = False  # a writev runs without the lock (see send_to)
         self._ack_view: memoryview | None = None
         self._ack_index = 0
         self._lock = threading.Lock()
@@ -244,16 +247,32 @@ class FrameRing:
             parts = [view[start : start + first]]
             if first < todo:
                 parts.append(view[: todo - first])
-            try:
-                written = os.writev(fd, parts)
-            except BlockingIOError:
-                written = 0
-            finally:
-                for part in parts:
-                    part.release()
-                view.release()
-            self._advance_sent(written)
-            return written
+            # The writev runs without the lock, so appends do not wait for it:
+            # they only add bytes past _used, and a growth makes a new buffer
+            # (our views keep the old one alive); acks shift offsets that
+            # _advance_sent then adds to.
+            self._sending = True
+        written = 0
+        try:
+            written = os.writev(fd, parts)
+        except BlockingIOError:
+            written = 0
+        finally:
+            for part in parts:
+                part.release()
+            view.release()
+            with self._lock:
+                self._sending = False
+                if written > 0:
+                    self._advance_sent(written)
+        return written
+
+    def _wait_not_sending(self) -> None:
+        """Lock held: wait out a running writev before moving bytes it may read."""
+        while self._sending:
+            self._lock.release()
+            time.sleep(0)
+            self._lock.acquire()
 
     def _advance_sent(self, written: int) -> None:
         self._sent += written
@@ -312,6 +331,7 @@ class FrameRing:
     def rewind(self) -> int:
         """Make the next ``send_to`` start again at the first frame not acked."""
         with self._lock:
+            self._wait_not_sending()
             self._sent = 0
             self._boundary = 0
             self._sent_seq = self._acked_seq
@@ -323,9 +343,10 @@ class FrameRing:
         Frames in flight (sent, not acked) are kept. Returns ``(frames, bytes)``
         dropped.
         """
-        nbytes = check_size("nbytes", nbytes)
-        assert nbytes is not None
+        want = check_size("nbytes", nbytes)
+        assert want is not None
         with self._lock:
+            self._wait_not_sending()
             # A partly sent frame must be finished, so dropping starts after it.
             start = self._boundary
             if self._sent > start:
@@ -333,7 +354,7 @@ class FrameRing:
                 start += HEADER_SIZE + length
             end = start
             frames = 0
-            while end < self._used and end - start < nbytes:
+            while end < self._used and end - start < want:
                 length, _ = self._header(end)
                 end += HEADER_SIZE + length
                 frames += 1
@@ -402,3 +423,13 @@ class FrameRing:
     def sent_seq(self) -> int:
         """Sequence number of the last frame completely sent."""
         return self._sent_seq
+
+
+def append_all(rings: Any, frame: Any) -> None:
+    """Append ``frame`` to every ring of the sequence ``rings``.
+
+    Stops at the first error; rings before it keep the frame.
+    """
+    frame_length(frame)
+    for ring in rings:
+        ring.append(frame)

@@ -176,15 +176,34 @@ class MsgpackCodec(Codec):
             return self.ext_hook(code, data)
         return msgpack.ExtType(code, data)
 
+    def encode(self, n: Notification, t_ns: int) -> bytes:
+        """Encode ``n`` stamped with ``t_ns`` into one payload (the hot path)."""
+        if type(n) is not Update:
+            return super().encode(n, t_ns)
+        try:
+            packer = self._local.packer
+        except AttributeError:
+            packer = self._packer()
+        try:
+            return packer.pack([UPDATE, t_ns, n.old, n.new])
+        except (OverflowError, ValueError) as exc:
+            raise TypeError(f"cannot encode notification: {exc}") from exc
+
+    def _packer(self) -> msgpack.Packer:
+        # One Packer per thread: Packer is not thread-safe.
+        packer = self._local.packer = msgpack.Packer(
+            default=self._default, use_bin_type=True, datetime=False
+        )
+        return packer
+
     def pack(self, obj: Any) -> bytes:
         """Serialize ``obj``; raise ``TypeError`` naming a type it cannot take."""
-        packer = getattr(self._local, "packer", None)
-        if packer is None:  # one Packer per thread: Packer is not thread-safe
-            packer = self._local.packer = msgpack.Packer(
-                default=self._default, use_bin_type=True, datetime=False
-            )
         try:
-            return packer.pack(obj)  # type: ignore[no-any-return]
+            packer = self._local.packer
+        except AttributeError:
+            packer = self._packer()
+        try:
+            return packer.pack(obj)
         except TypeError:
             raise
         except (OverflowError, ValueError) as exc:
@@ -241,7 +260,7 @@ class MsgspecCodec(Codec):
     def pack(self, obj: Any) -> bytes:
         """Serialize ``obj``; raise ``TypeError`` naming a type it cannot take."""
         try:
-            return self._enc.encode(obj)  # type: ignore[no-any-return]
+            return self._enc.encode(obj)
         except TypeError:
             raise
         except (OverflowError, ValueError, self._msgspec.EncodeError) as exc:

@@ -17,7 +17,7 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
-from fanout._impl import Pump
+from fanout._impl import Pump, append_all
 from fanout.codec import Codec, get_codec
 from fanout.errors import DistributorStopped
 from fanout.handlers import resolve_handler
@@ -49,6 +49,28 @@ def effective_resync(requested: float, check: float) -> float:
     if requested == 0 or check == 0:
         return 0.0
     return max(requested, check)
+
+
+class _Plan:
+    """How ``distribute`` reaches a set of listeners, worked out once per change.
+
+    ``rings``: the rings of single-lane unbounded process listeners (the
+    common case: one native call appends to all of them); ``routed``: process listeners that need a
+    lane picked or room checked; ``puts``: thread listeners' queues.
+    """
+
+    __slots__ = ("encode", "fast", "listeners", "puts", "rings", "routed")
+
+    def __init__(self, listeners: tuple[Registration, ...], started: bool = False) -> None:
+        self.listeners = listeners
+        procs = [r for r in listeners if isinstance(r, ProcessListener)]
+        simple = [r for r in procs if r.workers == 1 and r.max_pending_bytes is None]
+        self.rings = tuple(r.lanes[0].ring for r in simple)
+        self.routed = tuple(r for r in procs if r not in simple)
+        self.puts = tuple(r.put for r in listeners if isinstance(r, ThreadListener))
+        self.encode = bool(procs)
+        # Started, and every listener is a plain single-lane process listener.
+        self.fast = started and bool(self.rings) and not self.routed and not self.puts
 
 
 class Distributor:
@@ -98,9 +120,8 @@ class Distributor:
         self._check_period = check
         self.lock = threading.RLock()
         self._listeners: tuple[Registration, ...] = ()
-        # (listeners, any process listener, any bounded listener), swapped whole
-        # so distribute() reads one consistent snapshot without the lock.
-        self._snap: tuple[tuple[Registration, ...], bool, bool] = ((), False, False)
+        # Swapped whole, so distribute() reads one consistent plan without the lock.
+        self._plan = _Plan(())
         self._started = threading.Event()
         self.started = False
         self.stopped = False
@@ -108,6 +129,8 @@ class Distributor:
         self.producer_synced = False
         self._closing: list[Registration] = []  # removed, workers not yet reaped
         self.pump: Any = Pump()
+        self._notify = self.pump.notify
+        self._encode = self.codec.encode
         self._pump_thread: threading.Thread | None = None
         self.supervisor = Supervisor(self)
         self._finalizer = weakref.finalize(
@@ -326,11 +349,7 @@ class Distributor:
     def _publish(self, listeners: tuple[Registration, ...]) -> None:
         """Swap in a new listener snapshot for ``distribute`` (lock held)."""
         self._listeners = listeners
-        self._snap = (
-            listeners,
-            any(isinstance(r, ProcessListener) for r in listeners),
-            any(getattr(r, "max_pending_bytes", None) for r in listeners),
-        )
+        self._plan = _Plan(listeners, self.started and not self.stopping)
 
     def _discard(self, reg: Registration) -> None:
         if isinstance(reg, ProcessListener):
@@ -374,6 +393,7 @@ class Distributor:
             if reg.thread is not None:
                 reg.thread.join(timeout)
             return reg.exited()
+        assert isinstance(reg, ProcessListener)
         for lane in reg.lanes:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             if not lane.exited.wait(left):
@@ -389,35 +409,43 @@ class Distributor:
                 f"distribute takes fanout.Add, fanout.Update or fanout.Delete, "
                 f"not {type(n).__name__}"
             )
-        listeners, any_process, bounded = self._snap
-        if not listeners or self.stopped:
+        plan = self._plan
+        if plan.fast and not sync:  # the common case, kept short
+            append_all(plan.rings, self._encode(n, time.monotonic_ns()))
+            self._notify()
+            return
+        if not plan.listeners or self.stopped:
             return
         if not self.started:
             # client-go: distribute before run() waits for the listeners to start.
             self._started.wait()
-            listeners, any_process, bounded = self._snap
-            if self.stopped or self.stopping or not listeners:
+            plan = self._plan
+            if self.stopped or self.stopping or not plan.listeners:
                 return
         if sync:
-            listeners = tuple(r for r in listeners if r.syncing)
-            if not listeners:
+            plan = _Plan(tuple(r for r in plan.listeners if r.syncing))
+            if not plan.listeners:
                 return
         t_ns = time.monotonic_ns()
-        payload = self.codec.encode(n, t_ns) if any_process else None
-        # Route every target first: a key function that raises, or a bounded
-        # listener without room (overflow="error"), stops the call before any
-        # listener got anything.
-        plan = [(r, r.route(n) if isinstance(r, ProcessListener) else None) for r in listeners]
-        if bounded:
-            for r, lane in plan:
-                if lane is not None and r.max_pending_bytes is not None:
-                    r.check_room(lane, payload)  # type: ignore[attr-defined]
-        item = (n, t_ns)
-        for r, lane in plan:
-            if lane is None:
-                r.put(item)  # type: ignore[attr-defined]
-            else:
-                r.put(lane, payload)  # type: ignore[attr-defined]
+        payload = self.codec.encode(n, t_ns) if plan.encode else b""
+        routed = plan.routed
+        if routed:
+            # Route and check room first: a key function that raises, or a
+            # bounded listener without room (overflow="error"), stops the call
+            # before any listener got anything.
+            lanes = [r.route(n) for r in routed]
+            for r, lane in zip(routed, lanes, strict=True):
+                if r.max_pending_bytes is not None:
+                    r.check_room(lane, payload)
+        if plan.rings:
+            append_all(plan.rings, payload)
+        if routed:
+            for r, lane in zip(routed, lanes, strict=True):
+                r.put(lane, payload)
+        if plan.puts:
+            item = (n, t_ns)
+            for put in plan.puts:
+                put(item)
         self.pump.notify()
 
     def should_resync(self) -> bool:
@@ -453,6 +481,7 @@ class Distributor:
             for reg in self._listeners:
                 reg.start()
             self.started = True
+            self._publish(self._listeners)
         self._started.set()
         self.supervisor.wake()
         self.pump.notify()
@@ -493,10 +522,7 @@ class Distributor:
             self._publish(())
             for reg in listeners:
                 reg.removed = True
-                if isinstance(reg, ThreadListener):
-                    reg.close(drain=False)
-                else:
-                    reg.close()
+                reg.close(drain=False)
             self._closing.extend(r for r in listeners if isinstance(r, ProcessListener))
         self._started.set()  # release producers waiting for start()
         if was_started:

@@ -136,6 +136,31 @@ class Registration:
         """The executor-specific part of ``stats()``."""
         raise NotImplementedError
 
+    def worker_pids(self) -> list[int]:
+        """Return the pids of the running worker processes (none for a thread)."""
+        return []
+
+    # -- lifecycle, driven by the distributor (its lock held) ------------------------
+
+    def start(self) -> None:
+        """Start the workers or the thread."""
+        raise NotImplementedError
+
+    def close(self, drain: bool = False) -> None:
+        """Stop taking notifications and ask the workers or the thread to leave."""
+        raise NotImplementedError
+
+    def exited(self) -> bool:
+        """Tell whether every worker or the thread has ended."""
+        raise NotImplementedError
+
+    def release(self) -> None:
+        """Free what outlives the workers (shared memory)."""
+
+    def drained(self) -> bool:
+        """Tell whether everything queued was handled."""
+        raise NotImplementedError
+
     def stats(self) -> ListenerStats:
         """Return a snapshot of this listener's counters."""
         hist = self.latency_histogram()
@@ -321,7 +346,7 @@ class ProcessListener(Registration):
         for lane in self.lanes:
             lane.spawn()
 
-    def close(self) -> None:
+    def close(self, drain: bool = False) -> None:
         """Ask every worker to leave and stop feeding it (distributor lock held)."""
         for lane in self.lanes:
             lane.close()
@@ -454,7 +479,7 @@ class Lane:
                 codec_blob=dist.codec_blob,
                 slot_offset=self.index * SLOT_BYTES,
             )
-            proc = dist.mp_context.Process(
+            proc = dist.mp_context.Process(  # type: ignore[attr-defined]
                 target=worker_main,
                 args=(spec, FdArg(r), FdArg(rw), FdArg(listener.memfd)),
                 name=f"fanout-{listener.name}-{self.index}",
@@ -553,9 +578,6 @@ class ThreadListener(Registration):
         """Tell whether the thread has ended (or never started)."""
         return self.thread is None or not self.thread.is_alive()
 
-    def release(self) -> None:
-        """Nothing to free: the thread owns no OS resource but itself."""
-
     def drained(self) -> bool:
         """Tell whether everything queued was handled."""
         with self.cond:
@@ -578,7 +600,7 @@ class ThreadListener(Registration):
         hist = self.hist
         monotonic_ns = time.monotonic_ns
         while True:
-            batch = []
+            batch: list[tuple[Any, int]] = []  # (notification, t_ns)
             with cond:
                 while not len(ring):
                     if self.stopping:

@@ -113,15 +113,13 @@ class Supervisor(threading.Thread):
         with dist.lock:
             # Messages first: an exception reported just before a crash is
             # reported before the crash is handled.
-            for fd in ready:
-                lane, what = watch.get(fd, (None, ""))
-                if lane is not None and what == "msg" and lane.rfd == fd:
+            hits = [watch[fd] for fd in ready if isinstance(fd, int) and fd in watch]
+            for lane, what in hits:
+                if what == "msg" and lane.rfd >= 0:
                     self._read_messages(lane, calls)
-            for fd in ready:
-                lane, what = watch.get(fd, (None, ""))
-                if lane is not None and what == "exit" and lane.proc is not None:
-                    if lane.proc.sentinel == fd:
-                        self._on_exit(lane, calls)
+            for lane, what in hits:
+                if what == "exit" and lane.proc is not None:
+                    self._on_exit(lane, calls)
             self._tick(dist.supervised_lanes(), calls)
         for call in calls:
             call()

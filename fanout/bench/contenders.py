@@ -13,6 +13,7 @@ gate (a stalled listener waits for a file), then ``work_us`` of pure Python.
 from __future__ import annotations
 
 import collections
+import fcntl
 import multiprocessing
 import os
 import shutil
@@ -25,6 +26,7 @@ import msgpack
 
 import fanout
 from fanout.bench.payloads import spin
+from fanout.listener import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import NBUCKETS, bucket_of
 from fanout.worker import FdArg
 
@@ -55,14 +57,19 @@ class _Tally:
         self.handler = BenchHandler(work_us, gate)
         self.count = 0
         self.hist = [0] * NBUCKETS
+        self.t_last = 0.0
 
     def handle(self, t_ns: int, old: Any, new: Any) -> None:
         self.hist[bucket_of(time.monotonic_ns() - t_ns)] += 1
         self.handler.on_update(old, new)
         self.count += 1
+        self.t_last = time.monotonic()
+
+    def result(self) -> dict[str, Any]:
+        return {"count": self.count, "hist": self.hist, "t_last": self.t_last}
 
     def report(self, fd: int) -> None:
-        data = msgpack.packb({"count": self.count, "hist": self.hist})
+        data = msgpack.packb(self.result())
         while data:
             data = data[os.write(fd, data) :]
         os.close(fd)
@@ -87,7 +94,8 @@ def _read_result(fd: int, timeout: float) -> dict[str, Any]:
             break
         chunks.append(chunk)
     os.close(fd)
-    return msgpack.unpackb(b"".join(chunks), raw=False)  # type: ignore[no-any-return]
+    result: dict[str, Any] = msgpack.unpackb(b"".join(chunks), raw=False)
+    return result
 
 
 class _ProcessSession:
@@ -285,6 +293,10 @@ class PipeBaseline(_ProcessSession):
             row = []
             for _ in range(self.W):
                 r, w = os.pipe()
+                try:  # the same pipe size fanout asks for: compare like with like
+                    fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
+                except OSError:
+                    pass
                 self._spawn(_pipe_consumer, i, FdArg(r))
                 os.close(r)
                 row.append(w)
@@ -422,7 +434,7 @@ class FasterFifo(_ProcessSession):
             for q in row:
                 self._spawn(_ff_consumer, i, q)
             self.queues.append(row)
-        self.bufs = [[[] for _ in range(self.W)] for _ in range(self.L)]
+        self.bufs: list[list[list[Any]]] = [[[] for _ in range(self.W)] for _ in range(self.L)]
         self.pending = 0
         self._wait_ready()
 
@@ -596,7 +608,7 @@ class ThreadDeque:
             t.join(max(0.1, deadline - time.monotonic()))
             if t.is_alive():
                 raise TimeoutError(f"{self.name}: a listener thread did not finish")
-        return [{"count": t.count, "hist": t.hist} for t in self.tallies]
+        return [t.result() for t in self.tallies]
 
     def buffered_bytes(self) -> int | None:
         return None

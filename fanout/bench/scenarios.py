@@ -294,7 +294,9 @@ class Suite:
                 "notifications": n,
             }
             if cls.name in plain:
-                extra["ratio_to_unstalled"] = healthy / plain[cls.name]
+                # Per listener: a healthy one beside a stalled sibling, against
+                # one of L healthy listeners in the throughput scenario.
+                extra["ratio_to_unstalled"] = (healthy / (L - 1)) / (plain[cls.name] / L)
             params = {"listeners": L, "stall_s": self.opts.stall_seconds}
             self._record(
                 Measurement(

@@ -28,7 +28,7 @@ import pytest
 PAIRS = 1000  # write/read pairs per round
 FRAME_SIZE = 200  # payload bytes
 SEND_EVERY = 64  # appends between two send_to calls, as a pump batches them
-FRAMES = 160 * SEND_EVERY  # 10,240 frames per round
+FRAMES = 10_240  # frames per round (a multiple of every batch size measured)
 PIPE_SIZE = 1 << 20  # fanout raises its pipes to this (F_SETPIPE_SZ)
 HEADER = struct.Struct("<IQ")
 
@@ -57,11 +57,13 @@ def deque_pairs(queue: collections.deque, items: list[int] = ITEMS) -> None:
         popleft()
 
 
-def frame_ring_round(ring: Any, fd: int, payload: bytes = PAYLOAD) -> None:
-    """Append ``FRAMES`` frames, sending every ``SEND_EVERY``; then flush and ack."""
+def frame_ring_round(
+    ring: Any, fd: int, payload: bytes = PAYLOAD, send_every: int = SEND_EVERY
+) -> None:
+    """Append ``FRAMES`` frames, sending every ``send_every``; then flush and ack."""
     append, send_to, ack = ring.append, ring.send_to, ring.ack
-    for _ in range(FRAMES // SEND_EVERY):
-        for _ in range(SEND_EVERY):
+    for _ in range(FRAMES // send_every):
+        for _ in range(send_every):
             append(payload)
         send_to(fd)
         ack(ring.sent_seq)  # the reader keeps up: what was sent is done

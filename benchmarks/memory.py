@@ -54,15 +54,19 @@ def main() -> None:
         s = reg.stats()
         held = s.pending_bytes
         peak = rss()
-        print(f"{n:,} pending: ring holds {held:,} B (capacity {s.capacity_bytes:,} B); "
-              f"RSS +{peak - start:,} B = {(peak - start) / held:.2f}x the bytes held "
-              f"(target <= 1.5x); producer {produced / n * 1e6:.2f} us/notification")
+        print(
+            f"{n:,} pending: ring holds {held:,} B (capacity {s.capacity_bytes:,} B); "
+            f"RSS +{peak - start:,} B = {(peak - start) / held:.2f}x the bytes held "
+            f"(target <= 1.5x); producer {produced / n * 1e6:.2f} us/notification"
+        )
         open(gate, "w").close()
         wait(lambda: reg.stats().pending == 0)
         wait(lambda: reg.stats().capacity_bytes <= 64 * 1024)
         end = rss()
-        print(f"drained: capacity {reg.stats().capacity_bytes:,} B; RSS {end:,} B vs "
-              f"{start:,} B at the start = {end / start:.2f}x (target <= 1.2x)")
+        print(
+            f"drained: capacity {reg.stats().capacity_bytes:,} B; RSS {end:,} B vs "
+            f"{start:,} B at the start = {end / start:.2f}x (target <= 1.2x)"
+        )
     os.unlink(gate)
 
 

@@ -30,6 +30,7 @@ from bench_rings import (  # the sys.path entry above makes this importable
     FRAME_SIZE,
     FRAMES,
     PAIRS,
+    SEND_EVERY,
     deque_pairs,
     drained_pipe,
     frame_ring_round,
@@ -40,6 +41,7 @@ from bench_rings import (  # the sys.path entry above makes this importable
 import fanout._ring_py
 
 REPEAT = 9
+BATCHES = (16, SEND_EVERY, 256)  # appends per send_to: the pump sends what is pending
 
 
 def best(calls: dict[str, Callable[[], object]], number: int) -> dict[str, float]:
@@ -90,14 +92,21 @@ def main() -> None:
         fd = stack.enter_context(drained_pipe(blocking=True))
         calls = {"os.write": partial(os_write_round, fd)}
         for name, impl in impls:
-            ring_fd = stack.enter_context(drained_pipe(blocking=False))
-            calls[name] = partial(frame_ring_round, impl.FrameRing(1 << 16), ring_fd)
+            for batch in BATCHES if name == "native" else (SEND_EVERY,):
+                ring_fd = stack.enter_context(drained_pipe(blocking=False))
+                ring = impl.FrameRing(1 << 16)
+                calls[f"{name}/{batch}"] = partial(
+                    frame_ring_round, ring, ring_fd, send_every=batch
+                )
         rate = {name: FRAMES / t for name, t in best(calls, 5).items()}
     print(f"  os.write per frame  {rate['os.write']:12,.0f} frames/s")
-    for name, _ in impls:
-        ratio = rate[name] / rate["os.write"]
+    for name, r in rate.items():
+        if name == "os.write":
+            continue
+        impl, batch = name.split("/")
+        ratio = r / rate["os.write"]
         print(
-            f"  {name:<6} FrameRing    {rate[name]:12,.0f} frames/s   "
+            f"  {impl:<6} FrameRing, send_to every {batch:>3} frames {r:12,.0f} frames/s   "
             f"FrameRing / os.write = {ratio:.2f}"
         )
 

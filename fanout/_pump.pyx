@@ -224,7 +224,7 @@ cdef class Pump:
         cdef pollfd* fds = NULL
         cdef Py_ssize_t i, nfds, cap = 0
         cdef Py_ssize_t r
-        cdef int ready, timeout
+        cdef int ready, timeout, sent, burst = 0
         cdef uint64_t drained, woke, last_wake = 0
         while fanout_load(&self.running):
             pthread_mutex_lock(&self.table_lock)
@@ -241,6 +241,7 @@ cdef class Pump:
             fds[0].events = POLLIN
             nfds = 1
             timeout = -1
+            sent = 0
             # One pass: every lane with bytes waiting gets one writev.
             for i in range(self.nlanes):
                 self.lanes[i].blocked = 0
@@ -249,6 +250,8 @@ cdef class Pump:
                 if fr_unsent(self.lanes[i].st) == 0:
                     continue
                 r = fr_send(self.lanes[i].st, self.lanes[i].fd)
+                if r > 0:
+                    sent = 1
                 if r < 0:
                     self.lanes[i].broken = 1
                     self.lanes[i].error = <int>-r
@@ -263,6 +266,12 @@ cdef class Pump:
                         fds[nfds].events = POLLOUT
                         nfds += 1
             pthread_mutex_unlock(&self.table_lock)
+            if burst and sent and nfds == 1 and timeout == -1:
+                # In a burst, nap without announcing it: producers skip the
+                # eventfd write, and the next pass carries what gathered.
+                _nap_ns(COALESCE_NS)
+                continue
+            burst = 0
             # Announce the nap, then look once more: an append that raced with
             # the pass either shows up here or sees sleeping == 1 and wakes us.
             fanout_store(&self.sleeping, 1)
@@ -285,8 +294,10 @@ cdef class Pump:
                 woke = _now_ns()
                 if woke - last_wake < BURST_NS:
                     # Wake-ups come in a burst: let the producer add a few more
-                    # frames so one writev (and one reader wake-up) carries them.
-                    # At low rates there is no pause, so latency stays low.
+                    # frames so one writev (and one reader wake-up) carries them,
+                    # and keep napping while passes find work. At low rates there
+                    # is no pause, so latency stays low.
+                    burst = 1
                     _nap_ns(COALESCE_NS)
                 last_wake = woke
         PyMem_RawFree(fds)

@@ -156,7 +156,9 @@ cdef inline void _ack_from_source(fr_state* st) noexcept nogil:
     cdef uint64_t done
     if st.ack_src != NULL:
         done = st.ack_src[0]
-        if done > st.acked_seq:
+        # A reader cannot finish a frame never appended: such a word is garbage
+        # (the supervisor restarts that reader), so it frees nothing.
+        if done > st.acked_seq and done < st.next_seq:
             _ack_to(st, done if done < st.sent_seq else st.sent_seq)
 
 
@@ -617,6 +619,18 @@ cdef class FrameRing:
     def last_seq(self):
         """Sequence number of the last frame appended (0 before any)."""
         return self.st.next_seq - 1
+
+    @property
+    def first_seq(self):
+        """Sequence number of the first frame held (0 when empty)."""
+        cdef fr_state* st = self.st
+        cdef size_t length
+        cdef uint64_t seq = 0
+        _lock(st)
+        if st.frames:
+            _get_header(st, 0, &length, &seq)
+        pthread_mutex_unlock(&st.lock)
+        return seq
 
     @property
     def acked_seq(self):

@@ -231,7 +231,9 @@ class FrameRing:
         with self._lock:
             if self._ack_view is not None:
                 done = self._ack_view[self._ack_index]
-                if done > self._acked_seq:
+                # A reader cannot finish a frame never appended: such a word is
+                # garbage (the supervisor restarts that reader), so it frees nothing.
+                if self._acked_seq < done < self._next_seq:
                     self._ack_to(min(done, self._sent_seq))
             todo = self._used - self._sent
             if self._inflight:
@@ -413,6 +415,12 @@ class FrameRing:
     def last_seq(self) -> int:
         """Sequence number of the last frame appended (0 before any)."""
         return self._next_seq - 1
+
+    @property
+    def first_seq(self) -> int:
+        """Sequence number of the first frame held (0 when empty)."""
+        with self._lock:
+            return self._header(0)[1] if self._frames else 0
 
     @property
     def acked_seq(self) -> int:

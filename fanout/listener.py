@@ -32,6 +32,7 @@ from fanout.stats import (
     HANDLED,
     HIST,
     NBUCKETS,
+    PID,
     SLOT_BYTES,
     SLOT_WORDS,
     START_NS,
@@ -436,6 +437,7 @@ class Lane:
         self.rbuf = bytearray()
         self.ready = False
         self.fatal = False  # the worker reported a start-up or frame failure
+        self.corrupt = False  # the worker wrote impossible progress: trust none of it
         self.closing = False
         self.appends = 0
         self.initial_seq = 0
@@ -454,7 +456,7 @@ class Lane:
         """Free ring frames the worker has finished."""
         ring = self.ring
         done = int(self.slot[DONE])
-        if done > ring.acked_seq:
+        if ring.acked_seq < done <= ring.last_seq:  # beyond: garbage, see supervisor
             ring.ack(min(done, ring.sent_seq))
 
     def spawn(self) -> None:
@@ -464,6 +466,7 @@ class Lane:
         self.slot[STARTED] = self.slot[DONE] = self.ring.acked_seq
         self.slot[START_NS] = 0
         self.slot[STOP] = 0
+        self.slot[PID] = 0
         r, w = os.pipe2(os.O_CLOEXEC)
         rr, rw = os.pipe2(os.O_CLOEXEC)
         try:
@@ -499,6 +502,7 @@ class Lane:
         self.rbuf = bytearray()
         self.ready = False
         self.fatal = False
+        self.corrupt = False
         self.kill_reason = None
         self.kill_at = 0.0
         self.respawn_at = 0.0

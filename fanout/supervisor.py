@@ -11,6 +11,7 @@ killed and restarted. User callbacks run here, outside the distributor's lock.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from fanout.listener import Lane, ProcessListener
-from fanout.stats import DONE, START_NS, STARTED
+from fanout.stats import DONE, PID, START_NS, STARTED
 from fanout.worker import EXIT_BAD_FRAME, EXIT_START_FAILED, MAX_RETURN_MESSAGE, RETURN_HEADER
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ TERM_GRACE = 0.2  # SIGTERM -> SIGKILL for a handler past its timeout
 MAX_BACKOFF = 5.0  # between restarts of a worker that dies while starting
 FIRST_BACKOFF = 0.1
 ACK_TICK = 0.1  # how often held frames are released when nothing else happens
+CHECK_TICK = 0.5  # how often running workers' progress slots are checked
 
 
 def describe_exit(code: int | None, fatal: bool = False) -> str:
@@ -147,6 +149,7 @@ class Supervisor(threading.Thread):
                 sooner(min(listener.handler_timeout / 4, 0.1))
             if len(lane.ring):
                 sooner(ACK_TICK)
+            sooner(CHECK_TICK)  # the progress-slot sanity check
         return timeout
 
     # -- return pipe ---------------------------------------------------------------------
@@ -241,9 +244,20 @@ class Supervisor(threading.Thread):
             return
         reason = lane.kill_reason or describe_exit(code, lane.fatal)
         ring, slot = lane.ring, lane.slot
-        started, done = int(slot[STARTED]), int(slot[DONE])
+        if lane.corrupt:
+            # Trust no "done" it wrote: resend all that was not acked. Charge the
+            # attempt to the frame it said it started if that is plausible, else
+            # to the first frame held, so a handler that keeps corrupting its
+            # slot on one notification ends up dead-lettering something.
+            done = ring.acked_seq
+            started = int(slot[STARTED])
+            if not done < started <= ring.sent_seq:
+                started = ring.first_seq
+        else:  # the pump is detached: sent_seq is final, nothing beyond it ran
+            started = min(int(slot[STARTED]), ring.sent_seq)
+            done = min(int(slot[DONE]), ring.sent_seq)
         if done > ring.acked_seq:
-            ring.ack(min(done, ring.sent_seq))
+            ring.ack(done)
         if started > done and started > ring.acked_seq:
             attempts = lane.attempts.get(started, 0) + 1
             if attempts >= listener.max_attempts:
@@ -303,6 +317,18 @@ class Supervisor(threading.Thread):
 
     # -- timers --------------------------------------------------------------------------
 
+    @staticmethod
+    def _corrupt_slot(lane: Lane) -> str | None:
+        """Say what is impossible in a worker's progress slot, if anything."""
+        slot, last = lane.slot, lane.ring.last_seq
+        done, started = int(slot[DONE]), int(slot[STARTED])
+        if done > last or started > last:
+            return f"done={done} started={started} beyond the last frame appended, {last}"
+        pid = int(slot[PID])
+        if lane.ready and lane.proc is not None and pid not in (0, lane.proc.pid):
+            return f"pid word {pid} is not the worker's pid {lane.proc.pid}"
+        return None
+
     def _tick(self, lanes: list[Lane], calls: list[Callable[[], None]]) -> None:
         now = time.monotonic()
         now_ns = time.monotonic_ns()
@@ -314,6 +340,15 @@ class Supervisor(threading.Thread):
                     if not self.dist.stopping:
                         self._respawn(lane, calls)
                 continue
+            if not lane.kill_reason and not lane.closing:
+                corrupt = self._corrupt_slot(lane)
+                if corrupt:
+                    lane.corrupt = True
+                    lane.kill_reason = f"worker corrupted its progress slot ({corrupt})"
+                    text = f"listener {listener.name!r} lane {lane.index}: {lane.kill_reason}"
+                    calls.append(functools.partial(listener.report_error, None, text))
+                    proc.kill()
+                    continue
             lane.ack()
             if lane.kill_at and now >= lane.kill_at:
                 proc.kill()

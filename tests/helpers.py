@@ -181,3 +181,25 @@ class TermIgnorer(Recorder):
     def _steer(self, o: Any) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         super()._steer(o)
+
+
+class SlotScribbler(Recorder):
+    """On ``{"scribble": word}``, overwrite that word of the worker's progress slot.
+
+    The slot is found as the ``slot`` local of ``fanout.worker.worker_main`` up the
+    call stack (the view the worker writes its progress through).
+    """
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        if isinstance(obj, dict) and "scribble" in obj:
+            import sys
+
+            frame = sys._getframe()
+            while frame is not None and "slot" not in frame.f_locals:
+                frame = frame.f_back
+            assert frame is not None, "no progress slot up the stack"
+            word, value = obj["scribble"]
+            frame.f_locals["slot"][word] = value
+            time.sleep(obj.get("sleep", 0))
+            return
+        super().on_add(obj, is_in_initial_list)

@@ -21,6 +21,7 @@ from helpers import (
     FailingFactory,
     GarbageWriter,
     Recorder,
+    SlotScribbler,
     TermIgnorer,
     obj,
     read_calls,
@@ -29,6 +30,7 @@ from helpers import (
 )
 
 import fanout
+import fanout.stats
 
 RING_NORMAL_BYTES = 64 * 1024  # a lane's ring shrinks back to this once drained
 
@@ -615,3 +617,31 @@ def test_failing_factory_is_reported_with_backoff(make_dist, tmp_path):
     assert d.stop(drain=False) is False  # the notification was pending, now dropped
     assert time.monotonic() - t0 < 10
     assert reg.worker_pids() == []
+
+
+@pytest.mark.parametrize(
+    ("word", "value", "what"),
+    [(fanout.stats.DONE, 10**12, "beyond the last frame"), (fanout.stats.PID, 1, "pid word")],
+)
+def test_corrupted_progress_slot_is_reported_and_the_worker_restarted(
+    make_dist, tmp_path, word, value, what
+):
+    errors = []
+    path = tmp_path / "r"
+    d = make_dist()
+    reg = d.add_listener(SlotScribbler(path), on_error=lambda r, n, text: errors.append(text))
+    d.start()
+    assert reg.wait_ready(60)
+    (pid,) = reg.worker_pids()
+    d.distribute(fanout.Add(obj("a", 1)))
+    # The handler scribbles, then stays in the call so the bad word stays put.
+    d.distribute(fanout.Add({"scribble": [word, value], "sleep": 30}))
+    assert wait_for(lambda: errors and reg.stats().restarts >= 1, timeout=60)
+    assert "corrupted its progress slot" in errors[0] and what in errors[0]
+    assert pid not in reg.worker_pids()
+    d.distribute(fanout.Add(obj("b", 2)))
+    # Each new worker gets the scribbler again; after max_attempts it is dead-lettered.
+    assert d.stop(drain=True, timeout=120) is True
+    names = [c.name for c in read_calls(path)]
+    assert names[-1] == "b" and "a" in names  # a may come twice: at-least-once
+    assert reg.stats().dead_lettered == 1 and reg.stats().restarts == 3

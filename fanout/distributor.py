@@ -8,6 +8,7 @@ alive. See ../shared/DESIGN.md for the picture.
 
 from __future__ import annotations
 
+import atexit
 import math
 import multiprocessing
 import pickle
@@ -32,6 +33,14 @@ EXECUTORS = ("process", "thread")
 OVERFLOW_POLICIES = ("block", "drop_oldest", "drop_newest", "error")
 START_METHODS = ("forkserver", "spawn")
 _names = iter(range(1, 1 << 62))
+# Started, not yet stopped: stopped at interpreter exit if the program forgot to.
+_running: weakref.WeakSet[Distributor] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    for d in list(_running):
+        d.stop(drain=False)
 
 
 def _check_period(name: str, value: Any, *, allow_none: bool = False) -> float | None:
@@ -133,9 +142,6 @@ class Distributor:
         self._encode = self.codec.encode
         self._pump_thread: threading.Thread | None = None
         self.supervisor = Supervisor(self)
-        self._finalizer = weakref.finalize(
-            self, Distributor._emergency_stop, self._cleanup_state()
-        )
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -482,6 +488,7 @@ class Distributor:
                 reg.start()
             self.started = True
             self._publish(self._listeners)
+            _running.add(self)
         self._started.set()
         self.supervisor.wake()
         self.pump.notify()
@@ -532,7 +539,7 @@ class Distributor:
             for reg in self._closing:
                 reg.release()
             self._closing = []
-        self._finalizer.detach()
+        _running.discard(self)
         self._shutdown_threads(was_started)
         return drained
 
@@ -574,16 +581,6 @@ class Distributor:
             self.supervisor.join()
         self.pump.close()
         self.supervisor.close()
-
-    def _cleanup_state(self) -> Any:
-        return (self.pump, self.supervisor)
-
-    @staticmethod
-    def _emergency_stop(state: Any) -> None:
-        """Last resort when a started Distributor is garbage collected unstopped."""
-        pump, supervisor = state
-        pump.stop()
-        supervisor.stop()
 
     def __enter__(self) -> Distributor:
         return self.start()

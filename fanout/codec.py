@@ -53,8 +53,8 @@ def _builtin_to_ext(obj: Any) -> Any:
                     "cannot encode a numpy array of dtype object: only arrays of plain "
                     "numbers, bools or fixed-size strings travel as raw bytes"
                 )
-            arr = np.ascontiguousarray(obj)
-            body = msgpack.packb([arr.dtype.str, list(arr.shape), arr.data], use_bin_type=True)
+            arr = np.ascontiguousarray(obj)  # (a 0-d array comes back 1-d: keep obj's shape)
+            body = msgpack.packb([arr.dtype.str, list(obj.shape), arr.data], use_bin_type=True)
             return EXT_NDARRAY, body
     return None
 

@@ -228,7 +228,12 @@ class Supervisor(threading.Thread):
 
     def _on_exit(self, lane: Lane, calls: list[Callable[[], None]]) -> None:
         proc = lane.proc
-        proc.join(0)
+        # The sentinel can turn readable (the child's fds closed) a moment before
+        # the child can be reaped (seen with spawn): wait for it, briefly.
+        proc.join(5)
+        if proc.exitcode is None:
+            proc.kill()
+            proc.join(5)
         code = proc.exitcode
         if lane.rfd >= 0:
             self._read_messages(lane, calls)

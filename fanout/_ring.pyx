@@ -16,7 +16,6 @@ from libc.string cimport memcpy, memset
 from os import strerror
 
 from fanout._ring_common import (
-    MIN_FRAME_CAPACITY,
     RING_GROW_FROM_ZERO,
     check_ack,
     check_fd,
@@ -44,6 +43,7 @@ cdef extern from "<sys/uio.h>" nogil:
 cdef enum:
     HDR = 12                # frame header: u32 length + u64 seq, little endian
     BIG_COPY = 64 * 1024    # copies at least this large run without the GIL
+    MIN_CAP = 64            # == _ring_common.MIN_FRAME_CAPACITY
 
 
 # -- byte helpers; all run with st.lock held --------------------------------------
@@ -172,6 +172,8 @@ cdef inline void _wait_not_sending(fr_state* st) noexcept nogil:
 
 
 cdef Py_ssize_t fr_send(fr_state* st, int fd) noexcept nogil:
+    cdef size_t room, target, end, flen
+    cdef uint64_t fseq
     cdef iovec iov[2]
     cdef ssize_t written
     cdef size_t todo, start, first
@@ -179,13 +181,18 @@ cdef Py_ssize_t fr_send(fr_state* st, int fd) noexcept nogil:
     pthread_mutex_lock(&st.lock)
     _ack_from_source(st)
     todo = st.used - st.sent
-    if st.inflight_cap:
+    if st.inflight_cap and todo:
         # Bytes in flight (sent, not acked) stay below the cap, so frames that
-        # wait can still be dropped by an overflow policy.
-        if st.sent >= st.inflight_cap:
-            todo = 0
-        elif todo > st.inflight_cap - st.sent:
-            todo = st.inflight_cap - st.sent
+        # wait can still be dropped by an overflow policy; but a frame begun is
+        # always finished (a reader can only finish whole frames).
+        target = st.inflight_cap if st.sent < st.inflight_cap else st.sent
+        end = st.boundary  # walk to the first frame boundary at or past target
+        while end < target and end < st.used:
+            _get_header(st, end, &flen, &fseq)
+            end += HDR + flen
+        room = end - st.sent if end > st.sent else 0
+        if todo > room:
+            todo = room
     if todo == 0:
         pthread_mutex_unlock(&st.lock)
         return 0
@@ -234,9 +241,95 @@ cdef size_t fr_unsent(fr_state* st) noexcept nogil:
 cdef bint fr_capped(fr_state* st) noexcept nogil:
     cdef bint capped
     pthread_mutex_lock(&st.lock)
-    capped = st.inflight_cap != 0 and st.sent >= st.inflight_cap and st.used > st.sent
+    capped = _capped(st)
     pthread_mutex_unlock(&st.lock)
     return capped
+
+
+cdef inline bint _capped(fr_state* st) noexcept nogil:
+    # Bytes wait, no frame is half sent, and what is in flight reached the cap.
+    return (st.inflight_cap != 0 and st.used > st.sent and st.sent == st.boundary
+            and st.sent >= st.inflight_cap)
+
+
+cdef enum:
+    PUT_OK = 0
+    PUT_FULL = 1
+    PUT_NOMEM = 2
+
+
+cdef inline uint64_t _append_locked(fr_state* st, const unsigned char* data,
+                                    size_t n) noexcept nogil:
+    """Write header and payload at the end; room checked; lock held."""
+    cdef unsigned char hdr[HDR]
+    cdef uint64_t seq = st.next_seq
+    _put_header(hdr, <uint32_t>n, seq)
+    _copy_in(st, st.used, hdr, HDR)
+    _copy_in(st, st.used + HDR, data, n)
+    st.used += n + HDR
+    st.frames += 1
+    st.next_seq = seq + 1
+    return seq
+
+
+cdef int _put_nogil(fr_state* st, const unsigned char* data, size_t n,
+                    uint64_t* seq, size_t* held) noexcept nogil:
+    """Take the lock, grow if needed, append; PUT_OK / PUT_FULL / PUT_NOMEM."""
+    cdef size_t total = n + HDR, cap
+    pthread_mutex_lock(&st.lock)
+    held[0] = st.used
+    if st.bounded and st.used + total > st.maxb:
+        pthread_mutex_unlock(&st.lock)
+        return PUT_FULL
+    if st.used + total > st.cap:
+        cap = st.cap if st.cap > MIN_CAP else MIN_CAP
+        while cap < st.used + total:
+            cap *= 2
+        if st.bounded and cap > st.maxb:
+            cap = st.maxb
+        if _relocate(st, cap) != 0:
+            pthread_mutex_unlock(&st.lock)
+            return PUT_NOMEM
+    seq[0] = _append_locked(st, data, n)
+    pthread_mutex_unlock(&st.lock)
+    return PUT_OK
+
+
+cdef int _drop_unsent(fr_state* st, size_t want, size_t* frames,
+                      size_t* gap) noexcept nogil:
+    """Drop the oldest whole unsent frames until want bytes are free; -1: no memory."""
+    cdef size_t start, end, length
+    cdef uint64_t seq
+    cdef unsigned char* prefix
+    pthread_mutex_lock(&st.lock)
+    _wait_not_sending(st)
+    # A partly sent frame must be finished, so dropping starts after it.
+    start = st.boundary
+    if st.sent > start:
+        _get_header(st, start, &length, &seq)
+        start += HDR + length
+    end = start
+    while end < st.used and end - start < want:
+        _get_header(st, end, &length, &seq)
+        end += HDR + length
+        frames[0] += 1
+    gap[0] = end - start
+    if gap[0]:
+        # Move the kept prefix [0, start) forward over the dropped frames.
+        prefix = <unsigned char*>PyMem_RawMalloc(start if start else 1)
+        if prefix == NULL:
+            frames[0] = 0
+            gap[0] = 0
+            pthread_mutex_unlock(&st.lock)
+            return -1
+        _copy_out(st, 0, prefix, start)
+        _copy_in(st, gap[0], prefix, start)
+        PyMem_RawFree(prefix)
+        st.head = _phys(st, gap[0])
+        st.used -= gap[0]
+        st.frames -= frames[0]
+    pthread_mutex_unlock(&st.lock)
+    return 0
 
 
 cdef inline void _lock(fr_state* st):
@@ -422,38 +515,25 @@ cdef class FrameRing:
     cdef uint64_t _put(self, const unsigned char* data, size_t n) except 0:
         """Copy n bytes in as the next frame; return its seq (frame checked)."""
         cdef fr_state* st = self.st
-        cdef size_t total = n + HDR, cap, held
-        cdef uint64_t seq
-        cdef unsigned char hdr[HDR]
-        cdef int failed
-        _lock(st)
-        if st.bounded and st.used + total > st.maxb:
-            held = st.used
-            pthread_mutex_unlock(&st.lock)
-            raise RingFull(ring_full_message(total, held, st.maxb))
-        if st.used + total > st.cap:
-            cap = st.cap if st.cap > MIN_FRAME_CAPACITY else MIN_FRAME_CAPACITY
-            while cap < st.used + total:
-                cap *= 2
-            if st.bounded and cap > st.maxb:
-                cap = st.maxb
-            with nogil:  # relocation touches only our buffers, under st.lock
-                failed = _relocate(st, cap)
-            if failed:
+        cdef uint64_t seq = 0
+        cdef size_t held = 0
+        cdef int status
+        # Fast path with the GIL: a small frame that fits, lock free to take.
+        if n < BIG_COPY and pthread_mutex_trylock(&st.lock) == 0:
+            if (st.used + n + HDR <= st.cap
+                    and not (st.bounded and st.used + n + HDR > st.maxb)):
+                seq = _append_locked(st, data, n)
                 pthread_mutex_unlock(&st.lock)
-                raise MemoryError(f"FrameRing cannot grow to {cap} bytes")
-        seq = st.next_seq
-        _put_header(hdr, <uint32_t>n, seq)
-        _copy_in(st, st.used, hdr, HDR)
-        if n >= BIG_COPY:
-            with nogil:  # the caller's view pins data, st.lock owns the ring
-                _copy_in(st, st.used + HDR, data, n)
-        else:
-            _copy_in(st, st.used + HDR, data, n)
-        st.used += total
-        st.frames += 1
-        st.next_seq = seq + 1
-        pthread_mutex_unlock(&st.lock)
+                return seq
+            pthread_mutex_unlock(&st.lock)
+        # Everything else (wait for the lock, grow, big copy) without the GIL, so
+        # the lock is never held while waiting for the GIL.
+        with nogil:  # data is pinned by the caller's buffer view; st by self
+            status = _put_nogil(st, data, n, &seq, &held)
+        if status == PUT_FULL:
+            raise RingFull(ring_full_message(n + HDR, held, st.maxb))
+        if status == PUT_NOMEM:
+            raise MemoryError(f"FrameRing cannot grow to hold {held + n + HDR} bytes")
         return seq
 
     def send_to(self, fd):
@@ -504,23 +584,23 @@ cdef class FrameRing:
 
     def capped(self):
         """Tell whether bytes wait but the in-flight cap holds them back."""
-        cdef fr_state* st = self.st
-        _lock(st)
-        capped = st.inflight_cap != 0 and st.used > st.sent >= st.inflight_cap
-        pthread_mutex_unlock(&st.lock)
+        cdef bint capped
+        with nogil:
+            capped = fr_capped(self.st)
         return capped
 
     def rewind(self):
         """Make the next ``send_to`` start again at the first frame not acked."""
         cdef fr_state* st = self.st
-        _lock(st)
-        with nogil:
+        cdef size_t n
+        with nogil:  # the whole locked section, so the lock never waits for the GIL
+            pthread_mutex_lock(&st.lock)
             _wait_not_sending(st)
-        st.sent = 0
-        st.boundary = 0
-        st.sent_seq = st.acked_seq
-        n = st.frames
-        pthread_mutex_unlock(&st.lock)
+            st.sent = 0
+            st.boundary = 0
+            st.sent_seq = st.acked_seq
+            n = st.frames
+            pthread_mutex_unlock(&st.lock)
         return n
 
     def drop_unsent(self, nbytes):
@@ -531,36 +611,12 @@ cdef class FrameRing:
         """
         cdef fr_state* st = self.st
         cdef size_t want = check_size("nbytes", nbytes)
-        cdef size_t start, end, length, frames = 0, gap
-        cdef uint64_t seq
-        cdef unsigned char* prefix
-        _lock(st)
-        with nogil:
-            _wait_not_sending(st)
-        # A partly sent frame must be finished, so dropping starts after it.
-        start = st.boundary
-        if st.sent > start:
-            _get_header(st, start, &length, &seq)
-            start += HDR + length
-        end = start
-        while end < st.used and end - start < want:
-            _get_header(st, end, &length, &seq)
-            end += HDR + length
-            frames += 1
-        gap = end - start
-        if gap:
-            # Move the kept prefix [0, start) forward over the dropped frames.
-            prefix = <unsigned char*>PyMem_RawMalloc(start if start else 1)
-            if prefix == NULL:
-                pthread_mutex_unlock(&st.lock)
-                raise MemoryError()
-            _copy_out(st, 0, prefix, start)
-            _copy_in(st, gap, prefix, start)
-            PyMem_RawFree(prefix)
-            st.head = (st.head + gap) % st.cap
-            st.used -= gap
-            st.frames -= frames
-        pthread_mutex_unlock(&st.lock)
+        cdef size_t frames = 0, gap = 0
+        cdef int failed
+        with nogil:  # the whole locked section, so the lock never waits for the GIL
+            failed = _drop_unsent(st, want, &frames, &gap)
+        if failed:
+            raise MemoryError("FrameRing.drop_unsent could not allocate its scratch copy")
         return frames, gap
 
     def peek(self):

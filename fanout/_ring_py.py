@@ -236,10 +236,15 @@ class FrameRing:
                 if self._acked_seq < done < self._next_seq:
                     self._ack_to(min(done, self._sent_seq))
             todo = self._used - self._sent
-            if self._inflight:
+            if self._inflight and todo:
                 # Bytes in flight (sent, not acked) stay below the cap, so frames
-                # that wait can still be dropped by an overflow policy.
-                todo = max(0, min(todo, self._inflight - self._sent))
+                # that wait can still be dropped by an overflow policy; but a frame
+                # begun is always finished (a reader can only finish whole frames).
+                target = max(self._inflight, self._sent)
+                end = self._boundary  # walk to the first frame boundary at/past target
+                while end < target and end < self._used:
+                    end += HEADER_SIZE + self._header(end)[0]
+                todo = min(todo, max(0, end - self._sent))
             if todo == 0:
                 return 0
             cap = self._cap
@@ -328,7 +333,11 @@ class FrameRing:
     def capped(self) -> bool:
         """Tell whether bytes wait but the in-flight cap holds them back."""
         with self._lock:
-            return bool(self._inflight) and self._used > self._sent >= self._inflight
+            return (
+                bool(self._inflight)
+                and self._used > self._sent == self._boundary
+                and self._sent >= self._inflight
+            )
 
     def rewind(self) -> int:
         """Make the next ``send_to`` start again at the first frame not acked."""

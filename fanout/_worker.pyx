@@ -12,7 +12,6 @@ from libc.string cimport memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport read
 
-from fanout.errors import BadFrame
 from fanout.stats import (
     DONE as _DONE,
     ERRORS as _ERRORS,
@@ -58,7 +57,8 @@ cdef extern from *:
     int __builtin_clzll(unsigned long long) nogil
 
 
-def serve(int fd, slot_view, unpack, handler, on_error, Py_ssize_t chunk=1 << 20):
+def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
+          Py_ssize_t chunk=1 << 20):
     """Handle frames from ``fd`` until EOF or the slot's STOP word is set."""
     cdef uint64_t[::1] slot = slot_view
     cdef unsigned char* buf = <unsigned char*>PyMem_RawMalloc(chunk)
@@ -107,8 +107,15 @@ def serve(int fd, slot_view, unpack, handler, on_error, Py_ssize_t chunk=1 << 20
                 pos += HDR + length
                 try:
                     kind, t_ns, a, b = unpack(payload)
+                    if kind < ADD or kind > DELETE:
+                        raise ValueError(f"unknown notification kind {kind!r}")
                 except Exception as exc:
-                    raise BadFrame(f"frame {seq} cannot be decoded: {exc!r}") from exc
+                    # Decoding is deterministic: a retry would fail the same way.
+                    # The parent dead-letters it; this worker goes on.
+                    slot[STARTED] = seq
+                    on_bad_frame(seq, f"frame {seq} cannot be decoded: {exc!r}")
+                    slot[DONE] = seq
+                    continue
                 now = _now_ns()
                 slot[START_NS] = now
                 slot[STARTED] = seq
@@ -118,11 +125,12 @@ def serve(int fd, slot_view, unpack, handler, on_error, Py_ssize_t chunk=1 << 20
                         on_update(a, b)
                     elif kind == ADD:
                         on_add(a, bool(b))
-                    elif kind == DELETE:
-                        on_delete(a)
                     else:
-                        raise ValueError(f"unknown notification kind {kind!r}")
+                        on_delete(a)
                 except Exception:
+                    # The call is over: stop the handler_timeout clock before a
+                    # report that may wait on a full return pipe.
+                    slot[START_NS] = 0
                     slot[ERRORS] += 1
                     on_error(seq, payload)
                 slot[HANDLED] += 1

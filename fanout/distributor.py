@@ -19,8 +19,9 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import Any
 
 from fanout._impl import Pump, append_all
+from fanout._ring_common import HEADER_SIZE
 from fanout.codec import Codec, get_codec
-from fanout.errors import DistributorStopped
+from fanout.errors import DistributorStopped, ListenerFull
 from fanout.handlers import resolve_handler
 from fanout.listener import Lane, ProcessListener, Registration, ThreadListener
 from fanout.notifications import NOTIFICATION_TYPES, Add, Notification
@@ -29,6 +30,7 @@ from fanout.supervisor import Supervisor
 __all__ = ["Distributor"]
 
 MIN_RESYNC_PERIOD = 1.0  # client-go's minimumResyncPeriod
+REAP_FALLBACK = 2.0  # stop() reaps workers itself when the supervisor has not
 EXECUTORS = ("process", "thread")
 OVERFLOW_POLICIES = ("block", "drop_oldest", "drop_newest", "error")
 START_METHODS = ("forkserver", "spawn")
@@ -128,6 +130,7 @@ class Distributor:
         self.clock = clock
         self._check_period = check
         self.lock = threading.RLock()
+        self._stop_lock = threading.Lock()
         self._listeners: tuple[Registration, ...] = ()
         # Swapped whole, so distribute() reads one consistent plan without the lock.
         self._plan = _Plan(())
@@ -218,9 +221,9 @@ class Distributor:
                 reg = ProcessListener(self, opts)
             try:
                 self._queue_initial(reg, items)
-                self._set_resync(reg)
                 if self.started:
                     reg.start()
+                self._set_resync(reg)  # last: a failure above changes no period
             except BaseException:
                 self._discard(reg)
                 raise
@@ -332,6 +335,20 @@ class Distributor:
         # Encode (and route) everything before queueing anything: an item the
         # codec refuses leaves the listener unregistered and nothing queued.
         planned = [(reg.route(n), self.codec.encode(n, t_ns)) for n in adds]
+        bound = reg.max_pending_bytes
+        if bound is not None:
+            # No worker runs yet, so nothing would make room: what does not fit
+            # now never will (and "block" would wait forever).
+            per_lane: dict[int, int] = {}
+            for lane, payload in planned:
+                per_lane[lane.index] = per_lane.get(lane.index, 0) + len(payload) + HEADER_SIZE
+            worst = max(per_lane.values())
+            if worst > bound:
+                raise ListenerFull(
+                    f"listener {reg.name!r}: its initial list needs {worst} bytes in one "
+                    f"lane, more than max_pending_bytes={bound}; raise max_pending_bytes "
+                    f"or add the listener without initial_list and distribute the items"
+                )
         reg.add_initial(planned)
 
     def _set_resync(self, reg: Registration) -> None:
@@ -484,11 +501,19 @@ class Distributor:
             )
             self._pump_thread.start()
             self.supervisor.start()
-            for reg in self._listeners:
-                reg.start()
-            self.started = True
-            self._publish(self._listeners)
+            self.started = True  # from here on, stop() cleans up whatever started
             _running.add(self)
+            try:
+                for reg in self._listeners:
+                    reg.start()
+            except BaseException as exc:
+                failure: BaseException | None = exc
+            else:
+                failure = None
+                self._publish(self._listeners)
+        if failure is not None:  # e.g. out of fds: leave nothing half-started
+            self.stop(drain=False)
+            raise failure
         self._started.set()
         self.supervisor.wake()
         self.pump.notify()
@@ -514,6 +539,18 @@ class Distributor:
         ``drain=False`` stop that dropped notifications). Afterwards no worker
         process, thread, fd or shared memory of this distributor remains.
         """
+        current = threading.current_thread()
+        own = {self.supervisor, self._pump_thread}
+        own.update(r.thread for r in self._listeners if isinstance(r, ThreadListener))
+        if current in own:
+            raise RuntimeError(
+                "stop() called from a handler, an on_error / on_dead_letter callback or "
+                "fanout's own threads would wait for itself; call it from another thread"
+            )
+        with self._stop_lock:  # a second caller waits for the first to finish
+            return self._stop(drain, timeout)
+
+    def _stop(self, drain: bool, timeout: float | None) -> bool:
         with self.lock:
             if self.stopped:
                 return True
@@ -546,12 +583,14 @@ class Distributor:
     def _wait_drained(self, timeout: float | None) -> bool:
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.0005
-        while not all(r.drained() for r in self._listeners):
+        # A listener whose worker keeps failing to start can never drain: do not
+        # wait for it forever (its frames are dropped by the stop, and stop says so).
+        while not all(r.drained() or r.stuck() for r in self._listeners):
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
-        return True
+        return not any(r.stuck() for r in self._listeners)
 
     def _reap(self, listeners: tuple[Registration, ...]) -> None:
         """Wait for workers and threads to leave; kill what stays past the grace."""
@@ -565,10 +604,15 @@ class Distributor:
                 lanes = [lane for r in self._closing for lane in r.lanes if lane.proc]  # type: ignore[attr-defined]
                 if not lanes:
                     return
-                if time.monotonic() >= deadline:
+                now = time.monotonic()
+                if now >= deadline:
                     for lane in lanes:
                         lane.close_deadline = 0.0
                         lane.proc.kill()
+                if now >= deadline + REAP_FALLBACK or not self.supervisor.is_alive():
+                    # The supervisor should have reaped them by now: do it here.
+                    for lane in lanes:
+                        self.supervisor.reap(lane)
             self.supervisor.wake()
             time.sleep(0.002)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 __all__ = [
-    "BadFrame",
     "DistributorStopped",
     "FanoutError",
     "ListenerFull",
@@ -25,10 +24,6 @@ class ListenerFull(FanoutError):
 
 class DistributorStopped(FanoutError, RuntimeError):
     """The distributor was stopped; build a new one to go on."""
-
-
-class BadFrame(FanoutError):
-    """A worker received a frame its codec could not decode (the worker exits)."""
 
 
 def ring_full_message(frame_bytes: int, held: int, max_bytes: int) -> str:

@@ -16,6 +16,7 @@ import os
 import threading
 import time
 import traceback
+import weakref
 from collections.abc import Callable, Hashable
 from typing import TYPE_CHECKING, Any
 
@@ -51,6 +52,7 @@ __all__ = ["Registration"]
 
 log = logging.getLogger("fanout")
 
+STUCK_AFTER = 3  # start-up failures in a row after which drain gives up on a lane
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: the producer rarely waits on a full pipe
 RING_INITIAL_BYTES = 64 * 1024
 ACK_EVERY = 256  # appends between opportunistic acks on the producer side
@@ -141,6 +143,10 @@ class Registration:
         """Return the pids of the running worker processes (none for a thread)."""
         return []
 
+    def stuck(self) -> bool:
+        """Tell whether a worker keeps failing to start (so nothing drains)."""
+        return False
+
     # -- lifecycle, driven by the distributor (its lock held) ------------------------
 
     def start(self) -> None:
@@ -195,7 +201,7 @@ class Registration:
             return
         try:
             func(self, n, text)
-        except Exception:
+        except BaseException:  # even SystemExit: the supervisor must go on
             log.exception("listener %r: callback %r raised", self.name, func)
 
 
@@ -225,6 +231,8 @@ class ProcessListener(Registration):
         # freed by the kernel when the last mapping goes, so it cannot leak.
         size = SLOT_BYTES * self.workers
         self.memfd = os.memfd_create(f"fanout-{self.name}", os.MFD_CLOEXEC)
+        # Closed by release(), or when the listener is collected without one.
+        self._close_memfd = weakref.finalize(self, os.close, self.memfd)
         os.ftruncate(self.memfd, size)
         self.shm = mmap.mmap(self.memfd, size)
         self.slots = np.frombuffer(self.shm, dtype=np.uint64).reshape(self.workers, SLOT_WORDS)
@@ -360,7 +368,7 @@ class ProcessListener(Registration):
         """Free the shared memory once no lane uses it."""
         if self.memfd < 0:
             return
-        os.close(self.memfd)
+        self._close_memfd()
         self.memfd = -1
         # Swap every numpy view of the mapping for a copy (stats() after stop
         # still reads the final counters), so the mapping and the fd mmap keeps
@@ -382,7 +390,13 @@ class ProcessListener(Registration):
                 return False
         return True
 
+    def stuck(self) -> bool:
+        """Tell whether a lane's worker keeps failing to start (nothing drains)."""
+        return any(lane.start_failures >= STUCK_AFTER for lane in self.lanes)
+
     def _initial_done(self) -> bool:
+        if self.removed:  # nothing more will be handled: do not hang unsynced
+            return True
         for lane in self.lanes:
             if lane.initial_seq and int(lane.slot[DONE]) < lane.initial_seq:
                 lane.ack()
@@ -447,6 +461,10 @@ class Lane:
         self.close_deadline = 0.0
         self.respawn_at = 0.0
         self.backoff = 0.0
+        self.start_failures = 0  # deaths in a row before the worker said ready
+        self.idle_deaths = 0  # deaths in a row that finished no frame
+        self.done_at_spawn = 0
+        self.spawned_at = 0.0
         self.exited = threading.Event()
 
     def __repr__(self) -> str:
@@ -468,7 +486,12 @@ class Lane:
         self.slot[STOP] = 0
         self.slot[PID] = 0
         r, w = os.pipe2(os.O_CLOEXEC)
-        rr, rw = os.pipe2(os.O_CLOEXEC)
+        try:
+            rr, rw = os.pipe2(os.O_CLOEXEC)
+        except BaseException:
+            os.close(r)
+            os.close(w)
+            raise
         try:
             try:
                 fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
@@ -506,6 +529,8 @@ class Lane:
         self.kill_reason = None
         self.kill_at = 0.0
         self.respawn_at = 0.0
+        self.done_at_spawn = self.ring.acked_seq
+        self.spawned_at = time.monotonic()
         self.ring.rewind()
         dist.pump.add(self, self.ring, w)
 
@@ -588,7 +613,7 @@ class ThreadListener(Registration):
             return len(self.ring) == 0 and self.busy == 0
 
     def _initial_done(self) -> bool:
-        return self.initial_left <= 0
+        return self.initial_left <= 0 or self.removed  # removed: nothing more comes
 
     def ready(self) -> bool:
         """Tell whether the thread has started."""
@@ -628,7 +653,7 @@ class ThreadListener(Registration):
                         on_add(n.obj, n.is_in_initial_list)
                     else:
                         on_delete(n.obj)
-                except Exception:
+                except BaseException:  # even SystemExit: the listener must go on
                     self.errors += 1
                     self.report_error(n, traceback.format_exc())
                 if self.initial_left > 0:  # the initial list is queued first

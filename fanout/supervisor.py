@@ -17,6 +17,7 @@ import os
 import signal
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from multiprocessing.connection import wait
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ import msgpack
 
 from fanout.listener import Lane, ProcessListener
 from fanout.stats import DONE, PID, START_NS, STARTED
-from fanout.worker import EXIT_BAD_FRAME, EXIT_START_FAILED, MAX_RETURN_MESSAGE, RETURN_HEADER
+from fanout.worker import EXIT_START_FAILED, MAX_RETURN_MESSAGE, RETURN_HEADER
 
 if TYPE_CHECKING:
     from fanout.distributor import Distributor
@@ -41,6 +42,11 @@ ACK_TICK = 0.1  # how often held frames are released when nothing else happens
 CHECK_TICK = 0.5  # how often running workers' progress slots are checked
 
 
+def _close_fds(fds: tuple[int, ...]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
 def describe_exit(code: int | None, fatal: bool = False) -> str:
     """Say how a worker ended, from its exit code (``fatal``: it said why first)."""
     if code is None:
@@ -54,8 +60,6 @@ def describe_exit(code: int | None, fatal: bool = False) -> str:
     # worker announced them on its return pipe.
     if fatal and code == EXIT_START_FAILED:
         return "worker could not build its handler"
-    if fatal and code == EXIT_BAD_FRAME:
-        return "worker received a frame it could not decode"
     return f"worker exited with code {code}"
 
 
@@ -66,14 +70,20 @@ class Supervisor(threading.Thread):
         super().__init__(name="fanout-supervisor", daemon=True)
         self.dist = dist
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        # Closed by close(), or when never started and collected.
+        self._close_pipe = weakref.finalize(self, _close_fds, (self.wake_r, self.wake_w))
+        self._wake_lock = threading.Lock()  # wake() never writes to a closed fd
         self.stopping = False
 
     def wake(self) -> None:
         """Make the loop look at the lanes again."""
-        try:
-            os.write(self.wake_w, b"x")
-        except (BlockingIOError, OSError):
-            pass  # already woken, or closed after stop
+        with self._wake_lock:
+            if self.wake_w < 0:
+                return  # closed after stop: nothing to wake
+            try:
+                os.write(self.wake_w, b"x")
+            except BlockingIOError:
+                pass  # already woken
 
     def stop(self) -> None:
         """End the loop (after the distributor stopped every worker)."""
@@ -82,14 +92,20 @@ class Supervisor(threading.Thread):
 
     def close(self) -> None:
         """Free the wake pipe (after the thread ended)."""
-        for fd in (self.wake_r, self.wake_w):
-            os.close(fd)
+        with self._wake_lock:
+            self.wake_w = -1
+            self._close_pipe()
+
+    def reap(self, lane: Lane) -> None:
+        """Reap a stopping lane's worker now (distributor lock held)."""
+        if lane.proc is not None:
+            self._on_exit(lane, [])
 
     def run(self) -> None:
         while not self.stopping:
             try:
                 self._once()
-            except Exception:  # never let the supervisor die: it is the safety net
+            except BaseException:  # never let the supervisor die: it is the safety net
                 log.exception("fanout supervisor: unexpected error (continuing)")
                 time.sleep(0.05)
 
@@ -191,7 +207,7 @@ class Supervisor(threading.Thread):
         listener = lane.listener
         if kind == "ready":
             lane.ready = True
-            lane.backoff = 0.0
+            lane.start_failures = 0
         elif kind == "error":
             try:
                 n = self.dist.codec.decode(msg["payload"])[0]
@@ -199,6 +215,10 @@ class Supervisor(threading.Thread):
                 n = None
             text = str(msg.get("text", ""))
             calls.append(lambda: listener.report_error(n, text))
+        elif kind == "undecodable":
+            listener.dead_lettered += 1
+            why = str(msg.get("text", "frame cannot be decoded"))
+            calls.append(functools.partial(listener.report_dead_letter, None, why))
         elif kind == "fatal":
             lane.fatal = True
             text = str(msg.get("text", ""))
@@ -247,8 +267,44 @@ class Supervisor(threading.Thread):
         if lane.closing or self.dist.stopping:
             lane.exited.set()
             return
+        # Should anything below fail, the tick still starts a new worker.
+        lane.respawn_at = time.monotonic() + FIRST_BACKOFF
         reason = lane.kill_reason or describe_exit(code, lane.fatal)
-        ring, slot = lane.ring, lane.slot
+        progressed = self._rewind(lane, reason, calls)
+        listener.restarts += 1
+        if lane.ready:
+            lane.start_failures = 0
+            lane.idle_deaths = 0 if progressed else lane.idle_deaths + 1
+        else:
+            lane.start_failures += 1
+        if lane.ready and lane.idle_deaths < 2:
+            log.warning(
+                "listener %r lane %d: %s; restarting it", listener.name, lane.index, reason
+            )
+            lane.backoff = 0.0
+            self._respawn(lane, calls)
+        else:
+            # It died while starting, or twice in a row without finishing a
+            # frame: wait longer each time rather than spin.
+            lane.backoff = min(max(lane.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
+            lane.respawn_at = time.monotonic() + lane.backoff
+            log.error(
+                "listener %r lane %d: %s%s; retrying in %.1f s",
+                listener.name,
+                lane.index,
+                reason,
+                "" if lane.ready else " while starting",
+                lane.backoff,
+            )
+
+    def _rewind(self, lane: Lane, reason: str, calls: list[Callable[[], None]]) -> bool:
+        """Free what the dead worker finished, charge the frame it died in, rewind.
+
+        Returns whether the worker finished any frame since it was started.
+        """
+        listener, ring, slot = lane.listener, lane.ring, lane.slot
+        # The pump is detached: sent_seq is final, and no frame past it ran.
+        sent = ring.sent_seq
         if lane.corrupt:
             # Trust no "done" it wrote: resend all that was not acked. Charge the
             # attempt to the frame it said it started if that is plausible, else
@@ -256,16 +312,20 @@ class Supervisor(threading.Thread):
             # slot on one notification ends up dead-lettering something.
             done = ring.acked_seq
             started = int(slot[STARTED])
-            if not done < started <= ring.sent_seq:
-                started = ring.first_seq
-        else:  # the pump is detached: sent_seq is final, nothing beyond it ran
-            started = min(int(slot[STARTED]), ring.sent_seq)
-            done = min(int(slot[DONE]), ring.sent_seq)
+            if not done < started <= sent:
+                started = min(ring.first_seq, sent)
+        else:
+            started = min(int(slot[STARTED]), sent)
+            done = min(int(slot[DONE]), sent)
+        progressed = done > lane.done_at_spawn
         if done > ring.acked_seq:
             ring.ack(done)
         if started > done and started > ring.acked_seq:
             attempts = lane.attempts.get(started, 0) + 1
             if attempts >= listener.max_attempts:
+                # Frames before it were finished (it started this one after them).
+                if started - 1 > ring.acked_seq:
+                    ring.ack(started - 1)
                 payload = ring.peek()
                 ring.ack(started)
                 lane.attempts.pop(started, None)
@@ -275,27 +335,13 @@ class Supervisor(threading.Thread):
                     f"(max_attempts={listener.max_attempts})"
                 )
                 calls.append(self._dead_letter_call(listener, payload, why))
+                progressed = True  # the lane moves on
             else:
                 lane.attempts[started] = attempts
         for seq in [s for s in lane.attempts if s <= ring.acked_seq]:
             del lane.attempts[seq]
-        listener.restarts += 1
-        if lane.ready:
-            log.warning(
-                "listener %r lane %d: %s; restarting it", listener.name, lane.index, reason
-            )
-            lane.backoff = 0.0
-            self._respawn(lane, calls)
-        else:
-            lane.backoff = min(max(lane.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
-            lane.respawn_at = time.monotonic() + lane.backoff
-            log.error(
-                "listener %r lane %d: %s while starting; retrying in %.1f s",
-                listener.name,
-                lane.index,
-                reason,
-                lane.backoff,
-            )
+        ring.rewind()
+        return progressed
 
     def _dead_letter_call(
         self, listener: ProcessListener, payload: bytes | None, why: str
@@ -325,8 +371,9 @@ class Supervisor(threading.Thread):
     @staticmethod
     def _corrupt_slot(lane: Lane) -> str | None:
         """Say what is impossible in a worker's progress slot, if anything."""
-        slot, last = lane.slot, lane.ring.last_seq
+        slot = lane.slot
         done, started = int(slot[DONE]), int(slot[STARTED])
+        last = lane.ring.last_seq  # read after the slot: appends only raise it
         if done > last or started > last:
             return f"done={done} started={started} beyond the last frame appended, {last}"
         pid = int(slot[PID])

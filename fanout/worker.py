@@ -24,7 +24,6 @@ import msgpack
 
 from fanout._ring_common import HEADER, HEADER_SIZE
 from fanout.codec import ADD, DELETE, UPDATE, Codec
-from fanout.errors import BadFrame
 from fanout.handlers import build_handler
 from fanout.stats import (
     DONE,
@@ -45,9 +44,10 @@ RETURN_HEADER = struct.Struct("<I")
 MAX_RETURN_MESSAGE = 16 * 1024 * 1024
 READ_CHUNK = 1 << 20
 
-# Exit codes the parent understands.
+MAX_ECHO = 1 << 20  # a notification larger than this is not echoed with its error
+
+# Exit code the parent understands (with a "fatal" message before it).
 EXIT_START_FAILED = 3
-EXIT_BAD_FRAME = 4
 
 
 @dataclass(frozen=True)
@@ -114,13 +114,14 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
     def on_error(seq: int, payload: bytes) -> None:
         # Called inside the handler's except block: format_exc sees its error.
         text = traceback.format_exc()
+        if len(payload) > MAX_ECHO:  # the parent decodes it only to name it
+            payload = b""
         send_message(ret_fd, {"t": "error", "seq": seq, "text": text, "payload": payload})
 
-    try:
-        serve(data_fd, slot, codec.unpack, handler, on_error)
-    except BadFrame as exc:
-        send_message(ret_fd, {"t": "fatal", "text": f"lane {spec.lane}: {exc}"})
-        os._exit(EXIT_BAD_FRAME)
+    def on_bad_frame(seq: int, text: str) -> None:
+        send_message(ret_fd, {"t": "undecodable", "seq": seq, "text": text})
+
+    serve(data_fd, slot, codec.unpack, handler, on_error, on_bad_frame)
     # Everything was handled (EOF) or the parent asked to stop: leave at once,
     # without running handlers' atexit hooks twice or flushing inherited buffers.
     sys.stdout.flush()
@@ -128,7 +129,9 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
     os._exit(0)
 
 
-def serve_py(fd: int, slot: memoryview, unpack: Any, handler: Any, on_error: Any) -> None:
+def serve_py(
+    fd: int, slot: memoryview, unpack: Any, handler: Any, on_error: Any, on_bad_frame: Any
+) -> None:
     """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
 
     Pure-Python twin of ``fanout._worker.serve``.
@@ -155,8 +158,15 @@ def serve_py(fd: int, slot: memoryview, unpack: Any, handler: Any, on_error: Any
             pos = stop
             try:
                 kind, t_ns, a, b = unpack(payload)
+                if type(kind) is not int or not ADD <= kind <= DELETE or type(t_ns) is not int:
+                    raise ValueError(f"unknown notification kind {kind!r}")
             except Exception as exc:
-                raise BadFrame(f"frame {seq} cannot be decoded: {exc!r}") from exc
+                # Decoding is deterministic: a retry would fail the same way.
+                # The parent dead-letters it; this worker goes on.
+                slot[STARTED] = seq
+                on_bad_frame(seq, f"frame {seq} cannot be decoded: {exc!r}")
+                slot[DONE] = seq
+                continue
             now = monotonic_ns()
             slot[START_NS] = now
             slot[STARTED] = seq
@@ -166,11 +176,12 @@ def serve_py(fd: int, slot: memoryview, unpack: Any, handler: Any, on_error: Any
                     on_update(a, b)
                 elif kind == ADD:
                     on_add(a, bool(b))
-                elif kind == DELETE:
-                    on_delete(a)
                 else:
-                    raise ValueError(f"unknown notification kind {kind!r}")
+                    on_delete(a)
             except Exception:
+                # The call is over: stop the handler_timeout clock before a report
+                # that may wait on a full return pipe.
+                slot[START_NS] = 0
                 slot[ERRORS] += 1
                 on_error(seq, payload)
             slot[HANDLED] += 1

@@ -8,8 +8,10 @@ shared-memory segment outlives it.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import signal
+import sys
 import threading
 import time
 from collections import defaultdict
@@ -645,3 +647,132 @@ def test_corrupted_progress_slot_is_reported_and_the_worker_restarted(
     names = [c.name for c in read_calls(path)]
     assert names[-1] == "b" and "a" in names  # a may come twice: at-least-once
     assert reg.stats().dead_lettered == 1 and reg.stats().restarts == 3
+
+
+def test_a_frame_the_worker_cannot_decode_is_dead_lettered_and_the_lane_goes_on(
+    make_dist, tmp_path
+):
+    # msgpack packs a tuple key, but cannot unpack it (a list key is unhashable).
+    dead = []
+    path = tmp_path / "r"
+    d = make_dist()
+    reg = d.add_listener(Recorder(path), on_dead_letter=lambda r, n, why: dead.append(why))
+    d.start()
+    assert reg.wait_ready(60)
+    d.distribute(fanout.Update(obj("a", 1), {"metadata": {"name": "bad"}, "k": {(1, 2): 3}}))
+    d.distribute(fanout.Add(obj("b", 2)))
+    assert d.stop(drain=True, timeout=60) is True
+    assert [c.name for c in read_calls(path)] == ["b"]
+    assert wait_for(lambda: dead)
+    assert "cannot be decoded" in dead[0]
+    s = reg.stats()
+    assert (s.dead_lettered, s.restarts) == (1, 0)
+
+
+def test_drop_oldest_still_delivers_a_frame_larger_than_half_the_bound(make_dist, tmp_path):
+    path = tmp_path / "r"
+    d = make_dist()
+    reg = d.add_listener(Recorder(path), max_pending_bytes=1000, overflow="drop_oldest")
+    d.start()
+    big = obj("big", 1, pad="x" * 600)  # ~650 bytes encoded: more than 1000 // 2
+    d.distribute(fanout.Add(big))
+    d.distribute(fanout.Add(obj("after", 2)))
+    assert d.stop(drain=True, timeout=60) is True
+    assert [c.name for c in read_calls(path)] == ["big", "after"]
+    assert reg.stats().dropped == 0
+
+
+def test_initial_list_larger_than_the_bound_is_refused_at_once(make_dist):
+    d = make_dist()
+    d.start()
+    items = [obj(f"k{i}", i, pad="x" * 100) for i in range(50)]
+    with pytest.raises(fanout.ListenerFull, match="initial list needs"):
+        d.add_listener(Recorder("/dev/null"), max_pending_bytes=2000, initial_list=items)
+    assert d.listener_count == 0
+    d.add_listener(Recorder("/dev/null"), max_pending_bytes=2000, initial_list=items[:3])
+
+
+def test_stop_from_a_callback_or_thread_handler_raises_instead_of_hanging(make_dist, tmp_path):
+    d = make_dist()
+    seen: list[str] = []
+
+    def on_error(reg, n, text):
+        try:
+            d.stop()
+        except RuntimeError as exc:
+            seen.append(f"callback: {exc}")
+
+    class Stopper(fanout.Handler):
+        def on_add(self, o, initial):
+            try:
+                d.stop()
+            except RuntimeError as exc:
+                seen.append(f"handler: {exc}")
+
+    d.add_listener(Recorder(tmp_path / "r"), on_error=on_error)
+    d.add_listener(Stopper(), executor="thread")
+    d.start()
+    d.distribute(fanout.Add(obj("x", **{"raise": True})))
+    assert wait_for(lambda: len(seen) == 2)
+    assert all("call it from another thread" in s for s in seen)
+    assert not d.stopped
+    assert d.stop(drain=True, timeout=60) is True
+
+
+def test_system_exit_in_a_callback_does_not_kill_the_supervisor(make_dist, tmp_path, caplog):
+    path = tmp_path / "r"
+    d = make_dist()
+    reg = d.add_listener(Recorder(path), on_error=lambda r, n, t: sys.exit(3))
+    d.start()
+    d.distribute(fanout.Add(obj("bad", **{"raise": True})))
+    assert wait_for(lambda: "callback" in caplog.text)
+    (pid,) = reg.worker_pids()
+    os.kill(pid, signal.SIGKILL)  # the supervisor must still be there to restart it
+    d.distribute(fanout.Add(obj("good")))
+    assert d.stop(drain=True, timeout=60) is True
+    assert "good" in [c.name for c in read_calls(path)]
+    assert reg.stats().restarts == 1
+
+
+def test_drain_gives_up_on_a_worker_that_can_never_start(make_dist):
+    d = make_dist()
+    d.add_listener(FailingFactory(), initial_list=[obj("a")])
+    d.start()
+    d.distribute(fanout.Add(obj("b")))
+    # Three failed starts (with back-off) and the lane counts as stuck: stop()
+    # returns, saying not everything was delivered.
+    assert d.stop(drain=True, timeout=60) is False
+
+
+def test_concurrent_stops_both_return(make_dist):
+    d = make_dist()
+    d.add_listener(Recorder("/dev/null"), workers=2)
+    d.start()
+    results: list[object] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(d.stop(drain=True))) for _ in range(2)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == [True, True]
+
+
+def test_a_start_that_fails_half_way_leaves_nothing_running(make_dist, monkeypatch):
+    from fanout.listener import Lane
+
+    real_spawn = Lane.spawn
+
+    def spawn(lane):
+        if lane.listener.name == "second":
+            raise OSError(24, "Too many open files")
+        real_spawn(lane)
+
+    monkeypatch.setattr(Lane, "spawn", spawn)
+    d = make_dist()
+    d.add_listener(Recorder("/dev/null"), name="first")
+    d.add_listener(Recorder("/dev/null"), name="second")
+    with pytest.raises(OSError, match="Too many open files"):
+        d.start()
+    assert d.stopped  # and the leak check finds no worker, thread or fd

@@ -1300,3 +1300,106 @@ def test_random_operations_match_model(ring_impl: types.ModuleType):
         machine,
         settings=settings(max_examples=80, stateful_step_count=40, deadline=None),
     )
+
+
+# -- in-flight cap and ack source -----------------------------------------------------------
+
+
+def _pipe() -> tuple[int, int]:
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    return r, w
+
+
+def test_max_inflight_stops_at_a_frame_boundary(ring_impl: types.ModuleType):
+    ring = ring_impl.FrameRing(4096, max_inflight=100)
+    r, w = _pipe()
+    try:
+        for i in range(10):
+            ring.append(bytes([i]) * 30)  # 42 bytes a frame on the wire
+        sent = ring.send_to(w)
+        # The cap is reached inside the third frame, which is finished all the same.
+        assert sent == 3 * (HDR + 30)
+        assert ring.send_to(w) == 0 and ring.capped()
+        assert ring.sent_seq == 3
+        ring.ack(2)
+        assert not ring.capped()
+        # Frame 3 is still in flight (42 bytes): frames 4 and 5 reach past the cap.
+        assert ring.send_to(w) == 2 * (HDR + 30)
+        frames, rest = parse(os.read(r, 1 << 16))
+        assert [seq for seq, _ in frames] == [1, 2, 3, 4, 5] and rest == b""
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_a_frame_larger_than_max_inflight_still_goes(ring_impl: types.ModuleType):
+    ring = ring_impl.FrameRing(4096, max_inflight=64)
+    r, w = _pipe()
+    try:
+        ring.append(b"x" * 500)
+        ring.append(b"y")
+        assert ring.send_to(w) == HDR + 500  # alone, whole
+        assert ring.send_to(w) == 0 and ring.capped()
+        ring.ack(1)
+        assert ring.send_to(w) == HDR + 1
+        frames, _ = parse(os.read(r, 1 << 16))
+        assert [seq for seq, _ in frames] == [1, 2]
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_bad_max_inflight(ring_impl: types.ModuleType):
+    with pytest.raises(ValueError, match="max_inflight must be > 0"):
+        ring_impl.FrameRing(max_inflight=0)
+    with pytest.raises(TypeError, match="max_inflight must be an int"):
+        ring_impl.FrameRing(max_inflight=1.5)
+    assert ring_impl.FrameRing(max_inflight=10).max_inflight == 10
+    assert ring_impl.FrameRing().max_inflight is None
+
+
+def test_ack_source_frees_what_the_reader_finished(ring_impl: types.ModuleType):
+    import numpy as np
+
+    words = np.zeros(4, dtype=np.uint64)
+    ring = ring_impl.FrameRing(4096)
+    ring.set_ack_source(words, 2)
+    r, w = _pipe()
+    try:
+        for i in range(5):
+            ring.append(b"f%d" % i)
+        ring.send_to(w)
+        words[2] = 3  # the reader finished frames 1..3
+        ring.append(b"more")
+        ring.send_to(w)  # acks from the source before sending
+        assert ring.acked_seq == 3 and len(ring) == 3 and ring.first_seq == 4
+        words[2] = 10**9  # garbage: beyond anything appended, frees nothing
+        ring.append(b"again")
+        ring.send_to(w)
+        assert ring.acked_seq == 3
+        ring.set_ack_source(None)
+        words[2] = 6
+        ring.append(b"last")
+        ring.send_to(w)
+        assert ring.acked_seq == 3  # no source any more
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_bad_ack_source(ring_impl: types.ModuleType):
+    ring = ring_impl.FrameRing()
+    with pytest.raises(TypeError, match="ack source must be a buffer of uint64 words"):
+        ring.set_ack_source("words")
+    with pytest.raises(ValueError, match="ack source index must be in range"):
+        ring.set_ack_source(bytearray(16), 2)
+
+
+def test_first_seq(ring_impl: types.ModuleType):
+    ring = ring_impl.FrameRing()
+    assert ring.first_seq == 0
+    ring.append(b"a")
+    ring.append(b"b")
+    assert ring.first_seq == 1
+    ring.drop_unsent(1)
+    assert ring.first_seq == 2

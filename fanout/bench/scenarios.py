@@ -225,13 +225,11 @@ class Suite:
                 session.start()
                 t0 = time.perf_counter()
                 for i in range(n):
-                    due = t0 + i / rate
-                    while True:  # pace the sends; sleep most of the gap, spin the rest
-                        left = due - time.perf_counter()
-                        if left <= 0:
-                            break
-                        if left > 0.0005:
-                            time.sleep(left - 0.0004)
+                    # Pace by sleeping, never spinning: a spinning producer would
+                    # hold the GIL and starve in-process listeners and feeders.
+                    left = t0 + i / rate - time.perf_counter()
+                    if left > 0:
+                        time.sleep(left)
                     session.send(*payload.pair(i))
                     session.flush()
                 results = session.finish(FINISH_TIMEOUT)

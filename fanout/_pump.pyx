@@ -67,7 +67,7 @@ cdef extern from "<time.h>" nogil:
 
 cdef enum:
     BURST_NS = 200000      # wake-ups closer than this form a burst
-    COALESCE_NS = 50000    # how long the pump lets a burst gather
+    COALESCE_NS = 200000    # how long the pump lets a burst gather
 
 
 cdef inline uint64_t _now_ns() noexcept nogil:

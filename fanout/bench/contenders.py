@@ -30,7 +30,7 @@ from fanout.listener import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import NBUCKETS, bucket_of
 from fanout.worker import FdArg
 
-__all__ = ["CONTENDERS", "BenchHandler"]
+__all__ = ["CONTENDERS", "BenchHandler", "Contender"]
 
 BATCH = 64  # notifications a batching baseline holds before writing
 
@@ -98,11 +98,27 @@ def _read_result(fd: int, timeout: float) -> dict[str, Any]:
     return result
 
 
-class _ProcessSession:
-    """Shared plumbing of contenders whose consumers are processes."""
+class Contender:
+    """What every contender has; subclasses override what differs."""
 
     name = "?"
-    kind = "process"
+    kind = "process"  # or "thread": where the handlers run
+
+    @classmethod
+    def unavailable(cls) -> str | None:
+        """Why this contender cannot run here (a package is missing), or None."""
+        return None
+
+    def flush(self) -> None:
+        """Push out what a batching contender holds (nothing, for most)."""
+
+    def buffered_bytes(self) -> int | None:
+        """Bytes held for listeners that have not handled them, if known."""
+        return None
+
+
+class _ProcessSession(Contender):
+    """Shared plumbing of contenders whose consumers are processes."""
 
     def __init__(
         self,
@@ -167,27 +183,17 @@ class _ProcessSession:
             os.close(fd)
         self.result_fds = []
 
-    def flush(self) -> None:
-        pass
-
-    def buffered_bytes(self) -> int | None:
-        return None
-
 
 # -- fanout -------------------------------------------------------------------------------
 
 
-class FanoutProcess:
+class FanoutProcess(Contender):
     """fanout, process listeners, msgpack codec (the default)."""
 
     name = "fanout-process"
     kind = "process"
     codec = "msgpack"
     executor = "process"
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        return None
 
     def __init__(
         self,
@@ -217,9 +223,6 @@ class FanoutProcess:
 
     def send(self, old: Any, new: Any) -> None:
         self.d.distribute(fanout.Update(old, new))
-
-    def flush(self) -> None:
-        pass
 
     def finish(self, timeout: float) -> list[dict[str, Any]]:
         if not self.d.stop(drain=True, timeout=timeout):
@@ -281,10 +284,6 @@ class PipeBaseline(_ProcessSession):
     """Encode once with msgpack, write batched frames to one pipe per consumer."""
 
     name = "pipe+msgpack"
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        return None
 
     def start(self) -> None:
         self.fds: list[list[int]] = []
@@ -358,10 +357,6 @@ class MpQueue(_ProcessSession):
     """One ``multiprocessing.Queue`` per consumer (pickles each put)."""
 
     name = "mp.Queue"
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        return None
 
     def start(self) -> None:
         self.queues = []
@@ -548,15 +543,11 @@ class Zmq(_ProcessSession):
 # -- thread + deque -------------------------------------------------------------------------
 
 
-class ThreadDeque:
+class ThreadDeque(Contender):
     """Hand-written in-process listener: a thread, a deque and a Condition each."""
 
     name = "thread+deque"
     kind = "thread"
-
-    @classmethod
-    def unavailable(cls) -> str | None:
-        return None
 
     def __init__(
         self,
@@ -595,9 +586,6 @@ class ThreadDeque:
                 q.append(item)
                 cond.notify()
 
-    def flush(self) -> None:
-        pass
-
     def finish(self, timeout: float) -> list[dict[str, Any]]:
         for q, cond in zip(self.queues, self.conds, strict=True):
             with cond:
@@ -609,9 +597,6 @@ class ThreadDeque:
             if t.is_alive():
                 raise TimeoutError(f"{self.name}: a listener thread did not finish")
         return [t.result() for t in self.tallies]
-
-    def buffered_bytes(self) -> int | None:
-        return None
 
     def close(self) -> None:
         for q, cond in zip(self.queues, self.conds, strict=True):

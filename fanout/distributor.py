@@ -589,7 +589,7 @@ class Distributor:
             if deadline is not None and time.monotonic() >= deadline:
                 return False
             time.sleep(delay)
-            delay = min(delay * 2, 0.005)
+            delay = min(delay * 2, 0.001)
         return not any(r.stuck() for r in self._listeners)
 
     def _reap(self, listeners: tuple[Registration, ...]) -> None:

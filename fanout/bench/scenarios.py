@@ -164,7 +164,13 @@ class Suite:
         probe = 200 if payload.name == "small" else 50
         if work_us:
             probe = max(20, int(0.05 / (work_us / 1e6)))
-        rate, _ = self._run(cls, L, W, work_us, payload, probe)
+        # Two probes: a tiny one, then one of about a fifth of the duration, so
+        # the rate used to size the measured rounds is the steady one (a tiny
+        # probe is dominated by start and stop, and would make short rounds).
+        for share in (None, 0.2):
+            rate, _ = self._run(cls, L, W, work_us, payload, probe)
+            if share is None:
+                probe = int(min(MAX_COUNT, max(probe, rate / L * self.opts.duration * 0.2)))
         n = int(min(MAX_COUNT, max(probe, rate / L * self.opts.duration)))
         return [self._run(cls, L, W, work_us, payload, n)[0] for _ in range(self.opts.rounds)]
 

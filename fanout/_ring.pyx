@@ -172,7 +172,7 @@ cdef inline void _wait_not_sending(fr_state* st) noexcept nogil:
 
 
 cdef Py_ssize_t fr_send(fr_state* st, int fd) noexcept nogil:
-    cdef size_t room, target, end, flen
+    cdef size_t room, flen
     cdef uint64_t fseq
     cdef iovec iov[2]
     cdef ssize_t written
@@ -185,12 +185,13 @@ cdef Py_ssize_t fr_send(fr_state* st, int fd) noexcept nogil:
         # Bytes in flight (sent, not acked) stay below the cap, so frames that
         # wait can still be dropped by an overflow policy; but a frame begun is
         # always finished (a reader can only finish whole frames).
-        target = st.inflight_cap if st.sent < st.inflight_cap else st.sent
-        end = st.boundary  # walk to the first frame boundary at or past target
-        while end < target and end < st.used:
-            _get_header(st, end, &flen, &fseq)
-            end += HDR + flen
-        room = end - st.sent if end > st.sent else 0
+        if st.sent < st.inflight_cap:
+            room = st.inflight_cap - st.sent  # may stop mid-frame: finished next
+        elif st.sent > st.boundary:  # finish the frame begun, nothing more
+            _get_header(st, st.boundary, &flen, &fseq)
+            room = st.boundary + HDR + flen - st.sent
+        else:
+            room = 0
         if todo > room:
             todo = room
     if todo == 0:

@@ -240,11 +240,14 @@ class FrameRing:
                 # Bytes in flight (sent, not acked) stay below the cap, so frames
                 # that wait can still be dropped by an overflow policy; but a frame
                 # begun is always finished (a reader can only finish whole frames).
-                target = max(self._inflight, self._sent)
-                end = self._boundary  # walk to the first frame boundary at/past target
-                while end < target and end < self._used:
-                    end += HEADER_SIZE + self._header(end)[0]
-                todo = min(todo, max(0, end - self._sent))
+                if self._sent < self._inflight:
+                    room = self._inflight - self._sent  # may stop mid-frame: finished next
+                elif self._sent > self._boundary:  # finish the frame begun, nothing more
+                    room = self._boundary + HEADER_SIZE + self._header(self._boundary)[0]
+                    room -= self._sent
+                else:
+                    room = 0
+                todo = min(todo, room)
             if todo == 0:
                 return 0
             cap = self._cap

@@ -336,9 +336,10 @@ class Distributor:
         # codec refuses leaves the listener unregistered and nothing queued.
         planned = [(reg.route(n), self.codec.encode(n, t_ns)) for n in adds]
         bound = reg.max_pending_bytes
-        if bound is not None:
+        if bound is not None and reg.overflow in ("block", "error"):
             # No worker runs yet, so nothing would make room: what does not fit
-            # now never will (and "block" would wait forever).
+            # now never will ("block" would wait forever). The drop policies
+            # drop and count instead, as for any distribute.
             per_lane: dict[int, int] = {}
             for lane, payload in planned:
                 per_lane[lane.index] = per_lane.get(lane.index, 0) + len(payload) + HEADER_SIZE
@@ -590,7 +591,7 @@ class Distributor:
                 return False
             time.sleep(delay)
             delay = min(delay * 2, 0.001)
-        return not any(r.stuck() for r in self._listeners)
+        return all(r.drained() for r in self._listeners)
 
     def _reap(self, listeners: tuple[Registration, ...]) -> None:
         """Wait for workers and threads to leave; kill what stays past the grace."""

@@ -233,6 +233,7 @@ class ProcessListener(Registration):
         self.memfd = os.memfd_create(f"fanout-{self.name}", os.MFD_CLOEXEC)
         # Closed by release(), or when the listener is collected without one.
         self._close_memfd = weakref.finalize(self, os.close, self.memfd)
+        self._close_memfd.atexit = False  # at exit, stop() releases it, after using it
         os.ftruncate(self.memfd, size)
         self.shm = mmap.mmap(self.memfd, size)
         self.slots = np.frombuffer(self.shm, dtype=np.uint64).reshape(self.workers, SLOT_WORDS)

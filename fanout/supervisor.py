@@ -72,6 +72,7 @@ class Supervisor(threading.Thread):
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         # Closed by close(), or when never started and collected.
         self._close_pipe = weakref.finalize(self, _close_fds, (self.wake_r, self.wake_w))
+        self._close_pipe.atexit = False  # at exit, stop() closes it, after using it
         self._wake_lock = threading.Lock()  # wake() never writes to a closed fd
         self.stopping = False
 
@@ -82,8 +83,8 @@ class Supervisor(threading.Thread):
                 return  # closed after stop: nothing to wake
             try:
                 os.write(self.wake_w, b"x")
-            except BlockingIOError:
-                pass  # already woken
+            except OSError:
+                pass  # already woken (full), or gone: nothing to wake
 
     def stop(self) -> None:
         """End the loop (after the distributor stopped every worker)."""
@@ -270,11 +271,12 @@ class Supervisor(threading.Thread):
         # Should anything below fail, the tick still starts a new worker.
         lane.respawn_at = time.monotonic() + FIRST_BACKOFF
         reason = lane.kill_reason or describe_exit(code, lane.fatal)
-        progressed = self._rewind(lane, reason, calls)
+        progressed, charged = self._rewind(lane, reason, calls)
         listener.restarts += 1
         if lane.ready:
             lane.start_failures = 0
-            lane.idle_deaths = 0 if progressed else lane.idle_deaths + 1
+            # A death that charged an attempt is bounded by max_attempts already.
+            lane.idle_deaths = 0 if progressed or charged else lane.idle_deaths + 1
         else:
             lane.start_failures += 1
         if lane.ready and lane.idle_deaths < 2:
@@ -297,10 +299,13 @@ class Supervisor(threading.Thread):
                 lane.backoff,
             )
 
-    def _rewind(self, lane: Lane, reason: str, calls: list[Callable[[], None]]) -> bool:
+    def _rewind(
+        self, lane: Lane, reason: str, calls: list[Callable[[], None]]
+    ) -> tuple[bool, bool]:
         """Free what the dead worker finished, charge the frame it died in, rewind.
 
-        Returns whether the worker finished any frame since it was started.
+        Returns whether the worker finished any frame since it was started, and
+        whether the death was charged to a frame.
         """
         listener, ring, slot = lane.listener, lane.ring, lane.slot
         # The pump is detached: sent_seq is final, and no frame past it ran.
@@ -318,9 +323,11 @@ class Supervisor(threading.Thread):
             started = min(int(slot[STARTED]), sent)
             done = min(int(slot[DONE]), sent)
         progressed = done > lane.done_at_spawn
+        charged = False
         if done > ring.acked_seq:
             ring.ack(done)
         if started > done and started > ring.acked_seq:
+            charged = True
             attempts = lane.attempts.get(started, 0) + 1
             if attempts >= listener.max_attempts:
                 # Frames before it were finished (it started this one after them).
@@ -341,7 +348,7 @@ class Supervisor(threading.Thread):
         for seq in [s for s in lane.attempts if s <= ring.acked_seq]:
             del lane.attempts[seq]
         ring.rewind()
-        return progressed
+        return progressed, charged
 
     def _dead_letter_call(
         self, listener: ProcessListener, payload: bytes | None, why: str
@@ -361,6 +368,7 @@ class Supervisor(threading.Thread):
         try:
             lane.spawn()
         except Exception as exc:
+            lane.start_failures += 1  # so a lane that cannot spawn counts as stuck
             lane.backoff = min(max(lane.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
             lane.respawn_at = time.monotonic() + lane.backoff
             text = f"could not start a worker: {exc!r}; retrying in {lane.backoff:.1f} s"

@@ -9,6 +9,7 @@ it can wedge nothing; the parent rewinds the lane from the slot.
 from __future__ import annotations
 
 import mmap
+import operator
 import os
 import pickle
 import signal
@@ -158,7 +159,9 @@ def serve_py(
             pos = stop
             try:
                 kind, t_ns, a, b = unpack(payload)
-                if type(kind) is not int or not ADD <= kind <= DELETE or type(t_ns) is not int:
+                # Integers as the native loop takes them (it converts to C ints).
+                kind, t_ns = operator.index(kind), operator.index(t_ns)
+                if not ADD <= kind <= DELETE:
                     raise ValueError(f"unknown notification kind {kind!r}")
             except Exception as exc:
                 # Decoding is deterministic: a retry would fail the same way.

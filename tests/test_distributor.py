@@ -718,3 +718,35 @@ def test_shutdown_listener_from_own_handler_raises(make_dist):
     assert wait_for(lambda: seen)
     assert "remove_listener" in seen[0]
     assert d.shutdown_listener(reg, timeout=30) is True
+
+
+def test_a_forgotten_distributor_is_stopped_at_interpreter_exit(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    import psutil
+
+    script = tmp_path / "forget.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import fanout
+            if __name__ == "__main__":
+                d = fanout.Distributor()
+                reg = d.add_listener(fanout.Handler(), workers=2)
+                d.start()
+                reg.wait_ready(60)
+                d.distribute(fanout.Add({"x": 1}))
+                print(*reg.worker_pids())
+            """
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "unexpected error" not in proc.stderr
+    pids = [int(p) for p in proc.stdout.split()]
+    assert len(pids) == 2
+    assert wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), timeout=30)

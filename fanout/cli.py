@@ -125,7 +125,7 @@ def bench(args: argparse.Namespace) -> int:
         f"fanout bench on {info['cpu_count']} CPUs, Python {info['python']}, "
         f"native={info['fanout_native']}; {'quick' if args.quick else 'full'} run"
     )
-    suite = Suite(opts, progress.line)
+    suite = Suite(opts, progress.line, progress.status)
     if opts.contenders is not None:
         unknown = set(opts.contenders) - {c.name for c in suite.contenders} - set(suite.skipped)
         if unknown:
@@ -156,6 +156,12 @@ class _Progress:
         self.stream = stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
         self.count = 0
+
+    def status(self, text: str) -> None:
+        """Show what runs now: rewrite one line on a terminal, nothing otherwise."""
+        if self.tty:
+            self.stream.write(f"\r\x1b[2K    ... {text[:110]}")  # type: ignore[attr-defined]
+            self.stream.flush()  # type: ignore[attr-defined]
 
     def line(self, text: str) -> None:
         self.count += 1

@@ -15,6 +15,7 @@ then ``rounds`` measured runs; median, min and max are kept.
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import statistics
@@ -119,9 +120,15 @@ def _rss_bytes() -> int:
 class Suite:
     """Runs the scenarios, reporting progress through ``progress(text)``."""
 
-    def __init__(self, opts: Options, progress: Callable[[str], None]) -> None:
+    def __init__(
+        self,
+        opts: Options,
+        progress: Callable[[str], None],
+        status: Callable[[str], None] = lambda text: None,
+    ) -> None:
         self.opts = opts
-        self.progress = progress
+        self.progress = progress  # a finished measurement, one line each
+        self.status = status  # what is running now (a live line on a terminal)
         self.measurements: list[Measurement] = []
         self.skipped: dict[str, str] = {}
         self.contenders = []
@@ -140,6 +147,7 @@ class Suite:
 
     def _run(self, cls: Any, L: int, W: int, work_us: float, payload: Payload, n: int) -> Any:
         """One measured batch: returns (deliveries/s, results)."""
+        self.status(f"{cls.name}: {n:,} notifications of {payload.name} to {L} x {W}")
         session = cls(L, W, work_us, None)
         try:
             session.start()
@@ -176,11 +184,14 @@ class Suite:
 
     def _record(self, m: Measurement) -> None:
         self.measurements.append(m)
-        spread = f" ({min(m.values):,.4g}-{max(m.values):,.4g})" if len(m.values) > 1 else ""
+
+        def fmt(v: float) -> str:
+            return f"{v * 1e3:,.3f} ms" if m.unit == "s" else f"{v:,.0f} {m.unit}"
+
+        spread = f" ({fmt(min(m.values))} .. {fmt(max(m.values))})" if len(m.values) > 1 else ""
         params = " ".join(f"{k}={v}" for k, v in m.params.items())
-        self.progress(
-            f"{m.scenario:<10} {params:<28} {m.contender:<15} {m.median:>12,.4g} {m.unit}{spread}"
-        )
+        head = f"{m.scenario:<10} {params:<28} {m.contender:<15}"
+        self.progress(f"{head} {fmt(m.median):>20}{spread}")
 
     # -- scenarios -----------------------------------------------------------------------
 
@@ -226,6 +237,7 @@ class Suite:
         rate = self.opts.latency_rate
         n = max(10, int(rate * self.opts.latency_seconds))
         for cls in self.contenders:
+            self.status(f"latency: {cls.name} at {rate:,.0f}/s for {n / rate:.1f} s")
             session = cls(L, 1, 0.0, None)
             try:
                 session.start()
@@ -268,6 +280,7 @@ class Suite:
             gate = os.path.join(self.tmp, f"gate-{cls.name}")
             rate, _ = self._run(cls, L, 1, 0.0, payload, 200)
             n = int(min(MAX_COUNT, max(200, rate / L * self.opts.duration)))
+            self.status(f"stalled: {cls.name}, one listener blocked {self.opts.stall_seconds} s")
             session = cls(L, 1, 0.0, gate, stalled=frozenset({0}))
             rss0 = _rss_bytes()
             held = None
@@ -326,8 +339,15 @@ class Suite:
             return
         payload = load_payload("small")
         values = []
-        for _ in range(max(1, self.opts.rounds)):
-            values.append(_recovery_once(payload))
+        log = logging.getLogger("fanout")
+        level = log.level
+        log.setLevel(logging.ERROR)  # the kills are deliberate: no restart warnings
+        try:
+            for i in range(max(1, self.opts.rounds)):
+                self.status(f"recovery: SIGKILL {i + 1} of {max(1, self.opts.rounds)}")
+                values.append(_recovery_once(payload))
+        finally:
+            log.setLevel(level)
         self._record(
             Measurement("recovery", cls.name, {"rate": 2000}, "sigkill->handled", "s", values)
         )

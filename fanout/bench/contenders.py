@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import fcntl
+import importlib
 import multiprocessing
 import os
 import shutil
@@ -103,10 +104,18 @@ class Contender:
 
     name = "?"
     kind = "process"  # or "thread": where the handlers run
+    requires: tuple[str, str] | None = None  # (module, package) it needs, if any
 
     @classmethod
     def unavailable(cls) -> str | None:
         """Why this contender cannot run here (a package is missing), or None."""
+        if cls.requires is None:
+            return None
+        module, package = cls.requires
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            return f"{package} not installed (pip install {package})"
         return None
 
     def flush(self) -> None:
@@ -246,13 +255,7 @@ class FanoutMsgspec(FanoutProcess):
     name = "fanout-msgspec"
     codec = "msgspec"
 
-    @classmethod
-    def unavailable(cls) -> str | None:
-        try:
-            import msgspec  # noqa: F401
-        except ImportError:
-            return "msgspec not installed (pip install msgspec)"
-        return None
+    requires = ("msgspec", "msgspec")
 
 
 class FanoutThread(FanoutProcess):
@@ -412,13 +415,7 @@ class FasterFifo(_ProcessSession):
 
     name = "faster-fifo"
 
-    @classmethod
-    def unavailable(cls) -> str | None:
-        try:
-            import faster_fifo  # noqa: F401
-        except ImportError:
-            return "faster-fifo not installed (pip install faster-fifo)"
-        return None
+    requires = ("faster_fifo", "faster-fifo")
 
     def start(self) -> None:
         import faster_fifo
@@ -486,13 +483,7 @@ class Zmq(_ProcessSession):
 
     name = "pyzmq"
 
-    @classmethod
-    def unavailable(cls) -> str | None:
-        try:
-            import zmq  # noqa: F401
-        except ImportError:
-            return "pyzmq not installed (pip install pyzmq)"
-        return None
+    requires = ("zmq", "pyzmq")
 
     def start(self) -> None:
         import zmq

@@ -6,9 +6,7 @@ import inspect
 from collections.abc import Callable
 from typing import Any
 
-from fanout.notifications import Add, Delete, Notification, Update
-
-__all__ = ["FuncHandler", "Handler", "dispatch", "resolve_handler"]
+__all__ = ["FuncHandler", "Handler", "build_handler", "resolve_handler"]
 
 _METHODS = ("on_add", "on_update", "on_delete")
 
@@ -113,16 +111,3 @@ def build_handler(handler: Any, is_factory: bool) -> Any:
             f"on_add / on_update / on_delete methods"
         )
     return made
-
-
-def dispatch(handler: Any, n: Notification) -> None:
-    """Call the handler method that fits ``n``."""
-    cls = type(n)
-    if cls is Update:
-        handler.on_update(n.old, n.new)  # type: ignore[union-attr]
-    elif cls is Add:
-        handler.on_add(n.obj, n.is_in_initial_list)  # type: ignore[union-attr]
-    elif cls is Delete:
-        handler.on_delete(n.obj)  # type: ignore[union-attr]
-    else:
-        raise TypeError(f"not a notification: {n!r}")

@@ -55,7 +55,6 @@ log = logging.getLogger("fanout")
 STUCK_AFTER = 3  # start-up failures in a row after which drain gives up on a lane
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: the producer rarely waits on a full pipe
 RING_INITIAL_BYTES = 64 * 1024
-ACK_EVERY = 256  # appends between opportunistic acks on the producer side
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
@@ -291,15 +290,10 @@ class ProcessListener(Registration):
 
     def put(self, lane: Lane, payload: bytes) -> None:
         """Append an encoded notification to ``lane``, applying the overflow policy."""
-        ring = lane.ring
         try:
-            ring.append(payload)
+            lane.ring.append(payload)  # the pump acks what the worker finished
         except RingFull:
             self._put_full(lane, payload)
-            return
-        lane.appends += 1
-        if not lane.appends % ACK_EVERY:
-            lane.ack()
 
     def _put_full(self, lane: Lane, payload: bytes) -> None:
         ring = lane.ring
@@ -454,7 +448,6 @@ class Lane:
         self.fatal = False  # the worker reported a start-up or frame failure
         self.corrupt = False  # the worker wrote impossible progress: trust none of it
         self.closing = False
-        self.appends = 0
         self.initial_seq = 0
         self.attempts: dict[int, int] = {}
         self.kill_reason: str | None = None
@@ -465,7 +458,6 @@ class Lane:
         self.start_failures = 0  # deaths in a row before the worker said ready
         self.idle_deaths = 0  # deaths in a row that finished no frame
         self.done_at_spawn = 0
-        self.spawned_at = 0.0
         self.exited = threading.Event()
 
     def __repr__(self) -> str:
@@ -531,7 +523,6 @@ class Lane:
         self.kill_at = 0.0
         self.respawn_at = 0.0
         self.done_at_spawn = self.ring.acked_seq
-        self.spawned_at = time.monotonic()
         self.ring.rewind()
         dist.pump.add(self, self.ring, w)
 

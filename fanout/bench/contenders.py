@@ -147,6 +147,9 @@ class _ProcessSession(Contender):
         self.ctx = multiprocessing.get_context("forkserver")
         self.procs: list[Any] = []
         self.result_fds: list[int] = []
+        # What batching contenders hold back: per listener, per consumer.
+        self.bufs: list[list[list[Any]]] = [[[] for _ in range(workers)] for _ in range(listeners)]
+        self.pending = 0
 
     def _spawn(self, target: Any, listener: int, *args: Any) -> None:
         r, w = os.pipe()
@@ -180,6 +183,15 @@ class _ProcessSession(Contender):
         for p in self.procs:
             p.join(max(0.1, deadline - time.monotonic()))
         return results
+
+    def _batch(self, item: Any, new: Any) -> None:
+        """Queue ``item`` for every listener's lane of ``new``; write every BATCH."""
+        lane = self._lane(new)
+        for bufs in self.bufs:
+            bufs[lane].append(item)
+        self.pending += 1
+        if self.pending >= BATCH:
+            self.flush()
 
     def close(self) -> None:
         for p in self.procs:
@@ -290,7 +302,6 @@ class PipeBaseline(_ProcessSession):
 
     def start(self) -> None:
         self.fds: list[list[int]] = []
-        self.bufs: list[list[list[bytes]]] = []
         for i in range(self.L):
             row = []
             for _ in range(self.W):
@@ -303,18 +314,10 @@ class PipeBaseline(_ProcessSession):
                 os.close(r)
                 row.append(w)
             self.fds.append(row)
-            self.bufs.append([[] for _ in range(self.W)])
         self._wait_ready()
-        self.pending = 0
 
     def send(self, old: Any, new: Any) -> None:
-        data = msgpack.packb([time.monotonic_ns(), old, new])
-        lane = self._lane(new)
-        for bufs in self.bufs:
-            bufs[lane].append(data)
-        self.pending += 1
-        if self.pending >= BATCH:
-            self.flush()
+        self._batch(msgpack.packb([time.monotonic_ns(), old, new]), new)
 
     def flush(self) -> None:
         for fds, bufs in zip(self.fds, self.bufs, strict=True):
@@ -426,18 +429,10 @@ class FasterFifo(_ProcessSession):
             for q in row:
                 self._spawn(_ff_consumer, i, q)
             self.queues.append(row)
-        self.bufs: list[list[list[Any]]] = [[[] for _ in range(self.W)] for _ in range(self.L)]
-        self.pending = 0
         self._wait_ready()
 
     def send(self, old: Any, new: Any) -> None:
-        item = (time.monotonic_ns(), old, new)
-        lane = self._lane(new)
-        for bufs in self.bufs:
-            bufs[lane].append(item)
-        self.pending += 1
-        if self.pending >= BATCH:
-            self.flush()
+        self._batch((time.monotonic_ns(), old, new), new)
 
     def flush(self) -> None:
         for row, bufs in zip(self.queues, self.bufs, strict=True):

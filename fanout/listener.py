@@ -99,6 +99,8 @@ class Registration:
         self.dropped = 0
         self.dead_lettered = 0
         self.restarts = 0
+        # Accepted but never queued (dropped on arrival): received counts them too.
+        self.unqueued = 0
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
@@ -306,6 +308,7 @@ class ProcessListener(Registration):
         policy = self.overflow
         if policy == "drop_newest":
             self.dropped += 1
+            self.unqueued += 1
         elif policy == "drop_oldest":
             bound = self.max_pending_bytes
             assert bound is not None
@@ -315,6 +318,7 @@ class ProcessListener(Registration):
                 ring.append(payload)
             except RingFull:  # frames in flight fill the bound: the newest goes
                 self.dropped += 1
+                self.unqueued += 1
         elif policy == "error":  # check_room passed, then the ring filled: a race
             raise ListenerFull(f"listener {self.name!r} lane {lane.index} is full")
         else:
@@ -327,6 +331,7 @@ class ProcessListener(Registration):
         while True:
             if self.removed or dist.stopping:
                 self.dropped += 1
+                self.unqueued += 1
                 return
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
@@ -408,6 +413,8 @@ class ProcessListener(Registration):
             pending_bytes += lane.ring.nbytes
             capacity += lane.ring.capacity
         return {
+            # Every frame appended took the next sequence number of its lane.
+            "received": self.unqueued + sum(lane.ring.last_seq for lane in self.lanes),
             "pending": pending,
             "pending_bytes": pending_bytes,
             "capacity_bytes": capacity,
@@ -562,6 +569,7 @@ class ThreadListener(Registration):
         self.waiting = False
         self.stopping = False
         self.busy = 0  # items taken from the ring, not yet handled
+        self.received = 0
         self.delivered = 0
         self.errors = 0
         self.initial_left = 0
@@ -572,6 +580,7 @@ class ThreadListener(Registration):
         """Queue ``(notification, t_ns)`` for the thread."""
         with self.cond:
             self.ring.write_one(item)
+            self.received += 1
             if self.waiting:
                 self.cond.notify()
 
@@ -656,6 +665,7 @@ class ThreadListener(Registration):
     def counters(self) -> dict[str, int]:
         """Pending items, handled and failed calls (no bytes: objects are passed)."""
         return {
+            "received": self.received,
             "pending": len(self.ring) + max(0, self.busy),
             "pending_bytes": 0,
             "capacity_bytes": 0,

@@ -64,7 +64,9 @@ def percentile(hist: list[int], q: float) -> float | None:
 class ListenerStats:
     """A snapshot of one registration's counters.
 
-    Fields: ``pending`` (notifications not yet handled), ``pending_bytes`` and
+    Fields: ``received`` (notifications accepted for this listener, live or
+    initial list; after ``stop()`` it equals ``delivered + dead_lettered +
+    dropped``), ``pending`` (notifications not yet handled), ``pending_bytes`` and
     ``capacity_bytes`` (of its rings), ``delivered`` (handler calls finished),
     ``errors`` (calls that raised), ``dropped`` (by an overflow policy),
     ``dead_lettered``, ``restarts`` (workers started again), ``latency_p50`` /
@@ -75,6 +77,7 @@ class ListenerStats:
     name: str
     executor: str
     workers: int
+    received: int
     pending: int
     pending_bytes: int
     capacity_bytes: int

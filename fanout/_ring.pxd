@@ -34,6 +34,7 @@ cdef struct fr_state:
     uint64_t* ack_src         # reader's "last done" word, or NULL
     bint sending              # a writev runs without the lock (see fr_send)
     unsigned char* retired    # buffer replaced during that writev, freed after it
+    bint closed               # close() was called: appends are refused
     pthread_mutex_t lock
 
 

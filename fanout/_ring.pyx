@@ -8,14 +8,17 @@
 
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
+import operator
 from os import strerror
 
 from fanout._ring_common import (
+    RING_CLOSED_MESSAGE,
     RING_GROW_FROM_ZERO,
     check_ack,
     check_fd,
@@ -23,11 +26,13 @@ from fanout._ring_common import (
     check_words,
     frame_length,
 )
-from fanout.errors import RingFull, ring_full_message
+from fanout.errors import RingClosed, RingFull, ring_full_message
 
 from fanout._ring_common import HEADER_SIZE
 
 __all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all"]
+
+UINT64_MAX = (1 << 64) - 1
 
 NATIVE = True
 
@@ -257,6 +262,7 @@ cdef enum:
     PUT_OK = 0
     PUT_FULL = 1
     PUT_NOMEM = 2
+    PUT_CLOSED = 3
 
 
 cdef inline uint64_t _append_locked(fr_state* st, const unsigned char* data,
@@ -275,10 +281,13 @@ cdef inline uint64_t _append_locked(fr_state* st, const unsigned char* data,
 
 cdef int _put_nogil(fr_state* st, const unsigned char* data, size_t n,
                     uint64_t* seq, size_t* held) noexcept nogil:
-    """Take the lock, grow if needed, append; PUT_OK / PUT_FULL / PUT_NOMEM."""
+    """Take the lock, grow if needed, append; PUT_OK / _FULL / _NOMEM / _CLOSED."""
     cdef size_t total = n + HDR, cap
     pthread_mutex_lock(&st.lock)
     held[0] = st.used
+    if st.closed:
+        pthread_mutex_unlock(&st.lock)
+        return PUT_CLOSED
     if st.bounded and st.used + total > st.maxb:
         pthread_mutex_unlock(&st.lock)
         return PUT_FULL
@@ -333,6 +342,46 @@ cdef int _drop_unsent(fr_state* st, size_t want, size_t* frames,
     return 0
 
 
+cdef int _peek(fr_state* st, unsigned char** copy, size_t* length) noexcept nogil:
+    """Copy the first payload held into a new buffer: 1, 0 when empty, -1: no memory."""
+    cdef uint64_t seq
+    pthread_mutex_lock(&st.lock)
+    if st.frames == 0:
+        pthread_mutex_unlock(&st.lock)
+        return 0
+    _get_header(st, 0, length, &seq)
+    copy[0] = <unsigned char*>PyMem_RawMalloc(length[0] if length[0] else 1)
+    if copy[0] == NULL:
+        pthread_mutex_unlock(&st.lock)
+        return -1
+    _copy_out(st, HDR, copy[0], length[0])
+    pthread_mutex_unlock(&st.lock)
+    return 1
+
+
+cdef int _take_all(fr_state* st, unsigned char** copy, size_t* n) noexcept nogil:
+    """Copy every frame held (headers too) into a new buffer and empty the ring."""
+    pthread_mutex_lock(&st.lock)
+    _wait_not_sending(st)
+    n[0] = st.used
+    copy[0] = <unsigned char*>PyMem_RawMalloc(st.used if st.used else 1)
+    if copy[0] == NULL:
+        pthread_mutex_unlock(&st.lock)
+        return -1
+    _copy_out(st, 0, copy[0], st.used)
+    st.head = 0
+    st.used = 0
+    st.sent = 0
+    st.boundary = 0
+    st.frames = 0
+    st.acked_seq = st.next_seq - 1
+    st.sent_seq = st.acked_seq
+    if st.cap > st.normal:
+        _relocate(st, st.normal)  # shrinking: failure keeps the old buffer
+    pthread_mutex_unlock(&st.lock)
+    return 0
+
+
 cdef inline void _lock(fr_state* st):
     if pthread_mutex_trylock(&st.lock) != 0:
         with nogil:  # wait for the pump's writev without blocking other threads
@@ -352,18 +401,27 @@ cdef inline void _get_frame(frame, Py_buffer* view) except *:
 
 
 def append_all(rings, frame):
-    """Append ``frame`` to every ring of the sequence ``rings`` (one buffer lookup).
+    """Append ``frame`` to every open ring of the sequence ``rings`` (one buffer lookup).
 
-    Stops at the first error; rings before it keep the frame.
+    Closed rings are skipped; returns how many rings took the frame. Stops at
+    the first other error; rings before it keep the frame.
     """
     cdef Py_buffer view
     cdef FrameRing ring
+    cdef Py_ssize_t taken = 0
     _get_frame(frame, &view)
     try:
         for ring in rings:
-            ring._put(<const unsigned char*>view.buf, <size_t>view.len)
+            if ring.st.closed:  # racy read; _put checks again under the lock
+                continue
+            try:
+                ring._put(<const unsigned char*>view.buf, <size_t>view.len)
+            except RingClosed:
+                continue
+            taken += 1
     finally:
         PyBuffer_Release(&view)
+    return taken
 
 
 cdef class Ring:
@@ -521,7 +579,7 @@ cdef class FrameRing:
         cdef int status
         # Fast path with the GIL: a small frame that fits, lock free to take.
         if n < BIG_COPY and pthread_mutex_trylock(&st.lock) == 0:
-            if (st.used + n + HDR <= st.cap
+            if (not st.closed and st.used + n + HDR <= st.cap
                     and not (st.bounded and st.used + n + HDR > st.maxb)):
                 seq = _append_locked(st, data, n)
                 pthread_mutex_unlock(&st.lock)
@@ -535,6 +593,8 @@ cdef class FrameRing:
             raise RingFull(ring_full_message(n + HDR, held, st.maxb))
         if status == PUT_NOMEM:
             raise MemoryError(f"FrameRing cannot grow to hold {held + n + HDR} bytes")
+        if status == PUT_CLOSED:
+            raise RingClosed(RING_CLOSED_MESSAGE)
         return seq
 
     def send_to(self, fd):
@@ -551,19 +611,78 @@ cdef class FrameRing:
         """Free every frame up to and including ``seq``; return how many were freed."""
         cdef fr_state* st = self.st
         cdef size_t freed
+        cdef uint64_t target, last, sent
+        cdef bint beyond
         if isinstance(seq, bool) or not isinstance(seq, int):
             check_ack(seq, 0, 0)
-        _lock(st)
-        if seq > st.next_seq - 1 or seq > st.sent_seq:
-            last, sent = st.next_seq - 1, st.sent_seq
-            pthread_mutex_unlock(&st.lock)
-            check_ack(seq, last, sent)
-        if seq <= <object>st.acked_seq:
-            pthread_mutex_unlock(&st.lock)
+        # Only C values under the mutex: an int subclass's comparisons could run
+        # Python code (and raise) while it is held.
+        seq = operator.index(seq)  # an exact int from here on
+        if seq <= 0:
             return 0
-        freed = _ack_to(st, <uint64_t>seq)
+        target = <uint64_t>seq if seq <= UINT64_MAX else UINT64_MAX
+        _lock(st)
+        last = st.next_seq - 1
+        sent = st.sent_seq
+        beyond = seq > UINT64_MAX or target > last or target > sent
+        if beyond or target <= st.acked_seq:
+            pthread_mutex_unlock(&st.lock)
+            if beyond:
+                check_ack(seq, last, sent)
+            return 0
+        freed = _ack_to(st, target)
         pthread_mutex_unlock(&st.lock)
         return freed
+
+    def ack_from_source(self):
+        """Free the frames the ack source says the reader finished; return how many."""
+        cdef fr_state* st = self.st
+        cdef size_t before, freed
+        with nogil:  # the whole locked section is C; the source buffer is pinned by self
+            pthread_mutex_lock(&st.lock)
+            before = st.frames
+            _ack_from_source(st)
+            freed = before - st.frames
+            pthread_mutex_unlock(&st.lock)
+        return freed
+
+    def close(self):
+        """Refuse further appends (they raise ``RingClosed``); frames held stay."""
+        cdef fr_state* st = self.st
+        with nogil:
+            pthread_mutex_lock(&st.lock)
+            st.closed = 1
+            pthread_mutex_unlock(&st.lock)
+
+    @property
+    def closed(self):
+        """Whether ``close()`` was called."""
+        return bool(self.st.closed)
+
+    def take_all(self):
+        """Remove every frame held, sent or not, and return their payloads, oldest first.
+
+        The ring counts them as acked (``acked_seq == last_seq`` afterwards).
+        """
+        cdef fr_state* st = self.st
+        cdef unsigned char* copy = NULL
+        cdef size_t n = 0, off = 0, length
+        cdef int status, i
+        with nogil:  # the whole locked section is C: copy out, then reset
+            status = _take_all(st, &copy, &n)
+        if status != 0:
+            raise MemoryError(f"FrameRing.take_all could not copy {n} bytes")
+        out = []
+        try:
+            while off < n:
+                length = 0
+                for i in range(4):
+                    length |= (<size_t>copy[off + i]) << (8 * i)
+                out.append(PyBytes_FromStringAndSize(<char*>copy + off + HDR, length))
+                off += HDR + length
+        finally:
+            PyMem_RawFree(copy)
+        return out
 
     def set_ack_source(self, words, index=0):
         """Let ``send_to`` ack up to ``words[index]`` (a uint64 buffer the reader updates).
@@ -623,18 +742,19 @@ cdef class FrameRing:
     def peek(self):
         """Return a copy of the first payload not acked, or ``None``."""
         cdef fr_state* st = self.st
-        cdef size_t length
-        cdef uint64_t seq
-        cdef bytearray out
-        _lock(st)
-        if st.frames == 0:
-            pthread_mutex_unlock(&st.lock)
+        cdef unsigned char* copy = NULL
+        cdef size_t length = 0
+        cdef int status
+        with nogil:  # copy out under the mutex; Python objects are made after it
+            status = _peek(st, &copy, &length)
+        if status < 0:
+            raise MemoryError(f"FrameRing.peek could not copy {length} bytes")
+        if status == 0:
             return None
-        _get_header(st, 0, &length, &seq)
-        out = bytearray(length)
-        _copy_out(st, HDR, <unsigned char*>(<char*>out), length)
-        pthread_mutex_unlock(&st.lock)
-        return bytes(out)
+        try:
+            return PyBytes_FromStringAndSize(<char*>copy, length)
+        finally:
+            PyMem_RawFree(copy)
 
     def __len__(self):
         return self.st.frames
@@ -652,9 +772,9 @@ cdef class FrameRing:
     @property
     def unsent_bytes(self):
         """Bytes waiting for ``send_to``."""
-        _lock(self.st)
-        n = self.st.used - self.st.sent
-        pthread_mutex_unlock(&self.st.lock)
+        cdef size_t n
+        with nogil:
+            n = fr_unsent(self.st)
         return n
 
     @property

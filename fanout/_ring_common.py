@@ -13,6 +13,7 @@ __all__ = [
     "HEADER",
     "HEADER_SIZE",
     "MIN_FRAME_CAPACITY",
+    "RING_CLOSED_MESSAGE",
     "RING_GROW_FROM_ZERO",
     "check_ack",
     "check_fd",
@@ -31,6 +32,7 @@ MIN_FRAME_CAPACITY = 64
 # An object Ring of capacity 0 grows to this many slots (k8s.io/utils buffer.Ring).
 RING_GROW_FROM_ZERO = 16
 MAX_PAYLOAD = 0xFFFFFFFF
+RING_CLOSED_MESSAGE = "ring closed: it takes no more frames"
 
 
 def check_size(name: str, value: Any, *, allow_none: bool = False) -> int | None:

@@ -15,6 +15,7 @@ from fanout._ring_common import (
     HEADER,
     HEADER_SIZE,
     MIN_FRAME_CAPACITY,
+    RING_CLOSED_MESSAGE,
     RING_GROW_FROM_ZERO,
     check_ack,
     check_fd,
@@ -22,7 +23,7 @@ from fanout._ring_common import (
     check_words,
     frame_length,
 )
-from fanout.errors import RingFull, ring_full_message
+from fanout.errors import RingClosed, RingFull, ring_full_message
 
 __all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all"]
 
@@ -117,6 +118,7 @@ class FrameRing:
         "_boundary",
         "_buf",
         "_cap",
+        "_closed",
         "_frames",
         "_head",
         "_inflight",
@@ -168,6 +170,7 @@ class FrameRing:
         self._sending = False  # a writev runs without the lock (see send_to)
         self._ack_view: memoryview | None = None
         self._ack_index = 0
+        self._closed = False
         self._lock = threading.Lock()
 
     # -- byte helpers (lock held) -------------------------------------------------
@@ -208,6 +211,8 @@ class FrameRing:
         """Copy ``frame`` in as the next frame and return its sequence number."""
         n = frame_length(frame) + HEADER_SIZE
         with self._lock:
+            if self._closed:
+                raise RingClosed(RING_CLOSED_MESSAGE)
             if self._max is not None and self._used + n > self._max:
                 raise RingFull(ring_full_message(n, self._used, self._max))
             if self._used + n > self._cap:
@@ -229,12 +234,7 @@ class FrameRing:
         """Write pending bytes to non-blocking ``fd``; return how many were taken."""
         fd = check_fd(fd)
         with self._lock:
-            if self._ack_view is not None:
-                done = self._ack_view[self._ack_index]
-                # A reader cannot finish a frame never appended: such a word is
-                # garbage (the supervisor restarts that reader), so it frees nothing.
-                if self._acked_seq < done < self._next_seq:
-                    self._ack_to(min(done, self._sent_seq))
+            self._ack_from_source()
             todo = self._used - self._sent
             if self._inflight and todo:
                 # Bytes in flight (sent, not acked) stay below the cap, so frames
@@ -299,6 +299,53 @@ class FrameRing:
         with self._lock:
             check_ack(seq, self._next_seq - 1, self._sent_seq)
             return self._ack_to(seq)
+
+    def _ack_from_source(self) -> int:
+        """Lock held: free what the ack source says the reader finished."""
+        if self._ack_view is None:
+            return 0
+        done = self._ack_view[self._ack_index]
+        # A reader cannot finish a frame never appended: such a word is garbage
+        # (the supervisor restarts that reader), so it frees nothing.
+        if self._acked_seq < done < self._next_seq:
+            return self._ack_to(min(done, self._sent_seq))
+        return 0
+
+    def ack_from_source(self) -> int:
+        """Free the frames the ack source says the reader finished; return how many."""
+        with self._lock:
+            return self._ack_from_source()
+
+    def close(self) -> None:
+        """Refuse further appends (they raise ``RingClosed``); frames held stay."""
+        with self._lock:
+            self._closed = True
+
+    @property
+    def closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._closed
+
+    def take_all(self) -> list[bytes]:
+        """Remove every frame held, sent or not, and return their payloads, oldest first.
+
+        The ring counts them as acked (``acked_seq == last_seq`` afterwards).
+        """
+        with self._lock:
+            self._wait_not_sending()
+            held = self._copy_out(0, self._used) if self._used else b""
+            self._head = self._used = self._sent = self._boundary = self._frames = 0
+            self._acked_seq = self._sent_seq = self._next_seq - 1
+            if self._cap > self._normal:
+                self._buf = bytearray(self._normal)
+                self._cap = self._normal
+        out = []
+        pos = 0
+        while pos < len(held):
+            length, _ = HEADER.unpack_from(held, pos)
+            out.append(held[pos + HEADER_SIZE : pos + HEADER_SIZE + length])
+            pos += HEADER_SIZE + length
+        return out
 
     def _ack_to(self, seq: int) -> int:
         """Free frames with seq <= ``seq`` among those completely sent; lock held."""
@@ -445,11 +492,18 @@ class FrameRing:
         return self._sent_seq
 
 
-def append_all(rings: Any, frame: Any) -> None:
-    """Append ``frame`` to every ring of the sequence ``rings``.
+def append_all(rings: Any, frame: Any) -> int:
+    """Append ``frame`` to every open ring of the sequence ``rings``.
 
-    Stops at the first error; rings before it keep the frame.
+    Closed rings are skipped; returns how many rings took the frame. Stops at
+    the first other error; rings before it keep the frame.
     """
     frame_length(frame)
+    taken = 0
     for ring in rings:
-        ring.append(frame)
+        try:
+            ring.append(frame)
+        except RingClosed:
+            continue
+        taken += 1
+    return taken

@@ -6,7 +6,9 @@ __all__ = [
     "DistributorStopped",
     "FanoutError",
     "ListenerFull",
+    "RingClosed",
     "RingFull",
+    "WorkerStartError",
 ]
 
 
@@ -18,12 +20,37 @@ class RingFull(FanoutError):
     """A bounded ring has no room for a frame (see ``FrameRing(max_bytes=...)``)."""
 
 
+class RingClosed(FanoutError):
+    """A ``FrameRing`` was closed (``FrameRing.close()``) and takes no more frames."""
+
+
 class ListenerFull(FanoutError):
     """A listener with ``overflow="error"`` has no room; nothing was distributed."""
 
 
 class DistributorStopped(FanoutError, RuntimeError):
     """The distributor was stopped; build a new one to go on."""
+
+
+class WorkerStartError(FanoutError, RuntimeError):
+    """A listener's first worker could not start, for a reason retrying cannot fix.
+
+    Raised by ``Distributor.start()``, or by ``add_listener`` on a running
+    distributor, when the handler cannot be unpickled or imported in the worker,
+    or its factory raised or returned something that is not a handler.
+
+    Attributes:
+        listener: the name of the listener whose worker failed.
+        text: the worker's own account of the failure, with its traceback.
+    """
+
+    def __init__(self, listener: str, text: str) -> None:
+        super().__init__(
+            f"listener {listener!r}: its worker could not start, and retrying cannot "
+            f"fix that:\n{text}"
+        )
+        self.listener = listener
+        self.text = text
 
 
 def ring_full_message(frame_bytes: int, held: int, max_bytes: int) -> str:

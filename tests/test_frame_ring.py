@@ -40,7 +40,7 @@ from hypothesis.stateful import (
 import fanout
 import fanout._ring_py
 from fanout._ring_common import check_ack
-from fanout.errors import FanoutError, RingFull, ring_full_message
+from fanout.errors import FanoutError, RingClosed, RingFull, ring_full_message
 
 HEADER = struct.Struct("<IQ")
 HDR = HEADER.size
@@ -1023,7 +1023,16 @@ FRAME_CASES: dict[str, Callable[[types.ModuleType], Any]] = {
     "send-closed-fd": (_send_to_closed_fd, None),
     "peek-empty": lambda m: m.FrameRing().peek(),
     "rewind-empty": lambda m: m.FrameRing().rewind(),
+    "append-closed": lambda m: _closed(m).append(b"b"),
+    "take-all": lambda m: _filled(m, b"a", b"bb").take_all(),
+    "ack-from-no-source": lambda m: _filled(m, b"a").ack_from_source(),
 }
+
+
+def _closed(m: types.ModuleType) -> Any:
+    ring = _filled(m, b"a")
+    ring.close()
+    return ring
 
 
 def _outcome(call: Callable[[types.ModuleType], Any], module: types.ModuleType):
@@ -1410,3 +1419,97 @@ def test_first_seq(ring_impl: types.ModuleType):
     assert ring.first_seq == 1
     ring.drop_unsent(1)
     assert ring.first_seq == 2
+
+
+# -- closing, taking everything back, acking from the source ---------------------------
+
+
+def test_close_refuses_appends_and_keeps_frames(ring_impl: types.ModuleType):
+    ring = _filled(ring_impl, b"a", b"bb")
+    assert not ring.closed
+    ring.close()
+    assert ring.closed
+    with pytest.raises(RingClosed, match="ring closed"):
+        ring.append(b"c")
+    assert len(ring) == 2 and ring.last_seq == 2
+    ring.close()  # idempotent
+    assert ring.take_all() == [b"a", b"bb"]
+
+
+def test_append_all_skips_closed_rings(ring_impl: types.ModuleType):
+    rings = [ring_impl.FrameRing() for _ in range(3)]
+    rings[1].close()
+    assert ring_impl.append_all(rings, b"x") == 2
+    assert [len(r) for r in rings] == [1, 0, 1]
+    for r in rings:
+        r.close()
+    assert ring_impl.append_all(rings, b"y") == 0
+
+
+def test_take_all_returns_sent_and_unsent_frames(ring_impl: types.ModuleType):
+    ring = ring_impl.FrameRing(64, 64)
+    frames = [payload_for(i, 10 + 7 * i) for i in range(1, 30)]  # grows past 64
+    with Pipe(None) as (r, w):
+        for frame in frames[:10]:
+            ring.append(frame)
+        send_all(ring, r, w)
+        ring.ack(4)
+        for frame in frames[10:]:
+            ring.append(frame)
+        assert ring.take_all() == frames[4:]
+    assert len(ring) == 0 and ring.nbytes == 0
+    assert ring.acked_seq == ring.last_seq == ring.sent_seq == 29
+    assert ring.capacity == 64  # shrunk back to normal
+    assert ring.take_all() == []
+    assert ring.append(b"next") == 30  # numbering goes on
+
+
+def test_ack_from_source(ring_impl: types.ModuleType):
+    import numpy as np
+
+    words = np.zeros(1, dtype=np.uint64)
+    ring = ring_impl.FrameRing()
+    assert ring.ack_from_source() == 0  # no source
+    ring.set_ack_source(words)
+    with Pipe(None) as (r, w):
+        for i in range(4):
+            ring.append(b"f%d" % i)
+        send_all(ring, r, w)
+        ring.append(b"unsent")
+        words[0] = 2
+        assert ring.ack_from_source() == 2 and ring.acked_seq == 2
+        words[0] = 5  # appended but not sent: acks only what was sent
+        assert ring.ack_from_source() == 2 and ring.acked_seq == 4
+        words[0] = 99  # beyond the last frame appended: garbage, frees nothing
+        assert ring.ack_from_source() == 0 and ring.acked_seq == 4
+
+
+class _HostileInt(int):
+    """An int whose comparisons raise: must never run while a ring holds its mutex."""
+
+    def __gt__(self, other):
+        raise RuntimeError("hostile comparison")
+
+    __lt__ = __ge__ = __le__ = __eq__ = __gt__
+    __hash__ = int.__hash__
+
+
+def test_ack_runs_no_python_code_under_the_ring_lock(ring_impl: types.ModuleType):
+    ring = _sent(ring_impl, b"a", b"b")
+    try:
+        ring.ack(_HostileInt(1))
+    except RuntimeError:
+        pass  # raising is fine; leaving the ring locked is not
+    assert ring.ack(2) in (1, 2)  # would hang if the mutex were left locked
+    assert ring.acked_seq == 2
+
+
+def test_peek_after_wrap(ring_impl: types.ModuleType):
+    ring = ring_impl.FrameRing(64, 64)
+    with Pipe(None) as (r, w):
+        ring.append(b"x" * 30)
+        send_all(ring, r, w)
+        ring.append(b"y" * 20)
+        ring.ack(1)
+        ring.append(b"z" * 25)  # wraps around the end of the buffer
+        assert ring.peek() == b"y" * 20

@@ -8,10 +8,17 @@ and (by default) its handler runs in its own worker processes.
 from fanout._impl import IMPORT_ERROR, NATIVE, FrameRing, Ring
 from fanout.codec import Codec, MsgpackCodec, MsgspecCodec
 from fanout.distributor import Distributor
-from fanout.errors import DistributorStopped, FanoutError, ListenerFull, RingFull
+from fanout.errors import (
+    DistributorStopped,
+    FanoutError,
+    ListenerFull,
+    RingClosed,
+    RingFull,
+    WorkerStartError,
+)
 from fanout.handlers import FuncHandler, Handler
 from fanout.listener import Registration
-from fanout.notifications import Add, Delete, Notification, Update
+from fanout.notifications import Add, Delete, Notification, RawFrame, Update
 from fanout.stats import ListenerStats
 
 __version__ = "0.1.0"
@@ -33,9 +40,12 @@ __all__ = [
     "MsgpackCodec",
     "MsgspecCodec",
     "Notification",
+    "RawFrame",
     "Registration",
     "Ring",
+    "RingClosed",
     "RingFull",
     "Update",
+    "WorkerStartError",
     "__version__",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import select
 import threading
+import weakref
 from typing import Any
 
 __all__ = ["NATIVE", "Pump"]
@@ -27,6 +28,9 @@ class Pump:
 
     def __init__(self) -> None:
         self._efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        # Closed by close(), or when a pump never closed is collected (the native
+        # twin closes it in __dealloc__).
+        self._close_efd = weakref.finalize(self, os.close, self._efd)
         # key -> [ring, fd, blocked, broken_errno]; replaced whole on change so the
         # loop can iterate a snapshot. _table_lock is held for one send pass.
         self._lanes: dict[Any, list[Any]] = {}
@@ -78,8 +82,8 @@ class Pump:
     def close(self) -> None:
         """Free the eventfd (after ``run()`` returned)."""
         if self._efd >= 0:
-            os.close(self._efd)
             self._efd = -1
+            self._close_efd()
 
     def run(self) -> None:
         """Drain rings into their fds until ``stop()``; call in a dedicated thread."""

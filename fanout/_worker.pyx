@@ -12,6 +12,7 @@ from libc.string cimport memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport read
 
+from fanout.codec import wire_fields_error
 from fanout.stats import (
     DONE as _DONE,
     ERRORS as _ERRORS,
@@ -106,14 +107,19 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                 payload = PyBytes_FromStringAndSize(<char*>buf + pos + HDR, length)
                 pos += HDR + length
                 try:
-                    kind, t_ns, a, b = unpack(payload)
-                    if kind < ADD or kind > DELETE:
-                        raise ValueError(f"unknown notification kind {kind!r}")
+                    kind_o, t_o, a, b = unpack(payload)
+                    try:
+                        kind = kind_o
+                        t_ns = t_o
+                    except (OverflowError, TypeError):
+                        raise wire_fields_error(kind_o, t_o) from None
+                    if kind < ADD or kind > DELETE or t_ns < 0:
+                        raise wire_fields_error(kind_o, t_o)
                 except Exception as exc:
                     # Decoding is deterministic: a retry would fail the same way.
                     # The parent dead-letters it; this worker goes on.
                     slot[STARTED] = seq
-                    on_bad_frame(seq, f"frame {seq} cannot be decoded: {exc!r}")
+                    on_bad_frame(seq, f"frame {seq} cannot be decoded: {exc!r}", payload)
                     slot[DONE] = seq
                     continue
                 now = _now_ns()

@@ -4,9 +4,10 @@ Payload layout: ``[kind, t_ns, a, b]``: kind 0 = Add(obj=a, is_in_initial_list=b
 1 = Update(old=a, new=b), 2 = Delete(obj=a); ``t_ns`` is ``time.monotonic_ns()``
 at ``distribute`` (system-wide on Linux), so a worker can measure latency.
 
-Extension types (MessagePack ext codes 1-3 are fanout's; 64-127 are the user's):
+Extension types (MessagePack ext codes 1-4 are fanout's; 64-127 are the user's):
 1 = numpy array (``[dtype.str, shape, raw bytes]``, decoded read-only without a
-second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text).
+second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text), 4 = ``tuple``
+(the msgpack codec keeps tuples, so a dict keyed by tuples decodes as it was sent).
 """
 
 from __future__ import annotations
@@ -24,12 +25,19 @@ from fanout.notifications import Add, Delete, Notification, Update
 __all__ = ["Codec", "MsgpackCodec", "MsgspecCodec", "get_codec"]
 
 ADD, UPDATE, DELETE = 0, 1, 2
-EXT_NDARRAY, EXT_DATETIME, EXT_DATE = 1, 2, 3
+EXT_NDARRAY, EXT_DATETIME, EXT_DATE, EXT_TUPLE = 1, 2, 3, 4
+INT_RANGE = "-2**63 to 2**64-1"
 USER_EXT_CODES = range(64, 128)
 
 
 def _unencodable(obj: Any) -> TypeError:
     cls = type(obj)
+    if cls is int:
+        return TypeError(
+            f"cannot encode the integer {obj}: MessagePack integers range from "
+            f"{INT_RANGE}; send a larger number as a str (or a float, if losing "
+            f"precision is fine)"
+        )
     return TypeError(
         f"cannot encode an object of type {cls.__module__}.{cls.__qualname__}: fanout's "
         f"codec takes dict, list, tuple, str, bytes, int, float, bool, None, datetime, "
@@ -60,6 +68,8 @@ def _builtin_to_ext(obj: Any) -> Any:
 
 
 def _builtin_from_ext(code: int, data: bytes) -> Any:
+    if code == EXT_TUPLE:
+        return tuple(msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_or_raw))
     if code == EXT_NDARRAY:
         import numpy as np
 
@@ -69,6 +79,20 @@ def _builtin_from_ext(code: int, data: bytes) -> Any:
         return _dt.datetime.fromisoformat(data.decode())
     if code == EXT_DATE:
         return _dt.date.fromisoformat(data.decode())
+    return None
+
+
+def _ext_or_raw(code: int, data: bytes) -> Any:
+    obj = _builtin_from_ext(code, data)
+    return obj if obj is not None else msgpack.ExtType(code, data)
+
+
+def _exact(obj: Any) -> Any:
+    """Return a subclass of a MessagePack type (IntEnum, OrderedDict, ...) as its base."""
+    base: Any
+    for base in (dict, list, str, int, float, bytes):
+        if isinstance(obj, base):
+            return base(obj)
     return None
 
 
@@ -83,6 +107,17 @@ def _to_wire(n: Notification) -> tuple[int, Any, Any]:
     raise TypeError(
         f"distribute takes fanout.Add, fanout.Update or fanout.Delete, not "
         f"{type(n).__name__} ({n!r:.80})"
+    )
+
+
+MAX_T_NS = (1 << 63) - 1
+
+
+def wire_fields_error(kind: Any, t_ns: Any) -> ValueError:
+    """The one error both worker loops raise for a payload with bad header fields."""
+    return ValueError(
+        f"bad payload fields: kind={kind!r} (must be 0, 1 or 2), "
+        f"t_ns={t_ns!r} (must be an int from 0 to 2**63-1)"
     )
 
 
@@ -159,16 +194,36 @@ class MsgpackCodec(Codec):
         self._local = threading.local()
 
     def _default(self, obj: Any) -> Any:
+        # The packer checks types exactly (strict_types), so tuples and subclasses
+        # of the plain types come here too.
+        cls = type(obj)
+        if cls is tuple:
+            # Not self.pack: this runs inside the thread's Packer, which is not
+            # re-entrant.
+            body = msgpack.packb(
+                list(obj),
+                default=self._default,
+                use_bin_type=True,
+                datetime=False,
+                strict_types=True,
+            )
+            return msgpack.ExtType(EXT_TUPLE, body)
         ext = _builtin_to_ext(obj)
         if ext is not None:
             return msgpack.ExtType(*ext)
-        if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
+        if cls.__module__ == "numpy" and hasattr(obj, "item"):
             return obj.item()  # numpy scalar
+        if cls is not int:  # an int here is out of range: say so below
+            plain = _exact(obj)
+            if plain is not None:
+                return plain
         if self.default is not None:
             return self.default(obj)
         raise _unencodable(obj)
 
     def _ext(self, code: int, data: bytes) -> Any:
+        if code == EXT_TUPLE:
+            return tuple(self.unpack(data))
         obj = _builtin_from_ext(code, data)
         if obj is not None:
             return obj
@@ -192,7 +247,7 @@ class MsgpackCodec(Codec):
     def _packer(self) -> msgpack.Packer:
         # One Packer per thread: Packer is not thread-safe.
         packer = self._local.packer = msgpack.Packer(
-            default=self._default, use_bin_type=True, datetime=False
+            default=self._default, use_bin_type=True, datetime=False, strict_types=True
         )
         return packer
 

@@ -9,6 +9,7 @@ alive. See ../shared/DESIGN.md for the picture.
 from __future__ import annotations
 
 import atexit
+import logging
 import math
 import multiprocessing
 import pickle
@@ -16,21 +17,29 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Hashable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from fanout._impl import Pump, append_all
 from fanout._ring_common import HEADER_SIZE
 from fanout.codec import Codec, get_codec
-from fanout.errors import DistributorStopped, ListenerFull
-from fanout.handlers import resolve_handler
+from fanout.errors import DistributorStopped, ListenerFull, WorkerStartError
+from fanout.handlers import pickle_for_workers, resolve_handler
 from fanout.listener import Lane, ProcessListener, Registration, ThreadListener
 from fanout.notifications import NOTIFICATION_TYPES, Add, Notification
 from fanout.supervisor import Supervisor
 
 __all__ = ["Distributor"]
 
+log = logging.getLogger("fanout")
+
+Executor = Literal["process", "thread"]
+Overflow = Literal["block", "drop_oldest", "drop_newest", "error"]
+StartMethod = Literal["forkserver", "spawn"]
+CodecName = Literal["msgpack", "msgspec"]
+
 MIN_RESYNC_PERIOD = 1.0  # client-go's minimumResyncPeriod
 REAP_FALLBACK = 2.0  # stop() reaps workers itself when the supervisor has not
+FIRST_START_WAIT = 60.0  # start() waits this long at most for first workers to say ready
 EXECUTORS = ("process", "thread")
 OVERFLOW_POLICIES = ("block", "drop_oldest", "drop_newest", "error")
 START_METHODS = ("forkserver", "spawn")
@@ -107,8 +116,8 @@ class Distributor:
         self,
         resync_check_period: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
-        start_method: str = "forkserver",
-        codec: str | Codec = "msgpack",
+        start_method: StartMethod = "forkserver",
+        codec: CodecName | Codec = "msgpack",
     ) -> None:
         check = _check_period("resync_check_period", resync_check_period)
         assert check is not None
@@ -134,7 +143,7 @@ class Distributor:
         self._listeners: tuple[Registration, ...] = ()
         # Swapped whole, so distribute() reads one consistent plan without the lock.
         self._plan = _Plan(())
-        self._started = threading.Event()
+        self._stopped_listeners: tuple[Registration, ...] = ()
         self.started = False
         self.stopped = False
         self.stopping = False
@@ -184,12 +193,12 @@ class Distributor:
         handler: Any,
         name: str | None = None,
         workers: int = 1,
-        executor: str = "process",
+        executor: Executor = "process",
         key: Callable[[Any], Hashable] | None = None,
         resync_period: float | None = None,
         initial_list: Iterable[Any] | None = None,
         max_pending_bytes: int | None = None,
-        overflow: str = "block",
+        overflow: Overflow = "block",
         handler_timeout: float | None = None,
         max_attempts: int = 3,
         on_error: Callable[[Registration, Notification | None, str], Any] | None = None,
@@ -230,6 +239,11 @@ class Distributor:
             self._publish((*self._listeners, reg))
         self.supervisor.wake()
         self.pump.notify()
+        if self.started:
+            failure = self._first_start_failure([reg])
+            if failure is not None:
+                self.shutdown_listener(reg, timeout=self.close_grace)
+                raise failure
         return reg
 
     def _listener_options(
@@ -267,16 +281,23 @@ class Distributor:
                 raise TypeError(
                     f"max_pending_bytes must be an int or None, not {max_pending_bytes!r}"
                 )
-            if max_pending_bytes <= 0:
-                raise ValueError(f"max_pending_bytes must be > 0, got {max_pending_bytes}")
+            if max_pending_bytes <= HEADER_SIZE:
+                raise ValueError(
+                    f"max_pending_bytes must exceed the {HEADER_SIZE}-byte frame header "
+                    f"(in practice: room for many notifications), got {max_pending_bytes}"
+                )
         if overflow not in OVERFLOW_POLICIES:
             raise ValueError(
                 f"overflow must be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, "
                 f"got {overflow!r}"
             )
+        if isinstance(handler_timeout, (int, float)) and not isinstance(handler_timeout, bool):
+            if not (math.isfinite(handler_timeout) and handler_timeout > 0):
+                raise ValueError(
+                    f"handler_timeout must be a finite number of seconds > 0, or None "
+                    f"for no limit, got {handler_timeout!r}"
+                )
         timeout = _check_period("handler_timeout", handler_timeout, allow_none=True)
-        if timeout == 0:
-            raise ValueError("handler_timeout must be > 0 seconds, or None for no limit")
         if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
             raise TypeError(f"max_attempts must be an int, not {max_attempts!r}")
         if max_attempts < 1:
@@ -313,14 +334,7 @@ class Distributor:
                         f"{opt} needs executor='process' ({why}); drop it or use processes"
                     )
         else:
-            try:
-                opts["handler_blob"] = pickle.dumps(handler, protocol=pickle.HIGHEST_PROTOCOL)
-            except Exception as exc:
-                raise TypeError(
-                    f"handler {handler!r:.80} cannot be pickled for the worker processes "
-                    f"({exc}); pass a zero-argument class or module-level factory that "
-                    f"builds it in each worker, or use executor='thread'"
-                ) from exc
+            opts["handler_blob"] = pickle_for_workers(handler)
         return opts
 
     def _queue_initial(self, reg: Registration, items: list[Any]) -> None:
@@ -392,8 +406,9 @@ class Distributor:
             self._publish(tuple(r for r in self._listeners if r is not reg))
             if isinstance(reg, ThreadListener):
                 reg.close(drain=False)
+                reg.settle(None)  # what it had not taken is dropped, as client-go does
             else:
-                self._discard(reg)
+                self._discard(reg)  # dropped once its workers are gone
         self.supervisor.wake()
 
     def shutdown_listener(self, reg: Any, timeout: float | None = None) -> bool:
@@ -435,17 +450,15 @@ class Distributor:
             )
         plan = self._plan
         if plan.fast and not sync:  # the common case, kept short
-            append_all(plan.rings, self._encode(n, time.monotonic_ns()))
+            if append_all(plan.rings, self._encode(n, time.monotonic_ns())) < len(plan.rings):
+                self._check_not_stopped()  # a ring was closed under us
             self._notify()
             return
-        if not plan.listeners or self.stopped:
+        if not plan.listeners:
+            self._check_not_stopped()
             return
-        if not self.started:
-            # client-go: distribute before run() waits for the listeners to start.
-            self._started.wait()
-            plan = self._plan
-            if self.stopped or self.stopping or not plan.listeners:
-                return
+        # Before start() the rings buffer (bounded ones apply their policy), and
+        # start() delivers the backlog in order: distribute never waits for it.
         if sync:
             plan = _Plan(tuple(r for r in plan.listeners if r.syncing))
             if not plan.listeners:
@@ -471,6 +484,17 @@ class Distributor:
             for put in plan.puts:
                 put(item)
         self.pump.notify()
+        # A stop() that ran meanwhile closed the listeners: whatever reached a
+        # ring before that is counted by the stop; the caller learns the rest.
+        self._check_not_stopped()
+
+    def _check_not_stopped(self) -> None:
+        if self.stopping or self.stopped:
+            raise DistributorStopped(
+                "distribute() after stop(): the notification was not delivered (a "
+                "stop() running at the same time accounts for any part it took); "
+                "build a new Distributor to go on"
+            )
 
     def should_resync(self) -> bool:
         """Recompute which listeners are due for resync; True if any is."""
@@ -512,13 +536,49 @@ class Distributor:
             else:
                 failure = None
                 self._publish(self._listeners)
-        if failure is not None:  # e.g. out of fds: leave nothing half-started
+            listeners = self._listeners
+        if failure is None:
+            self.supervisor.wake()
+            self.pump.notify()
+            failure = self._first_start_failure(listeners)
+        if failure is not None:  # leave nothing half-started
             self.stop(drain=False)
             raise failure
-        self._started.set()
-        self.supervisor.wake()
-        self.pump.notify()
         return self
+
+    def _first_start_failure(
+        self, listeners: tuple[Registration, ...] | list[Registration]
+    ) -> WorkerStartError | None:
+        """Wait until every lane's first worker said ready or failed for good.
+
+        Workers start in parallel, so this costs about one worker start. Returns
+        the error of the first listener whose worker cannot start (unpicklable or
+        unimportable handler, a factory that raised or returned no handler);
+        transient failures are left to the supervisor's retries.
+        """
+        lanes = [lane for r in listeners if isinstance(r, ProcessListener) for lane in r.lanes]
+        deadline = time.monotonic() + FIRST_START_WAIT
+        delay = 0.0005
+        while any(lane.first_start for lane in lanes):
+            if time.monotonic() >= deadline:
+                log.warning(
+                    "start(): workers still starting after %.0f s; going on without "
+                    "waiting for them",
+                    FIRST_START_WAIT,
+                )
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+        failures = [
+            (lane.listener.name, lane.start_error)
+            for lane in lanes
+            if lane.start_error is not None
+        ]
+        for name, text in failures[1:]:
+            log.error("listener %r: its worker could not start:\n%s", name, text)
+        if failures:
+            return WorkerStartError(*failures[0])
+        return None
 
     def supervised_lanes(self) -> list[Lane]:
         """Every lane the supervisor watches, removed ones until reaped (lock held)."""
@@ -556,22 +616,26 @@ class Distributor:
             if self.stopped:
                 return True
             was_started = self.started
-        drained = True
         if was_started and drain:
-            drained = self._wait_drained(timeout)
-        elif was_started:
-            drained = all(r.drained() for r in self._listeners)
+            self._wait_drained(timeout)
         with self.lock:
             self.stopping = True
             listeners = self._listeners
+            lost_before = {reg: reg.dropped + reg.dead_lettered for reg in listeners}
+            self._stopped_listeners = listeners
             self._publish(())
             for reg in listeners:
                 reg.removed = True
-                reg.close(drain=False)
+                reg.close(drain=False)  # its rings take nothing more from here on
             self._closing.extend(r for r in listeners if isinstance(r, ProcessListener))
-        self._started.set()  # release producers waiting for start()
         if was_started:
             self._reap(listeners)
+        # Every listener's queue is final now: count what is left.
+        calls: list[Callable[[], None]] = []
+        lost = 0
+        for reg in listeners:
+            calls += reg.settle(self._undelivered_reason(reg, drain, timeout, was_started))
+            lost += reg.dropped + reg.dead_lettered - lost_before[reg]
         with self.lock:
             self.stopped = True
             for reg in self._closing:
@@ -579,9 +643,25 @@ class Distributor:
             self._closing = []
         _running.discard(self)
         self._shutdown_threads(was_started)
-        return drained
+        for call in calls:  # on_dead_letter, in the caller's thread, no lock held
+            call()
+        return lost == 0
+
+    @staticmethod
+    def _undelivered_reason(
+        reg: Registration, drain: bool, timeout: float | None, was_started: bool
+    ) -> str | None:
+        """Why ``stop`` dead-letters what ``reg`` still holds; None: it drops it."""
+        if not was_started:
+            return "the distributor was stopped without ever being started"
+        if reg.never_started() or reg.stuck():
+            return "the listener's workers never started, so nothing could deliver it"
+        if drain:
+            return f"stop(drain=True, timeout={timeout}) gave up before it was delivered"
+        return None
 
     def _wait_drained(self, timeout: float | None) -> bool:
+        """Wait until every listener drained, or is stuck, or ``timeout`` passed."""
         deadline = None if timeout is None else time.monotonic() + timeout
         delay = 0.0005
         # A listener whose worker keeps failing to start can never drain: do not
@@ -630,5 +710,23 @@ class Distributor:
     def __enter__(self) -> Distributor:
         return self.start()
 
-    def __exit__(self, *exc: Any) -> None:
-        self.stop(drain=exc[0] is None)
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        try:
+            complete = self.stop(drain=exc_type is None)
+        except Exception:
+            if exc_type is None:
+                raise
+            # Never mask the exception that ended the block.
+            log.exception("stop() failed while leaving a with block that raised")
+            return
+        if not complete:
+            lost = ", ".join(
+                f"{r.name!r}: {r.dead_lettered} dead-lettered, {r.dropped} dropped"
+                for r in self._stopped_listeners
+                if r.dead_lettered or r.dropped
+            )
+            log.warning(
+                "leaving the with block: not every notification was delivered (%s); "
+                "see each listener's stats() and on_dead_letter",
+                lost,
+            )

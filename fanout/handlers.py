@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import inspect
+import io
+import os
+import pickle
+import sys
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["FuncHandler", "Handler", "build_handler", "resolve_handler"]
+__all__ = ["FuncHandler", "Handler", "build_handler", "pickle_for_workers", "resolve_handler"]
 
 _METHODS = ("on_add", "on_update", "on_delete")
 
@@ -87,8 +91,11 @@ def resolve_handler(handler: Any) -> tuple[Any, bool]:
             sig.bind()
         except TypeError:
             raise TypeError(
-                f"handler factory {handler!r} must be callable with no arguments; "
-                f"wrap it (functools.partial) or pass a handler instance"
+                f"handler {handler!r} takes arguments, but a callable handler is a "
+                f"factory called with none to build a handler in each worker. For "
+                f"plain functions use fanout.FuncHandler(on_add=..., on_update=..., "
+                f"on_delete=...); for a factory that needs arguments, bind them with "
+                f"functools.partial"
             ) from None
         except ValueError:
             pass  # no signature to inspect (a builtin): it will be called and checked
@@ -111,3 +118,53 @@ def build_handler(handler: Any, is_factory: bool) -> Any:
             f"on_add / on_update / on_delete methods"
         )
     return made
+
+
+def _main_has_no_file() -> bool:
+    """Tell whether ``__main__`` cannot be imported again by a worker (stdin, -c, REPL)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return not isinstance(path, str) or not os.path.isfile(path)
+
+
+class _WorkerPickler(pickle.Pickler):
+    """Pickles a handler and notes every class or function it names in ``__main__``."""
+
+    def __init__(self, file: io.BytesIO) -> None:
+        super().__init__(file, protocol=pickle.HIGHEST_PROTOCOL)
+        self.from_main: list[str] = []
+
+    def reducer_override(self, obj: Any) -> Any:
+        if (isinstance(obj, type) or inspect.isfunction(obj)) and getattr(
+            obj, "__module__", None
+        ) == "__main__":
+            self.from_main.append(getattr(obj, "__qualname__", repr(obj)))
+        return NotImplemented  # pickle it the usual way
+
+
+def pickle_for_workers(handler: Any) -> bytes:
+    """Pickle ``handler`` for worker processes, or raise ``TypeError`` saying why not.
+
+    A class or function defined in a ``__main__`` that has no file (a script read
+    from stdin, ``python -c``, a REPL, a notebook) pickles by name, but a worker
+    process cannot import it again: refused here, naming both ways out.
+    """
+    buf = io.BytesIO()
+    pickler = _WorkerPickler(buf)
+    try:
+        pickler.dump(handler)
+    except Exception as exc:
+        raise TypeError(
+            f"handler {handler!r:.80} cannot be pickled for the worker processes "
+            f"({exc}); pass a zero-argument class or module-level factory that "
+            f"builds it in each worker, or use executor='thread'"
+        ) from exc
+    if pickler.from_main and _main_has_no_file():
+        names = ", ".join(sorted(set(pickler.from_main)))
+        raise TypeError(
+            f"handler {handler!r:.80} uses {names}, defined in __main__, but this "
+            f"__main__ has no file (stdin, python -c, a REPL or a notebook), so worker "
+            f"processes cannot import it. Define it in a module the workers can import "
+            f"(a .py file), or pass executor='thread' to run it in this process"
+        )
+    return buf.getvalue()

@@ -10,6 +10,7 @@ start, reap and rewind workers.
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -23,10 +24,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fanout._impl import FrameRing, Ring
+from fanout._procs import ensure_forkserver
 from fanout._ring_common import HEADER_SIZE
-from fanout.errors import ListenerFull, RingFull
+from fanout.errors import ListenerFull, RingClosed, RingFull
 from fanout.handlers import build_handler
-from fanout.notifications import Add, Notification, Update
+from fanout.notifications import Add, Notification, RawFrame, Update
 from fanout.stats import (
     DONE,
     ERRORS,
@@ -169,6 +171,38 @@ class Registration:
         """Tell whether everything queued was handled."""
         raise NotImplementedError
 
+    def never_started(self) -> bool:
+        """Tell whether no worker of this listener ever became ready."""
+        return False
+
+    def settle(self, reason: str | None) -> list[Callable[[], None]]:
+        """Account for what is still queued once nothing handles it any more.
+
+        With ``reason`` None it is dropped (counted in ``dropped``); otherwise it
+        is dead-lettered with that reason. Returns the ``on_dead_letter`` calls
+        to make, outside the distributor's lock.
+        """
+        raise NotImplementedError
+
+    def _settle_items(self, items: list[Any], reason: str | None) -> list[Callable[[], None]]:
+        """Count ``items`` (payloads or notifications) as dropped or dead-lettered."""
+        if not items:
+            return []
+        if reason is None:
+            self.dropped += len(items)
+            return []
+        self.dead_lettered += len(items)
+        return [functools.partial(self.dead_letter_item, item, reason) for item in items]
+
+    def dead_letter_item(self, item: Any, reason: str) -> None:
+        """Report ``item`` (a notification or an encoded payload) as dead-lettered."""
+        if isinstance(item, (bytes, bytearray)):
+            try:
+                item = self._dist.codec.decode(item)[0]
+            except Exception as exc:
+                item = RawFrame(bytes(item), f"cannot be decoded: {exc!r}")
+        self.report_dead_letter(item, reason)
+
     def stats(self) -> ListenerStats:
         """Return a snapshot of this listener's counters."""
         hist = self.latency_histogram()
@@ -187,12 +221,12 @@ class Registration:
 
     # -- reporting (called outside the distributor's lock) ---------------------------
 
-    def report_error(self, n: Notification | None, text: str) -> None:
+    def report_error(self, n: Notification | RawFrame | None, text: str) -> None:
         """Log a handler exception and pass it to ``on_error``."""
         log.error("listener %r: handler raised on %r:\n%s", self.name, n, text)
         self._callback(self.on_error, n, text)
 
-    def report_dead_letter(self, n: Notification | None, reason: str) -> None:
+    def report_dead_letter(self, n: Notification | RawFrame | None, reason: str) -> None:
         """Log a dead-lettered notification and pass it to ``on_dead_letter``."""
         log.warning("listener %r: dead-lettered %r: %s", self.name, n, reason)
         self._callback(self.on_dead_letter, n, reason)
@@ -277,11 +311,21 @@ class ProcessListener(Registration):
                 f"max_pending_bytes={bound}; nothing was distributed. Raise "
                 f"max_pending_bytes above the largest notification"
             )
-        if self.overflow != "error":
+        waits_for_start = self.overflow == "block" and not self._dist.started
+        if self.overflow != "error" and not waits_for_start:
             return
         ring = lane.ring
         if ring.nbytes + need > bound:
             lane.ack()
+            if ring.nbytes + need > bound and waits_for_start:
+                # No worker runs before start(): "block" would wait for start()
+                # itself, which distribute must never do.
+                raise ListenerFull(
+                    f"listener {self.name!r} lane {lane.index} is full before start(): "
+                    f"{ring.nbytes} of max_pending_bytes={bound} bytes queued, and "
+                    f"nothing drains until start(); nothing was distributed. Call "
+                    f"start() first, or raise max_pending_bytes"
+                )
             if ring.nbytes + need > bound:
                 raise ListenerFull(
                     f"listener {self.name!r} lane {lane.index} is full: {ring.nbytes} of "
@@ -291,11 +335,17 @@ class ProcessListener(Registration):
                 )
 
     def put(self, lane: Lane, payload: bytes) -> None:
-        """Append an encoded notification to ``lane``, applying the overflow policy."""
+        """Append an encoded notification to ``lane``, applying the overflow policy.
+
+        A closed lane (listener removed or stopping) takes nothing: the caller
+        checks whether the distributor is stopping.
+        """
         try:
             lane.ring.append(payload)  # the pump acks what the worker finished
         except RingFull:
             self._put_full(lane, payload)
+        except RingClosed:
+            pass
 
     def _put_full(self, lane: Lane, payload: bytes) -> None:
         ring = lane.ring
@@ -303,8 +353,9 @@ class ProcessListener(Registration):
         try:
             ring.append(payload)
             return
-        except RingFull:
-            pass
+        except (RingFull, RingClosed):
+            if ring.closed:
+                return
         policy = self.overflow
         if policy == "drop_newest":
             self.dropped += 1
@@ -319,6 +370,8 @@ class ProcessListener(Registration):
             except RingFull:  # frames in flight fill the bound: the newest goes
                 self.dropped += 1
                 self.unqueued += 1
+            except RingClosed:
+                pass
         elif policy == "error":  # check_room passed, then the ring filled: a race
             raise ListenerFull(f"listener {self.name!r} lane {lane.index} is full")
         else:
@@ -341,6 +394,8 @@ class ProcessListener(Registration):
                 return
             except RingFull:
                 continue
+            except RingClosed:
+                return
 
     def add_initial(self, payloads: list[tuple[Lane, bytes]]) -> None:
         """Queue the initial list and remember, per lane, where it ends."""
@@ -356,9 +411,27 @@ class ProcessListener(Registration):
             lane.spawn()
 
     def close(self, drain: bool = False) -> None:
-        """Ask every worker to leave and stop feeding it (distributor lock held)."""
+        """Ask every worker to leave and stop feeding it (distributor lock held).
+
+        The rings take no more frames from here on, so what they hold is final
+        for ``settle``.
+        """
         for lane in self.lanes:
+            lane.ring.close()
             lane.close()
+
+    def settle(self, reason: str | None) -> list[Callable[[], None]]:
+        """Account for the frames still held once the workers are gone."""
+        calls: list[Callable[[], None]] = []
+        for lane in self.lanes:
+            lane.ring.close()
+            lane.ack()  # what the last worker finished is delivered, not lost
+            calls += self._settle_items(lane.ring.take_all(), reason)
+        return calls
+
+    def never_started(self) -> bool:
+        """Tell whether no worker of this listener ever became ready."""
+        return not any(lane.ever_ready for lane in self.lanes)
 
     def exited(self) -> bool:
         """Tell whether every worker has exited and been reaped."""
@@ -368,6 +441,10 @@ class ProcessListener(Registration):
         """Free the shared memory once no lane uses it."""
         if self.memfd < 0:
             return
+        for lane in self.lanes:
+            lane.ack()  # what the last workers finished, before the slots go
+        if not self._dist.stopping:
+            self.settle(None)  # a removed listener's leftovers are dropped (client-go)
         self._close_memfd()
         self.memfd = -1
         # Swap every numpy view of the mapping for a copy (stats() after stop
@@ -392,7 +469,10 @@ class ProcessListener(Registration):
 
     def stuck(self) -> bool:
         """Tell whether a lane's worker keeps failing to start (nothing drains)."""
-        return any(lane.start_failures >= STUCK_AFTER for lane in self.lanes)
+        return any(
+            lane.start_failures >= STUCK_AFTER or lane.start_error is not None
+            for lane in self.lanes
+        )
 
     def _initial_done(self) -> bool:
         if self.removed:  # nothing more will be handled: do not hang unsynced
@@ -452,7 +532,12 @@ class Lane:
         self.rfd = -1  # return pipe, parent's (read) end, non-blocking
         self.rbuf = bytearray()
         self.ready = False
+        self.ever_ready = False
+        # Until the first worker said ready or died: start() waits for that.
+        self.first_start = True
+        self.start_error: str | None = None  # why the first start cannot succeed
         self.fatal = False  # the worker reported a start-up or frame failure
+        self.fatal_text = ""
         self.corrupt = False  # the worker wrote impossible progress: trust none of it
         self.closing = False
         self.initial_seq = 0
@@ -471,11 +556,8 @@ class Lane:
         return f"<Lane {self.listener.name!r}[{self.index}]>"
 
     def ack(self) -> None:
-        """Free ring frames the worker has finished."""
-        ring = self.ring
-        done = int(self.slot[DONE])
-        if ring.acked_seq < done <= ring.last_seq:  # beyond: garbage, see supervisor
-            ring.ack(min(done, ring.sent_seq))
+        """Free ring frames the worker has finished (read from its progress slot)."""
+        self.ring.ack_from_source()
 
     def spawn(self) -> None:
         """Start a worker for this lane and attach its pipe to the pump."""
@@ -505,6 +587,8 @@ class Lane:
                 codec_blob=dist.codec_blob,
                 slot_offset=self.index * SLOT_BYTES,
             )
+            if dist.start_method == "forkserver":
+                ensure_forkserver()  # (again, if it died) importing our fanout
             proc = dist.mp_context.Process(  # type: ignore[attr-defined]
                 target=worker_main,
                 args=(spec, FdArg(r), FdArg(rw), FdArg(listener.memfd)),
@@ -525,6 +609,7 @@ class Lane:
         self.rbuf = bytearray()
         self.ready = False
         self.fatal = False
+        self.fatal_text = ""
         self.corrupt = False
         self.kill_reason = None
         self.kill_at = 0.0
@@ -568,6 +653,8 @@ class ThreadListener(Registration):
         self.cond = threading.Condition(threading.Lock())
         self.waiting = False
         self.stopping = False
+        self.discard = False  # stopping without a drain: handle nothing more
+        self.leftover: list[Any] = []  # taken from the ring, then discarded: for settle
         self.busy = 0  # items taken from the ring, not yet handled
         self.received = 0
         self.delivered = 0
@@ -577,8 +664,10 @@ class ThreadListener(Registration):
         self.thread: threading.Thread | None = None
 
     def put(self, item: tuple[Notification, int]) -> None:
-        """Queue ``(notification, t_ns)`` for the thread."""
+        """Queue ``(notification, t_ns)`` for the thread (nothing once it is closed)."""
         with self.cond:
+            if self.stopping:
+                return
             self.ring.write_one(item)
             self.received += 1
             if self.waiting:
@@ -596,13 +685,28 @@ class ThreadListener(Registration):
         self.thread.start()
 
     def close(self, drain: bool = False) -> None:
-        """Ask the thread to leave (after what is queued, if ``drain``)."""
+        """Take nothing more; the thread leaves after what is queued, if ``drain``.
+
+        Without ``drain`` it leaves after the call it is in; what it leaves
+        behind is counted by ``settle``.
+        """
         with self.cond:
             self.stopping = True
-            if not drain:
-                while self.ring.read_one()[1]:
-                    pass
+            self.discard = not drain
             self.cond.notify()
+
+    def settle(self, reason: str | None) -> list[Callable[[], None]]:
+        """Account for the notifications still queued."""
+        with self.cond:
+            self.stopping = self.discard = True
+            left, self.leftover = self.leftover, []
+            while True:
+                item, ok = self.ring.read_one()
+                if not ok:
+                    break
+                left.append(item[0])
+            self.cond.notify()
+        return self._settle_items(left, reason)
 
     def exited(self) -> bool:
         """Tell whether the thread has ended (or never started)."""
@@ -632,7 +736,7 @@ class ThreadListener(Registration):
         while True:
             batch: list[tuple[Any, int]] = []  # (notification, t_ns)
             with cond:
-                while not len(ring):
+                while not len(ring) or self.discard:
                     if self.stopping:
                         return
                     self.waiting = True
@@ -644,7 +748,12 @@ class ThreadListener(Registration):
                         break
                     batch.append(item)
                 self.busy = len(batch)
-            for n, t_ns in batch:
+            for i, (n, t_ns) in enumerate(batch):
+                if self.discard:  # stopped: settle() accounts for the rest
+                    with cond:
+                        self.leftover.extend(item[0] for item in batch[i:])
+                        self.busy = 0
+                    break
                 hist[bucket_of(monotonic_ns() - t_ns)] += 1
                 cls = type(n)
                 try:

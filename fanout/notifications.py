@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["Add", "Delete", "Notification", "Update"]
+__all__ = ["Add", "Delete", "Notification", "RawFrame", "Update"]
 
 
 # Frozen dataclasses with slots. Their generated __init__ sets each field through
@@ -45,6 +45,19 @@ class Delete:
 
     def __init__(self, obj: Any) -> None:
         _set_delete_obj(self, obj)
+
+
+@dataclass(frozen=True, slots=True)
+class RawFrame:
+    """A frame a worker could not decode, handed to ``on_dead_letter`` in its place.
+
+    Attributes:
+        payload: the encoded notification exactly as it travelled (MessagePack).
+        error: why decoding it failed.
+    """
+
+    payload: bytes
+    error: str
 
 
 _set_add_obj = Add.__dict__["obj"].__set__

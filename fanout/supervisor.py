@@ -24,7 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from fanout.listener import Lane, ProcessListener
+from fanout.listener import Lane
+from fanout.notifications import RawFrame
 from fanout.stats import DONE, PID, START_NS, STARTED
 from fanout.worker import EXIT_START_FAILED, MAX_RETURN_MESSAGE, RETURN_HEADER
 
@@ -207,23 +208,30 @@ class Supervisor(threading.Thread):
     ) -> None:
         listener = lane.listener
         if kind == "ready":
-            lane.ready = True
+            lane.ready = lane.ever_ready = True
+            lane.first_start = False
             lane.start_failures = 0
         elif kind == "error":
-            try:
-                n = self.dist.codec.decode(msg["payload"])[0]
-            except Exception:
-                n = None
+            payload = msg.get("payload")
+            n: Any = None
+            if isinstance(payload, bytes) and payload:
+                try:
+                    n = self.dist.codec.decode(payload)[0]
+                except Exception as exc:
+                    n = RawFrame(payload, f"cannot be decoded: {exc!r}")
             text = str(msg.get("text", ""))
             calls.append(lambda: listener.report_error(n, text))
         elif kind == "undecodable":
             listener.dead_lettered += 1
             why = str(msg.get("text", "frame cannot be decoded"))
-            calls.append(functools.partial(listener.report_dead_letter, None, why))
+            payload = msg.get("payload")
+            raw = RawFrame(payload if isinstance(payload, bytes) else b"", why)
+            calls.append(functools.partial(listener.report_dead_letter, raw, why))
         elif kind == "fatal":
             lane.fatal = True
-            text = str(msg.get("text", ""))
-            calls.append(lambda: listener.report_error(None, text))
+            lane.fatal_text = text = str(msg.get("text", ""))
+            if not lane.first_start:  # a first start raises WorkerStartError instead
+                calls.append(lambda: listener.report_error(None, text))
         else:
             calls.append(
                 lambda: listener.report_error(None, f"worker sent unknown message {kind!r}")
@@ -266,8 +274,20 @@ class Supervisor(threading.Thread):
         lane.proc = None
         listener = lane.listener
         if lane.closing or self.dist.stopping:
+            lane.first_start = False
             lane.exited.set()
             return
+        if lane.first_start:
+            lane.first_start = False
+            if lane.fatal or (code is not None and code > 0):
+                # The handler cannot be built (or fanout cannot be imported):
+                # retrying cannot fix that. start() / add_listener raise it.
+                lane.start_error = lane.fatal_text or (
+                    f"worker exited with code {code} before it was ready (its "
+                    f"traceback, if any, went to stderr)"
+                )
+                lane.exited.set()
+                return
         # Should anything below fail, the tick still starts a new worker.
         lane.respawn_at = time.monotonic() + FIRST_BACKOFF
         reason = lane.kill_reason or describe_exit(code, lane.fatal)
@@ -341,7 +361,8 @@ class Supervisor(threading.Thread):
                     f"{reason} while handling it, {attempts} times "
                     f"(max_attempts={listener.max_attempts})"
                 )
-                calls.append(self._dead_letter_call(listener, payload, why))
+                if payload is not None:
+                    calls.append(functools.partial(listener.dead_letter_item, payload, why))
                 progressed = True  # the lane moves on
             else:
                 lane.attempts[started] = attempts
@@ -349,20 +370,6 @@ class Supervisor(threading.Thread):
             del lane.attempts[seq]
         ring.rewind()
         return progressed, charged
-
-    def _dead_letter_call(
-        self, listener: ProcessListener, payload: bytes | None, why: str
-    ) -> Callable[[], None]:
-        codec = self.dist.codec
-
-        def call() -> None:
-            try:
-                n = codec.decode(payload)[0] if payload is not None else None
-            except Exception:
-                n = None
-            listener.report_dead_letter(n, why)
-
-        return call
 
     def _respawn(self, lane: Lane, calls: list[Callable[[], None]]) -> None:
         try:

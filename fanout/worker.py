@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 
 from fanout._ring_common import HEADER, HEADER_SIZE
-from fanout.codec import ADD, DELETE, UPDATE, Codec
+from fanout.codec import ADD, DELETE, MAX_T_NS, UPDATE, Codec, wire_fields_error
 from fanout.handlers import build_handler
 from fanout.stats import (
     DONE,
@@ -46,6 +46,8 @@ MAX_RETURN_MESSAGE = 16 * 1024 * 1024
 READ_CHUNK = 1 << 20
 
 MAX_ECHO = 1 << 20  # a notification larger than this is not echoed with its error
+# An undecodable payload travels back whole for on_dead_letter, up to this size.
+MAX_RAW_ECHO = MAX_RETURN_MESSAGE - (1 << 20)
 
 # Exit code the parent understands (with a "fatal" message before it).
 EXIT_START_FAILED = 3
@@ -119,8 +121,11 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
             payload = b""
         send_message(ret_fd, {"t": "error", "seq": seq, "text": text, "payload": payload})
 
-    def on_bad_frame(seq: int, text: str) -> None:
-        send_message(ret_fd, {"t": "undecodable", "seq": seq, "text": text})
+    def on_bad_frame(seq: int, text: str, payload: bytes) -> None:
+        if len(payload) > MAX_RAW_ECHO:
+            text += f" (payload of {len(payload)} bytes cut to its first {MAX_RAW_ECHO})"
+            payload = payload[:MAX_RAW_ECHO]
+        send_message(ret_fd, {"t": "undecodable", "seq": seq, "text": text, "payload": payload})
 
     serve(data_fd, slot, codec.unpack, handler, on_error, on_bad_frame)
     # Everything was handled (EOF) or the parent asked to stop: leave at once,
@@ -140,12 +145,22 @@ def serve_py(
     on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
     unpack_header = HEADER.unpack_from
     monotonic_ns = time.monotonic_ns
-    leftover = b""
+    pending = bytearray()  # the start of a frame split across reads
+    need = 0  # bytes that frame needs in all (header included), once known
     while True:
-        chunk = os.read(fd, READ_CHUNK)
+        chunk = os.read(fd, max(READ_CHUNK, need - len(pending)))
         if not chunk:
             return
-        data = leftover + chunk if leftover else chunk
+        if pending:
+            # Grow in place (amortised linear), not leftover + chunk (quadratic
+            # on a multi-MiB frame), and parse only once the frame is whole.
+            pending += chunk
+            if len(pending) < need:
+                continue
+            data = bytes(pending)
+            pending = bytearray()
+        else:
+            data = chunk
         end = len(data)
         pos = 0
         while end - pos >= HEADER_SIZE:
@@ -158,16 +173,19 @@ def serve_py(
             payload = data[pos + HEADER_SIZE : stop]
             pos = stop
             try:
-                kind, t_ns, a, b = unpack(payload)
+                kind_o, t_o, a, b = unpack(payload)
                 # Integers as the native loop takes them (it converts to C ints).
-                kind, t_ns = operator.index(kind), operator.index(t_ns)
-                if not ADD <= kind <= DELETE:
-                    raise ValueError(f"unknown notification kind {kind!r}")
+                try:
+                    kind, t_ns = operator.index(kind_o), operator.index(t_o)
+                except TypeError:
+                    raise wire_fields_error(kind_o, t_o) from None
+                if not (ADD <= kind <= DELETE and 0 <= t_ns <= MAX_T_NS):
+                    raise wire_fields_error(kind_o, t_o)
             except Exception as exc:
                 # Decoding is deterministic: a retry would fail the same way.
                 # The parent dead-letters it; this worker goes on.
                 slot[STARTED] = seq
-                on_bad_frame(seq, f"frame {seq} cannot be decoded: {exc!r}")
+                on_bad_frame(seq, f"frame {seq} cannot be decoded: {exc!r}", payload)
                 slot[DONE] = seq
                 continue
             now = monotonic_ns()
@@ -190,4 +208,10 @@ def serve_py(
             slot[HANDLED] += 1
             slot[START_NS] = 0
             slot[DONE] = seq
-        leftover = data[pos:] if pos < end else b""
+        if pos < end:
+            pending = bytearray(data[pos:])
+            need = HEADER_SIZE
+            if end - pos >= HEADER_SIZE:
+                need += unpack_header(data, pos)[0]
+        else:
+            need = 0

@@ -203,3 +203,89 @@ class SlotScribbler(Recorder):
             time.sleep(obj.get("sleep", 0))
             return
         super().on_add(obj, is_in_initial_list)
+
+
+def _refuse_unpickle() -> Any:
+    raise RuntimeError("this handler refuses to be rebuilt in a worker")
+
+
+class UnpicklableInWorker(fanout.Handler):
+    """Pickles fine in the producer; unpickling it (in a worker) raises."""
+
+    def __reduce__(self) -> Any:
+        return (_refuse_unpickle, ())
+
+
+def returns_none() -> None:
+    """A factory that returns no handler (as ``add_listener(print)`` does)."""
+
+
+class Collector:
+    """An ``on_error`` / ``on_dead_letter`` callback that keeps what it is given."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.items: list[tuple[Any, Any, str]] = []
+
+    def __call__(self, reg: Any, n: Any, text: str) -> None:
+        with self.lock:
+            self.items.append((reg, n, text))
+
+    def __len__(self) -> int:
+        with self.lock:
+            return len(self.items)
+
+    def snapshot(self) -> list[tuple[Any, Any, str]]:
+        with self.lock:
+            return list(self.items)
+
+
+class PickyCodec(fanout.MsgpackCodec):
+    """The msgpack codec, except that it cannot decode an object with ``"undecodable"``."""
+
+    def unpack(self, data: Any) -> Any:
+        value = super().unpack(data)
+        objs = value[2:] if isinstance(value, list) and len(value) == 4 else []
+        if any(isinstance(o, dict) and "undecodable" in o for o in objs):
+            raise ValueError("this codec cannot decode that object")
+        return value
+
+
+def assert_accounted(reg: Any) -> Any:
+    """Assert the accounting invariant on ``reg.stats()``; return the stats."""
+    s = reg.stats()
+    assert s.received == s.delivered + s.dead_lettered + s.dropped, s
+    assert s.pending == 0, s
+    return s
+
+
+class ReprWriter(fanout.Handler):
+    """Appends ``repr(obj)`` of every add to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        with open(self.path, "a") as f:
+            f.write(repr(obj) + "\n")
+
+
+class FailsAfterFirst:
+    """A factory that builds a ``Recorder`` once (per marker file), then always raises.
+
+    The first worker starts; a restarted one cannot (a handler whose database went
+    away, say), which only the restart back-off can deal with.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], marker: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+        self.marker = str(marker)
+
+    def __call__(self) -> Any:
+        try:
+            os.close(os.open(self.marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            raise RuntimeError("factory refuses to build the handler") from None
+        return Recorder(self.path)

@@ -20,8 +20,10 @@ from typing import Any
 import psutil
 import pytest
 from helpers import (
-    FailingFactory,
+    Collector,
+    FailsAfterFirst,
     GarbageWriter,
+    PickyCodec,
     Recorder,
     SlotScribbler,
     TermIgnorer,
@@ -35,26 +37,6 @@ import fanout
 import fanout.stats
 
 RING_NORMAL_BYTES = 64 * 1024  # a lane's ring shrinks back to this once drained
-
-
-class Collector:
-    """An ``on_error`` / ``on_dead_letter`` callback that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.items: list[tuple[Any, Any, str]] = []
-
-    def __call__(self, reg: Any, n: Any, text: str) -> None:
-        with self.lock:
-            self.items.append((reg, n, text))
-
-    def __len__(self) -> int:
-        with self.lock:
-            return len(self.items)
-
-    def snapshot(self) -> list[tuple[Any, Any, str]]:
-        with self.lock:
-            return list(self.items)
 
 
 def upd(name: str, v: int, **extra: Any) -> fanout.Update:
@@ -487,7 +469,10 @@ def test_stop_releases_a_producer_blocked_on_a_full_listener(make_dist, tmp_path
         gate.touch()  # never leave the producer stuck, even if stop() failed
         producer.join(60)
     assert not producer.is_alive()
-    assert not failure
+    # The blocked notification was not delivered, and the producer is told so.
+    assert [type(exc) for exc in failure] == [fanout.DistributorStopped]
+    s = reg.stats()
+    assert s.received == s.delivered + s.dead_lettered + s.dropped
     assert reg.worker_pids() == []
 
 
@@ -600,14 +585,16 @@ def test_garbage_on_return_pipe_restarts_worker(make_dist, tmp_path):
 def test_failing_factory_is_reported_with_backoff(make_dist, tmp_path):
     errors = Collector()
     d = make_dist()
-    reg = d.add_listener(FailingFactory(), name="cannot-start", on_error=errors)
-    d.start()
-    d.distribute(upd("k", 0))  # must not raise nor block
+    factory = FailsAfterFirst(tmp_path / "rec", tmp_path / "built")
+    reg = d.add_listener(factory, name="cannot-restart", on_error=errors)
+    d.start()  # the first worker builds its handler
+    d.distribute(upd("k", 0, exit=1))  # kills it; every restart then fails
+    d.distribute(upd("k", 1))  # must not raise nor block
     t0 = time.monotonic()
     assert wait_for(lambda: len(errors) >= 1, 30)
     time.sleep(max(0.0, 1.5 - (time.monotonic() - t0)))
     s = reg.stats()
-    assert 1 <= s.restarts <= 6, s
+    assert 1 <= s.restarts <= 7, s
     assert s.delivered == 0
     items = errors.snapshot()
     assert items[0][0] is reg
@@ -616,9 +603,11 @@ def test_failing_factory_is_reported_with_backoff(make_dist, tmp_path):
     assert "factory refuses to build the handler" in text
     assert "Traceback" in text
     t0 = time.monotonic()
-    assert d.stop(drain=False) is False  # the notification was pending, now dropped
+    assert d.stop(drain=False) is False  # the notifications were pending, now counted
     assert time.monotonic() - t0 < 10
     assert reg.worker_pids() == []
+    s = reg.stats()
+    assert s.received == s.delivered + s.dead_lettered + s.dropped == 2
 
 
 @pytest.mark.parametrize(
@@ -652,14 +641,13 @@ def test_corrupted_progress_slot_is_reported_and_the_worker_restarted(
 def test_a_frame_the_worker_cannot_decode_is_dead_lettered_and_the_lane_goes_on(
     make_dist, tmp_path
 ):
-    # msgpack packs a tuple key, but cannot unpack it (a list key is unhashable).
     dead = []
     path = tmp_path / "r"
-    d = make_dist()
+    d = make_dist(codec=PickyCodec())
     reg = d.add_listener(Recorder(path), on_dead_letter=lambda r, n, why: dead.append(why))
     d.start()
     assert reg.wait_ready(60)
-    d.distribute(fanout.Update(obj("a", 1), {"metadata": {"name": "bad"}, "k": {(1, 2): 3}}))
+    d.distribute(fanout.Update(obj("a", 1), {"metadata": {"name": "bad"}, "undecodable": 1}))
     d.distribute(fanout.Add(obj("b", 2)))
     assert d.stop(drain=True, timeout=60) is True
     assert [c.name for c in read_calls(path)] == ["b"]
@@ -734,14 +722,21 @@ def test_system_exit_in_a_callback_does_not_kill_the_supervisor(make_dist, tmp_p
     assert reg.stats().restarts == 1
 
 
-def test_drain_gives_up_on_a_worker_that_can_never_start(make_dist):
+def test_drain_gives_up_on_a_worker_that_can_never_restart(make_dist, tmp_path):
+    dead = Collector()
     d = make_dist()
-    d.add_listener(FailingFactory(), initial_list=[obj("a")])
+    reg = d.add_listener(
+        FailsAfterFirst(tmp_path / "rec", tmp_path / "built"), on_dead_letter=dead
+    )
     d.start()
+    d.distribute(fanout.Add(obj("kill", exit=1)))
     d.distribute(fanout.Add(obj("b")))
-    # Three failed starts (with back-off) and the lane counts as stuck: stop()
-    # returns, saying not everything was delivered.
+    # Three failed restarts (with back-off) and the lane counts as stuck: stop()
+    # returns, saying not everything was delivered, and dead-letters the rest.
     assert d.stop(drain=True, timeout=60) is False
+    s = reg.stats()
+    assert s.received == s.delivered + s.dead_lettered + s.dropped == 2
+    assert any("never started" in why for _, _, why in dead.snapshot())
 
 
 def test_concurrent_stops_both_return(make_dist):

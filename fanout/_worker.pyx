@@ -12,7 +12,7 @@ from libc.string cimport memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport read
 
-from fanout.codec import wire_fields_error
+from fanout.codec import wire_fields_error, wire_shape_error
 from fanout.stats import (
     DONE as _DONE,
     ERRORS as _ERRORS,
@@ -107,11 +107,16 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                 payload = PyBytes_FromStringAndSize(<char*>buf + pos + HDR, length)
                 pos += HDR + length
                 try:
-                    kind_o, t_o, a, b = unpack(payload)
+                    fields = unpack(payload)
+                    if type(fields) is not list or len(<list>fields) != 4:
+                        raise wire_shape_error(fields)
+                    kind_o, t_o, a, b = <list>fields
+                    if not isinstance(kind_o, int) or not isinstance(t_o, int):
+                        raise wire_fields_error(kind_o, t_o)  # C conversion takes floats
                     try:
                         kind = kind_o
                         t_ns = t_o
-                    except (OverflowError, TypeError):
+                    except OverflowError:
                         raise wire_fields_error(kind_o, t_o) from None
                     if kind < ADD or kind > DELETE or t_ns < 0:
                         raise wire_fields_error(kind_o, t_o)

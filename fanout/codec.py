@@ -121,6 +121,13 @@ def wire_fields_error(kind: Any, t_ns: Any) -> ValueError:
     )
 
 
+def wire_shape_error(fields: Any) -> ValueError:
+    """The one error both worker loops raise for a payload that is no 4-item array."""
+    size = len(fields) if isinstance(fields, (list, tuple)) else None
+    what = f"an array of {size} items" if size is not None else type(fields).__name__
+    return ValueError(f"payload must be an array [kind, t_ns, a, b], got {what}")
+
+
 def from_wire(kind: int, a: Any, b: Any) -> Notification:
     """Rebuild the notification a payload carried."""
     if kind == UPDATE:

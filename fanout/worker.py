@@ -24,7 +24,15 @@ from typing import Any
 import msgpack
 
 from fanout._ring_common import HEADER, HEADER_SIZE
-from fanout.codec import ADD, DELETE, MAX_T_NS, UPDATE, Codec, wire_fields_error
+from fanout.codec import (
+    ADD,
+    DELETE,
+    MAX_T_NS,
+    UPDATE,
+    Codec,
+    wire_fields_error,
+    wire_shape_error,
+)
 from fanout.handlers import build_handler
 from fanout.stats import (
     DONE,
@@ -173,7 +181,10 @@ def serve_py(
             payload = data[pos + HEADER_SIZE : stop]
             pos = stop
             try:
-                kind_o, t_o, a, b = unpack(payload)
+                fields = unpack(payload)
+                if type(fields) is not list or len(fields) != 4:
+                    raise wire_shape_error(fields)
+                kind_o, t_o, a, b = fields
                 # Integers as the native loop takes them (it converts to C ints).
                 try:
                     kind, t_ns = operator.index(kind_o), operator.index(t_o)

@@ -33,11 +33,14 @@ def _fds() -> set[int]:
     return {int(fd) for fd in os.listdir("/proc/self/fd")}
 
 
-def _shm() -> set[str]:
-    try:
-        return {name for name in os.listdir("/dev/shm") if name.startswith("fanout")}
-    except FileNotFoundError:
-        return set()
+def _memfd_maps() -> set[str]:
+    """fanout's shared memory mapped in this process (progress slots are memfds).
+
+    Open memfds are in the fd check; this catches a mapping kept after its fd
+    was closed, which /dev/shm never shows.
+    """
+    with open("/proc/self/maps") as f:
+        return {line.split(None, 5)[-1].strip() for line in f if "/memfd:fanout" in line}
 
 
 def _children() -> set[int]:
@@ -60,27 +63,29 @@ def _children() -> set[int]:
 def _multiprocessing_helpers():
     """Start multiprocessing's long-lived helpers first, so leak checks ignore them."""
     import multiprocessing
-    from multiprocessing import forkserver, resource_tracker
+    from multiprocessing import resource_tracker
+
+    from fanout._procs import ensure_forkserver
 
     multiprocessing.get_context("forkserver").set_forkserver_preload(["fanout.worker"])
-    forkserver.ensure_running()
+    ensure_forkserver()
     resource_tracker.ensure_running()
 
 
 @pytest.fixture
 def no_leaks():
-    """Fail the test if it leaves a child process, thread, fd or /dev/shm segment."""
+    """Fail the test if it leaves a child process, thread, fd or shared-memory mapping."""
     import time
 
-    fds, shm, threads = _fds(), _shm(), set(threading.enumerate())
+    fds, maps, threads = _fds(), _memfd_maps(), set(threading.enumerate())
     yield
     deadline = time.monotonic() + 5.0
     while True:
         extra_children = _children()
         extra_threads = {t for t in threading.enumerate() if t not in threads and t.is_alive()}
         extra_fds = _fds() - fds
-        extra_shm = _shm() - shm
-        if not (extra_children or extra_threads or extra_fds or extra_shm):
+        extra_maps = _memfd_maps() - maps
+        if not (extra_children or extra_threads or extra_fds or extra_maps):
             return
         if time.monotonic() > deadline:
             break
@@ -88,7 +93,7 @@ def no_leaks():
     fd_info = {fd: _describe_fd(fd) for fd in extra_fds}
     pytest.fail(
         f"leaked: children={sorted(extra_children)} threads={[t.name for t in extra_threads]} "
-        f"fds={fd_info} shm={sorted(extra_shm)}"
+        f"fds={fd_info} memfd mappings={sorted(extra_maps)}"
     )
 
 

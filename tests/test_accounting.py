@@ -16,6 +16,7 @@ import typing
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 from helpers import (
     Collector,
@@ -449,3 +450,52 @@ def test_workers_import_the_producers_fanout_despite_a_decoy(tmp_path, start_met
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
     assert [c.name for c in wait_calls(out, 1)] == ["through"]
+
+
+# -- defects found in review --------------------------------------------------------------
+
+
+def _open_fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+@pytest.mark.parametrize("impl", ["native", "py"])
+def test_a_pump_dropped_without_close_frees_its_eventfd(impl):
+    import gc
+
+    from fanout import _pump_py
+
+    if impl == "native":
+        if not fanout.NATIVE:
+            pytest.skip("native pump not built")
+        from fanout import _pump as module  # type: ignore[attr-defined]
+    else:
+        module = _pump_py
+    before = _open_fds()
+    pump = module.Pump()
+    assert _open_fds() - before  # it holds an eventfd
+    del pump
+    gc.collect()
+    assert _open_fds() - before == set()
+
+
+def test_lane_ack_cannot_race_a_rewind(ring_impl):
+    # Lane.ack used to read the done word and sent_seq outside the ring's lock;
+    # a rewind in between made it ack beyond what was sent (ValueError out of
+    # distribute or stats). The ring now does the whole ack under its lock.
+    words = np.zeros(1, dtype=np.uint64)
+    ring = ring_impl.FrameRing()
+    ring.set_ack_source(words)
+    r, w = os.pipe()
+    try:
+        for i in range(5):
+            ring.append(b"f%d" % i)
+        ring.send_to(w)
+        words[0] = 5
+        ring.rewind()  # the supervisor restarting the worker: sent_seq falls back
+        assert ring.ack_from_source() == 0  # nothing sent since: nothing to ack
+        ring.send_to(w)
+        assert ring.ack_from_source() == 5
+    finally:
+        os.close(r)
+        os.close(w)

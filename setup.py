@@ -32,6 +32,10 @@ def extensions():
         compiler_directives={
             "language_level": 3,
             "embedsignature": True,
+            # Signatures in the clinic format: inspect.signature (and stubtest)
+            # can read them even with binding=False.
+            "embedsignature.format": "clinic",
+            "autotestdict": False,  # no __test__ dict: the stubs need not name it
             # Plain C methods: a bound method call is a direct METH_O / NOARGS call
             # (cyfunction binding costs ~10 ns a call on the hot path).
             "binding": False,

@@ -7,7 +7,7 @@ so does a missing or broken extension build, which ``IMPORT_ERROR`` then explain
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fanout import _pump_py, _ring_py
 
@@ -30,9 +30,17 @@ if serve is None:
     from fanout.worker import serve_py as serve
 
 NATIVE: bool = ring_impl is not _ring_py
-Ring = ring_impl.Ring
-FrameRing = ring_impl.FrameRing
-Pump = pump_impl.Pump
-append_all = ring_impl.append_all
+if TYPE_CHECKING:
+    # Typed through the native stubs (fanout/_ring.pyi, _pump.pyi), which
+    # stubtest keeps true to the built modules; the twins share the API.
+    from fanout._pump import Pump as Pump
+    from fanout._ring import FrameRing as FrameRing
+    from fanout._ring import Ring as Ring
+    from fanout._ring import append_all as append_all
+else:
+    Ring = ring_impl.Ring
+    FrameRing = ring_impl.FrameRing
+    Pump = pump_impl.Pump
+    append_all = ring_impl.append_all
 
 __all__ = ["IMPORT_ERROR", "NATIVE", "FrameRing", "Pump", "Ring", "append_all", "serve"]

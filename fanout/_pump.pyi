@@ -1,9 +1,14 @@
 from typing import Any
 
+from typing_extensions import disjoint_base
+
 from fanout._ring import FrameRing
+
+__all__ = ["NATIVE", "Pump"]
 
 NATIVE: bool
 
+@disjoint_base
 class Pump:
     def __init__(self) -> None: ...
     def add(self, key: Any, ring: FrameRing, fd: int) -> None: ...

@@ -26,6 +26,8 @@ from fanout._ring cimport (
     pthread_mutex_unlock,
 )
 
+__all__ = ["NATIVE", "Pump"]
+
 NATIVE = True
 
 cdef extern from "<poll.h>" nogil:

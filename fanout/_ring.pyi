@@ -1,13 +1,16 @@
 from collections.abc import Sequence
 from typing import Any
 
-from typing_extensions import Buffer
+from typing_extensions import Buffer, disjoint_base
+
+__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all"]
 
 NATIVE: bool
 HEADER_SIZE: int
 
 def append_all(rings: Sequence[FrameRing], frame: Buffer) -> int: ...
 
+@disjoint_base
 class Ring:
     def __init__(self, initial_size: int = 0, normal_size: int | None = None) -> None: ...
     def write_one(self, item: Any) -> None: ...
@@ -16,6 +19,7 @@ class Ring:
     @property
     def capacity(self) -> int: ...
 
+@disjoint_base
 class FrameRing:
     def __init__(
         self,

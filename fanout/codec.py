@@ -106,7 +106,7 @@ class Codec:
     ``__setstate__``).
 
     Attributes:
-        name: A short name for the codec, shown in benchmarks and logs.
+        name: A short name for the codec ("msgpack", "msgspec"; yours for a subclass).
     """
 
     name = "codec"

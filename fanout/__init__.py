@@ -6,6 +6,7 @@ and (by default) its handler runs in its own worker processes.
 """
 
 from fanout._impl import IMPORT_ERROR, NATIVE, FrameRing, Ring
+from fanout._version import __version__
 from fanout.codec import Codec, MsgpackCodec, MsgspecCodec
 from fanout.distributor import Distributor
 from fanout.errors import (
@@ -20,8 +21,6 @@ from fanout.handlers import FuncHandler, Handler
 from fanout.listener import Registration
 from fanout.notifications import Add, Delete, Notification, RawFrame, Update
 from fanout.stats import ListenerStats
-
-__version__ = "0.1.0"
 
 __all__ = [
     "IMPORT_ERROR",

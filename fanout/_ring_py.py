@@ -33,13 +33,26 @@ NATIVE = False
 class Ring:
     """A growable FIFO ring of Python objects (k8s.io/utils ``buffer.Ring``).
 
-    Options:
-        initial_size: slots to start with (0 allowed: the first write makes 16).
-        normal_size: when set, a ``read_one`` that leaves the ring empty shrinks the
-            capacity back to it if larger; ``None`` never shrinks (``RingGrowing``).
+    ``fanout.Ring`` is the native implementation of this class, with the same
+    API, exceptions and messages; this pure-Python one is its reference. A thread
+    listener queues its notifications in one.
+
+    When full, the capacity doubles (or becomes 16 from 0). Slots are cleared as
+    they are read, so the ring keeps no reference to what it handed out.
 
     Not thread-safe: callers serialise access (fanout's thread listener holds a
     lock around every call).
+
+    Args:
+        initial_size: Slots to start with; 0 allocates nothing until the first
+            write.
+        normal_size: When set, a ``read_one`` that leaves the ring empty shrinks
+            the capacity back to it if larger (``buffer.Ring``); None never
+            shrinks (``buffer.RingGrowing``).
+
+    Raises:
+        TypeError: A size is not an int.
+        ValueError: A size is negative or absurdly large (over 2**62).
     """
 
     __slots__ = ("_beg", "_data", "_n", "_normal", "_readable")
@@ -54,14 +67,23 @@ class Ring:
         self._readable = 0
 
     def write_one(self, item: Any) -> None:
-        """Append ``item``, doubling the capacity when full."""
+        """Append an item, doubling the capacity when full.
+
+        Args:
+            item: Any object; the ring keeps a reference until it is read.
+        """
         if self._readable == self._n:
             self._resize(self._n * 2 if self._n else RING_GROW_FROM_ZERO)
         self._data[(self._beg + self._readable) % self._n] = item
         self._readable += 1
 
     def read_one(self) -> tuple[Any, bool]:
-        """Remove and return ``(item, True)``, or ``(None, False)`` when empty."""
+        """Remove the oldest item and return it.
+
+        Returns:
+            ``(item, True)``, or ``(None, False)`` when the ring is empty (so a
+            stored None can be told from an empty ring).
+        """
         if self._readable == 0:
             return None, False
         beg = self._beg
@@ -82,6 +104,7 @@ class Ring:
         self._beg = 0
 
     def __len__(self) -> int:
+        """Return the number of items held."""
         return self._readable
 
     @property
@@ -93,6 +116,10 @@ class Ring:
 class FrameRing:
     """A growable byte ring of length-delimited frames with three cursors.
 
+    ``fanout.FrameRing`` is the native implementation of this class, with the
+    same API, exceptions and messages; this pure-Python one is its reference.
+    Each lane of a process listener queues its encoded notifications in one.
+
     ``acked <= sent <= written``: frames before ``acked`` are freed; frames between
     ``acked`` and ``sent`` are in flight and stay until acked, so ``rewind()`` can
     send them again; frames after ``sent`` wait for ``send_to``.
@@ -100,15 +127,24 @@ class FrameRing:
     Each frame travels as a 12-byte header (payload length u32, sequence number
     u64, little endian) and the payload. Sequence numbers start at 1.
 
-    Options:
-        initial_bytes: capacity to start with (grows by doubling, from 64 if 0).
-        normal_bytes: capacity to shrink back to once every frame is acked
-            (default: ``initial_bytes``).
-        max_bytes: bound on the bytes held (headers included); ``append`` past it
-            raises ``RingFull``. ``None``: unbounded.
-
     Thread safety: every method takes the ring's lock, so one producer thread
     appending while one pump thread sends and another thread acks is safe.
+
+    Args:
+        initial_bytes: Capacity to start with; it grows by doubling (from 64 bytes
+            if 0).
+        normal_bytes: Capacity to shrink back to once every frame is acked; None
+            means ``initial_bytes``.
+        max_bytes: Bound on the bytes held, headers included; ``append`` past it
+            raises ``RingFull``. None: unbounded.
+        max_inflight: Cap on the bytes sent but not yet acked; ``send_to`` sends
+            no more (beyond finishing a frame it began) until acks make room, so
+            frames that wait can still be dropped. None: no cap.
+
+    Raises:
+        TypeError: A size is not an int.
+        ValueError: A size is negative or over 2**62, ``max_inflight`` is 0, or
+            ``max_bytes`` does not exceed the frame header.
     """
 
     __slots__ = (
@@ -208,7 +244,20 @@ class FrameRing:
     # -- API ----------------------------------------------------------------------
 
     def append(self, frame: Any) -> int:
-        """Copy ``frame`` in as the next frame and return its sequence number."""
+        """Copy a frame in after the others.
+
+        Args:
+            frame: A contiguous bytes-like object of 1 byte to 4 GiB.
+
+        Returns:
+            The frame's sequence number (1 for the first frame, then +1 each).
+
+        Raises:
+            TypeError: ``frame`` is not a contiguous bytes-like object.
+            ValueError: ``frame`` is empty or larger than 4 GiB.
+            RingFull: The frame would take the bytes held past ``max_bytes``.
+            RingClosed: ``close()`` was called.
+        """
         n = frame_length(frame) + HEADER_SIZE
         with self._lock:
             if self._closed:
@@ -231,7 +280,25 @@ class FrameRing:
             return seq
 
     def send_to(self, fd: int) -> int:
-        """Write pending bytes to non-blocking ``fd``; return how many were taken."""
+        """Write waiting bytes to a file descriptor, in one system call.
+
+        First frees the frames the ack source (``set_ack_source``) says are
+        finished. A partly written frame is resumed by the next call. The
+        native ring releases the GIL while writing.
+
+        Args:
+            fd: A non-blocking file descriptor open for writing (a pipe).
+
+        Returns:
+            The number of bytes the descriptor took; 0 when nothing waits, the
+            in-flight cap holds everything back, or the pipe is full.
+
+        Raises:
+            TypeError: ``fd`` is not an int.
+            ValueError: ``fd`` is negative or too large.
+            OSError: The write failed for another reason than a full pipe (for
+                example ``BrokenPipeError`` when the reader is gone).
+        """
         fd = check_fd(fd)
         with self._lock:
             self._ack_from_source()
@@ -295,7 +362,22 @@ class FrameRing:
             self._sent_seq = seq
 
     def ack(self, seq: int) -> int:
-        """Free every frame up to and including ``seq``; return how many were freed."""
+        """Free every frame up to and including a sequence number.
+
+        Acking a number at or below ``acked_seq`` frees nothing. Once the ring
+        is empty it shrinks back to ``normal_bytes``.
+
+        Args:
+            seq: The sequence number of the last frame the reader finished.
+
+        Returns:
+            The number of frames freed.
+
+        Raises:
+            TypeError: ``seq`` is not an int.
+            ValueError: ``seq`` was never appended, or not completely sent yet
+                (a reader can only finish frames it was sent).
+        """
         with self._lock:
             check_ack(seq, self._next_seq - 1, self._sent_seq)
             return self._ack_to(seq)
@@ -312,7 +394,14 @@ class FrameRing:
         return 0
 
     def ack_from_source(self) -> int:
-        """Free the frames the ack source says the reader finished; return how many."""
+        """Free the frames the ack source (``set_ack_source``) says are finished.
+
+        A word beyond the last frame appended is garbage and frees nothing; a
+        frame is freed only once it was completely sent.
+
+        Returns:
+            The number of frames freed.
+        """
         with self._lock:
             return self._ack_from_source()
 
@@ -323,13 +412,17 @@ class FrameRing:
 
     @property
     def closed(self) -> bool:
-        """Whether ``close()`` was called."""
+        """Whether ``close()`` was called (appends are then refused)."""
         return self._closed
 
     def take_all(self) -> list[bytes]:
-        """Remove every frame held, sent or not, and return their payloads, oldest first.
+        """Remove every frame held, sent or not.
 
-        The ring counts them as acked (``acked_seq == last_seq`` afterwards).
+        The ring counts them as acked (``acked_seq == last_seq`` afterwards) and
+        shrinks back to its normal capacity.
+
+        Returns:
+            The payloads (headers stripped), oldest first.
         """
         with self._lock:
             self._wait_not_sending()
@@ -372,16 +465,32 @@ class FrameRing:
         return freed
 
     def set_ack_source(self, words: Any, index: int = 0) -> None:
-        """Let ``send_to`` ack up to ``words[index]`` (a uint64 buffer the reader updates).
+        """Let ``send_to`` ack up to a number the reader keeps in shared memory.
 
-        ``None`` removes the source. The ring keeps a view of ``words`` until then.
+        Before each write, ``send_to`` reads ``words[index]`` and frees the frames
+        up to it. A value that is not a frame sent (garbage from a faulty reader)
+        frees nothing.
+
+        Args:
+            words: A writable buffer of uint64 words (a numpy ``uint64`` array or a
+                memoryview cast to ``"Q"``), or None to remove the source. The ring
+                keeps a view of it until then.
+            index: Which word holds the reader's last finished sequence number.
+
+        Raises:
+            TypeError: ``words`` is not a buffer of uint64 words.
+            ValueError: ``index`` is out of range.
         """
         view = None if words is None else check_words(words, index)
         with self._lock:
             self._ack_view, self._ack_index = view, index
 
     def capped(self) -> bool:
-        """Tell whether bytes wait but the in-flight cap holds them back."""
+        """Tell whether bytes wait but the in-flight cap holds them back.
+
+        Returns:
+            True when ``send_to`` would send nothing until acks make room.
+        """
         with self._lock:
             return (
                 bool(self._inflight)
@@ -390,7 +499,14 @@ class FrameRing:
             )
 
     def rewind(self) -> int:
-        """Make the next ``send_to`` start again at the first frame not acked."""
+        """Make the next ``send_to`` start again at the first frame not acked.
+
+        Used when a reader died: its replacement is sent every frame the old
+        one had not finished, in order.
+
+        Returns:
+            The number of frames held, which will all be sent again.
+        """
         with self._lock:
             self._wait_not_sending()
             self._sent = 0
@@ -399,10 +515,20 @@ class FrameRing:
             return self._frames
 
     def drop_unsent(self, nbytes: int) -> tuple[int, int]:
-        """Drop the oldest frames not yet sent until ``nbytes`` are free.
+        """Drop the oldest frames not yet sent until enough bytes are free.
 
-        Frames in flight (sent, not acked) are kept. Returns ``(frames, bytes)``
-        dropped.
+        Frames in flight (sent, not acked) are kept, and so is a frame partly
+        sent. Fewer bytes are dropped when fewer wait.
+
+        Args:
+            nbytes: How many bytes to free, at least.
+
+        Returns:
+            ``(frames, bytes)`` dropped.
+
+        Raises:
+            TypeError: ``nbytes`` is not an int.
+            ValueError: ``nbytes`` is negative.
         """
         want = check_size("nbytes", nbytes)
         assert want is not None
@@ -430,7 +556,11 @@ class FrameRing:
             return frames, gap
 
     def peek(self) -> bytes | None:
-        """Return a copy of the first payload not acked, or ``None``."""
+        """Return a copy of the first payload not acked.
+
+        Returns:
+            The payload (without its header), or None when the ring is empty.
+        """
         with self._lock:
             if self._frames == 0:
                 return None
@@ -438,6 +568,7 @@ class FrameRing:
             return self._copy_out(HEADER_SIZE, length)
 
     def __len__(self) -> int:
+        """Return the number of frames held, in flight or waiting."""
         return self._frames
 
     @property
@@ -493,10 +624,19 @@ class FrameRing:
 
 
 def append_all(rings: Any, frame: Any) -> int:
-    """Append ``frame`` to every open ring of the sequence ``rings``.
+    """Append one frame to every open ring of a sequence, in one call.
 
-    Closed rings are skipped; returns how many rings took the frame. Stops at
-    the first other error; rings before it keep the frame.
+    Args:
+        rings: A sequence of ``FrameRing``; closed ones are skipped.
+        frame: A contiguous bytes-like object of 1 byte to 4 GiB.
+
+    Returns:
+        How many rings took the frame.
+
+    Raises:
+        TypeError: ``frame`` is not a contiguous bytes-like object.
+        ValueError: ``frame`` is empty or larger than 4 GiB.
+        RingFull: A bounded ring has no room; the rings before it keep the frame.
     """
     frame_length(frame)
     taken = 0

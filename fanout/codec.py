@@ -142,27 +142,70 @@ def from_wire(kind: int, a: Any, b: Any) -> Notification:
 class Codec:
     """Base of codecs: ``encode`` a notification once, ``decode`` it in a worker.
 
-    Subclasses implement ``pack(obj) -> bytes`` and ``unpack(data) -> obj``; a
-    codec is pickled to every worker, so keep its state picklable.
+    To write your own, subclass it and implement ``pack`` and ``unpack``; pass an
+    instance as ``Distributor(codec=...)``. The instance is pickled to every
+    worker, so keep its state picklable (rebuild unpicklable parts in
+    ``__setstate__``).
+
+    Attributes:
+        name: A short name for the codec ("msgpack", "msgspec"; yours for a subclass).
     """
 
     name = "codec"
 
     def pack(self, obj: Any) -> bytes:
-        """Serialize ``obj``; raise ``TypeError`` naming a type it cannot take."""
+        """Serialize a list of plain objects.
+
+        Args:
+            obj: The list ``[kind, t_ns, a, b]`` that ``encode`` builds, holding
+                the user's objects.
+
+        Returns:
+            The serialized bytes.
+
+        Raises:
+            TypeError: ``obj`` holds something the codec cannot serialize; the
+                message names its type.
+        """
         raise NotImplementedError
 
     def unpack(self, data: Any) -> Any:
-        """Deserialize what ``pack`` made."""
+        """Deserialize what ``pack`` made.
+
+        Args:
+            data: A bytes-like object holding one payload.
+
+        Returns:
+            The object ``pack`` was given.
+        """
         raise NotImplementedError
 
     def encode(self, n: Notification, t_ns: int) -> bytes:
-        """Encode ``n`` stamped with ``t_ns`` into one payload."""
+        """Encode a notification and its timestamp into one payload.
+
+        Args:
+            n: The notification.
+            t_ns: ``time.monotonic_ns()`` at ``distribute``, for latency figures.
+
+        Returns:
+            The payload that travels to the workers.
+
+        Raises:
+            TypeError: ``n`` is not a notification, or holds an object the codec
+                cannot serialize.
+        """
         kind, a, b = _to_wire(n)
         return self.pack([kind, t_ns, a, b])
 
     def decode(self, data: Any) -> tuple[Notification, int]:
-        """Return ``(notification, t_ns)`` from a payload."""
+        """Decode a payload made by ``encode``.
+
+        Args:
+            data: A bytes-like object holding one payload.
+
+        Returns:
+            The notification and the ``t_ns`` it was stamped with.
+        """
         kind, t_ns, a, b = self.unpack(data)
         return from_wire(kind, a, b), t_ns
 
@@ -170,11 +213,18 @@ class Codec:
 class MsgpackCodec(Codec):
     """MessagePack through the ``msgpack`` package (the default codec).
 
-    Options:
-        default: ``f(obj) -> encodable`` for types fanout does not know (called
-            after fanout's own datetime / date / numpy handling).
-        ext_hook: ``f(code, data) -> obj`` for extension codes 64-127 that
-            ``default`` produced as ``msgpack.ExtType``.
+    Besides MessagePack's own types it carries ``datetime``, ``date`` and numpy
+    arrays (dtype, shape and raw bytes; a worker gets a read-only array).
+
+    Args:
+        default: ``f(obj) -> encodable`` for types fanout does not know, called
+            after fanout's own datetime / date / numpy handling. It may return a
+            ``msgpack.ExtType`` with a code from 64 to 127. It must pickle.
+        ext_hook: ``f(code, data) -> obj`` for the extension codes 64 to 127 that
+            ``default`` produced; runs in the workers, so it must pickle.
+
+    Raises:
+        TypeError: ``default`` or ``ext_hook`` is neither callable nor None.
     """
 
     name = "msgpack"
@@ -239,7 +289,19 @@ class MsgpackCodec(Codec):
         return msgpack.ExtType(code, data)
 
     def encode(self, n: Notification, t_ns: int) -> bytes:
-        """Encode ``n`` stamped with ``t_ns`` into one payload (the hot path)."""
+        """Encode a notification and its timestamp into one payload (the hot path).
+
+        Args:
+            n: The notification.
+            t_ns: ``time.monotonic_ns()`` at ``distribute``.
+
+        Returns:
+            The payload.
+
+        Raises:
+            TypeError: ``n`` holds an object the codec cannot serialize, or an
+                integer out of MessagePack's range.
+        """
         if type(n) is not Update:
             return super().encode(n, t_ns)
         try:
@@ -259,7 +321,19 @@ class MsgpackCodec(Codec):
         return packer
 
     def pack(self, obj: Any) -> bytes:
-        """Serialize ``obj``; raise ``TypeError`` naming a type it cannot take."""
+        """Serialize ``obj`` to MessagePack.
+
+        Args:
+            obj: Plain objects, numpy arrays, datetimes, dates, or what
+                ``default`` converts.
+
+        Returns:
+            The serialized bytes.
+
+        Raises:
+            TypeError: ``obj`` holds something that cannot be serialized; the
+                message names its type.
+        """
         try:
             packer = self._local.packer
         except AttributeError:
@@ -272,15 +346,27 @@ class MsgpackCodec(Codec):
             raise TypeError(f"cannot encode notification: {exc}") from exc
 
     def unpack(self, data: Any) -> Any:
-        """Deserialize what ``pack`` made."""
+        """Deserialize what ``pack`` made.
+
+        Args:
+            data: A bytes-like object holding one MessagePack value.
+
+        Returns:
+            The value: tuples come back as lists, numpy arrays read-only, and
+            extension codes ``ext_hook`` does not take as ``msgpack.ExtType``.
+        """
         return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=self._ext)
 
 
 class MsgspecCodec(Codec):
     """MessagePack through ``msgspec`` (faster decoding; ``pip install msgspec``).
 
-    msgspec's own conventions apply: a naive ``datetime`` or a ``date`` arrives as
-    ISO 8601 text; tz-aware datetimes, numpy arrays and everything else round-trip.
+    The wire format is MessagePack, as with ``MsgpackCodec``. msgspec's own
+    conventions apply: a naive ``datetime`` or a ``date`` arrives as ISO 8601
+    text; tz-aware datetimes, numpy arrays and everything else round-trip.
+
+    Raises:
+        ImportError: The ``msgspec`` package is not installed.
     """
 
     name = "msgspec"
@@ -320,7 +406,18 @@ class MsgspecCodec(Codec):
         return obj if obj is not None else self._msgspec.msgpack.Ext(code, bytes(data))
 
     def pack(self, obj: Any) -> bytes:
-        """Serialize ``obj``; raise ``TypeError`` naming a type it cannot take."""
+        """Serialize ``obj`` to MessagePack.
+
+        Args:
+            obj: Plain objects, numpy arrays, datetimes and dates.
+
+        Returns:
+            The serialized bytes.
+
+        Raises:
+            TypeError: ``obj`` holds something that cannot be serialized; the
+                message names its type.
+        """
         try:
             return self._enc.encode(obj)
         except TypeError:
@@ -329,12 +426,31 @@ class MsgspecCodec(Codec):
             raise TypeError(f"cannot encode notification: {exc}") from exc
 
     def unpack(self, data: Any) -> Any:
-        """Deserialize what ``pack`` made."""
+        """Deserialize what ``pack`` made.
+
+        Args:
+            data: A bytes-like object holding one MessagePack value.
+
+        Returns:
+            The value.
+        """
         return self._dec.decode(data)
 
 
 def get_codec(spec: Any) -> Codec:
-    """Return the codec named by ``spec`` ("msgpack", "msgspec") or ``spec`` itself."""
+    """Return the codec a ``Distributor(codec=...)`` argument names.
+
+    Args:
+        spec: ``"msgpack"``, ``"msgspec"`` or a ``Codec`` instance.
+
+    Returns:
+        A new codec for a name, or ``spec`` itself.
+
+    Raises:
+        TypeError: ``spec`` is a codec that does not survive pickling.
+        ValueError: ``spec`` is neither a known name nor a codec.
+        ImportError: ``"msgspec"`` was asked for and is not installed.
+    """
     if isinstance(spec, Codec):
         try:  # every worker gets a pickled copy: fail here, not in the workers
             pickle.loads(pickle.dumps(spec))

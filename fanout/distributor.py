@@ -3,7 +3,7 @@
 ``distribute`` encodes a notification once, routes it to one lane of every
 target listener and appends the bytes to that lane's ring; the native pump
 thread writes rings into worker pipes; the supervisor thread keeps workers
-alive. See ../shared/DESIGN.md for the picture.
+alive. docs/design.md draws the picture.
 """
 
 from __future__ import annotations

@@ -13,11 +13,16 @@ __all__ = [
 
 
 class FanoutError(Exception):
-    """Base class of fanout's own exceptions."""
+    """Base class of fanout's own exceptions: catch it to catch any of them."""
 
 
 class RingFull(FanoutError):
-    """A bounded ring has no room for a frame (see ``FrameRing(max_bytes=...)``)."""
+    """A bounded ring has no room for a frame.
+
+    Raised by ``FrameRing.append`` when the frame would take the bytes held past
+    ``max_bytes``. A listener never lets it reach the producer: its ``overflow``
+    policy decides instead.
+    """
 
 
 class RingClosed(FanoutError):
@@ -25,11 +30,21 @@ class RingClosed(FanoutError):
 
 
 class ListenerFull(FanoutError):
-    """A listener with ``overflow="error"`` has no room; nothing was distributed."""
+    """A bounded listener has no room for a notification; nothing was distributed.
+
+    Raised by ``Distributor.distribute`` when a listener with
+    ``overflow="error"`` is full, or when a notification is larger than a
+    listener's ``max_pending_bytes`` (whatever its policy). No listener received
+    any part of that notification, so the call can simply be retried later.
+    """
 
 
 class DistributorStopped(FanoutError, RuntimeError):
-    """The distributor was stopped; build a new one to go on."""
+    """The distributor was stopped; build a new one to go on.
+
+    Raised by calls that need a live distributor (``add_listener``, ``start``,
+    ``distribute``) once ``stop()`` has begun.
+    """
 
 
 class WorkerStartError(FanoutError, RuntimeError):

@@ -18,28 +18,60 @@ _METHODS = ("on_add", "on_update", "on_delete")
 class Handler:
     """Base class of handlers; every method is a no-op until overridden.
 
+    Override the methods for the notifications you care about. Any object with
+    these three methods is accepted as a handler; subclassing is a convenience.
+
     A handler given to a process listener is pickled to each worker (each gets a
     copy), or given as a zero-argument class or factory that each worker calls
-    once (for handlers that open connections or hold unpicklable state).
+    once (for handlers that open connections or hold unpicklable state). Either
+    way it must be importable by the workers: defined at module level in a
+    module that has a file.
+
+    What a method raises is logged, counted in ``ListenerStats.errors`` and passed
+    to the listener's ``on_error``; the notification is not retried.
     """
 
     def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
-        """Handle an object that appeared."""
+        """Handle an object that appeared (client-go ``OnAdd``).
+
+        Args:
+            obj: The object, as the codec decoded it.
+            is_in_initial_list: True when the object comes from the listener's
+                ``initial_list`` (the state when it joined), False for a live add.
+        """
 
     def on_update(self, old: Any, new: Any) -> None:
-        """Handle an object that changed."""
+        """Handle an object that changed (client-go ``OnUpdate``).
+
+        A producer usually distributes a resync as ``Update(obj, obj)``: then
+        ``old`` and ``new`` are equal.
+
+        Args:
+            old: The object's previous state.
+            new: The object's new state.
+        """
 
     def on_delete(self, obj: Any) -> None:
-        """Handle an object that went away."""
+        """Handle an object that went away (client-go ``OnDelete``).
+
+        Args:
+            obj: The last known state of the object.
+        """
 
 
 class FuncHandler(Handler):
-    """A handler made of plain functions (module-level, so it pickles).
+    """A handler made of plain functions (client-go ``ResourceEventHandlerFuncs``).
 
-    Options:
-        on_add: ``f(obj, is_in_initial_list)`` or None.
-        on_update: ``f(old, new)`` or None.
-        on_delete: ``f(obj)`` or None.
+    The functions must be defined at module level, so that the handler pickles
+    to worker processes; a notification without a function is ignored.
+
+    Args:
+        on_add: ``f(obj, is_in_initial_list)``, or None to ignore adds.
+        on_update: ``f(old, new)``, or None to ignore updates.
+        on_delete: ``f(obj)``, or None to ignore deletes.
+
+    Raises:
+        TypeError: One of the arguments is neither callable nor None.
     """
 
     __slots__ = ("_on_add", "_on_delete", "_on_update")
@@ -58,17 +90,31 @@ class FuncHandler(Handler):
         self._on_delete = on_delete
 
     def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
-        """Call the ``on_add`` function, if any."""
+        """Call the ``on_add`` function, if any.
+
+        Args:
+            obj: The object that appeared.
+            is_in_initial_list: True for an item of the listener's initial list.
+        """
         if self._on_add is not None:
             self._on_add(obj, is_in_initial_list)
 
     def on_update(self, old: Any, new: Any) -> None:
-        """Call the ``on_update`` function, if any."""
+        """Call the ``on_update`` function, if any.
+
+        Args:
+            old: The object's previous state.
+            new: The object's new state.
+        """
         if self._on_update is not None:
             self._on_update(old, new)
 
     def on_delete(self, obj: Any) -> None:
-        """Call the ``on_delete`` function, if any."""
+        """Call the ``on_delete`` function, if any.
+
+        Args:
+            obj: The last known state of the object.
+        """
         if self._on_delete is not None:
             self._on_delete(obj)
 

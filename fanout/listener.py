@@ -75,9 +75,16 @@ def default_key(n: Notification) -> Hashable | None:
 class Registration:
     """One listener of a ``Distributor``: the handle ``add_listener`` returns.
 
-    Read-only attributes: ``name``, ``executor``, ``workers``, ``resync_period``
-    (effective, seconds). Methods: ``has_synced()``, ``wait_synced(timeout)``,
-    ``stats()``. Pass it to ``remove_listener`` / ``shutdown_listener``.
+    Not built directly. Pass it to ``remove_listener`` / ``shutdown_listener``;
+    it stays usable after both and after ``stop()`` (``stats()`` then shows the
+    final counts). It cannot be pickled: it belongs to the producer's process.
+
+    Attributes:
+        name: The listener's name (given to ``add_listener``, or generated).
+        executor: ``"process"`` or ``"thread"``.
+        workers: Number of worker processes (1 for a thread listener).
+        resync_period: The resync period in force, in seconds, after client-go's
+            clamping rules; 0 means never.
     """
 
     executor = "?"
@@ -116,26 +123,59 @@ class Registration:
     # -- sync ------------------------------------------------------------------------
 
     def has_synced(self) -> bool:
-        """Tell whether the producer synced and every initial-list add finished."""
+        """Tell whether this listener has caught up with the initial state.
+
+        Returns:
+            True once the producer called ``Distributor.mark_synced()`` and the
+            handler returned from every initial-list add it was given (one that
+            raised or was dead-lettered counts as finished). A removed listener
+            counts as finished too.
+        """
         return self._dist.producer_synced and self._initial_done()
 
     def wait_synced(self, timeout: float | None = None) -> bool:
-        """Block until ``has_synced()`` (True) or ``timeout`` seconds passed (False)."""
+        """Wait until ``has_synced()`` is true.
+
+        Args:
+            timeout: Seconds to wait at most; None waits as long as it takes.
+
+        Returns:
+            True when synced, False when the timeout passed first.
+        """
         return _poll(self.has_synced, timeout)
 
     def _initial_done(self) -> bool:
         raise NotImplementedError
 
     def ready(self) -> bool:
-        """Tell whether every worker (or the thread) has started and can handle."""
+        """Tell whether the listener runs.
+
+        Returns:
+            True when every worker (or the thread) has started and loaded its
+            handler; False before ``start()``, while a worker restarts, and after
+            the listener stopped.
+        """
         raise NotImplementedError
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        """Block until ``ready()`` (True) or ``timeout`` seconds passed (False)."""
+        """Wait until ``ready()`` is true.
+
+        Args:
+            timeout: Seconds to wait at most; None waits as long as it takes.
+
+        Returns:
+            True when ready, False when the timeout passed first.
+        """
         return _poll(self.ready, timeout)
 
     def latency_histogram(self) -> list[int]:
-        """Counts per latency bucket (``fanout.stats.bucket_of``), all workers summed."""
+        """Return the latency histogram behind the ``stats()`` percentiles.
+
+        Returns:
+            Counts of handler calls per bucket of time from ``distribute`` to
+            handler start, all workers summed; ``fanout.stats.bucket_of`` maps a
+            latency in nanoseconds to its bucket (4 buckets per octave).
+        """
         raise NotImplementedError
 
     def counters(self) -> dict[str, int]:
@@ -143,7 +183,11 @@ class Registration:
         raise NotImplementedError
 
     def worker_pids(self) -> list[int]:
-        """Return the pids of the running worker processes (none for a thread)."""
+        """Return the process ids of the running workers.
+
+        Returns:
+            One pid per running worker; empty for a thread listener.
+        """
         return []
 
     def stuck(self) -> bool:
@@ -204,7 +248,13 @@ class Registration:
         self.report_dead_letter(item, reason)
 
     def stats(self) -> ListenerStats:
-        """Return a snapshot of this listener's counters."""
+        """Return a snapshot of this listener's counters.
+
+        Cheap (no system call), safe from any thread, and valid after ``stop()``.
+
+        Returns:
+            The counters and latency percentiles at the time of the call.
+        """
         hist = self.latency_histogram()
         return ListenerStats(
             name=self.name,

@@ -15,7 +15,15 @@ __all__ = ["Add", "Delete", "Notification", "RawFrame", "Update"]
 
 @dataclass(frozen=True, slots=True, init=False)
 class Add:
-    """An object appeared; ``is_in_initial_list`` marks the initial listing."""
+    """An object appeared (client-go ``addNotification``).
+
+    Immutable; the arguments become attributes of the same names.
+
+    Args:
+        obj: The object (anything the distributor's codec can encode).
+        is_in_initial_list: True for an object of the initial listing (fanout sets
+            it for a listener's ``initial_list``); False for a live add.
+    """
 
     obj: Any
     is_in_initial_list: bool = False
@@ -27,7 +35,15 @@ class Add:
 
 @dataclass(frozen=True, slots=True, init=False)
 class Update:
-    """An object changed from ``old`` to ``new``."""
+    """An object changed (client-go ``updateNotification``).
+
+    Immutable; the arguments become attributes of the same names. A resync is
+    usually distributed as ``Update(obj, obj)`` with ``sync=True``.
+
+    Args:
+        old: The object's previous state.
+        new: The object's new state; the default ``key`` reads its metadata.
+    """
 
     old: Any
     new: Any
@@ -39,7 +55,13 @@ class Update:
 
 @dataclass(frozen=True, slots=True, init=False)
 class Delete:
-    """An object went away (``obj`` is its last known state)."""
+    """An object went away (client-go ``deleteNotification``).
+
+    Immutable; the argument becomes an attribute of the same name.
+
+    Args:
+        obj: The last known state of the object.
+    """
 
     obj: Any
 
@@ -68,4 +90,5 @@ _set_delete_obj = Delete.__dict__["obj"].__set__
 
 
 Notification = Add | Update | Delete
+"""Any of the three notifications: the type ``distribute`` takes."""
 NOTIFICATION_TYPES = (Add, Update, Delete)

@@ -1,6 +1,6 @@
 """Failure semantics: crashes, poison pills, timeouts, exceptions, stalls, overflow, stop.
 
-See ../shared/SEMANTICS.md, "Failure semantics" and "Stats". Every test uses the
+The contract is docs/guarantees.md ("Guarantees and failure semantics"). Every test uses the
 ``make_dist`` fixture, which also fails the test if a worker process, thread, fd or
 shared-memory segment outlives it.
 """

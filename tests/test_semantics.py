@@ -1,4 +1,4 @@
-"""Behaviours of ../shared/SEMANTICS.md that the other test files leave out.
+"""Documented behaviours (docs/concepts.md, docs/guarantees.md) the other test files leave out.
 
 Handlers and objects: every listed object type and user codec hooks round-trip to a
 worker; a handler instance is copied into each worker, a class or factory is called once

@@ -33,6 +33,10 @@ __all__ = [
 REFERENCE = "fanout-process"
 PACKAGES = ("fanout", "msgpack", "numpy", "msgspec", "pyzmq", "faster-fifo", "Cython")
 SPREAD_DEFINITION = "(max - min) / median of the rounds"
+LATENCY_NOTE = (
+    "latency figures are histogram buckets, 4 per octave (neighbours 14-25% apart), "
+    "so a one-bucket move already reads as a spread over 15%"
+)
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per core above which we warn
 
 
@@ -250,6 +254,8 @@ def table(doc: dict[str, Any]) -> str:
     unstable = sum(1 for r in doc["results"] if r["unstable"])
     if unstable:
         lines.append(f"\n{unstable} of {len(doc['results'])} figures UNSTABLE")
+    if any(r["scenario"] == "latency" for r in doc["results"]):
+        lines.append(f"Note: {LATENCY_NOTE}.")
     return "\n".join(lines)
 
 
@@ -279,13 +285,20 @@ def markdown(doc: dict[str, Any]) -> str:
         name = f"{_row_name(doc, title, first)} [{unit}, {first['better']} is better]"
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     rounds = doc["options"].get("rounds")
-    lines.append(
+    note = (
         f"\nMedian of {rounds} rounds, interleaved across contenders; in brackets the "
         f'spread, {SPREAD_DEFINITION}; "unstable" marks a spread over '
-        f"{UNSTABLE_SPREAD:.0%}, a figure not to compare. In the stalled row, Nx is a "
-        f"healthy listener's rate against one with no stalled sibling (throughput row). "
-        f"k = thousand, M = million."
+        f"{UNSTABLE_SPREAD:.0%}, a figure not to compare."
     )
+    scenarios = {r["scenario"] for r in doc["results"]}
+    if "stalled" in scenarios:
+        note += (
+            " In the stalled row, Nx is a healthy listener's rate against one with no "
+            "stalled sibling (throughput row)."
+        )
+    if "latency" in scenarios:
+        note += f" The {LATENCY_NOTE}."
+    lines.append(note + " k = thousand, M = million.")
     return "\n".join(lines)
 
 
@@ -386,7 +399,12 @@ def figure(doc: dict[str, Any]) -> Any:
         frameon=False,
         bbox_to_anchor=(0.5, 1 - 0.45 / fig.get_figheight()),
     )
-    fig.tight_layout(rect=(0, 0, 1, 1 - 0.9 / fig.get_figheight()))
+    footer = f"Value labels: median (spread = {SPREAD_DEFINITION})."
+    if any(r["scenario"] == "latency" for r in doc["results"]):
+        footer += f" Note: {LATENCY_NOTE}."
+    height = fig.get_figheight()
+    fig.text(0.5, 0.12 / height, footer, ha="center", fontsize=8.5, color="dimgray")
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - 0.9 / height))
     return fig
 
 

@@ -217,6 +217,7 @@ def test_chart_reads_without_the_terminal():
     assert throughput.get_xscale() == "linear" and latency.get_xscale() == "log"
     labels = [t.get_text() for t in throughput.texts]
     assert labels == [" 107 k (9%)", " 40 k (75%, unstable)"]
+    assert [bar.get_hatch() for bar in throughput.patches] == [None, "///"]
     # Error bars from min to max: one segment per bar.
     (bars,) = [c for c in throughput.collections if len(c.get_segments()) == 2]
     spans = sorted(sorted(seg[:, 0]) for seg in bars.get_segments())

@@ -462,17 +462,18 @@ def _describe(m: Measurement) -> str:
     """One line for a finished figure: median, min..max and the stability verdict."""
 
     def fmt(v: float) -> str:
-        return f"{v * 1e3:,.3f} ms" if m.unit == "s" else f"{v:,.0f} {m.unit}"
+        return f"{v * 1e3:,.3f}" if m.unit == "s" else f"{v:,.0f}"
 
+    unit = "ms" if m.unit == "s" else m.unit
     head = f"{m.scenario:<10} {_params_text(m.params):<28} {m.contender:<15}"
     if m.label and m.metric != "deliveries":
-        head += f" {m.label:<10}"
+        head += f" {m.label}"
     tail = ""
     if m.spread is not None:
         tail = f"  ({fmt(min(m.values))} .. {fmt(max(m.values))}, spread {m.spread:.0%})"
         if m.unstable:
-            tail += "  UNSTABLE"
-    return f"{head} {fmt(m.median):>20}{tail}"
+            tail += " UNSTABLE"
+    return f"{head}  {fmt(m.median)} {unit}{tail}"
 
 
 # -- the scenarios ------------------------------------------------------------------------

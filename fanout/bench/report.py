@@ -459,7 +459,7 @@ def _panel(ax: Any, title: str, rs: list[dict[str, Any]]) -> None:
     log = bool(positive) and max(high) / min(positive) > 10
     if log:
         ax.set_xscale("log")
-        ax.set_xlim(min(positive) / 2, max(high) * 30)
+        ax.set_xlim(min(positive) / 2, max(high) * 12)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick(v, unit)))
     labels = [f" {_short(r['median'], r['unit'])} ({_spread(r)})" for r in rs]
     for i, r in enumerate(rs):

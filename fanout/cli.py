@@ -5,11 +5,21 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
+import textwrap
 import time
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from fanout.bench.scenarios import UNSTABLE_SPREAD
+
+if TYPE_CHECKING:
+    from fanout.bench.scenarios import Options
 
 __all__ = ["main"]
+
+UNSTABLE_PERCENT = round(UNSTABLE_SPREAD * 100)
 
 
 def _positive_ints(text: str) -> list[int]:
@@ -24,33 +34,85 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
-def _positive_float(text: str) -> float:
+def _number(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = _number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
     return value
 
 
 def _non_negative_float(text: str) -> float:
-    value = _positive_float(text) if text.strip() not in ("0", "0.0") else 0.0
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text!r}")
     return value
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _listing(heading: str, items: dict[str, Any]) -> str:
+    """A help section: each name with the first line of its docstring."""
+    width = max(len(name) for name in items) + 2
+    lines = [f"{heading}:"]
+    for name, obj in items.items():
+        # Docstrings are written for the API reference: drop their code markup.
+        summary = (obj.__doc__ or "").strip().splitlines()[0].replace("``", "")
+        lines.append(f"  {name:<{width}}{summary}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fanout", description=__doc__)
+    from fanout.bench.contenders import CONTENDERS
+    from fanout.bench.scenarios import SCENARIOS
+
+    parser = argparse.ArgumentParser(
+        prog="fanout", description="Command-line tools of the fanout library."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     bench = sub.add_parser(
         "bench",
         help="measure fanout against the alternatives on this machine",
-        description="Run every scenario against every installed contender, the same way, "
-        "and print absolute figures and ratios to fanout.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=textwrap.fill(
+            "Run every scenario against every installed contender, the same way, with "
+            "the rounds of each figure interleaved across contenders, and print each "
+            "figure's median, its spread over the rounds, and its ratio to fanout. "
+            f"Figures whose spread exceeds {UNSTABLE_PERCENT}% of the median are marked "
+            "unstable."
+        ),
+        epilog=_listing("scenarios (--scenario NAME)", SCENARIOS)
+        + "\n\n"
+        + _listing("contenders (--contender NAME)", {c.name: c for c in CONTENDERS}),
     )
-    bench.add_argument("--quick", action="store_true", help="a short run (seconds), for CI")
+    bench.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     bench.add_argument("--json", metavar="PATH", help="write every raw figure and the machine")
     bench.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
+    bench.add_argument(
+        "--markdown", metavar="PATH", help="write the figures as a markdown table ('-': stdout)"
+    )
+    bench.add_argument(
+        "--from-json",
+        metavar="PATH",
+        help="measure nothing: show a run saved with --json (table, --plot, --markdown)",
+    )
     bench.add_argument("--listeners", type=_positive_ints, help="listener counts, e.g. 1,4")
     bench.add_argument("--workers", type=_positive_ints, help="workers per listener, e.g. 1,2")
     bench.add_argument(
@@ -58,17 +120,24 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="small, pod (a real Pod object) or a path to a JSON object; repeatable",
     )
-    bench.add_argument("--work-us", type=_non_negative_float, help="handler work (us) in 'cpu'")
+    bench.add_argument(
+        "--work-us", type=_non_negative_float, help="handler work (us) in 'cpu'; 0 allowed"
+    )
     bench.add_argument("--duration", type=_positive_float, help="seconds per measured round")
-    bench.add_argument("--rounds", type=_positive_ints, help="measured rounds per figure")
+    bench.add_argument("--rounds", type=_positive_int, help="measured rounds per figure")
     bench.add_argument(
         "--scenario",
         action="append",
-        choices=["throughput", "cpu", "latency", "stalled", "recovery"],
-        help="run only these scenarios; repeatable",
+        choices=list(SCENARIOS),
+        metavar="NAME",
+        help="run only this scenario (names below); repeatable",
     )
     bench.add_argument(
-        "--contender", action="append", help="run only these contenders (by name); repeatable"
+        "--contender",
+        action="append",
+        choices=[c.name for c in CONTENDERS],
+        metavar="NAME",
+        help="run only this contender (names below); repeatable",
     )
     return parser
 
@@ -81,97 +150,130 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def bench(args: argparse.Namespace) -> int:
-    from fanout.bench.payloads import load_payload
-    from fanout.bench.report import machine, plot, table, to_json
-    from fanout.bench.scenarios import Options, Suite
+    from fanout.bench import report
 
-    opts = Options.quick() if args.quick else Options()
-    if args.listeners:
-        opts.listeners = args.listeners
-    if args.workers:
-        opts.workers = args.workers
-    if args.payload:
-        for spec in args.payload:
-            try:
-                load_payload(spec)
-            except ValueError as exc:
-                print(f"fanout bench: {exc}", file=sys.stderr)
-                return 2
-        opts.payloads = args.payload
-    if args.work_us is not None:
-        opts.work_us = args.work_us
-    if args.duration:
-        opts.duration = args.duration
-    if args.rounds:
-        opts.rounds = args.rounds[0]
-    if args.scenario:
-        opts.scenarios = args.scenario
-    if args.contender:
-        opts.contenders = args.contender
-    if args.plot:
+    if args.from_json:
         try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            print(
-                "fanout bench: --plot needs matplotlib: pip install matplotlib "
-                "(or pip install 'fanout[plot]')",
-                file=sys.stderr,
-            )
+            doc = report.load(args.from_json)
+        except ValueError as exc:
+            print(f"fanout bench: {exc}", file=sys.stderr)
             return 2
+        return _show(doc, args)
+    if args.plot and _no_matplotlib():
+        return 2
+    opts = _options(args)
+    if opts is None:
+        return 2
+    from fanout.bench.scenarios import Suite
+
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
     progress = _Progress(sys.stderr)
-    info = machine()
+    info = report.machine()
     progress.line(
         f"fanout bench on {info['cpu_count']} CPUs, Python {info['python']}, "
-        f"native={info['fanout_native']}; {'quick' if args.quick else 'full'} run"
+        f"native={info['fanout_native']}; {'quick' if args.quick else 'full'} run, "
+        f"{opts.rounds} rounds per figure"
     )
+    warning = report.busy_warning()
+    if warning:
+        progress.line(warning)
     suite = Suite(opts, progress.line, progress.status)
-    if opts.contenders is not None:
-        unknown = set(opts.contenders) - {c.name for c in suite.contenders} - set(suite.skipped)
-        if unknown:
-            names = ", ".join(sorted(unknown))
-            print(f"fanout bench: unknown contender(s): {names}", file=sys.stderr)
-            return 2
     started = time.monotonic()
     try:
         suite.run()
     except KeyboardInterrupt:
         progress.line("interrupted: showing what was measured so far")
     progress.done()
-    print(table(suite))
-    print(f"\n({time.monotonic() - started:.0f} s)")
+    doc = report.document(suite, dataclasses.asdict(opts), info)
+    print(f"({time.monotonic() - started:.0f} s)\n")
     if args.json:
-        to_json(suite, args.json, dataclasses.asdict(opts))
+        report.to_json(doc, args.json)
+    return _show(doc, args)
+
+
+def _options(args: argparse.Namespace) -> Options | None:
+    """The run's options: quick or full defaults, overridden by the flags given."""
+    from fanout.bench.payloads import load_payload
+    from fanout.bench.scenarios import Options
+
+    opts = Options.quick() if args.quick else Options()
+    for spec in args.payload or ():
+        try:
+            load_payload(spec)
+        except ValueError as exc:
+            print(f"fanout bench: {exc}", file=sys.stderr)
+            return None
+    overrides = {
+        "listeners": args.listeners,
+        "workers": args.workers,
+        "payloads": args.payload,
+        "work_us": args.work_us,
+        "duration": args.duration,
+        "rounds": args.rounds,
+        "scenarios": args.scenario,
+        "contenders": args.contender,
+    }
+    return dataclasses.replace(opts, **{k: v for k, v in overrides.items() if v is not None})
+
+
+def _no_matplotlib() -> bool:
+    """Tell (and say so) when --plot cannot work, before measuring anything."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(
+            "fanout bench: --plot needs matplotlib: pip install matplotlib "
+            "(or pip install 'fanout[plot]')",
+            file=sys.stderr,
+        )
+        return True
+    return False
+
+
+def _show(doc: dict[str, Any], args: argparse.Namespace) -> int:
+    """Print the table and write the --markdown and --plot outputs of a run."""
+    from fanout.bench import report
+
+    print(report.table(doc))
+    if args.json and not args.from_json:
         print(f"raw figures: {args.json}")
+    if args.markdown == "-":
+        print("\n" + report.markdown(doc))
+    elif args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report.markdown(doc) + "\n")
+        print(f"markdown table: {args.markdown}")
     if args.plot:
-        plot(suite, args.plot)
+        if _no_matplotlib():
+            return 2
+        report.plot(doc, args.plot)
         print(f"chart: {args.plot}")
     return 0
 
 
 class _Progress:
-    """A live status line on a terminal; plain lines otherwise."""
+    """Progress on stderr: a live status line on a terminal, plain lines otherwise."""
 
-    def __init__(self, stream: object) -> None:
+    def __init__(self, stream: Any) -> None:
         self.stream = stream
         self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.count = 0
 
     def status(self, text: str) -> None:
-        """Show what runs now: rewrite one line on a terminal, nothing otherwise."""
+        """Show the step that starts now (``[i/N] ETA ...``)."""
         if self.tty:
-            self.stream.write(f"\r\x1b[2K    ... {text[:110]}")  # type: ignore[attr-defined]
-            self.stream.flush()  # type: ignore[attr-defined]
+            self.stream.write(f"\r\x1b[2K{text[:120]}")
+        else:
+            self.stream.write(f"{text}\n")
+        self.stream.flush()
 
     def line(self, text: str) -> None:
-        self.count += 1
-        if self.tty:
-            self.stream.write(f"\r\x1b[2K[{self.count:3d}] {text}\n")  # type: ignore[attr-defined]
-        else:
-            self.stream.write(f"[{self.count:3d}] {text}\n")  # type: ignore[attr-defined]
-        self.stream.flush()  # type: ignore[attr-defined]
+        """Print a line that stays (a finished figure, a warning)."""
+        prefix = "\r\x1b[2K" if self.tty else ""
+        self.stream.write(f"{prefix}    {text}\n")
+        self.stream.flush()
 
     def done(self) -> None:
+        """Clear the status line."""
         if self.tty:
-            self.stream.write("\r\x1b[2K")  # type: ignore[attr-defined]
-            self.stream.flush()  # type: ignore[attr-defined]
+            self.stream.write("\r\x1b[2K")
+            self.stream.flush()

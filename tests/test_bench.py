@@ -1,16 +1,21 @@
-"""`fanout bench`: the quick run works and reports every installed contender."""
+"""`fanout bench`: interleaved rounds, every figure with its spread, readable output."""
 
 from __future__ import annotations
 
+import argparse
 import json
+import re
 import subprocess
 import sys
 
 import pytest
 
+from fanout.bench import report
 from fanout.bench.contenders import CONTENDERS
+from fanout.bench.scenarios import SCENARIOS, UNSTABLE_SPREAD, Measurement, interleave
+from fanout.cli import _non_negative_float, build_parser
 
-SCENARIOS = {"throughput", "cpu", "latency", "stalled", "recovery"}
+STEP = re.compile(r"^\[(\d+)/(\d+)\] ETA \d+:\d\d  (.*)$")
 
 
 def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -22,11 +27,24 @@ def _bench(*args: str, timeout: float = 240) -> subprocess.CompletedProcess[str]
     )
 
 
+def _steps(stderr: str) -> list[tuple[int, int, str]]:
+    """The ``[i/N] ETA m:ss what`` progress lines, parsed."""
+    out = []
+    for line in stderr.splitlines():
+        m = STEP.match(line)
+        if m:
+            out.append((int(m[1]), int(m[2]), m[3]))
+    return out
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_quick_run_reports_every_installed_contender_and_scenario(tmp_path, no_leaks):
-    out = tmp_path / "out.json"
-    proc = _bench("--quick", "--json", str(out))
+def test_quick_run_reports_every_figure_with_its_spread(tmp_path, no_leaks):
+    out, md = tmp_path / "out.json", tmp_path / "table.md"
+    args = ["--quick", "--json", str(out), "--markdown", str(md)]
+    png = tmp_path / "chart.png"
+    args += ["--plot", str(png)]
+    proc = _bench(*args)
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
     installed = {c.name for c in CONTENDERS if c.unavailable() is None}
@@ -35,15 +53,217 @@ def test_quick_run_reports_every_installed_contender_and_scenario(tmp_path, no_l
     for name in {c.name for c in CONTENDERS} - installed:
         assert doc["skipped"][name]  # listed with the reason
     results = doc["results"]
-    assert {r["scenario"] for r in results} == SCENARIOS
-    for scenario in SCENARIOS - {"recovery"}:
+    assert {r["scenario"] for r in results} == set(SCENARIOS)
+    for scenario in set(SCENARIOS) - {"recovery"}:
         seen = {r["contender"] for r in results if r["scenario"] == scenario}
         assert seen == installed, scenario
-    assert [r["contender"] for r in results if r["scenario"] == "recovery"] == ["fanout-process"]
-    assert all(r["median"] > 0 and min(r["values"]) > 0 for r in results)
-    assert doc["machine"]["cpu_count"] >= 1 and doc["machine"]["python"]
+    recovery = [r for r in results if r["scenario"] == "recovery"]
+    assert {r["contender"] for r in recovery} == {"fanout-process"}
+    assert {r["metric"] for r in recovery} == {"sigkill_to_handled", "cold_start"}
+    # Every figure: its rounds, median, min..max, spread and the unstable verdict.
+    rounds = doc["options"]["rounds"]
+    assert rounds >= 3
+    for r in results:
+        assert len(r["values"]) == r["rounds"] == rounds, r
+        assert r["min"] == min(r["values"]) and r["max"] == max(r["values"])
+        assert r["min"] <= r["median"] <= r["max"]
+        assert r["spread"] == pytest.approx((r["max"] - r["min"]) / r["median"])
+        assert r["unstable"] is (r["spread"] > UNSTABLE_SPREAD)
+        assert r["better"] in ("higher", "lower") and r["title"]
+        assert r["median"] > 0
+    assert doc["unstable_above"] == UNSTABLE_SPREAD and "max - min" in doc["spread"]
+    assert len(doc["machine"]["load_average"]) == 3 and doc["machine"]["cpu_count"] >= 1
     assert doc["codec_limits"] and doc["codec_limits"][0]["limit_deliveries_per_s"] > 0
     assert "codec-bound limit" in proc.stdout and "fanout-process" in proc.stdout
+    for r in results:  # the text table says which figures are unstable, and only those
+        if r["unstable"]:
+            assert "UNSTABLE" in proc.stdout
+    # Progress: every step numbered [i/N] once, in order, with an ETA.
+    steps = _steps(proc.stderr)
+    total = steps[0][1]
+    assert [(i, n) for i, n, _ in steps] == [(i, total) for i in range(1, total + 1)]
+    assert md.read_text().startswith("| figure |")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_rounds_are_interleaved_across_contenders_with_numbered_progress(tmp_path):
+    out = tmp_path / "out.json"
+    proc = _bench(
+        "--scenario", "throughput", "--contender", "fanout-thread", "--contender",
+        "thread+deque", "--payload", "small", "--listeners", "1", "--rounds", "3",
+        "--duration", "0.02",
+        "--json", str(out),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    steps = _steps(proc.stderr)
+    # Two calibrations, then round 1 of each contender, round 2 of each, ...
+    assert [(i, n) for i, n, _ in steps] == [(i, 8) for i in range(1, 9)]
+    whats = [what.split(": ", 1)[1] for _, _, what in steps]
+    assert whats == [
+        "calibrate fanout-thread",
+        "calibrate thread+deque",
+        "fanout-thread round 1/3",
+        "thread+deque round 1/3",
+        "fanout-thread round 2/3",
+        "thread+deque round 2/3",
+        "fanout-thread round 3/3",
+        "thread+deque round 3/3",
+    ]
+    results = json.loads(out.read_text())["results"]
+    assert [len(r["values"]) for r in results] == [3, 3]
+
+
+def test_interleave_yields_one_round_of_every_contender_at_a_time():
+    assert list(interleave(["A", "B", "C"], 2)) == [
+        (0, "A"), (0, "B"), (0, "C"), (1, "A"), (1, "B"), (1, "C"),
+    ]  # fmt: skip
+    assert list(interleave(["A"], 0)) == []
+
+
+@pytest.mark.parametrize(
+    ("values", "spread", "unstable"),
+    [
+        ([100.0, 110.0, 90.0], 0.2, True),
+        ([100.0, 105.0, 98.0], 0.07, False),
+        ([100.0, 115.0, 100.0], 0.15, False),  # exactly at the threshold: not over it
+        ([100.0], None, None),  # one round: no spread to judge
+    ],
+)
+def test_spread_is_max_minus_min_over_median(values, spread, unstable):
+    m = Measurement("throughput", "x", {}, "deliveries", "deliveries/s", values)
+    if spread is None:
+        assert m.spread is None
+    else:
+        assert m.spread == pytest.approx(spread)
+    assert m.unstable is unstable
+    assert m.as_dict()["unstable"] is unstable
+
+
+def _doc(*measurements: Measurement) -> dict:
+    return {
+        "machine": {"cpu_count": 2, "python": "3.x", "fanout_native": True,
+                    "load_average": [0.1, 0.1, 0.1]},
+        "options": {"rounds": 3},
+        "results": [m.as_dict() for m in measurements],
+        "codec_limits": [],
+        "skipped": {},
+        "contenders": sorted({m.contender for m in measurements}),
+    }  # fmt: skip
+
+
+def _rate(contender: str, values: list[float]) -> Measurement:
+    return Measurement(
+        "throughput", contender, {"payload": "small", "listeners": 2}, "deliveries",
+        "deliveries/s", values, title="Throughput, small objects to 2 listeners",
+    )  # fmt: skip
+
+
+def _latency(contender: str, values: list[float]) -> Measurement:
+    return Measurement(
+        "latency", contender, {"rate": 500.0}, "p99", "s", values, better="lower",
+        title="Latency at 500/s", label="p99",
+    )  # fmt: skip
+
+
+def test_markdown_table_gives_every_figure_with_its_spread():
+    doc = _doc(
+        _rate("fanout-process", [100e3, 107e3, 110e3]),
+        _rate("pipe+msgpack", [60e3, 122e3, 140e3]),
+    )
+    text = report.markdown(doc)
+    lines = text.splitlines()
+    assert lines[0] == "| figure | fanout-process | pipe+msgpack |"
+    assert lines[2] == (
+        "| Throughput, small objects to 2 listeners [deliveries/s, higher is better] "
+        "| 107 k (9%) | 122 k (66%, unstable) |"
+    )
+    assert "(max - min) / median" in text
+
+
+def test_text_table_marks_unstable_figures():
+    doc = _doc(_rate("fanout-process", [100e3, 107e3, 110e3]), _rate("mp.Queue", [1, 5, 9]))
+    text = report.table(doc)
+    (stable,) = [line for line in text.splitlines() if "fanout-process" in line]
+    (noisy,) = [line for line in text.splitlines() if "mp.Queue" in line]
+    assert "UNSTABLE" not in stable and "9%" in stable
+    assert "160% UNSTABLE" in noisy
+    assert "1 of 2 figures UNSTABLE" in text
+
+
+def test_chart_reads_without_the_terminal():
+    doc = _doc(
+        _rate("fanout-process", [100e3, 107e3, 110e3]),
+        _rate("mp.Queue", [30e3, 40e3, 60e3]),
+        _latency("fanout-process", [0.0001, 0.00012, 0.00011]),
+        _latency("mp.Queue", [0.002, 0.003, 0.0025]),  # 25x fanout's: a log axis
+        Measurement("recovery", "fanout-process", {}, "sigkill_to_handled", "s",
+                    [0.030, 0.031, 0.029], better="lower", title="Recovery",
+                    label="SIGKILL to next handled"),
+        Measurement("recovery", "fanout-process", {}, "cold_start", "s",
+                    [0.020, 0.021, 0.022], better="lower", title="Recovery",
+                    label="cold start (reference)"),
+    )  # fmt: skip
+    fig = report.figure(doc)
+    axes = [ax for ax in fig.axes if ax.axison]
+    assert [ax.get_title() for ax in axes] == [
+        "Throughput, small objects to 2 listeners",
+        "Latency at 500/s",
+        "Recovery",
+    ]
+    throughput, latency, recovery = axes
+    assert throughput.get_xlabel() == "deliveries per second   (higher is better \u2192)"
+    assert latency.get_xlabel() == "milliseconds, log scale   (\u2190 lower is better)"
+    assert recovery.get_xlabel() == "milliseconds   (\u2190 lower is better)"
+    assert throughput.get_xscale() == "linear" and latency.get_xscale() == "log"
+    labels = [t.get_text() for t in throughput.texts]
+    assert labels == [" 107 k (9%)", " 40 k (75%, unstable)"]
+    assert [bar.get_hatch() for bar in throughput.patches] == [None, "///"]
+    # Error bars from min to max: one segment per bar.
+    (bars,) = [c for c in throughput.collections if len(c.get_segments()) == 2]
+    spans = sorted(sorted(seg[:, 0]) for seg in bars.get_segments())
+    assert spans == [[30e3, 60e3], [100e3, 110e3]]
+    # The recovery panel is compared with its reference: both bars, a line, a ratio.
+    assert [t.get_text() for t in recovery.get_yticklabels()] == [
+        "SIGKILL to next handled",
+        "cold start (reference)",
+    ]
+    assert recovery.lines and recovery.texts[0].get_text().endswith("1.43x the reference")
+    legend = {t.get_text() for t in fig.legends[0].get_texts()}
+    assert "fanout" in legend and any("unstable" in t for t in legend)
+
+
+def test_busy_machine_is_named():
+    assert report.busy_warning(load1=0.4, cores=2) is None
+    warning = report.busy_warning(load1=3.5, cores=2)
+    assert warning is not None and "load average 3.5 on 2 cores" in warning
+
+
+def test_help_lists_names_and_shows_no_markup():
+    top = subprocess.run(
+        [sys.executable, "-m", "fanout", "--help"], capture_output=True, text=True, timeout=60
+    )
+    bench = _bench("--help", timeout=60)
+    assert top.returncode == bench.returncode == 0
+    for text in (top.stdout, bench.stdout):
+        assert "``" not in text and "::" not in text
+    for c in CONTENDERS:
+        assert re.search(rf"^  {re.escape(c.name)}  ", bench.stdout, re.M), c.name
+    for name in SCENARIOS:
+        assert re.search(rf"^  {name}  ", bench.stdout, re.M), name
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("0", 0.0), ("0.00", 0.0), ("0e0", 0.0), ("2.5", 2.5)]
+)
+def test_work_us_accepts_zero_however_written(text, value):
+    assert _non_negative_float(text) == value
+    assert build_parser().parse_args(["bench", "--work-us", text]).work_us == value
+
+
+@pytest.mark.parametrize(("text", "message"), [("-1", "must be >= 0"), ("nan", "finite")])
+def test_work_us_refuses_negative_and_nan(text, message):
+    with pytest.raises(argparse.ArgumentTypeError, match=message):
+        _non_negative_float(text)
 
 
 def test_user_payload_file_and_one_scenario(tmp_path):
@@ -58,6 +278,18 @@ def test_user_payload_file_and_one_scenario(tmp_path):
     (result,) = json.loads(out.read_text())["results"]
     assert result["params"] == {"payload": "thing", "listeners": 1}
     assert result["median"] > 0
+    # One round cannot tell stable from unstable, and says so.
+    assert result["spread"] is None and result["unstable"] is None
+    assert "1 round" in proc.stdout
+
+
+def test_saved_run_is_shown_again_without_measuring(tmp_path):
+    saved = tmp_path / "run.json"
+    report.to_json(_doc(_rate("fanout-process", [100e3, 107e3, 110e3])), str(saved))
+    proc = _bench("--from-json", str(saved), "--markdown", "-", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "| 107 k (9%) |" in proc.stdout
+    assert "[1/" not in proc.stderr  # nothing ran
 
 
 @pytest.mark.parametrize(
@@ -67,8 +299,11 @@ def test_user_payload_file_and_one_scenario(tmp_path):
         (["--listeners", "0"], "every value must be >= 1"),
         (["--listeners", "two"], "expected comma-separated integers"),
         (["--duration", "-1"], "must be > 0"),
-        (["--contender", "carrier-pigeon"], "unknown contender(s): carrier-pigeon"),
+        (["--rounds", "0"], "must be >= 1"),
+        (["--work-us", "-0.5"], "must be >= 0"),
+        (["--contender", "carrier-pigeon"], "invalid choice: 'carrier-pigeon'"),
         (["--scenario", "everything"], "invalid choice"),
+        (["--from-json", "/nonexistent.json"], "cannot read bench results"),
     ],
 )
 def test_bad_options_are_named(args, message):

@@ -4,5 +4,5 @@ Modules: ``payloads`` (what is sent), ``contenders`` (one session class per
 mechanism: fanout process / thread, a hand-written pipe baseline,
 ``multiprocessing.Queue``, faster-fifo, pyzmq, a thread + deque listener),
 ``scenarios`` (throughput, CPU-bound handlers, latency, a stalled listener,
-crash recovery) and ``report`` (table, JSON, plot).
+crash recovery) and ``report`` (text and markdown tables, JSON, chart).
 """

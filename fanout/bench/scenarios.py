@@ -7,10 +7,18 @@
 * ``stalled``: one listener's handler blocks for a while; the healthy
   listeners' throughput and the memory held for the stalled one.
 * ``recovery``: (fanout) time from SIGKILL of a worker to the next handled
-  notification on its lane.
+  notification on its lane, beside a worker's cold start for comparison.
 
-Every measurement: a calibration run sizes the batch to ``duration`` seconds,
-then ``rounds`` measured runs; median, min and max are kept.
+A scenario turns the options into :class:`Case` objects, one per parameter set.
+Every case first calibrates each contender (sizes its batch to ``duration``
+seconds), then runs ``rounds`` measured rounds *interleaved* across contenders
+(A B C, A B C, ...): a noisy minute on the machine then hurts every contender
+of a figure, instead of only the one that happened to run during it. Each
+figure keeps every round, its median and its spread, ``(max - min) / median``;
+a spread over ``UNSTABLE_SPREAD`` marks the figure unstable.
+
+To add a scenario, write a function ``(suite) -> list[Case]`` and add it to
+``SCENARIOS``.
 """
 
 from __future__ import annotations
@@ -23,9 +31,9 @@ import tempfile
 import threading
 import time
 import timeit
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, TypeVar
 
 import msgpack
 
@@ -33,10 +41,23 @@ from fanout.bench.contenders import CONTENDERS, FanoutProcess
 from fanout.bench.payloads import Payload, load_payload
 from fanout.stats import NBUCKETS, percentile
 
-__all__ = ["Options", "Suite"]
+__all__ = [
+    "SCENARIOS",
+    "UNSTABLE_SPREAD",
+    "Case",
+    "Measurement",
+    "Metric",
+    "Options",
+    "Suite",
+    "interleave",
+]
 
 MAX_COUNT = 2_000_000
 FINISH_TIMEOUT = 120.0
+UNSTABLE_SPREAD = 0.15  # (max - min) / median above which a figure is marked unstable
+SESSION_S = 0.25  # rough start + stop cost of one session, for the ETA only
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -48,9 +69,9 @@ class Options:
     payloads: list[str] = field(default_factory=lambda: ["small", "pod"])
     work_us: float = 50.0
     duration: float = 0.5
-    rounds: int = 3
+    rounds: int = 5
     latency_rate: float = 2000.0
-    latency_seconds: float = 2.0
+    latency_seconds: float = 1.0
     stall_seconds: float = 1.5
     scenarios: list[str] = field(
         default_factory=lambda: ["throughput", "cpu", "latency", "stalled", "recovery"]
@@ -59,23 +80,46 @@ class Options:
 
     @classmethod
     def quick(cls) -> Options:
-        """A run of a few tens of seconds that still touches every scenario."""
+        """A run of about a minute that still touches every scenario, 3 rounds each.
+
+        Three rounds is the fewest for which a median and a spread mean anything.
+        """
         return cls(
             listeners=[2],
             workers=[1],
             payloads=["small"],
             work_us=20.0,
-            duration=0.1,
-            rounds=1,
+            duration=0.05,
+            rounds=3,
             latency_rate=500.0,
-            latency_seconds=0.4,
-            stall_seconds=0.4,
+            latency_seconds=0.2,
+            stall_seconds=0.3,
         )
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One figure a case measures per round.
+
+    Args:
+        name: Key in a round's results and in the JSON (``"deliveries"``, ``"p99"``).
+        unit: ``"deliveries/s"`` or ``"s"``.
+        better: ``"higher"`` or ``"lower"``.
+        label: How a chart names it when a panel shows several metrics.
+    """
+
+    name: str
+    unit: str
+    better: Literal["higher", "lower"]
+    label: str = ""
+
+
+DELIVERIES = Metric("deliveries", "deliveries/s", "higher", "deliveries/s")
 
 
 @dataclass
 class Measurement:
-    """One scenario x contender x parameters, with its rounds."""
+    """One figure: a case's metric for one contender, with every round's value."""
 
     scenario: str
     contender: str
@@ -84,24 +128,103 @@ class Measurement:
     unit: str
     values: list[float]
     extra: dict[str, Any] = field(default_factory=dict)
+    better: Literal["higher", "lower"] = "higher"
+    title: str = ""
+    label: str = ""
 
     @property
     def median(self) -> float:
+        """The median of the rounds."""
         return statistics.median(self.values)
 
+    @property
+    def spread(self) -> float | None:
+        """``(max - min) / median`` of the rounds; None with fewer than 2 rounds."""
+        if len(self.values) < 2:
+            return None
+        median = self.median
+        if median == 0:
+            return 0.0 if max(self.values) == min(self.values) else float("inf")
+        return (max(self.values) - min(self.values)) / abs(median)
+
+    @property
+    def unstable(self) -> bool | None:
+        """True when the spread exceeds ``UNSTABLE_SPREAD``; None when unknown (1 round)."""
+        spread = self.spread
+        return None if spread is None else spread > UNSTABLE_SPREAD
+
     def as_dict(self) -> dict[str, Any]:
+        """The JSON form: every round, median, min, max, spread and the unstable flag."""
         return {
             "scenario": self.scenario,
             "contender": self.contender,
             "params": self.params,
+            "title": self.title,
             "metric": self.metric,
+            "label": self.label,
             "unit": self.unit,
+            "better": self.better,
             "values": self.values,
+            "rounds": len(self.values),
             "median": self.median,
             "min": min(self.values),
             "max": max(self.values),
+            "spread": self.spread,
+            "unstable": self.unstable,
             **self.extra,
         }
+
+
+Round = Callable[[Any, Any], dict[str, Any]]
+
+
+@dataclass
+class Case:
+    """One parameter set of a scenario, measured for every contender.
+
+    Args:
+        scenario: The scenario's name (a key of ``SCENARIOS``).
+        params: The parameters, as the JSON records them.
+        title: A human title for the table and the chart.
+        metrics: What one round measures.
+        contenders: The contender classes to measure.
+        run_round: ``(contender, calibration) -> {metric name: value, other: extra}``;
+            keys that are not a metric name are kept as extras (their median).
+        calibrate: ``(contender) -> calibration``, once per contender before its rounds.
+        before: Run once before anything else in the case (e.g. a codec limit).
+        round_s: Roughly how long one round takes, for the ETA.
+        calibrate_s: Roughly how long one calibration takes, for the ETA.
+    """
+
+    scenario: str
+    params: dict[str, Any]
+    title: str
+    metrics: list[Metric]
+    contenders: Sequence[Any]
+    run_round: Round
+    calibrate: Callable[[Any], Any] | None = None
+    before: Callable[[], None] | None = None
+    round_s: float = 1.0
+    calibrate_s: float = 0.0
+
+
+def interleave(contenders: Sequence[T], rounds: int) -> Iterator[tuple[int, T]]:
+    """Yield ``(round, contender)``: every contender's round 0, then every round 1, ...
+
+    So a burst of noise on the machine lands on all contenders of a figure alike
+    rather than on whichever ran all its rounds during it.
+    """
+    for r in range(rounds):
+        for c in contenders:
+            yield r, c
+
+
+@dataclass
+class _Step:
+    case: Case
+    contender: Any
+    round: int | None  # None: the calibration
+    estimate_s: float
 
 
 def _merge_hists(results: list[dict[str, Any]]) -> list[int]:
@@ -117,8 +240,24 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _params_text(params: dict[str, Any]) -> str:
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _fmt_eta(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
 class Suite:
-    """Runs the scenarios, reporting progress through ``progress(text)``."""
+    """Plans the selected scenarios' cases and runs them with ``[i/N]`` progress.
+
+    Args:
+        opts: What to run.
+        progress: Called with one line per finished figure.
+        status: Called with ``"[i/N] ETA m:ss what"`` before each step (a
+            calibration or a round) starts.
+    """
 
     def __init__(
         self,
@@ -127,8 +266,8 @@ class Suite:
         status: Callable[[str], None] = lambda text: None,
     ) -> None:
         self.opts = opts
-        self.progress = progress  # a finished measurement, one line each
-        self.status = status  # what is running now (a live line on a terminal)
+        self.progress = progress
+        self.status = status
         self.measurements: list[Measurement] = []
         self.skipped: dict[str, str] = {}
         self.contenders = []
@@ -143,11 +282,100 @@ class Suite:
         self.codec_limits: list[dict[str, Any]] = []
         self.tmp = tempfile.mkdtemp(prefix="fanout-bench-")
 
-    # -- helpers -------------------------------------------------------------------------
+    # -- planning and running ---------------------------------------------------------------
 
-    def _run(self, cls: Any, L: int, W: int, work_us: float, payload: Payload, n: int) -> Any:
+    def plan(self) -> list[Case]:
+        """Every case of the selected scenarios, in the order they run."""
+        return [case for name in self.opts.scenarios for case in SCENARIOS[name](self)]
+
+    def run(self) -> None:
+        """Run every case; on KeyboardInterrupt, keep what the current case measured."""
+        steps = [step for case in self.plan() for step in self._steps(case)]
+        total_s = sum(s.estimate_s for s in steps)
+        self.progress(f"{len(steps)} steps (calibrations and rounds), about {_fmt_eta(total_s)}")
+        done_s = 0.0
+        started = time.monotonic()
+        current: Case | None = None
+        samples: dict[str, list[dict[str, Any]]] = {}
+        calibration: dict[str, Any] = {}
+        try:
+            for i, step in enumerate(steps, 1):
+                case = step.case
+                if case is not current:
+                    if current is not None:
+                        self._record(current, samples)
+                    current, samples, calibration = case, {}, {}
+                    if case.before is not None:
+                        case.before()
+                elapsed = time.monotonic() - started
+                # Scale the estimates by how far off they were so far.
+                eta = (total_s - done_s) * (elapsed / done_s if done_s else 1.0)
+                name = step.contender.name
+                what = (
+                    f"calibrate {name}"
+                    if step.round is None
+                    else f"{name} round {step.round + 1}/{self.opts.rounds}"
+                )
+                self.status(
+                    f"[{i}/{len(steps)}] ETA {_fmt_eta(eta)}  {case.scenario} "
+                    f"{_params_text(case.params)}: {what}"
+                )
+                if step.round is None:
+                    assert case.calibrate is not None
+                    calibration[name] = case.calibrate(step.contender)
+                else:
+                    sample = case.run_round(step.contender, calibration.get(name))
+                    samples.setdefault(name, []).append(sample)
+                done_s += step.estimate_s
+        finally:
+            if current is not None:
+                self._record(current, samples)
+
+    def _steps(self, case: Case) -> Iterable[_Step]:
+        if case.calibrate is not None:
+            for c in case.contenders:
+                yield _Step(case, c, None, case.calibrate_s + SESSION_S)
+        for r, c in interleave(case.contenders, self.opts.rounds):
+            yield _Step(case, c, r, case.round_s + SESSION_S)
+
+    def _record(self, case: Case, samples: dict[str, list[dict[str, Any]]]) -> None:
+        names = {m.name for m in case.metrics}
+        for metric in case.metrics:
+            for cls in case.contenders:
+                rounds = samples.get(cls.name)
+                if not rounds:
+                    continue
+                extra: dict[str, Any] = {}
+                for key in rounds[0]:
+                    kept = [r[key] for r in rounds if r.get(key) is not None]
+                    if key not in names and kept:
+                        extra[key] = statistics.median(kept)
+                m = Measurement(
+                    case.scenario,
+                    cls.name,
+                    case.params,
+                    metric.name,
+                    metric.unit,
+                    [float(r[metric.name]) for r in rounds],
+                    extra,
+                    metric.better,
+                    case.title,
+                    metric.label,
+                )
+                self.measurements.append(m)
+                self.progress(_describe(m))
+
+    def find(self, scenario: str, contender: str, params: dict[str, Any]) -> Measurement | None:
+        """A figure measured earlier in this run, if any."""
+        for m in self.measurements:
+            if m.scenario == scenario and m.contender == contender and m.params == params:
+                return m
+        return None
+
+    # -- what the scenarios share ----------------------------------------------------------
+
+    def batch(self, cls: Any, L: int, W: int, work_us: float, payload: Payload, n: int) -> Any:
         """One measured batch: returns (deliveries/s, results)."""
-        self.status(f"{cls.name}: {n:,} notifications of {payload.name} to {L} x {W}")
         session = cls(L, W, work_us, None)
         try:
             session.start()
@@ -165,201 +393,48 @@ class Suite:
             raise RuntimeError(f"{cls.name} delivered {delivered} of {n * L}")
         return delivered / elapsed, results
 
-    def _sized_runs(
-        self, cls: Any, L: int, W: int, work_us: float, payload: Payload
-    ) -> list[float]:
-        """Calibrate the batch to ``duration`` seconds, then measure ``rounds`` times."""
+    def size_batch(self, cls: Any, L: int, W: int, work_us: float, payload: Payload) -> int:
+        """How many notifications make a batch of about ``duration`` seconds."""
         probe = 200 if payload.name == "small" else 50
         if work_us:
             probe = max(20, int(0.05 / (work_us / 1e6)))
         # Two probes: a tiny one, then one of about a fifth of the duration, so
         # the rate used to size the measured rounds is the steady one (a tiny
         # probe is dominated by start and stop, and would make short rounds).
-        for share in (None, 0.2):
-            rate, _ = self._run(cls, L, W, work_us, payload, probe)
-            if share is None:
-                probe = int(min(MAX_COUNT, max(probe, rate / L * self.opts.duration * 0.2)))
-        n = int(min(MAX_COUNT, max(probe, rate / L * self.opts.duration)))
-        return [self._run(cls, L, W, work_us, payload, n)[0] for _ in range(self.opts.rounds)]
+        rate, _ = self.batch(cls, L, W, work_us, payload, probe)
+        probe = int(min(MAX_COUNT, max(probe, rate / L * self.opts.duration * 0.2)))
+        rate, _ = self.batch(cls, L, W, work_us, payload, probe)
+        return int(min(MAX_COUNT, max(probe, rate / L * self.opts.duration)))
 
-    def _record(self, m: Measurement) -> None:
-        self.measurements.append(m)
+    def batch_case(
+        self,
+        scenario: str,
+        params: dict[str, Any],
+        title: str,
+        L: int,
+        W: int,
+        work_us: float,
+        payload: Payload,
+    ) -> Case:
+        """A case measuring deliveries/s of batches sized to ``duration``."""
 
-        def fmt(v: float) -> str:
-            return f"{v * 1e3:,.3f} ms" if m.unit == "s" else f"{v:,.0f} {m.unit}"
+        def run_round(cls: Any, n: int) -> dict[str, Any]:
+            return {"deliveries": self.batch(cls, L, W, work_us, payload, n)[0]}
 
-        spread = f" ({fmt(min(m.values))} .. {fmt(max(m.values))})" if len(m.values) > 1 else ""
-        params = " ".join(f"{k}={v}" for k, v in m.params.items())
-        head = f"{m.scenario:<10} {params:<28} {m.contender:<15}"
-        self.progress(f"{head} {fmt(m.median):>20}{spread}")
-
-    # -- scenarios -----------------------------------------------------------------------
-
-    def run(self) -> None:
-        """Run every selected scenario."""
-        for name in self.opts.scenarios:
-            getattr(self, f"scenario_{name}")()
-
-    def scenario_throughput(self) -> None:
-        for pname in self.opts.payloads:
-            payload = load_payload(pname)
-            for L in self.opts.listeners:
-                self._codec_limit(payload, L)
-                for cls in self.contenders:
-                    values = self._sized_runs(cls, L, 1, 0.0, payload)
-                    params = {"payload": payload.name, "listeners": L}
-                    self._record(
-                        Measurement(
-                            "throughput", cls.name, params, "deliveries", "deliveries/s", values
-                        )
-                    )
-
-    def scenario_cpu(self) -> None:
-        payload = load_payload("small")
-        L = max(self.opts.listeners)
-        for W in self.opts.workers:
-            for cls in self.contenders:
-                values = self._sized_runs(cls, L, W, self.opts.work_us, payload)
-                self._record(
-                    Measurement(
-                        "cpu",
-                        cls.name,
-                        {"work_us": self.opts.work_us, "listeners": L, "workers": W},
-                        "deliveries",
-                        "deliveries/s",
-                        values,
-                    )
-                )
-
-    def scenario_latency(self) -> None:
-        payload = load_payload("small")
-        L = max(self.opts.listeners)
-        rate = self.opts.latency_rate
-        n = max(10, int(rate * self.opts.latency_seconds))
-        for cls in self.contenders:
-            self.status(f"latency: {cls.name} at {rate:,.0f}/s for {n / rate:.1f} s")
-            session = cls(L, 1, 0.0, None)
-            try:
-                session.start()
-                t0 = time.perf_counter()
-                for i in range(n):
-                    # Pace by sleeping, never spinning: a spinning producer would
-                    # hold the GIL and starve in-process listeners and feeders.
-                    left = t0 + i / rate - time.perf_counter()
-                    if left > 0:
-                        time.sleep(left)
-                    session.send(*payload.pair(i))
-                    session.flush()
-                results = session.finish(FINISH_TIMEOUT)
-            finally:
-                session.close()
-            hist = _merge_hists(results)
-            p50, p99, pmax = (percentile(hist, q) for q in (0.5, 0.99, 1.0))
-            params = {"rate": rate, "listeners": L}
-            for metric, value in (("p50", p50), ("p99", p99), ("max", pmax)):
-                self._record(
-                    Measurement(
-                        "latency",
-                        cls.name,
-                        {**params, "stat": metric},
-                        metric,
-                        "s",
-                        [float(value or 0.0)],
-                    )
-                )
-
-    def scenario_stalled(self) -> None:
-        payload = load_payload("small")
-        L = max(2, max(self.opts.listeners))
-        plain = {
-            m.contender: m.median
-            for m in self.measurements
-            if m.scenario == "throughput" and m.params == {"payload": "small", "listeners": L}
-        }
-        for cls in self.contenders:
-            gate = os.path.join(self.tmp, f"gate-{cls.name}")
-            rate, _ = self._run(cls, L, 1, 0.0, payload, 200)
-            n = int(min(MAX_COUNT, max(200, rate / L * self.opts.duration)))
-            self.status(f"stalled: {cls.name}, one listener blocked {self.opts.stall_seconds} s")
-            session = cls(L, 1, 0.0, gate, stalled=frozenset({0}))
-            rss0 = _rss_bytes()
-            held = None
-            try:
-                session.start()
-                t0 = time.monotonic()
-                producer = threading.Thread(target=self._produce, args=(session, payload, n))
-                producer.start()
-                monitor = _HealthyMonitor(session, n)
-                time.sleep(self.opts.stall_seconds)
-                held = session.buffered_bytes()
-                rss1 = _rss_bytes()
-                open(gate, "w").close()  # release the stalled listener
-                producer.join()
-                results = session.finish(FINISH_TIMEOUT)
-                monitor.stop()
-            finally:
-                session.close()
-                if os.path.exists(gate):
-                    os.unlink(gate)
-            done_at = [r.get("t_last") for r in results[1:]]
-            done_at = [t for t in done_at if t] or monitor.done_at
-            healthy = n * (L - 1) / max(1e-9, max(done_at) - t0) if done_at else 0.0
-            extra = {
-                "stalled_buffered_bytes": held,
-                "producer_rss_growth_bytes": rss1 - rss0,
-                "encoded_bytes_per_notification": payload.encoded_size(),
-                "notifications": n,
-            }
-            if cls.name in plain:
-                # Per listener: a healthy one beside a stalled sibling, against
-                # one of L healthy listeners in the throughput scenario.
-                extra["ratio_to_unstalled"] = (healthy / (L - 1)) / (plain[cls.name] / L)
-            params = {"listeners": L, "stall_s": self.opts.stall_seconds}
-            self._record(
-                Measurement(
-                    "stalled",
-                    cls.name,
-                    params,
-                    "healthy deliveries",
-                    "deliveries/s",
-                    [healthy],
-                    extra,
-                )
-            )
-
-    @staticmethod
-    def _produce(session: Any, payload: Payload, n: int) -> None:
-        for i in range(n):
-            session.send(*payload.pair(i))
-        session.flush()
-
-    def scenario_recovery(self) -> None:
-        cls = FanoutProcess
-        if cls not in self.contenders:
-            return
-        payload = load_payload("small")
-        values = []
-        log = logging.getLogger("fanout")
-        level = log.level
-        log.setLevel(logging.ERROR)  # the kills are deliberate: no restart warnings
-        try:
-            for i in range(max(1, self.opts.rounds)):
-                self.status(f"recovery: SIGKILL {i + 1} of {max(1, self.opts.rounds)}")
-                values.append(_recovery_once(payload))
-        finally:
-            log.setLevel(level)
-        self._record(
-            Measurement("recovery", cls.name, {"rate": 2000}, "sigkill->handled", "s", values)
+        return Case(
+            scenario,
+            params,
+            title,
+            [DELIVERIES],
+            self.contenders,
+            run_round,
+            calibrate=lambda cls: self.size_batch(cls, L, W, work_us, payload),
+            round_s=self.opts.duration,
+            calibrate_s=0.3 * self.opts.duration + SESSION_S,
         )
-        for other in self.contenders:
-            if not other.name.startswith("fanout") and other.kind == "process":
-                self.skipped.setdefault(
-                    f"recovery/{other.name}",
-                    "no supervisor: a killed consumer is not restarted and its backlog is lost",
-                )
 
-    def _codec_limit(self, payload: Payload, L: int) -> None:
-        """``cores / (encode + L x decode)`` with msgpack, measured now."""
+    def codec_limit(self, payload: Payload, L: int) -> None:
+        """Measure ``cores / (encode + L x decode)`` with msgpack now and keep it."""
         old, new = payload.pair(0)
         data = msgpack.packb([1, 0, old, new])
         number = 2000
@@ -381,6 +456,249 @@ class Suite:
                 "limit_deliveries_per_s": per_notification * L,
             }
         )
+
+
+def _describe(m: Measurement) -> str:
+    """One line for a finished figure: median, min..max and the stability verdict."""
+
+    def fmt(v: float) -> str:
+        return f"{v * 1e3:,.3f}" if m.unit == "s" else f"{v:,.0f}"
+
+    unit = "ms" if m.unit == "s" else m.unit
+    head = f"{m.scenario:<10} {_params_text(m.params):<28} {m.contender:<15}"
+    if m.label and m.metric != "deliveries":
+        head += f" {m.label}"
+    tail = ""
+    if m.spread is not None:
+        tail = f"  ({fmt(min(m.values))} .. {fmt(max(m.values))}, spread {m.spread:.0%})"
+        if m.unstable:
+            tail += " UNSTABLE"
+    return f"{head}  {fmt(m.median)} {unit}{tail}"
+
+
+# -- the scenarios ------------------------------------------------------------------------
+
+
+def _payload_title(payload: Payload) -> str:
+    size = payload.encoded_size() // 2  # an update carries old and new
+    names = {"small": "small objects", "pod": "Pods"}
+    return f"{names.get(payload.name, payload.name)} (~{size:,} B)"
+
+
+def throughput(suite: Suite) -> list[Case]:
+    """No-op handlers: deliveries/s for each --payload and --listeners count."""
+    cases = []
+    for pname in suite.opts.payloads:
+        payload = load_payload(pname)
+        for L in suite.opts.listeners:
+            case = suite.batch_case(
+                "throughput",
+                {"payload": payload.name, "listeners": L},
+                f"Throughput, {_payload_title(payload)} to {L} listener{'s' * (L > 1)}",
+                L,
+                1,
+                0.0,
+                payload,
+            )
+            case.before = lambda payload=payload, L=L: suite.codec_limit(payload, L)
+            cases.append(case)
+    return cases
+
+
+def cpu(suite: Suite) -> list[Case]:
+    """Handlers doing --work-us of pure Python, for each --workers count."""
+    payload = load_payload("small")
+    L = max(suite.opts.listeners)
+    work = suite.opts.work_us
+    return [
+        suite.batch_case(
+            "cpu",
+            {"work_us": work, "listeners": L, "workers": W},
+            f"Handlers doing {work:g} us of Python each, {L} listeners x {W} "
+            f"worker{'s' * (W > 1)}",
+            L,
+            W,
+            work,
+            payload,
+        )
+        for W in suite.opts.workers
+    ]
+
+
+LATENCY_METRICS = [
+    Metric("p50", "s", "lower", "p50"),
+    Metric("p99", "s", "lower", "p99"),
+    Metric("max", "s", "lower", "max"),
+]
+
+
+def latency(suite: Suite) -> list[Case]:
+    """Send to handler start at a fixed offered rate: p50, p99 and max."""
+    payload = load_payload("small")
+    L = max(suite.opts.listeners)
+    rate = suite.opts.latency_rate
+    n = max(10, int(rate * suite.opts.latency_seconds))
+
+    def run_round(cls: Any, _: Any) -> dict[str, Any]:
+        session = cls(L, 1, 0.0, None)
+        try:
+            session.start()
+            t0 = time.perf_counter()
+            for i in range(n):
+                # Pace by sleeping, never spinning: a spinning producer would
+                # hold the GIL and starve in-process listeners and feeders.
+                left = t0 + i / rate - time.perf_counter()
+                if left > 0:
+                    time.sleep(left)
+                session.send(*payload.pair(i))
+                session.flush()
+            results = session.finish(FINISH_TIMEOUT)
+        finally:
+            session.close()
+        hist = _merge_hists(results)
+        return {
+            m.name: float(percentile(hist, q) or 0.0)
+            for m, q in zip(LATENCY_METRICS, (0.5, 0.99, 1.0), strict=True)
+        }
+
+    return [
+        Case(
+            "latency",
+            {"rate": rate, "listeners": L},
+            f"Latency, send to handler start, {rate:,.0f}/s to {L} listeners",
+            LATENCY_METRICS,
+            suite.contenders,
+            run_round,
+            round_s=n / rate,
+        )
+    ]
+
+
+def stalled(suite: Suite) -> list[Case]:
+    """One listener's handler blocks a while: the healthy listeners' deliveries/s."""
+    opts = suite.opts
+    payload = load_payload("small")
+    L = max(2, max(opts.listeners))
+    params = {"listeners": L, "stall_s": opts.stall_seconds}
+
+    def calibrate(cls: Any) -> int:
+        rate, _ = suite.batch(cls, L, 1, 0.0, payload, 200)
+        return int(min(MAX_COUNT, max(200, rate / L * opts.duration)))
+
+    def run_round(cls: Any, n: int) -> dict[str, Any]:
+        gate = os.path.join(suite.tmp, f"gate-{cls.name}")
+        session = cls(L, 1, 0.0, gate, stalled=frozenset({0}))
+        rss0 = _rss_bytes()
+        try:
+            session.start()
+            t0 = time.monotonic()
+            producer = threading.Thread(target=_produce, args=(session, payload, n))
+            producer.start()
+            monitor = _HealthyMonitor(session, n)
+            time.sleep(opts.stall_seconds)
+            held = session.buffered_bytes()
+            rss1 = _rss_bytes()
+            open(gate, "w").close()  # release the stalled listener
+            producer.join()
+            results = session.finish(FINISH_TIMEOUT)
+            monitor.stop()
+        finally:
+            session.close()
+            if os.path.exists(gate):
+                os.unlink(gate)
+        done_at = [r.get("t_last") for r in results[1:]]
+        done_at = [t for t in done_at if t] or monitor.done_at
+        healthy = n * (L - 1) / max(1e-9, max(done_at) - t0) if done_at else 0.0
+        sample = {
+            "deliveries": healthy,
+            "stalled_buffered_bytes": held,
+            "producer_rss_growth_bytes": rss1 - rss0,
+            "encoded_bytes_per_notification": payload.encoded_size(),
+            "notifications": n,
+        }
+        plain = suite.find("throughput", cls.name, {"payload": "small", "listeners": L})
+        if plain is not None:
+            # Per listener: a healthy one beside a stalled sibling, against
+            # one of L healthy listeners in the throughput scenario.
+            sample["ratio_to_unstalled"] = (healthy / (L - 1)) / (plain.median / L)
+        return sample
+
+    return [
+        Case(
+            "stalled",
+            params,
+            f"Healthy listeners beside one stalled for {opts.stall_seconds:g} s, {L} listeners",
+            [Metric("deliveries", "deliveries/s", "higher", "healthy deliveries/s")],
+            suite.contenders,
+            run_round,
+            calibrate=calibrate,
+            round_s=opts.stall_seconds + opts.duration,
+            calibrate_s=0.05,
+        )
+    ]
+
+
+def _produce(session: Any, payload: Payload, n: int) -> None:
+    for i in range(n):
+        session.send(*payload.pair(i))
+    session.flush()
+
+
+RECOVERY_METRICS = [
+    Metric("sigkill_to_handled", "s", "lower", "SIGKILL to next handled"),
+    # The floor recovery cannot beat: a new worker must start. Measured in the
+    # same round, so the chart compares recovery with something.
+    Metric("cold_start", "s", "lower", "cold start of a worker (reference)"),
+]
+
+
+def recovery(suite: Suite) -> list[Case]:
+    """fanout only: SIGKILL a worker, time until its lane handles again."""
+    if FanoutProcess not in suite.contenders:
+        return []
+    for other in suite.contenders:
+        if not other.name.startswith("fanout") and other.kind == "process":
+            suite.skipped.setdefault(
+                f"recovery/{other.name}",
+                "no supervisor: a killed consumer is not restarted and its backlog is lost",
+            )
+    payload = load_payload("small")
+
+    def run_round(cls: Any, _: Any) -> dict[str, Any]:
+        log = logging.getLogger("fanout")
+        level = log.level
+        log.setLevel(logging.ERROR)  # the kills are deliberate: no restart warnings
+        try:
+            return _recovery_once(payload)
+        finally:
+            log.setLevel(level)
+
+    def warm_up() -> None:
+        # A respawn finds the forkserver running; so must the cold start it is
+        # compared with, even when no other scenario started it before.
+        run_round(FanoutProcess, None)
+
+    return [
+        Case(
+            "recovery",
+            {"rate": 2000},
+            "Recovery from a SIGKILLed worker",
+            RECOVERY_METRICS,
+            [FanoutProcess],
+            run_round,
+            before=warm_up,
+            round_s=0.2,
+        )
+    ]
+
+
+SCENARIOS: dict[str, Callable[[Suite], list[Case]]] = {
+    "throughput": throughput,
+    "cpu": cpu,
+    "latency": latency,
+    "stalled": stalled,
+    "recovery": recovery,
+}
 
 
 class _HealthyMonitor:
@@ -406,28 +724,41 @@ class _HealthyMonitor:
         self._stop.set()
 
 
-def _recovery_once(payload: Payload) -> float:
-    """SIGKILL the only worker of a listener fed at 2,000/s; time to the next handled."""
+def _wait_for(predicate: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Spin-sleep briefly until ``predicate()``; a fine grain, since it is timed."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("recovery: the worker did not come back in time")
+        time.sleep(0.0001)
+
+
+def _recovery_once(payload: Payload) -> dict[str, float]:
+    """SIGKILL the only worker of a listener fed at 2,000/s; time to the next handled.
+
+    Also times the listener's first start (``start()`` until its worker is
+    ready), which recovery must at least repeat.
+    """
     import fanout
     from fanout.bench.contenders import BenchHandler
 
     d = fanout.Distributor()
     reg = d.add_listener(BenchHandler(0.0), name="recovery")
     try:
+        t_start = time.perf_counter()
         d.start()
-        reg.wait_ready(60)
+        _wait_for(reg.ready)
+        cold = time.perf_counter() - t_start
         for i in range(200):  # warm the worker up, then let it go idle
             d.distribute(fanout.Update(*payload.pair(i)))
-        while reg.stats().delivered < 200:
-            time.sleep(0.0005)
+        _wait_for(lambda: reg.stats().delivered >= 200)
         (pid,) = reg.worker_pids()
         # The worker is idle, so the next notification handled is the new
         # worker's: from the kill, through detection, respawn and resend.
         t_kill = time.perf_counter()
         os.kill(pid, signal.SIGKILL)
         d.distribute(fanout.Update(*payload.pair(200)))
-        while reg.stats().delivered <= 200:
-            time.sleep(0.0001)
-        return time.perf_counter() - t_kill
+        _wait_for(lambda: reg.stats().delivered > 200)
+        return {"sigkill_to_handled": time.perf_counter() - t_kill, "cold_start": cold}
     finally:
         d.stop(drain=False)

@@ -12,6 +12,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from fanout._version import DISTRIBUTION
 from fanout.bench.scenarios import UNSTABLE_SPREAD
 
 if TYPE_CHECKING:
@@ -223,7 +224,7 @@ def _no_matplotlib() -> bool:
     except ImportError:
         print(
             "fanout bench: --plot needs matplotlib: pip install matplotlib "
-            "(or pip install 'fanout[plot]')",
+            f"(or pip install '{DISTRIBUTION}[plot]')",
             file=sys.stderr,
         )
         return True

@@ -20,6 +20,7 @@ from typing import Any
 
 import msgpack
 
+from fanout._version import DISTRIBUTION
 from fanout.notifications import Add, Delete, Notification, Update
 
 __all__ = ["Codec", "MsgpackCodec", "MsgspecCodec", "get_codec"]
@@ -377,7 +378,7 @@ class MsgspecCodec(Codec):
         except ImportError:
             raise ImportError(
                 "codec='msgspec' needs the msgspec package: pip install msgspec "
-                "(or pip install 'fanout[bench]')"
+                f"(or pip install '{DISTRIBUTION}[bench]')"
             ) from None
         self._msgspec = msgspec
         self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)

@@ -34,3 +34,11 @@ def test_version_is_defined_once() -> None:
     assert not re.search(r"^version\s*=", project, re.MULTILINE), project
     assert re.search(r'^dynamic\s*=\s*\[[^\]]*"version"', project, re.MULTILINE), project
     assert 'version = { attr = "fanout._version.__version__" }' in text
+
+
+def test_distribution_has_a_name_of_its_own() -> None:
+    # PyPI's "fanout" is an unrelated project: extras hints must name ours.
+    from fanout._version import DISTRIBUTION
+
+    assert DISTRIBUTION != "fanout"
+    assert _distribution_of_fanout().metadata["Name"] == DISTRIBUTION

@@ -27,6 +27,7 @@ import msgpack
 
 import fanout
 from fanout.bench.payloads import spin
+from fanout.distributor import CodecName, Executor
 from fanout.listener import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import NBUCKETS, bucket_of
 from fanout.worker import FdArg
@@ -213,8 +214,8 @@ class FanoutProcess(Contender):
 
     name = "fanout-process"
     kind = "process"
-    codec = "msgpack"
-    executor = "process"
+    codec: CodecName = "msgpack"
+    executor: Executor = "process"
 
     def __init__(
         self,

@@ -16,6 +16,7 @@ from collections import defaultdict
 from importlib import metadata
 from typing import Any
 
+from fanout._version import DISTRIBUTION
 from fanout.bench.scenarios import UNSTABLE_SPREAD, Suite
 
 __all__ = [
@@ -31,7 +32,7 @@ __all__ = [
 ]
 
 REFERENCE = "fanout-process"
-PACKAGES = ("fanout", "msgpack", "numpy", "msgspec", "pyzmq", "faster-fifo", "Cython")
+PACKAGES = (DISTRIBUTION, "msgpack", "numpy", "msgspec", "pyzmq", "faster-fifo", "Cython")
 SPREAD_DEFINITION = "(max - min) / median of the rounds"
 LATENCY_NOTE = (
     "latency figures are histogram buckets, 4 per octave (neighbours 14-25% apart), "
@@ -360,7 +361,7 @@ def figure(doc: dict[str, Any]) -> Any:
     except ImportError:
         raise SystemExit(
             "fanout bench --plot needs matplotlib: pip install matplotlib "
-            "(or pip install 'fanout[plot]')"
+            f"(or pip install '{DISTRIBUTION}[plot]')"
         ) from None
     panels = _panels(doc)
     cols = 2

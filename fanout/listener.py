@@ -45,7 +45,7 @@ from fanout.stats import (
     bucket_of,
     percentile,
 )
-from fanout.worker import FdArg, WorkerSpec, worker_main
+from fanout.worker import FdArg, WorkerSpec, producer_fanout, worker_main
 
 if TYPE_CHECKING:
     from fanout.distributor import Distributor
@@ -58,6 +58,7 @@ STUCK_AFTER = 3  # start-up failures in a row after which drain gives up on a la
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: the producer rarely waits on a full pipe
 RING_INITIAL_BYTES = 64 * 1024
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PRODUCER_FANOUT = producer_fanout()
 
 
 def default_key(n: Notification) -> Hashable | None:
@@ -636,6 +637,8 @@ class Lane:
                 is_factory=listener.is_factory,
                 codec_blob=dist.codec_blob,
                 slot_offset=self.index * SLOT_BYTES,
+                fanout_dir=PRODUCER_FANOUT[0],
+                fanout_version=PRODUCER_FANOUT[1],
             )
             if dist.start_method == "forkserver":
                 ensure_forkserver()  # (again, if it died) importing our fanout

@@ -71,6 +71,30 @@ class WorkerSpec:
     is_factory: bool
     codec_blob: bytes
     slot_offset: int
+    # The producer's fanout: a worker that imported another one refuses to run.
+    fanout_dir: str = ""
+    fanout_version: str = ""
+
+
+def producer_fanout() -> tuple[str, str]:
+    """Where this process's fanout package lives, and its version."""
+    from fanout._version import __version__
+
+    return os.path.dirname(os.path.realpath(__file__)), __version__
+
+
+def check_same_fanout(spec: WorkerSpec) -> None:
+    """Raise ``ImportError`` if this worker runs another fanout than its producer."""
+    if not spec.fanout_dir:
+        return
+    here, version = producer_fanout()
+    if (here, version) != (spec.fanout_dir, spec.fanout_version):
+        raise ImportError(
+            f"this worker imported fanout {version} from {here}, but its producer "
+            f"runs fanout {spec.fanout_version} from {spec.fanout_dir}; a folder named "
+            f"fanout on the worker's sys.path (PYTHONPATH, the current directory) "
+            f"shadows the producer's package: rename it or fix the path"
+        )
 
 
 class FdArg:
@@ -107,6 +131,7 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
     slot[PID] = os.getpid()
     try:
         # Unpickled here, not by multiprocessing, so a failure is reported.
+        check_same_fanout(spec)
         codec: Codec = pickle.loads(spec.codec_blob)
         handler = build_handler(pickle.loads(spec.handler_blob), spec.is_factory)
     except BaseException:

@@ -34,6 +34,7 @@ cdef enum:
     ADD = 0
     UPDATE = 1
     DELETE = 2
+    UPDATE_SAME = 3
 
 
 cdef inline uint64_t _now_ns() noexcept nogil:
@@ -107,13 +108,14 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                 pos += HDR + length
                 try:
                     kind, t_ns, a, b = unpack(payload)
-                    if kind < ADD or kind > DELETE:
+                    if kind < ADD or kind > UPDATE_SAME:
                         raise ValueError(f"unknown notification kind {kind!r}")
                 except Exception as exc:
-                    # Decoding is deterministic: a retry would fail the same way.
-                    # The parent dead-letters it; this worker goes on.
+                    # Decoding is deterministic (an object that does not fit the
+                    # schema never will): a retry would fail the same way. The
+                    # parent dead-letters it; this worker goes on.
                     slot[STARTED] = seq
-                    on_bad_frame(seq, f"frame {seq} cannot be decoded: {exc!r}")
+                    on_bad_frame(seq, payload, exc)
                     slot[DONE] = seq
                     continue
                 now = _now_ns()
@@ -125,6 +127,8 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                         on_update(a, b)
                     elif kind == ADD:
                         on_add(a, bool(b))
+                    elif kind == UPDATE_SAME:  # one object on the wire, passed as both
+                        on_update(a, a)
                     else:
                         on_delete(a)
                 except Exception:

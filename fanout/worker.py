@@ -24,7 +24,7 @@ from typing import Any
 import msgpack
 
 from fanout._ring_common import HEADER, HEADER_SIZE
-from fanout.codec import ADD, DELETE, UPDATE, Codec
+from fanout.codec import ADD, UPDATE, UPDATE_SAME, Codec, describe_misfit
 from fanout.handlers import build_handler
 from fanout.stats import (
     DONE,
@@ -61,6 +61,7 @@ class WorkerSpec:
     is_factory: bool
     codec_blob: bytes
     slot_offset: int
+    schema_blob: bytes | None = None  # the listener's schema type, pickled
 
 
 class FdArg:
@@ -98,6 +99,8 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
     try:
         # Unpickled here, not by multiprocessing, so a failure is reported.
         codec: Codec = pickle.loads(spec.codec_blob)
+        schema = None if spec.schema_blob is None else pickle.loads(spec.schema_blob)
+        unpack = codec.unpacker(schema)  # one typed decoder for the listener's schema
         handler = build_handler(pickle.loads(spec.handler_blob), spec.is_factory)
     except BaseException:
         send_message(
@@ -119,10 +122,12 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
             payload = b""
         send_message(ret_fd, {"t": "error", "seq": seq, "text": text, "payload": payload})
 
-    def on_bad_frame(seq: int, text: str) -> None:
+    def on_bad_frame(seq: int, payload: bytes, exc: Exception) -> None:
+        text = None if schema is None else describe_misfit(schema, payload, exc)
+        text = f"frame {seq}: " + (text or f"cannot be decoded: {exc!r}")
         send_message(ret_fd, {"t": "undecodable", "seq": seq, "text": text})
 
-    serve(data_fd, slot, codec.unpack, handler, on_error, on_bad_frame)
+    serve(data_fd, slot, unpack, handler, on_error, on_bad_frame)
     # Everything was handled (EOF) or the parent asked to stop: leave at once,
     # without running handlers' atexit hooks twice or flushing inherited buffers.
     sys.stdout.flush()
@@ -161,13 +166,14 @@ def serve_py(
                 kind, t_ns, a, b = unpack(payload)
                 # Integers as the native loop takes them (it converts to C ints).
                 kind, t_ns = operator.index(kind), operator.index(t_ns)
-                if not ADD <= kind <= DELETE:
+                if not ADD <= kind <= UPDATE_SAME:
                     raise ValueError(f"unknown notification kind {kind!r}")
             except Exception as exc:
-                # Decoding is deterministic: a retry would fail the same way.
-                # The parent dead-letters it; this worker goes on.
+                # Decoding is deterministic (an object that does not fit the
+                # schema never will): a retry would fail the same way. The
+                # parent dead-letters it; this worker goes on.
                 slot[STARTED] = seq
-                on_bad_frame(seq, f"frame {seq} cannot be decoded: {exc!r}")
+                on_bad_frame(seq, payload, exc)
                 slot[DONE] = seq
                 continue
             now = monotonic_ns()
@@ -179,6 +185,8 @@ def serve_py(
                     on_update(a, b)
                 elif kind == ADD:
                     on_add(a, bool(b))
+                elif kind == UPDATE_SAME:  # one object on the wire, passed as both
+                    on_update(a, a)
                 else:
                     on_delete(a)
             except Exception:

@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--scenario",
         action="append",
-        choices=["throughput", "cpu", "latency", "stalled", "recovery"],
+        choices=["throughput", "cpu", "latency", "stalled", "recovery", "schema"],
         help="run only these scenarios; repeatable",
     )
     bench.add_argument(

@@ -358,6 +358,14 @@ class Suite:
                     "no supervisor: a killed consumer is not restarted and its backlog is lost",
                 )
 
+    def scenario_schema(self) -> None:
+        try:
+            from fanout.bench import schema
+        except ImportError as exc:  # msgspec is not installed
+            self.skipped["schema"] = f"needs msgspec ({exc})"
+            return
+        schema.run(self)
+
     def _codec_limit(self, payload: Payload, L: int) -> None:
         """``cores / (encode + L x decode)`` with msgpack, measured now."""
         old, new = payload.pair(0)

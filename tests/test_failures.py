@@ -649,17 +649,29 @@ def test_corrupted_progress_slot_is_reported_and_the_worker_restarted(
     assert reg.stats().dead_lettered == 1 and reg.stats().restarts == 3
 
 
+class Corrupt:
+    """Encoded by ``_corrupt`` as a numpy extension value that holds no array."""
+
+
+def _corrupt(o: Any) -> Any:
+    if isinstance(o, Corrupt):
+        import msgpack
+
+        return msgpack.ExtType(1, b"\xc1")  # fanout's numpy code; 0xc1 is never valid
+    raise TypeError(f"cannot encode {type(o).__name__}")
+
+
 def test_a_frame_the_worker_cannot_decode_is_dead_lettered_and_the_lane_goes_on(
     make_dist, tmp_path
 ):
-    # msgpack packs a tuple key, but cannot unpack it (a list key is unhashable).
+    # The producer's codec encodes it; no worker decoder can read it back.
     dead = []
     path = tmp_path / "r"
-    d = make_dist()
+    d = make_dist(codec=fanout.MsgpackCodec(default=_corrupt))
     reg = d.add_listener(Recorder(path), on_dead_letter=lambda r, n, why: dead.append(why))
     d.start()
     assert reg.wait_ready(60)
-    d.distribute(fanout.Update(obj("a", 1), {"metadata": {"name": "bad"}, "k": {(1, 2): 3}}))
+    d.distribute(fanout.Update(obj("a", 1), {"metadata": {"name": "bad"}, "k": Corrupt()}))
     d.distribute(fanout.Add(obj("b", 2)))
     assert d.stop(drain=True, timeout=60) is True
     assert [c.name for c in read_calls(path)] == ["b"]

@@ -679,3 +679,11 @@ def test_untyped_decode_keeps_an_overridden_unpack():
     assert codec.unpacker() == codec.unpack
     other = MsgspecCodec()
     assert other.unpacker() == other.unpack
+
+
+def test_untyped_worker_decode_reads_tuple_keys_msgpack_refused():
+    codec = MsgpackCodec()
+    data = codec.pack({(1, 2): "tuple key"})
+    with pytest.raises(TypeError, match="unhashable"):
+        codec.unpack(data)
+    assert codec.unpacker()(data) == {(1, 2): "tuple key"}

@@ -60,7 +60,12 @@ cdef extern from *:
 
 def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
           Py_ssize_t chunk=1 << 20):
-    """Handle frames from ``fd`` until EOF or the slot's STOP word is set."""
+    """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
+
+    ``unpack(payload)`` gives ``[kind, t_ns, a, b]``; a frame it cannot decode
+    goes to ``on_bad_frame(seq, payload, exc)``, a handler exception to
+    ``on_error(seq, payload)``. Twin of ``fanout.worker.serve_py``.
+    """
     cdef uint64_t[::1] slot = slot_view
     cdef unsigned char* buf = <unsigned char*>PyMem_RawMalloc(chunk)
     cdef unsigned char* grown

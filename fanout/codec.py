@@ -427,6 +427,12 @@ class MsgspecCodec(Codec):
 
     _msgspec_ext = _ext_hook
 
+    def unpacker(self, schema: Any = None) -> Callable[[Any], Any]:
+        """Return the worker's ``payload -> [kind, t_ns, a, b]`` function."""
+        if schema is None and type(self).unpack is MsgspecCodec.unpack:
+            return self._dec.decode  # the decoder itself: no wrapper call per frame
+        return super().unpacker(schema)
+
     def pack(self, obj: Any) -> bytes:
         """Serialize ``obj``; raise ``TypeError`` naming a type it cannot take."""
         try:

@@ -123,8 +123,8 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
         send_message(ret_fd, {"t": "error", "seq": seq, "text": text, "payload": payload})
 
     def on_bad_frame(seq: int, payload: bytes, exc: Exception) -> None:
-        text = None if schema is None else describe_misfit(schema, payload, exc)
-        text = f"frame {seq}: " + (text or f"cannot be decoded: {exc!r}")
+        misfit = None if schema is None else describe_misfit(schema, payload, exc)
+        text = f"frame {seq}: {misfit}" if misfit else f"frame {seq} cannot be decoded: {exc!r}"
         send_message(ret_fd, {"t": "undecodable", "seq": seq, "text": text})
 
     serve(data_fd, slot, unpack, handler, on_error, on_bad_frame)
@@ -140,7 +140,9 @@ def serve_py(
 ) -> None:
     """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
 
-    Pure-Python twin of ``fanout._worker.serve``.
+    ``unpack(payload)`` gives ``[kind, t_ns, a, b]``; a frame it cannot decode
+    goes to ``on_bad_frame(seq, payload, exc)``, a handler exception to
+    ``on_error(seq, payload)``. Pure-Python twin of ``fanout._worker.serve``.
     """
     on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
     unpack_header = HEADER.unpack_from

@@ -678,7 +678,7 @@ def test_untyped_decode_keeps_an_overridden_unpack():
     codec = Custom()
     assert codec.unpacker() == codec.unpack
     other = MsgspecCodec()
-    assert other.unpacker() == other.unpack
+    assert other.unpacker() == other._dec.decode
 
 
 def test_untyped_worker_decode_reads_tuple_keys_msgpack_refused():

@@ -35,6 +35,7 @@ cdef enum:
     ADD = 0
     UPDATE = 1
     DELETE = 2
+    UPDATE_SAME = 3
 
 
 cdef inline uint64_t _now_ns() noexcept nogil:
@@ -60,7 +61,12 @@ cdef extern from *:
 
 def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
           Py_ssize_t chunk=1 << 20):
-    """Handle frames from ``fd`` until EOF or the slot's STOP word is set."""
+    """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
+
+    ``unpack(payload)`` gives ``[kind, t_ns, a, b]``; a frame it cannot decode
+    goes to ``on_bad_frame(seq, payload, exc)``, a handler exception to
+    ``on_error(seq, payload)``. Twin of ``fanout.worker.serve_py``.
+    """
     cdef uint64_t[::1] slot = slot_view
     cdef unsigned char* buf = <unsigned char*>PyMem_RawMalloc(chunk)
     cdef unsigned char* grown
@@ -108,9 +114,9 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                 pos += HDR + length
                 try:
                     fields = unpack(payload)
-                    if type(fields) is not list or len(<list>fields) != 4:
+                    if not isinstance(fields, (list, tuple)) or len(fields) != 4:
                         raise wire_shape_error(fields)
-                    kind_o, t_o, a, b = <list>fields
+                    kind_o, t_o, a, b = fields
                     if not isinstance(kind_o, int) or not isinstance(t_o, int):
                         raise wire_fields_error(kind_o, t_o)  # C conversion takes floats
                     try:
@@ -118,13 +124,14 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                         t_ns = t_o
                     except OverflowError:
                         raise wire_fields_error(kind_o, t_o) from None
-                    if kind < ADD or kind > DELETE or t_ns < 0:
+                    if kind < ADD or kind > UPDATE_SAME or t_ns < 0:
                         raise wire_fields_error(kind_o, t_o)
                 except Exception as exc:
-                    # Decoding is deterministic: a retry would fail the same way.
-                    # The parent dead-letters it; this worker goes on.
+                    # Decoding is deterministic (an object that does not fit the
+                    # schema never will): a retry would fail the same way. The
+                    # parent dead-letters it; this worker goes on.
                     slot[STARTED] = seq
-                    on_bad_frame(seq, f"frame {seq} cannot be decoded: {exc!r}", payload)
+                    on_bad_frame(seq, payload, exc)
                     slot[DONE] = seq
                     continue
                 now = _now_ns()
@@ -136,6 +143,8 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                         on_update(a, b)
                     elif kind == ADD:
                         on_add(a, bool(b))
+                    elif kind == UPDATE_SAME:  # one object on the wire, passed as both
+                        on_update(a, a)
                     else:
                         on_delete(a)
                 except Exception:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from fanout._impl import Pump, append_all
 from fanout._ring_common import HEADER_SIZE
-from fanout.codec import Codec, get_codec
+from fanout.codec import Codec, check_schema, get_codec
 from fanout.errors import DistributorStopped, ListenerFull, WorkerStartError
 from fanout.handlers import pickle_for_workers, resolve_handler
 from fanout.listener import Lane, ProcessListener, Registration, ThreadListener
@@ -203,6 +203,7 @@ class Distributor:
         max_attempts: int = 3,
         on_error: Callable[[Registration, Notification | None, str], Any] | None = None,
         on_dead_letter: Callable[[Registration, Notification | None, str], Any] | None = None,
+        schema: Any = None,
     ) -> Registration:
         """Register a handler and return its ``Registration`` (started at once if running)."""
         opts = self._listener_options(
@@ -218,6 +219,7 @@ class Distributor:
             max_attempts,
             on_error,
             on_dead_letter,
+            schema,
         )
         items = list(initial_list) if initial_list is not None else []
         with self.lock:
@@ -260,6 +262,7 @@ class Distributor:
         max_attempts: Any,
         on_error: Any,
         on_dead_letter: Any,
+        schema: Any = None,
     ) -> dict[str, Any]:
         """Check every option; raise naming the bad one. Nothing is changed here."""
         if executor not in EXECUTORS:
@@ -318,6 +321,11 @@ class Distributor:
             "on_dead_letter": on_dead_letter,
             "handler": handler,
             "is_factory": is_factory,
+            "schema": schema,
+            # msgspec decodes into it; refused here if it cannot (workers get it pickled)
+            "schema_blob": None
+            if schema is None
+            else check_schema(schema, self.codec, executor == "process"),
         }
         if executor == "thread":
             for opt, value, why in (

@@ -166,7 +166,7 @@ def build_handler(handler: Any, is_factory: bool) -> Any:
     return made
 
 
-def _main_has_no_file() -> bool:
+def main_has_no_file() -> bool:
     """Tell whether ``__main__`` cannot be imported again by a worker (stdin, -c, REPL)."""
     main = sys.modules.get("__main__")
     path = getattr(main, "__file__", None)
@@ -205,7 +205,7 @@ def pickle_for_workers(handler: Any) -> bytes:
             f"({exc}); pass a zero-argument class or module-level factory that "
             f"builds it in each worker, or use executor='thread'"
         ) from exc
-    if pickler.from_main and _main_has_no_file():
+    if pickler.from_main and main_has_no_file():
         names = ", ".join(sorted(set(pickler.from_main)))
         raise TypeError(
             f"handler {handler!r:.80} uses {names}, defined in __main__, but this "

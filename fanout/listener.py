@@ -26,9 +26,10 @@ import numpy as np
 from fanout._impl import FrameRing, Ring
 from fanout._procs import ensure_forkserver
 from fanout._ring_common import HEADER_SIZE
+from fanout.codec import misfit_text, schema_converter
 from fanout.errors import ListenerFull, RingClosed, RingFull
 from fanout.handlers import build_handler
-from fanout.notifications import Add, Notification, RawFrame, Update
+from fanout.notifications import Add, Delete, Notification, RawFrame, Update
 from fanout.stats import (
     DONE,
     ERRORS,
@@ -312,6 +313,7 @@ class ProcessListener(Registration):
         super().__init__(dist, opts)
         self.handler_blob: bytes = opts["handler_blob"]
         self.is_factory: bool = opts["is_factory"]
+        self.schema_blob: bytes | None = opts.get("schema_blob")
         self.rr = 0
         # One memfd holds every lane's progress slot: shared with the workers,
         # freed by the kernel when the last mapping goes, so it cannot leak.
@@ -639,6 +641,7 @@ class Lane:
                 slot_offset=self.index * SLOT_BYTES,
                 fanout_dir=PRODUCER_FANOUT[0],
                 fanout_version=PRODUCER_FANOUT[1],
+                schema_blob=listener.schema_blob,
             )
             if dist.start_method == "forkserver":
                 ensure_forkserver()  # (again, if it died) importing our fanout
@@ -702,6 +705,14 @@ class ThreadListener(Registration):
     def __init__(self, dist: Distributor, opts: dict[str, Any]) -> None:
         super().__init__(dist, opts)
         self.handler = build_handler(opts["handler"], opts["is_factory"])
+        self.schema = opts.get("schema")
+        self.to_schema: Callable[[Any], Any] | None = None
+        self.misfit: type[Exception] = Exception
+        if self.schema is not None:
+            import msgspec  # add_listener checked it is installed
+
+            self.to_schema = schema_converter(self.schema)
+            self.misfit = msgspec.ValidationError
         self.ring = Ring(0, 16)
         self.cond = threading.Condition(threading.Lock())
         self.waiting = False
@@ -808,21 +819,48 @@ class ThreadListener(Registration):
                         self.busy = 0
                     break
                 hist[bucket_of(monotonic_ns() - t_ns)] += 1
-                cls = type(n)
-                try:
-                    if cls is Update:
-                        on_update(n.old, n.new)
-                    elif cls is Add:
-                        on_add(n.obj, n.is_in_initial_list)
-                    else:
-                        on_delete(n.obj)
-                except BaseException:  # even SystemExit: the listener must go on
-                    self.errors += 1
-                    self.report_error(n, traceback.format_exc())
+                typed = n if self.to_schema is None else self._typed(n)
+                if typed is not None:
+                    cls = type(typed)
+                    try:
+                        if cls is Update:
+                            on_update(typed.old, typed.new)  # type: ignore[union-attr]
+                        elif cls is Add:
+                            on_add(typed.obj, typed.is_in_initial_list)  # type: ignore[union-attr]
+                        else:
+                            on_delete(typed.obj)  # type: ignore[union-attr]
+                    except BaseException:  # even SystemExit: the listener must go on
+                        self.errors += 1
+                        self.report_error(n, traceback.format_exc())
+                    self.delivered += 1
                 if self.initial_left > 0:  # the initial list is queued first
                     self.initial_left -= 1
-                self.delivered += 1
                 self.busy -= 1
+
+    def _typed(self, n: Notification) -> Notification | None:
+        """``n`` with its objects converted to the schema; None (dead-lettered) on a misfit.
+
+        As in a worker: an object that does not fit never will, so it is not retried.
+        """
+        convert = self.to_schema
+        assert convert is not None
+        role = "object"
+        try:
+            if type(n) is Update:
+                if n.old is n.new:
+                    obj = convert(n.new)
+                    return Update(obj, obj)
+                role = "old object"
+                old = convert(n.old)
+                role = "new object"
+                return Update(old, convert(n.new))
+            if type(n) is Add:
+                return Add(convert(n.obj), n.is_in_initial_list)
+            return Delete(convert(n.obj))  # type: ignore[union-attr]
+        except self.misfit as exc:
+            self.dead_lettered += 1
+            self.report_dead_letter(n, misfit_text(self.schema, role, str(exc)))
+            return None
 
     def counters(self) -> dict[str, int]:
         """Pending items, handled and failed calls (no bytes: objects are passed)."""

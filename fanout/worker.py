@@ -26,10 +26,11 @@ import msgpack
 from fanout._ring_common import HEADER, HEADER_SIZE
 from fanout.codec import (
     ADD,
-    DELETE,
     MAX_T_NS,
     UPDATE,
+    UPDATE_SAME,
     Codec,
+    describe_misfit,
     wire_fields_error,
     wire_shape_error,
 )
@@ -71,6 +72,7 @@ class WorkerSpec:
     is_factory: bool
     codec_blob: bytes
     slot_offset: int
+    schema_blob: bytes | None = None  # the listener's schema type, pickled
     # The producer's fanout: a worker that imported another one refuses to run.
     fanout_dir: str = ""
     fanout_version: str = ""
@@ -133,6 +135,8 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
         # Unpickled here, not by multiprocessing, so a failure is reported.
         check_same_fanout(spec)
         codec: Codec = pickle.loads(spec.codec_blob)
+        schema = None if spec.schema_blob is None else pickle.loads(spec.schema_blob)
+        unpack = codec.unpacker(schema)  # one typed decoder for the listener's schema
         handler = build_handler(pickle.loads(spec.handler_blob), spec.is_factory)
     except BaseException:
         send_message(
@@ -154,13 +158,15 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
             payload = b""
         send_message(ret_fd, {"t": "error", "seq": seq, "text": text, "payload": payload})
 
-    def on_bad_frame(seq: int, text: str, payload: bytes) -> None:
+    def on_bad_frame(seq: int, payload: bytes, exc: Exception) -> None:
+        misfit = None if schema is None else describe_misfit(schema, payload, exc)
+        text = f"frame {seq}: {misfit}" if misfit else f"frame {seq} cannot be decoded: {exc!r}"
         if len(payload) > MAX_RAW_ECHO:
             text += f" (payload of {len(payload)} bytes cut to its first {MAX_RAW_ECHO})"
             payload = payload[:MAX_RAW_ECHO]
         send_message(ret_fd, {"t": "undecodable", "seq": seq, "text": text, "payload": payload})
 
-    serve(data_fd, slot, codec.unpack, handler, on_error, on_bad_frame)
+    serve(data_fd, slot, unpack, handler, on_error, on_bad_frame)
     # Everything was handled (EOF) or the parent asked to stop: leave at once,
     # without running handlers' atexit hooks twice or flushing inherited buffers.
     sys.stdout.flush()
@@ -173,7 +179,9 @@ def serve_py(
 ) -> None:
     """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
 
-    Pure-Python twin of ``fanout._worker.serve``.
+    ``unpack(payload)`` gives ``[kind, t_ns, a, b]``; a frame it cannot decode
+    goes to ``on_bad_frame(seq, payload, exc)``, a handler exception to
+    ``on_error(seq, payload)``. Pure-Python twin of ``fanout._worker.serve``.
     """
     on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
     unpack_header = HEADER.unpack_from
@@ -207,7 +215,7 @@ def serve_py(
             pos = stop
             try:
                 fields = unpack(payload)
-                if type(fields) is not list or len(fields) != 4:
+                if not isinstance(fields, (list, tuple)) or len(fields) != 4:
                     raise wire_shape_error(fields)
                 kind_o, t_o, a, b = fields
                 # Integers as the native loop takes them (it converts to C ints).
@@ -215,13 +223,14 @@ def serve_py(
                     kind, t_ns = operator.index(kind_o), operator.index(t_o)
                 except TypeError:
                     raise wire_fields_error(kind_o, t_o) from None
-                if not (ADD <= kind <= DELETE and 0 <= t_ns <= MAX_T_NS):
+                if not (ADD <= kind <= UPDATE_SAME and 0 <= t_ns <= MAX_T_NS):
                     raise wire_fields_error(kind_o, t_o)
             except Exception as exc:
-                # Decoding is deterministic: a retry would fail the same way.
-                # The parent dead-letters it; this worker goes on.
+                # Decoding is deterministic (an object that does not fit the
+                # schema never will): a retry would fail the same way. The
+                # parent dead-letters it; this worker goes on.
                 slot[STARTED] = seq
-                on_bad_frame(seq, f"frame {seq} cannot be decoded: {exc!r}", payload)
+                on_bad_frame(seq, payload, exc)
                 slot[DONE] = seq
                 continue
             now = monotonic_ns()
@@ -233,6 +242,8 @@ def serve_py(
                     on_update(a, b)
                 elif kind == ADD:
                     on_add(a, bool(b))
+                elif kind == UPDATE_SAME:  # one object on the wire, passed as both
+                    on_update(a, a)
                 else:
                     on_delete(a)
             except Exception:

@@ -76,7 +76,7 @@ def run(serve: Callable[..., Any], data: bytes, writes: int = 1) -> dict[str, An
             UNPACK,
             handler,
             lambda seq, payload: errors.append(seq),
-            lambda seq, text, payload: bad.append((seq, text, payload)),
+            lambda seq, payload, exc: bad.append((seq, repr(exc), payload)),
         )
     finally:
         writer.join()
@@ -94,7 +94,8 @@ CASES: dict[str, list[list[Any]]] = {
     "add-update-delete": [[0, 5, {"a": 1}, True], [1, 6, {"v": 1}, {"v": 2}], [2, 7, "x", None]],
     "handler-raises": [[0, 5, "raise", False], [0, 6, "after", False]],
     "kind-negative": [[-1, 5, "x", None], [0, 6, "ok", False]],
-    "kind-too-big": [[3, 5, "x", None]],
+    "kind-too-big": [[4, 5, "x", None]],
+    "update-same": [[3, 5, {"v": 1}, None]],
     "kind-beyond-int": [[2**31, 5, "x", None], [0, 6, "ok", False]],
     "kind-beyond-int64": [[2**63, 5, "x", None]],
     "kind-str": [["0", 5, "x", None]],
@@ -124,7 +125,7 @@ def test_bad_fields_are_reported_with_the_payload(serve):
     out = run(serve, frame(1, fields) + frame(2, [0, 6, "ok", False]))
     assert out["calls"] == [("add", "ok", False)]
     ((seq, text),) = out["bad"]
-    assert seq == 1 and "bad payload fields" in text and "2**63-1" in text
+    assert seq == 1 and "bad payload fields" in text and "2**63-1" in text, text
     assert msgpack.unpackb(out["bad_payloads"][0]) == fields
     assert out["slot"] == (2, 2, 1, 0)
 

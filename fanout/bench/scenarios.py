@@ -8,6 +8,8 @@
   listeners' throughput and the memory held for the stalled one.
 * ``recovery``: (fanout) time from SIGKILL of a worker to the next handled
   notification on its lane, beside a worker's cold start for comparison.
+* ``schema``: Pods to 4 listeners whose handlers read five fields, with and
+  without ``schema=`` (``fanout.bench.schema``).
 
 A scenario turns the options into :class:`Case` objects, one per parameter set.
 Every case first calibrates each contender (sizes its batch to ``duration``
@@ -74,7 +76,14 @@ class Options:
     latency_seconds: float = 1.0
     stall_seconds: float = 1.5
     scenarios: list[str] = field(
-        default_factory=lambda: ["throughput", "cpu", "latency", "stalled", "recovery"]
+        default_factory=lambda: [
+            "throughput",
+            "cpu",
+            "latency",
+            "stalled",
+            "recovery",
+            "schema",
+        ]
     )
     contenders: list[str] | None = None
 
@@ -692,12 +701,23 @@ def recovery(suite: Suite) -> list[Case]:
     ]
 
 
+def schema(suite: Suite) -> list[Case]:
+    """Pods to 4 listeners whose handlers read five fields (``fanout.bench.schema``)."""
+    try:
+        from fanout.bench import schema as module
+    except ImportError as exc:  # msgspec is not installed
+        suite.skipped["schema"] = f"needs msgspec ({exc})"
+        return []
+    return module.cases(suite)
+
+
 SCENARIOS: dict[str, Callable[[Suite], list[Case]]] = {
     "throughput": throughput,
     "cpu": cpu,
     "latency": latency,
     "stalled": stalled,
     "recovery": recovery,
+    "schema": schema,
 }
 
 

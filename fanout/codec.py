@@ -345,6 +345,12 @@ class Codec:
 
         With a ``schema`` (``msgpack_wire`` codecs only) the objects come out as
         instances of it, decoded by msgspec; without, whatever ``unpack`` makes.
+
+        Args:
+            schema: A type msgspec decodes into, or None for plain objects.
+
+        Returns:
+            A function ``payload -> [kind, t_ns, a, b]``.
         """
         if schema is None:
             return self.unpack
@@ -516,6 +522,12 @@ class MsgpackCodec(Codec):
         Untyped, msgspec reads this codec's MessagePack about twice as fast as
         ``msgpack`` and builds the same objects (the same hooks make extension
         values), so workers use it when it is installed and ``unpack`` is ours.
+
+        Args:
+            schema: A type msgspec decodes into, or None for plain objects.
+
+        Returns:
+            A function ``payload -> [kind, t_ns, a, b]``.
         """
         if schema is not None or type(self).unpack is not MsgpackCodec.unpack:
             return super().unpacker(schema)
@@ -577,7 +589,14 @@ class MsgspecCodec(Codec):
     _msgspec_ext = _ext_hook
 
     def unpacker(self, schema: Any = None) -> Callable[[Any], Any]:
-        """Return the worker's ``payload -> [kind, t_ns, a, b]`` function."""
+        """Return the worker's ``payload -> [kind, t_ns, a, b]`` function.
+
+        Args:
+            schema: A type msgspec decodes into, or None for plain objects.
+
+        Returns:
+            A function ``payload -> [kind, t_ns, a, b]``.
+        """
         if schema is None and type(self).unpack is MsgspecCodec.unpack:
             return self._dec.decode  # the decoder itself: no wrapper call per frame
         return super().unpacker(schema)

@@ -96,18 +96,27 @@ class _Plan:
 class Distributor:
     """Fans notifications out to listeners, each in its own workers or thread.
 
-    Options:
-        resync_check_period: seconds between the producer's resync checks
+    ``with Distributor() as d:`` starts on enter and ``stop(drain=True)`` on exit
+    (``stop(drain=False)`` if the block raised); leaving a block whose stop lost
+    notifications logs a warning naming the listeners and counts.
+    Thread safety: ``distribute`` is meant for one producer thread; the other
+    methods may be called from any thread.
+
+    Args:
+        resync_check_period: Seconds between the producer's resync checks
             (client-go's ``resyncCheckPeriod``); 0 disables resync.
         clock: ``() -> seconds``, used for resync decisions (inject a fake one
             in tests).
         start_method: ``"forkserver"`` (default) or ``"spawn"``; ``"fork"`` is
             refused because the pump thread makes forking unsafe.
-        codec: ``"msgpack"`` (default), ``"msgspec"`` or a ``fanout.Codec``.
+        codec: ``"msgpack"`` (default), ``"msgspec"`` or a ``fanout.Codec``
+            instance; it encodes each notification once for every process
+            listener.
 
-    ``with Distributor() as d:`` starts on enter and ``stop(drain=True)`` on exit.
-    Thread safety: ``distribute`` is meant for one producer thread; the other
-    methods may be called from any thread.
+    Raises:
+        TypeError: ``clock`` is not callable, a period is not a number, or a
+            codec instance does not survive pickling.
+        ValueError: A bad period, start method or codec name.
     """
 
     close_grace = 5.0  # a removed listener's worker gets this long to leave
@@ -174,11 +183,18 @@ class Distributor:
 
     @property
     def listener_count(self) -> int:
-        """Number of registered listeners."""
+        """The number of registered listeners."""
         return len(self._listeners)
 
     def is_registered(self, reg: Any) -> bool:
-        """Tell whether ``reg`` is a registration of this distributor, not removed."""
+        """Tell whether a handle is a listener of this distributor, not removed.
+
+        Args:
+            reg: Any object, typically a ``Registration``.
+
+        Returns:
+            True for a registered, not removed listener of this distributor.
+        """
         return reg in self._listeners
 
     @property
@@ -205,7 +221,69 @@ class Distributor:
         on_dead_letter: Callable[[Registration, Notification | None, str], Any] | None = None,
         schema: Any = None,
     ) -> Registration:
-        """Register a handler and return its ``Registration`` (started at once if running)."""
+        """Register a handler as a new listener; on a running distributor it starts at once.
+
+        Args:
+            handler: A ``fanout.Handler`` (any object with ``on_add``,
+                ``on_update`` and ``on_delete``), or a zero-argument class or
+                factory that builds one. For process listeners an instance is
+                pickled (each worker gets a copy) and a factory is called once
+                in each worker; either must be importable by the workers, so
+                not defined in a ``__main__`` without a file.
+            name: The listener's name in stats, logs and metrics; default
+                ``listener-N``.
+            workers: Worker processes (lanes) of a process listener. Order is
+                kept per key always, and per listener with ``workers=1``.
+            executor: ``"process"`` (default): worker processes fed over pipes,
+                isolated by the OS. ``"thread"``: one thread in this process,
+                fed the objects themselves (cheap, trusted handlers).
+            key: ``obj -> hashable`` choosing the lane of a notification (of the
+                new object for an update); default: ``(namespace, name)`` from
+                ``obj["metadata"]`` when present, else round-robin.
+            resync_period: Seconds between resyncs of this listener (None: the
+                distributor's check period; 0: never). Clamped as client-go
+                does; ``Registration.resync_period`` tells the result.
+            initial_list: Objects delivered to this listener only, as
+                ``Add(obj, is_in_initial_list=True)``, before anything live.
+            max_pending_bytes: Bound on the bytes one lane holds (process
+                listeners); None: unbounded (the ring still shrinks back).
+            overflow: What a full bounded lane does: ``"block"`` (distribute
+                waits; before ``start()`` it raises ``ListenerFull``),
+                ``"drop_oldest"``, ``"drop_newest"`` (counted in ``dropped``)
+                or ``"error"`` (``distribute`` raises ``ListenerFull`` and no
+                listener gets the notification).
+            handler_timeout: Seconds a handler call may run before its worker
+                is killed and restarted (process listeners); None: no limit.
+            max_attempts: Handler calls a notification may kill its worker in
+                before it is dead-lettered.
+            on_error: ``f(reg, notification, traceback_text)`` called (in
+                fanout's supervisor thread) for every handler exception.
+            on_dead_letter: ``f(reg, notification, reason)`` called for every
+                notification given up on; an undecodable frame arrives as a
+                ``fanout.RawFrame``.
+            schema: A type msgspec decodes into (a ``msgspec.Struct``, a
+                dataclass, a ``TypedDict``): the workers decode each object
+                straight into it, skipping the fields it does not declare. An
+                object that does not fit is dead-lettered at once. Thread
+                listeners get ``msgspec.convert(obj, schema)``.
+
+        Returns:
+            The listener's ``Registration``: pass it to ``remove_listener``,
+            ask it for ``stats()`` or ``has_synced()``.
+
+        Raises:
+            TypeError: A bad option, a handler that is no handler or cannot be
+                pickled, a handler or schema defined in a file-less
+                ``__main__``, or a schema msgspec cannot decode into.
+            ValueError: An option out of range, or one the executor cannot
+                take (``workers``, ``handler_timeout``, ``max_pending_bytes``
+                with ``executor="thread"``).
+            ImportError: ``schema`` without msgspec installed.
+            ListenerFull: The initial list cannot fit ``max_pending_bytes``.
+            WorkerStartError: The distributor runs and the listener's first
+                worker could not build its handler (the listener is removed).
+            DistributorStopped: After ``stop()``.
+        """
         opts = self._listener_options(
             handler,
             name,
@@ -406,7 +484,15 @@ class Distributor:
                 self._closing.append(reg)
 
     def remove_listener(self, reg: Any) -> None:
-        """Stop delivering to ``reg`` without waiting; idempotent, foreign handles ignored."""
+        """Stop delivering to a listener, without waiting for its workers.
+
+        What it had not handled is dropped (counted in its ``dropped``), as
+        client-go does. Idempotent; a foreign or removed handle is a no-op; it
+        works after ``stop()`` too.
+
+        Args:
+            reg: The ``Registration`` that ``add_listener`` returned.
+        """
         with self.lock:
             if reg not in self._listeners:
                 return
@@ -420,7 +506,20 @@ class Distributor:
         self.supervisor.wake()
 
     def shutdown_listener(self, reg: Any, timeout: float | None = None) -> bool:
-        """Remove ``reg``, then wait until its workers exited (True) or ``timeout`` passed."""
+        """Remove a listener, then wait until its workers (or thread) have exited.
+
+        Args:
+            reg: The ``Registration`` that ``add_listener`` returned.
+            timeout: Seconds to wait at most; None waits as long as it takes.
+
+        Returns:
+            True once every worker exited; False if ``timeout`` passed first.
+
+        Raises:
+            RuntimeError: Called from that listener's own handler, or from an
+                ``on_error`` / ``on_dead_letter`` callback (it would wait for
+                itself); call ``remove_listener`` there.
+        """
         current = threading.current_thread()
         if isinstance(reg, ThreadListener) and current is reg.thread:
             raise RuntimeError(
@@ -450,7 +549,28 @@ class Distributor:
     # -- producer ------------------------------------------------------------------------
 
     def distribute(self, n: Notification, sync: bool = False) -> None:
-        """Deliver ``n`` to every listener (``sync=True``: only those due for resync)."""
+        """Deliver a notification to every listener.
+
+        The notification is encoded once (for the process listeners) and
+        appended to one lane of each listener; this never waits for handlers,
+        except on a full ``overflow="block"`` lane. Before ``start()`` it is
+        buffered and ``start()`` delivers the backlog in order. With no
+        listeners it does nothing.
+
+        Args:
+            n: A ``fanout.Add``, ``fanout.Update`` or ``fanout.Delete``.
+            sync: True for a resync: only listeners due for resync (see
+                ``should_resync``) get it.
+
+        Raises:
+            TypeError: ``n`` is no notification, or the codec cannot encode an
+                object in it (no listener gets any part of it).
+            ListenerFull: A bounded listener with ``overflow="error"`` (or a
+                full ``"block"`` one before ``start()``) has no room; no
+                listener got it.
+            DistributorStopped: After ``stop()`` (during a concurrent stop,
+                what reached a listener is counted by that stop).
+        """
         if type(n) not in NOTIFICATION_TYPES:
             raise TypeError(
                 f"distribute takes fanout.Add, fanout.Update or fanout.Delete, "
@@ -505,7 +625,14 @@ class Distributor:
             )
 
     def should_resync(self) -> bool:
-        """Recompute which listeners are due for resync; True if any is."""
+        """Recompute which listeners are due for resync, from the clock.
+
+        A listener is due when its resync period is not 0 and its next resync
+        time has come; a due listener's next resync moves one period on.
+
+        Returns:
+            True if any listener is due (then call ``distribute(n, sync=True)``).
+        """
         now = self.clock()
         due = False
         with self.lock:
@@ -517,13 +644,26 @@ class Distributor:
         return due
 
     def mark_synced(self) -> None:
-        """Say the producer delivered its initial list (``has_synced`` can turn true)."""
+        """Say the producer delivered its initial list, so ``has_synced`` can turn true."""
         self.producer_synced = True
 
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(self) -> Distributor:
-        """Start the pump, the supervisor and every listener's workers or thread."""
+        """Start the pump, the supervisor and every listener's workers or thread.
+
+        Waits until every worker's first start succeeded or failed for good
+        (they start in parallel), so a handler the workers cannot build is
+        reported here.
+
+        Returns:
+            This distributor (so ``d = Distributor().start()`` works).
+
+        Raises:
+            WorkerStartError: A listener's worker could not build its handler;
+                the distributor is stopped.
+            DistributorStopped: After ``stop()``.
+        """
         with self.lock:
             if self.stopped or self.stopping:
                 raise DistributorStopped("start() after stop(): build a new Distributor")
@@ -589,7 +729,12 @@ class Distributor:
         return None
 
     def supervised_lanes(self) -> list[Lane]:
-        """Every lane the supervisor watches, removed ones until reaped (lock held)."""
+        """List the lanes the supervisor watches (lock held); for fanout's supervisor.
+
+        Returns:
+            Every listener's lanes, and removed listeners' lanes until their
+            workers are reaped.
+        """
         closing = [r for r in self._closing if not r.exited()]
         for reg in self._closing:
             if reg not in closing and isinstance(reg, ProcessListener):
@@ -602,11 +747,26 @@ class Distributor:
         return lanes
 
     def stop(self, drain: bool = False, timeout: float | None = None) -> bool:
-        """Stop every listener; ``drain=True`` delivers what is pending first.
+        """Stop every listener and account for every notification.
 
-        Returns True when nothing pending was lost (always False for a
-        ``drain=False`` stop that dropped notifications). Afterwards no worker
-        process, thread, fd or shared memory of this distributor remains.
+        Afterwards no worker process, thread, fd or shared memory of this
+        distributor remains, and for every listener ``received == delivered +
+        dead_lettered + dropped``. A second call returns True at once.
+
+        Args:
+            drain: False drops what is pending (counted in ``dropped``); True
+                delivers it first.
+            timeout: With ``drain=True``, seconds to wait at most; what is then
+                still pending is dead-lettered (``on_dead_letter`` is called).
+                What a listener whose workers never started holds is
+                dead-lettered either way.
+
+        Returns:
+            True when nothing pending was dropped or dead-lettered by the stop.
+
+        Raises:
+            RuntimeError: Called from a handler, a callback or fanout's own
+                threads (it would wait for itself).
         """
         current = threading.current_thread()
         own = {self.supervisor, self._pump_thread}

@@ -54,9 +54,13 @@ def test_quick_run_reports_every_figure_with_its_spread(tmp_path, no_leaks):
         assert doc["skipped"][name]  # listed with the reason
     results = doc["results"]
     assert {r["scenario"] for r in results} == set(SCENARIOS)
-    for scenario in set(SCENARIOS) - {"recovery"}:
+    for scenario in set(SCENARIOS) - {"recovery", "schema"}:
         seen = {r["contender"] for r in results if r["scenario"] == scenario}
         assert seen == installed, scenario
+    from fanout.bench import schema  # its own contenders: readers of five fields
+
+    seen = {r["contender"] for r in results if r["scenario"] == "schema"}
+    assert seen == {c.name for c in schema.CONTENDERS}
     recovery = [r for r in results if r["scenario"] == "recovery"]
     assert {r["contender"] for r in recovery} == {"fanout-process"}
     assert {r["metric"] for r in recovery} == {"sigkill_to_handled", "cold_start"}

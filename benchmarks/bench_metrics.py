@@ -25,8 +25,8 @@ SCRAPE_EVERY = 0.1
 
 
 @contextlib.contextmanager
-def scraped(d: fanout.Distributor) -> Iterator[list[int]]:
-    """Serve ``d``'s metrics and GET them every 100 ms until the block ends."""
+def scraped(d: fanout.Distributor, active: threading.Event | None = None) -> Iterator[list[int]]:
+    """Serve ``d``'s metrics and GET them every 100 ms (while ``active`` is set, if given)."""
     done = threading.Event()
     sizes: list[int] = []
 
@@ -34,6 +34,8 @@ def scraped(d: fanout.Distributor) -> Iterator[list[int]]:
 
         def scrape() -> None:
             while not done.wait(SCRAPE_EVERY):
+                if active is not None and not active.is_set():
+                    continue
                 with urllib.request.urlopen(server.url, timeout=10) as response:
                     sizes.append(len(response.read()))
 
@@ -56,3 +58,66 @@ def test_distribute_while_scraped(benchmark, pairs, listeners, producer_only, me
         bench_distribute.test_distribute(benchmark, pairs, listeners, producer_only)
     assert sizes, "no scrape happened during the measurement"
     benchmark.extra_info["scrapes"] = len(sizes)
+
+
+def interleaved(count: int = 4, blocks: int = 40, block_seconds: float = 0.5) -> None:
+    """Alternate half-second blocks with and without scraping; print per-batch times.
+
+    pytest-benchmark runs one variant's rounds, then the other's: on a shared
+    machine a noisy minute can land on one of them only. Here the blocks
+    alternate, so noise hits both alike. The mean is the figure that matters:
+    a scrape lands on a few batches only, which a median would hide.
+    """
+    import statistics
+    import time
+
+    from fanout.bench.payloads import load_payload
+
+    payload = load_payload("small")
+    updates = [payload.pair(i) for i in range(bench_distribute.BATCH)]
+    d = fanout.Distributor()
+    regs = [d.add_listener(fanout.Handler()) for _ in range(count)]
+    d.start()
+    for reg in regs:
+        reg.wait_ready(60)
+    d.pump.stop()  # producer only, as in bench_distribute
+    Update, distribute = fanout.Update, d.distribute
+    times: dict[bool, list[float]] = {False: [], True: []}
+    active = threading.Event()
+    try:
+        with scraped(d, active) as sizes:
+            for block in range(blocks):
+                on = block % 2 == 1
+                if on:
+                    active.set()
+                else:
+                    active.clear()
+                end = time.perf_counter() + block_seconds
+                while time.perf_counter() < end:
+                    t0 = time.perf_counter()
+                    for old, new in updates:
+                        distribute(Update(old, new))
+                    times[on].append(time.perf_counter() - t0)
+                    for reg in regs:
+                        for lane in reg.lanes:
+                            lane.ring.rewind()
+                            lane.ring.drop_unsent(1 << 62)
+    finally:
+        d.stop(drain=False)
+    print(
+        f"distribute x{bench_distribute.BATCH}, {count} listener(s), {blocks} blocks "
+        f"of {block_seconds} s, {len(sizes)} scrapes"
+    )
+    for on, label in ((False, "no scrape"), (True, "scraped every 100 ms")):
+        xs = sorted(times[on])
+        q1, q3 = xs[len(xs) // 4], xs[3 * len(xs) // 4]
+        print(
+            f"  {label:22s} batches={len(xs):5d} mean={statistics.fmean(xs) * 1e3:.3f} ms "
+            f"median={statistics.median(xs) * 1e3:.3f} ms IQR={(q3 - q1) * 1e3:.3f} ms"
+        )
+
+
+if __name__ == "__main__":
+    # python benchmarks/bench_metrics.py: the interleaved comparison, for 1 and 4 listeners.
+    for n in (1, 4):
+        interleaved(n)

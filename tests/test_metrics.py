@@ -132,8 +132,10 @@ def test_scrape_over_http_equals_stats(make_dist, endpoint, tmp_path, executor):
     assert counts == sorted(counts)  # cumulative
 
 
-def test_crash_restart_and_dead_letter_show_in_the_scrape(make_dist, endpoint, tmp_path):
-    d = make_dist()
+def test_crash_restart_and_dead_letter_show_in_the_scrape(
+    make_dist, endpoint, tmp_path, start_method
+):
+    d = make_dist(start_method=start_method)
     dead: list[str] = []
     reg = d.add_listener(
         Recorder(tmp_path / "r"),

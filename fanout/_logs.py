@@ -47,16 +47,20 @@ def error_kind(text: str) -> tuple[str, str, str]:
     protocol fault): the first line with its numbers blanked, and no place.
     """
     lines = text.strip().splitlines() or [""]
-    where = ""
-    for line in lines:
+    where, after = "", 0
+    for i, line in enumerate(lines):
         frame = _FRAME.match(line)
         if frame:  # the last one wins: innermost frame of the last traceback
-            where = f"{frame['file']}:{frame['line']} in {frame['func']}"
+            where, after = f"{frame['file']}:{frame['line']} in {frame['func']}", i + 1
     if where:
-        for line in reversed(lines):
+        # The exception line is the first unindented one after that frame (its
+        # source line and carets are indented; a message may go on below it).
+        for line in lines[after:]:
             exception = _EXCEPTION.match(line)
             if exception:
                 return exception["type"], where, line
+            if not line[:1].isspace():
+                break
     first = lines[0].strip()
     return _NUMBER.sub("#", first)[:200], "", first
 

@@ -208,6 +208,12 @@ def test_error_kind():
         + "    raise pkg.errors.Boom()\npkg.errors.Boom\n"
     )
     assert error_kind(chained) == ("pkg.errors.Boom", "/app/h.py:3 in f", "pkg.errors.Boom")
+    multiline = TRACE.replace("{n}", "1\nsecond\nthird line")
+    assert error_kind(multiline) == (
+        "ValueError",
+        "/app/checks.py:40 in check",
+        "ValueError: bad 1",
+    )
     # Not a traceback: alike when only numbers differ.
     a = error_kind("could not start a worker: OSError(24); retrying in 0.2 s")
     b = error_kind("could not start a worker: OSError(24); retrying in 0.4 s")

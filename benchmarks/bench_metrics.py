@@ -60,6 +60,19 @@ def test_distribute_while_scraped(benchmark, pairs, listeners, producer_only, me
     benchmark.extra_info["scrapes"] = len(sizes)
 
 
+def test_one_scrape(benchmark, listeners, producer_only):  # noqa: F811
+    """What one scrape costs the producer's process: collect and format the text."""
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from fanout.metrics import PrometheusCollector
+
+    d, _ = producer_only
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(PrometheusCollector(d))
+    benchmark.group = f"one scrape, {listeners} listener(s)"
+    assert b"fanout_received_total" in benchmark(generate_latest, registry)
+
+
 def interleaved(count: int = 4, blocks: int = 40, block_seconds: float = 0.5) -> None:
     """Alternate half-second blocks with and without scraping; print per-batch times.
 

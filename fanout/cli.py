@@ -215,6 +215,7 @@ def _add_top_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def top(args: argparse.Namespace) -> int:
+    """Run ``fanout top``; without its extra, say what to install (status 2)."""
     try:
         from fanout.top import run
     except ImportError as exc:

@@ -113,6 +113,9 @@ def latency_buckets(hist: Sequence[int]) -> tuple[list[tuple[str, float]], float
         ``(buckets, sum)``: cumulative ``(le, count)`` pairs, ``le`` formatted as
         Prometheus writes it and ending with ``"+Inf"``; and the sum of the
         latencies in seconds, each counted at its fine bucket's midpoint.
+
+    Raises:
+        ValueError: ``hist`` does not have ``NBUCKETS`` entries.
     """
     if len(hist) != NBUCKETS:
         raise ValueError(f"expected {NBUCKETS} latency buckets, got {len(hist)}")

@@ -179,11 +179,18 @@ def scrape(url: str, timeout: float = SCRAPE_TIMEOUT) -> Sample:
 
 
 def quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
-    """Estimate quantile ``q`` from cumulative ``(le, count)`` buckets, as Prometheus does.
+    """Estimate quantile ``q`` from cumulative buckets, as Prometheus does.
 
     Linear interpolation inside the bucket that holds the rank (the first
     bucket starts at 0); a rank in the ``+Inf`` bucket gives the largest finite
-    bound. None when the buckets count nothing.
+    bound.
+
+    Args:
+        q: the quantile, 0 to 1 (0.5 for the median).
+        buckets: cumulative ``(le, count)`` pairs, ascending, ending with ``+inf``.
+
+    Returns:
+        The estimate in the buckets' unit, or None when they count nothing.
     """
     if not buckets or buckets[-1][1] <= 0:
         return None

@@ -1,4 +1,5 @@
-"""The ``fanout`` command: ``fanout bench`` compares fanout with the alternatives."""
+"""The ``fanout`` command: ``fanout bench`` compares fanout with the alternatives;
+``fanout top`` watches a running distributor."""
 
 from __future__ import annotations
 
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="run only this contender (names below); repeatable",
     )
+    _add_top_parser(sub)
     return parser
 
 
@@ -147,6 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "bench":
         return bench(args)
+    if args.command == "top":
+        return top(args)
     return 2  # pragma: no cover - argparse requires a command
 
 
@@ -278,3 +282,46 @@ class _Progress:
         if self.tty:
             self.stream.write("\r\x1b[2K")
             self.stream.flush()
+
+
+def _metrics_url(text: str) -> str:
+    """Accept ``http(s)://host:port/path``, or ``host:port`` (http and /metrics added)."""
+    from urllib.parse import urlsplit
+
+    url = text if "://" in text else f"http://{text}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise argparse.ArgumentTypeError(
+            f"expected a metrics URL like http://127.0.0.1:9100/metrics, got {text!r}"
+        )
+    return url if parts.path else f"{url}/metrics"
+
+
+def _add_top_parser(sub: argparse._SubParsersAction) -> None:
+    top = sub.add_parser(
+        "top",
+        help="live table of a running distributor, from its metrics endpoint",
+        description="Show one row per listener of a running distributor, refreshed every "
+        "interval, read from the endpoint that fanout.metrics.serve() starts. Rates and "
+        "latency percentiles cover the last interval; errors, dead letters, drops and "
+        "restarts are totals. Press q or Ctrl-C to quit.",
+    )
+    top.add_argument("url", type=_metrics_url, help="e.g. http://127.0.0.1:9100/metrics")
+    top.add_argument(
+        "--once",
+        action="store_true",
+        help="print one plain-text snapshot (two scrapes one interval apart) and exit",
+    )
+    top.add_argument(
+        "--interval", type=_positive_float, default=1.0, help="seconds between scrapes (1)"
+    )
+
+
+def top(args: argparse.Namespace) -> int:
+    """Run ``fanout top``; without its extra, say what to install (status 2)."""
+    try:
+        from fanout.top import run
+    except ImportError as exc:
+        print(f"fanout top: {exc}", file=sys.stderr)
+        return 2
+    return run(args.url, args.interval, args.once)

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fanout._impl import FrameRing, Ring
+from fanout._logs import error_log
 from fanout._procs import ensure_forkserver
 from fanout._ring_common import HEADER_SIZE
 from fanout.codec import misfit_text, schema_converter
@@ -274,8 +275,8 @@ class Registration:
     # -- reporting (called outside the distributor's lock) ---------------------------
 
     def report_error(self, n: Notification | RawFrame | None, text: str) -> None:
-        """Log a handler exception and pass it to ``on_error``."""
-        log.error("listener %r: handler raised on %r:\n%s", self.name, n, text)
+        """Log a handler exception (repeats summarised) and pass it to ``on_error``."""
+        error_log.report(self._dist, self.name, n, text, self._dist.supervisor.wake)
         self._callback(self.on_error, n, text)
 
     def report_dead_letter(self, n: Notification | RawFrame | None, reason: str) -> None:

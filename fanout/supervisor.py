@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from fanout._logs import error_log
 from fanout.listener import Lane
 from fanout.notifications import RawFrame
 from fanout.stats import DONE, PID, START_NS, STARTED
@@ -110,6 +111,7 @@ class Supervisor(threading.Thread):
             except BaseException:  # never let the supervisor die: it is the safety net
                 log.exception("fanout supervisor: unexpected error (continuing)")
                 time.sleep(0.05)
+        error_log.flush(self.dist, final=True)  # repeats not yet summarised
 
     def _once(self) -> None:
         dist = self.dist
@@ -143,6 +145,7 @@ class Supervisor(threading.Thread):
             self._tick(dist.supervised_lanes(), calls)
         for call in calls:
             call()
+        error_log.flush(self.dist)  # summaries of repeated handler errors that are due
 
     def _timeout(self, lanes: list[Lane]) -> float | None:
         now = time.monotonic()
@@ -168,6 +171,9 @@ class Supervisor(threading.Thread):
             if len(lane.ring):
                 sooner(ACK_TICK)
             sooner(CHECK_TICK)  # the progress-slot sanity check
+        summary = error_log.due_in(self.dist)
+        if summary is not None:
+            sooner(summary)
         return timeout
 
     # -- return pipe ---------------------------------------------------------------------

@@ -29,8 +29,8 @@ import msgspec
 
 import fanout
 from fanout.bench.contenders import FanoutProcess
-from fanout.distributor import CodecName
 from fanout.bench.payloads import load_payload
+from fanout.distributor import CodecName
 from fanout.listener import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import NBUCKETS, bucket_of
 from fanout.worker import FdArg

@@ -794,6 +794,7 @@ class Distributor:
             self._publish(())
             for reg in listeners:
                 reg.removed = True
+                reg.stop_settles = True  # below, with the stop's reason
                 reg.close(drain=False)  # its rings take nothing more from here on
             self._closing.extend(r for r in listeners if isinstance(r, ProcessListener))
         if was_started:

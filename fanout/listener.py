@@ -113,6 +113,8 @@ class Registration:
         self.restarts = 0
         # Accepted but never queued (dropped on arrival): received counts them too.
         self.unqueued = 0
+        # Set by stop() for the listeners it settles itself (with its reason).
+        self.stop_settles = False
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
@@ -497,7 +499,7 @@ class ProcessListener(Registration):
             return
         for lane in self.lanes:
             lane.ack()  # what the last workers finished, before the slots go
-        if not self._dist.stopping:
+        if not self.stop_settles:
             self.settle(None)  # a removed listener's leftovers are dropped (client-go)
         self._close_memfd()
         self.memfd = -1
@@ -720,6 +722,8 @@ class ThreadListener(Registration):
         self.stopping = False
         self.discard = False  # stopping without a drain: handle nothing more
         self.leftover: list[Any] = []  # taken from the ring, then discarded: for settle
+        self.settled = False  # settle() ran: the thread accounts for what it still holds
+        self.final_reason: str | None = None
         self.busy = 0  # items taken from the ring, not yet handled
         self.received = 0
         self.delivered = 0
@@ -764,6 +768,7 @@ class ThreadListener(Registration):
         """Account for the notifications still queued."""
         with self.cond:
             self.stopping = self.discard = True
+            self.settled, self.final_reason = True, reason
             left, self.leftover = self.leftover, []
             while True:
                 item, ok = self.ring.read_one()
@@ -814,10 +819,17 @@ class ThreadListener(Registration):
                     batch.append(item)
                 self.busy = len(batch)
             for i, (n, t_ns) in enumerate(batch):
-                if self.discard:  # stopped: settle() accounts for the rest
+                if self.discard:  # stopped: the rest is settled, here or by settle()
                     with cond:
-                        self.leftover.extend(item[0] for item in batch[i:])
+                        rest = [item[0] for item in batch[i:]]
                         self.busy = 0
+                        if self.settled:
+                            calls = self._settle_items(rest, self.final_reason)
+                        else:
+                            self.leftover.extend(rest)
+                            calls = []
+                    for call in calls:
+                        call()
                     break
                 hist[bucket_of(monotonic_ns() - t_ns)] += 1
                 typed = n if self.to_schema is None else self._typed(n)

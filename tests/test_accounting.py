@@ -510,3 +510,38 @@ def test_a_worker_running_another_fanout_refuses_to_start(make_dist, monkeypatch
     d.add_listener(Noop())
     with pytest.raises(fanout.WorkerStartError, match="shadows the producer's package"):
         d.start()
+
+
+def test_a_listener_removed_just_before_stop_is_still_accounted(make_dist, tmp_path):
+    gate = tmp_path / "gate"
+    d = make_dist()
+    removed = d.add_listener(Recorder(tmp_path / "r"))
+    kept = d.add_listener(Noop())
+    d.start()
+    d.distribute(fanout.Add(obj("slow", gate=str(gate))))
+    for i in range(30):
+        d.distribute(fanout.Add(obj(f"o{i}")))
+    wait_for(lambda: removed.stats().latency_p50 is not None)
+    d.remove_listener(removed)  # its worker is still busy: reaped during stop
+    threading.Timer(0.3, gate.touch).start()
+    d.stop(drain=True)
+    s = assert_accounted(removed)
+    assert s.received == 31 and s.dropped == 30
+    assert_accounted(kept)
+
+
+def test_a_thread_listener_removed_mid_batch_counts_the_rest(make_dist, tmp_path):
+    gate = tmp_path / "gate"
+    d = make_dist()
+    reg = d.add_listener(Recorder(tmp_path / "r"), executor="thread")
+    d.start()
+    d.distribute(fanout.Add(obj("slow", gate=str(gate))))
+    for i in range(30):  # taken by the thread in the same batch as the slow one
+        d.distribute(fanout.Add(obj(f"o{i}")))
+    wait_for(lambda: reg.stats().latency_p50 is not None)
+    d.remove_listener(reg)
+    gate.touch()
+    assert d.shutdown_listener(reg, timeout=30)
+    s = reg.stats()
+    assert s.received == s.delivered + s.dead_lettered + s.dropped == 31, s
+    d.stop()

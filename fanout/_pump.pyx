@@ -5,12 +5,15 @@
 # table (self._rings), so the fr_state pointers in the C table stay valid while
 # the loop uses them. The table itself is guarded by table_lock; the loop holds
 # it for one send pass (never while sleeping in poll), so after remove() returns
-# the loop no longer touches that lane's fd and the caller may close it.
+# the loop no longer touches that lane's fd and the caller may close it. No
+# Python code runs under table_lock: a new table is built first, then swapped in.
 
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport uint64_t
 from posix.unistd cimport close, read, write
+
+from fanout._ring_common import check_fd
 
 from fanout._ring cimport (
     FrameRing,
@@ -22,11 +25,14 @@ from fanout._ring cimport (
     pthread_mutex_init,
     pthread_mutex_lock,
     pthread_mutex_t,
-    pthread_mutex_trylock,
     pthread_mutex_unlock,
 )
 
 __all__ = ["NATIVE", "Pump"]
+
+import threading
+
+from fanout._ring_common import check_pump_ring
 
 NATIVE = True
 
@@ -107,6 +113,7 @@ cdef class Pump:
     cdef Py_ssize_t nlanes
     cdef dict _rings
     cdef list _keys
+    cdef object _edit_lock  # serialises add/remove (Python-level: they build tables)
     cdef int efd
     cdef int sleeping
     cdef int running
@@ -121,6 +128,7 @@ cdef class Pump:
         self.nlanes = 0
         self._rings = {}
         self._keys = []
+        self._edit_lock = threading.Lock()
         self.running = 1
         self.sleeping = 0
 
@@ -130,71 +138,82 @@ cdef class Pump:
         PyMem_RawFree(self.lanes)
         pthread_mutex_destroy(&self.table_lock)
 
-    cdef void _lock_table(self):
-        if pthread_mutex_trylock(&self.table_lock) != 0:
-            with nogil:  # the loop holds the table for one send pass at most
-                pthread_mutex_lock(&self.table_lock)
-
-    def add(self, key, FrameRing ring not None, int fd):
+    def add(self, key, ring, fd):
         """Attach ``ring`` to be drained into ``fd`` (replacing ``key``'s lane)."""
-        self._lock_table()
-        try:
-            self._rings[key] = (ring, fd)
-            self._rebuild()
-        finally:
-            pthread_mutex_unlock(&self.table_lock)
+        check_pump_ring(ring, FrameRing)
+        fd = check_fd(fd)
+        with self._edit_lock:
+            rings = dict(self._rings)
+            rings[key] = (ring, fd)
+            self._swap(rings)
         self._wake()
 
     def remove(self, key):
         """Detach ``key``'s lane; on return the loop no longer uses its fd."""
-        self._lock_table()
-        try:
-            if self._rings.pop(key, None) is not None:
-                self._rebuild()
-        finally:
-            pthread_mutex_unlock(&self.table_lock)
+        with self._edit_lock:
+            if key in self._rings:
+                rings = dict(self._rings)
+                del rings[key]
+                self._swap(rings)
         # A poll() still watching the old fd holds a reference to its file, which
         # would delay the reader's EOF: wake the loop so it lets go.
         self._wake()
 
     def broken(self):
         """Return ``{key: errno}`` of lanes whose fd failed since they were added."""
-        cdef Py_ssize_t i
-        out = {}
-        self._lock_table()
-        try:
-            for i in range(self.nlanes):
-                if self.lanes[i].broken:
-                    out[self._keys[i]] = self.lanes[i].error
-        finally:
-            pthread_mutex_unlock(&self.table_lock)
-        return out
+        cdef Py_ssize_t i, n
+        cdef int* errors
+        with self._edit_lock:  # the table cannot change under us
+            keys = self._keys
+            n = self.nlanes
+            errors = <int*>PyMem_RawMalloc(sizeof(int) * (n + 1))
+            if errors == NULL:
+                raise MemoryError()
+            with nogil:  # copy the flags out under the lock; Python objects after
+                pthread_mutex_lock(&self.table_lock)
+                for i in range(n):
+                    errors[i] = self.lanes[i].error if self.lanes[i].broken else 0
+                pthread_mutex_unlock(&self.table_lock)
+            try:
+                return {keys[i]: errors[i] for i in range(n) if errors[i]}
+            finally:
+                PyMem_RawFree(errors)
 
-    cdef _rebuild(self):
-        # table_lock held. Flags of lanes that stay are kept.
+    cdef _swap(self, dict rings):
+        """Build the C table of ``rings`` and swap it in (``_edit_lock`` held).
+
+        Everything that touches Python objects happens before the table lock is
+        taken; under it, only C: flags of lanes that stay are kept, then swap.
+        """
         cdef lane_t* new
-        cdef Py_ssize_t i = 0, j
+        cdef lane_t* old
+        cdef Py_ssize_t i = 0, j, n = len(rings)
         cdef FrameRing ring
-        old = {self._keys[j]: j for j in range(self.nlanes)}
-        new = <lane_t*>PyMem_RawMalloc(sizeof(lane_t) * (len(self._rings) + 1))
+        new = <lane_t*>PyMem_RawMalloc(sizeof(lane_t) * (n + 1))
         if new == NULL:
-            raise MemoryError()
+            raise MemoryError()  # nothing changed: the Python and C tables agree
         keys = []
-        for key, (ring, fd) in self._rings.items():
-            j = old.get(key, -1)
-            if j >= 0 and self.lanes[j].fd == fd and self.lanes[j].st == ring.st:
-                new[i] = self.lanes[j]
-            else:
-                new[i].st = ring.st
-                new[i].fd = fd
-                new[i].blocked = 0
-                new[i].broken = 0
-                new[i].error = 0
+        for key, (ring, fd) in rings.items():
+            new[i].st = ring.st
+            new[i].fd = fd
+            new[i].blocked = 0
+            new[i].broken = 0
+            new[i].error = 0
             keys.append(key)
             i += 1
-        PyMem_RawFree(self.lanes)
-        self.lanes = new
-        self.nlanes = i
+        with nogil:  # only C under the table lock; the loop waits at most one swap
+            pthread_mutex_lock(&self.table_lock)
+            for i in range(n):
+                for j in range(self.nlanes):
+                    if self.lanes[j].st == new[i].st and self.lanes[j].fd == new[i].fd:
+                        new[i] = self.lanes[j]
+                        break
+            old = self.lanes
+            self.lanes = new
+            self.nlanes = n
+            pthread_mutex_unlock(&self.table_lock)
+        PyMem_RawFree(old)
+        self._rings = rings  # keeps every ring (and its fr_state) alive
         self._keys = keys
 
     cdef void _wake(self) noexcept nogil:

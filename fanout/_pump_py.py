@@ -12,6 +12,9 @@ import threading
 import weakref
 from typing import Any
 
+from fanout._ring_common import check_fd, check_pump_ring
+from fanout._ring_py import FrameRing
+
 __all__ = ["NATIVE", "Pump"]
 
 NATIVE = False
@@ -31,6 +34,7 @@ class Pump:
         # Closed by close(), or when a pump never closed is collected (the native
         # twin closes it in __dealloc__).
         self._close_efd = weakref.finalize(self, os.close, self._efd)
+        self._close_efd.atexit = False  # at exit, stop() closes it after run() returned
         # key -> [ring, fd, blocked, broken_errno]; replaced whole on change so the
         # loop can iterate a snapshot. _table_lock is held for one send pass.
         self._lanes: dict[Any, list[Any]] = {}
@@ -40,6 +44,8 @@ class Pump:
 
     def add(self, key: Any, ring: Any, fd: int) -> None:
         """Attach ``ring`` to be drained into ``fd`` (replacing ``key``'s lane)."""
+        check_pump_ring(ring, FrameRing)
+        fd = check_fd(fd)
         with self._table_lock:
             lanes = dict(self._lanes)
             old = lanes.get(key)

@@ -17,6 +17,7 @@ __all__ = [
     "RING_GROW_FROM_ZERO",
     "check_ack",
     "check_fd",
+    "check_pump_ring",
     "check_size",
     "check_words",
     "frame_length",
@@ -79,6 +80,15 @@ def check_fd(fd: Any) -> int:
     if not 0 <= fd < 1 << 31:
         raise ValueError(f"fd must be a file descriptor number >= 0, got {fd}")
     return fd
+
+
+def check_pump_ring(ring: Any, frame_ring_type: type) -> None:
+    """Raise unless ``ring`` is a FrameRing of the pump's own implementation."""
+    if not isinstance(ring, frame_ring_type):
+        raise TypeError(
+            f"ring must be a {frame_ring_type.__module__}.FrameRing (the pump's own "
+            f"implementation), not {type(ring).__module__}.{type(ring).__qualname__}"
+        )
 
 
 def check_words(words: Any, index: Any) -> memoryview:

@@ -789,7 +789,7 @@ class Distributor:
         with self.lock:
             self.stopping = True
             listeners = self._listeners
-            lost_before = {reg: reg.dropped + reg.dead_lettered for reg in listeners}
+            lost_before = {reg: reg.settled_count for reg in listeners}
             self._stopped_listeners = listeners
             self._publish(())
             for reg in listeners:
@@ -804,7 +804,7 @@ class Distributor:
         lost = 0
         for reg in listeners:
             calls += reg.settle(self._undelivered_reason(reg, drain, timeout, was_started))
-            lost += reg.dropped + reg.dead_lettered - lost_before[reg]
+            lost += reg.settled_count - lost_before[reg]  # not the ordinary dead letters
         with self.lock:
             self.stopped = True
             for reg in self._closing:

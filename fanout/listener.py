@@ -115,6 +115,7 @@ class Registration:
         self.unqueued = 0
         # Set by stop() for the listeners it settles itself (with its reason).
         self.stop_settles = False
+        self.settled_count = 0  # notifications settle() dropped or dead-lettered
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
@@ -228,8 +229,9 @@ class Registration:
         """Account for what is still queued once nothing handles it any more.
 
         With ``reason`` None it is dropped (counted in ``dropped``); otherwise it
-        is dead-lettered with that reason. Returns the ``on_dead_letter`` calls
-        to make, outside the distributor's lock.
+        is dead-lettered with that reason. ``settled_count`` grows by how many.
+        Returns the ``on_dead_letter`` calls to make, outside the distributor's
+        lock.
         """
         raise NotImplementedError
 
@@ -237,6 +239,7 @@ class Registration:
         """Count ``items`` (payloads or notifications) as dropped or dead-lettered."""
         if not items:
             return []
+        self.settled_count += len(items)
         if reason is None:
             self.dropped += len(items)
             return []

@@ -16,10 +16,24 @@ __all__ = ["ensure_forkserver"]
 _env_lock = threading.Lock()
 
 
+def _alive(pid: int | None) -> bool:
+    """Tell whether ``pid`` runs (a zombie does not), without reaping it."""
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
 def ensure_forkserver() -> None:
     """Start the forkserver if it does not run, with no current directory on its path."""
     from multiprocessing import forkserver
 
+    if _alive(getattr(forkserver._forkserver, "_forkserver_pid", None)):
+        forkserver.ensure_running()  # running: touch nothing process-wide
+        return
     with _env_lock:
         saved = os.environ.get("PYTHONSAFEPATH")
         os.environ["PYTHONSAFEPATH"] = "1"  # read by Python >= 3.11

@@ -12,6 +12,8 @@ from libc.string cimport memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport read
 
+from operator import index as _index
+
 from fanout.codec import wire_fields_error, wire_shape_error
 from fanout.stats import (
     DONE as _DONE,
@@ -117,12 +119,12 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                     if not isinstance(fields, (list, tuple)) or len(fields) != 4:
                         raise wire_shape_error(fields)
                     kind_o, t_o, a, b = fields
-                    if not isinstance(kind_o, int) or not isinstance(t_o, int):
-                        raise wire_fields_error(kind_o, t_o)  # C conversion takes floats
                     try:
-                        kind = kind_o
-                        t_ns = t_o
-                    except OverflowError:
+                        # As the twin takes them: ints and what has __index__
+                        # (numpy ints), never floats, which a C conversion takes.
+                        kind = kind_o if type(kind_o) is int else _index(kind_o)
+                        t_ns = t_o if type(t_o) is int else _index(t_o)
+                    except (OverflowError, TypeError):
                         raise wire_fields_error(kind_o, t_o) from None
                     if kind < ADD or kind > UPDATE_SAME or t_ns < 0:
                         raise wire_fields_error(kind_o, t_o)

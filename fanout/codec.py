@@ -6,10 +6,10 @@ old and new are the same object, as a resync sends: the object travels once and 
 worker passes one decoded object as both); ``t_ns`` is ``time.monotonic_ns()`` at
 ``distribute`` (system-wide on Linux), so a worker can measure latency.
 
-Extension types (MessagePack ext codes 1-4 are fanout's; 64-127 are the user's):
+Extension types (MessagePack ext codes 1-3 are fanout's; 64-127 are the user's):
 1 = numpy array (``[dtype.str, shape, raw bytes]``, decoded read-only without a
-second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text), 4 = ``tuple``
-(the msgpack codec keeps tuples, so a dict keyed by tuples decodes as it was sent).
+second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text). Tuples travel
+as arrays (a handler gets lists), except as dict keys, which decode as tuples again.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from fanout.notifications import Add, Delete, Notification, Update
 __all__ = ["Codec", "MsgpackCodec", "MsgspecCodec", "get_codec"]
 
 ADD, UPDATE, DELETE, UPDATE_SAME = 0, 1, 2, 3
-EXT_NDARRAY, EXT_DATETIME, EXT_DATE, EXT_TUPLE = 1, 2, 3, 4
+EXT_NDARRAY, EXT_DATETIME, EXT_DATE = 1, 2, 3
 INT_RANGE = "-2**63 to 2**64-1"
 USER_EXT_CODES = range(64, 128)
 
@@ -72,8 +72,6 @@ def _builtin_to_ext(obj: Any) -> Any:
 
 
 def _builtin_from_ext(code: int, data: bytes) -> Any:
-    if code == EXT_TUPLE:
-        return tuple(msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=_ext_or_raw))
     if code == EXT_NDARRAY:
         import numpy as np
 
@@ -86,18 +84,13 @@ def _builtin_from_ext(code: int, data: bytes) -> Any:
     return None
 
 
-def _ext_or_raw(code: int, data: bytes) -> Any:
-    obj = _builtin_from_ext(code, data)
-    return obj if obj is not None else msgpack.ExtType(code, data)
+def _tuple_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    """Build a map whose array keys (tuples when sent) become tuples again."""
+    return {_hashable(k): v for k, v in pairs}
 
 
-def _exact(obj: Any) -> Any:
-    """Return a subclass of a MessagePack type (IntEnum, OrderedDict, ...) as its base."""
-    base: Any
-    for base in (dict, list, str, int, float, bytes):
-        if isinstance(obj, base):
-            return base(obj)
-    return None
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if type(key) is list else key
 
 
 def _to_wire(n: Notification) -> tuple[int, Any, Any]:
@@ -404,36 +397,16 @@ class MsgpackCodec(Codec):
         self._local = threading.local()
 
     def _default(self, obj: Any) -> Any:
-        # The packer checks types exactly (strict_types), so tuples and subclasses
-        # of the plain types come here too.
-        cls = type(obj)
-        if cls is tuple:
-            # Not self.pack: this runs inside the thread's Packer, which is not
-            # re-entrant.
-            body = msgpack.packb(
-                list(obj),
-                default=self._default,
-                use_bin_type=True,
-                datetime=False,
-                strict_types=True,
-            )
-            return msgpack.ExtType(EXT_TUPLE, body)
         ext = _builtin_to_ext(obj)
         if ext is not None:
             return msgpack.ExtType(*ext)
-        if cls.__module__ == "numpy" and hasattr(obj, "item"):
+        if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
             return obj.item()  # numpy scalar
-        if cls is not int:  # an int here is out of range: say so below
-            plain = _exact(obj)
-            if plain is not None:
-                return plain
         if self.default is not None:
             return self.default(obj)
         raise _unencodable(obj)
 
     def _ext(self, code: int, data: bytes) -> Any:
-        if code == EXT_TUPLE:
-            return tuple(self.unpack(data))
         obj = _builtin_from_ext(code, data)
         if obj is not None:
             return obj
@@ -472,7 +445,7 @@ class MsgpackCodec(Codec):
     def _packer(self) -> msgpack.Packer:
         # One Packer per thread: Packer is not thread-safe.
         packer = self._local.packer = msgpack.Packer(
-            default=self._default, use_bin_type=True, datetime=False, strict_types=True
+            default=self._default, use_bin_type=True, datetime=False
         )
         return packer
 
@@ -511,7 +484,19 @@ class MsgpackCodec(Codec):
             The value: tuples come back as lists, numpy arrays read-only, and
             extension codes ``ext_hook`` does not take as ``msgpack.ExtType``.
         """
-        return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=self._ext)
+        try:
+            return msgpack.unpackb(data, raw=False, strict_map_key=False, ext_hook=self._ext)
+        except TypeError as exc:
+            if "unhashable" not in str(exc):
+                raise
+        # A map keyed by arrays (tuples when sent): build those maps one by one.
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            ext_hook=self._ext,
+            object_pairs_hook=_tuple_keys,
+        )
 
     def _msgspec_ext(self, code: int, data: memoryview) -> Any:
         return self._ext(code, bytes(data))

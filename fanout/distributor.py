@@ -153,6 +153,8 @@ class Distributor:
         # Swapped whole, so distribute() reads one consistent plan without the lock.
         self._plan = _Plan(())
         self._stopped_listeners: tuple[Registration, ...] = ()
+        # (name, dead-lettered, dropped) of each listener the last stop() lost from.
+        self._stop_losses: list[tuple[str, int, int]] = []
         self.started = False
         self.stopped = False
         self.stopping = False
@@ -256,8 +258,9 @@ class Distributor:
                 is killed and restarted (process listeners); None: no limit.
             max_attempts: Handler calls a notification may kill its worker in
                 before it is dead-lettered.
-            on_error: ``f(reg, notification, traceback_text)`` called (in
-                fanout's supervisor thread) for every handler exception.
+            on_error: ``f(reg, notification, traceback_text)`` called for every
+                handler exception, in fanout's supervisor thread (in the
+                listener's own thread for ``executor="thread"``).
             on_dead_letter: ``f(reg, notification, reason)`` called for every
                 notification given up on; an undecodable frame arrives as a
                 ``fanout.RawFrame``.
@@ -319,7 +322,9 @@ class Distributor:
             self._publish((*self._listeners, reg))
         self.supervisor.wake()
         self.pump.notify()
-        if self.started:
+        # From an on_error / on_dead_letter callback (the supervisor's thread) the
+        # wait would hold up the very thread that reads "ready": skip it there.
+        if self.started and threading.current_thread() is not self.supervisor:
             failure = self._first_start_failure([reg])
             if failure is not None:
                 self.shutdown_listener(reg, timeout=self.close_grace)
@@ -714,6 +719,9 @@ class Distributor:
                     "waiting for them",
                     FIRST_START_WAIT,
                 )
+                with self.lock:  # nobody waits now: later failures are reported as usual
+                    for lane in lanes:
+                        lane.first_start = False
                 break
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
@@ -759,7 +767,10 @@ class Distributor:
             timeout: With ``drain=True``, seconds to wait at most; what is then
                 still pending is dead-lettered (``on_dead_letter`` is called).
                 What a listener whose workers never started holds is
-                dead-lettered either way.
+                dead-lettered either way. A thread cannot be stopped: a thread
+                listener's running handler call is waited for, up to
+                ``timeout`` if given; one still running then is counted when it
+                returns.
 
         Returns:
             True when nothing pending was dropped or dead-lettered by the stop.
@@ -777,34 +788,53 @@ class Distributor:
                 "fanout's own threads would wait for itself; call it from another thread"
             )
         with self._stop_lock:  # a second caller waits for the first to finish
-            return self._stop(drain, timeout)
+            complete, calls = self._stop(drain, timeout)
+        # on_dead_letter, in the caller's thread, with no lock held: a callback
+        # that calls stop() again gets True at once.
+        for call in calls:
+            call()
+        return complete
 
-    def _stop(self, drain: bool, timeout: float | None) -> bool:
+    def _stop(self, drain: bool, timeout: float | None) -> tuple[bool, list[Callable[[], None]]]:
         with self.lock:
             if self.stopped:
-                return True
+                return True, []
             was_started = self.started
-        if was_started and drain:
+            resumed = self.stopping  # an earlier stop() was interrupted midway
+        if was_started and drain and not resumed:
             self._wait_drained(timeout)
         with self.lock:
             self.stopping = True
-            listeners = self._listeners
-            lost_before = {reg: reg.settled_count for reg in listeners}
-            self._stopped_listeners = listeners
-            self._publish(())
+            # Read again: a start() may have run while the drain waited; from
+            # here on (stopping is set) none can.
+            was_started = self.started
+            if not resumed:
+                self._stopped_listeners = self._listeners
+                self._publish(())
+            listeners = self._stopped_listeners
+            before = {
+                reg: (reg.settled_count, reg.dropped, reg.dead_lettered) for reg in listeners
+            }
             for reg in listeners:
                 reg.removed = True
                 reg.stop_settles = True  # below, with the stop's reason
                 reg.close(drain=False)  # its rings take nothing more from here on
-            self._closing.extend(r for r in listeners if isinstance(r, ProcessListener))
-        if was_started:
-            self._reap(listeners)
-        # Every listener's queue is final now: count what is left.
+                if isinstance(reg, ProcessListener) and reg not in self._closing:
+                    self._closing.append(reg)
         calls: list[Callable[[], None]] = []
+        if was_started:
+            calls += self._reap(listeners, timeout)
+        # Every listener's queue is final now: count what is left.
         lost = 0
+        self._stop_losses = []
         for reg in listeners:
             calls += reg.settle(self._undelivered_reason(reg, drain, timeout, was_started))
-            lost += reg.settled_count - lost_before[reg]  # not the ordinary dead letters
+            settled, dropped, dead = before[reg]
+            if reg.settled_count > settled:  # not the ordinary dead letters
+                lost += reg.settled_count - settled
+                self._stop_losses.append(
+                    (reg.name, reg.dead_lettered - dead, reg.dropped - dropped)
+                )
         with self.lock:
             self.stopped = True
             for reg in self._closing:
@@ -812,9 +842,7 @@ class Distributor:
             self._closing = []
         _running.discard(self)
         self._shutdown_threads(was_started)
-        for call in calls:  # on_dead_letter, in the caller's thread, no lock held
-            call()
-        return lost == 0
+        return lost == 0, calls
 
     @staticmethod
     def _undelivered_reason(
@@ -823,8 +851,10 @@ class Distributor:
         """Why ``stop`` dead-letters what ``reg`` still holds; None: it drops it."""
         if not was_started:
             return "the distributor was stopped without ever being started"
-        if reg.never_started() or reg.stuck():
+        if reg.never_started():
             return "the listener's workers never started, so nothing could deliver it"
+        if reg.stuck():
+            return "the listener's workers keep failing to start, so nothing could deliver it"
         if drain:
             return f"stop(drain=True, timeout={timeout}) gave up before it was delivered"
         return None
@@ -842,18 +872,23 @@ class Distributor:
             delay = min(delay * 2, 0.001)
         return all(r.drained() for r in self._listeners)
 
-    def _reap(self, listeners: tuple[Registration, ...]) -> None:
-        """Wait for workers and threads to leave; kill what stays past the grace."""
+    def _reap(
+        self, listeners: tuple[Registration, ...], timeout: float | None
+    ) -> list[Callable[[], None]]:
+        """Wait for workers and threads to leave; kill workers past the grace.
+
+        A thread cannot be killed: a thread listener's running call is waited
+        for (up to ``timeout`` if given), so that what it leaves is counted.
+        Returns the reports a fallback reap collected, to make after the lock.
+        """
         deadline = time.monotonic() + 1.0
         self.supervisor.wake()
-        for reg in listeners:
-            if isinstance(reg, ThreadListener) and reg.thread is not None:
-                reg.thread.join(max(0.0, deadline - time.monotonic()))
+        calls: list[Callable[[], None]] = []
         while True:
             with self.lock:
                 lanes = [lane for r in self._closing for lane in r.lanes if lane.proc]  # type: ignore[attr-defined]
                 if not lanes:
-                    return
+                    break
                 now = time.monotonic()
                 if now >= deadline:
                     for lane in lanes:
@@ -862,9 +897,13 @@ class Distributor:
                 if now >= deadline + REAP_FALLBACK or not self.supervisor.is_alive():
                     # The supervisor should have reaped them by now: do it here.
                     for lane in lanes:
-                        self.supervisor.reap(lane)
+                        calls += self.supervisor.reap(lane)
             self.supervisor.wake()
             time.sleep(0.002)
+        for reg in listeners:
+            if isinstance(reg, ThreadListener) and reg.thread is not None:
+                reg.thread.join(timeout)
+        return calls
 
     def _shutdown_threads(self, was_started: bool) -> None:
         self.pump.stop()
@@ -880,8 +919,11 @@ class Distributor:
         return self.start()
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        # Drain, even when the block raised an error: what was accepted is
+        # delivered. Only an interruption (Ctrl-C, SystemExit) stops at once.
+        interrupted = exc_type is not None and not issubclass(exc_type, Exception)
         try:
-            complete = self.stop(drain=exc_type is None)
+            complete = self.stop(drain=not interrupted)
         except Exception:
             if exc_type is None:
                 raise
@@ -890,9 +932,8 @@ class Distributor:
             return
         if not complete:
             lost = ", ".join(
-                f"{r.name!r}: {r.dead_lettered} dead-lettered, {r.dropped} dropped"
-                for r in self._stopped_listeners
-                if r.dead_lettered or r.dropped
+                f"{name!r}: {dead} dead-lettered, {dropped} dropped"
+                for name, dead, dropped in self._stop_losses
             )
             log.warning(
                 "leaving the with block: not every notification was delivered (%s); "

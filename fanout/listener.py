@@ -13,12 +13,13 @@ import fcntl
 import functools
 import logging
 import mmap
+import operator
 import os
 import threading
 import time
 import traceback
 import weakref
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -244,16 +245,28 @@ class Registration:
             self.dropped += len(items)
             return []
         self.dead_lettered += len(items)
-        return [functools.partial(self.dead_letter_item, item, reason) for item in items]
+        # One log line for them all (not one per item); on_dead_letter per item.
+        log.warning(
+            "listener %r: %d notifications dead-lettered: %s", self.name, len(items), reason
+        )
+        return [
+            functools.partial(self.dead_letter_item, item, reason, quiet=True) for item in items
+        ]
 
-    def dead_letter_item(self, item: Any, reason: str) -> None:
-        """Report ``item`` (a notification or an encoded payload) as dead-lettered."""
+    def dead_letter_item(self, item: Any, reason: str, quiet: bool = False) -> None:
+        """Report ``item`` (a notification or an encoded payload) as dead-lettered.
+
+        ``quiet``: call ``on_dead_letter`` only (the caller logged a summary).
+        """
         if isinstance(item, (bytes, bytearray)):
             try:
                 item = self._dist.codec.decode(item)[0]
             except Exception as exc:
                 item = RawFrame(bytes(item), f"cannot be decoded: {exc!r}")
-        self.report_dead_letter(item, reason)
+        if quiet:
+            self._callback(self.on_dead_letter, item, reason)
+        else:
+            self.report_dead_letter(item, reason)
 
     def stats(self) -> ListenerStats:
         """Return a snapshot of this listener's counters.
@@ -601,6 +614,7 @@ class Lane:
         self.closing = False
         self.initial_seq = 0
         self.attempts: dict[int, int] = {}
+        self.undecodable: set[int] = set()  # seqs reported undecodable, not yet acked
         self.kill_reason: str | None = None
         self.kill_at = 0.0  # when a SIGTERM'ed worker gets SIGKILL
         self.close_deadline = 0.0
@@ -727,7 +741,10 @@ class ThreadListener(Registration):
         self.leftover: list[Any] = []  # taken from the ring, then discarded: for settle
         self.settled = False  # settle() ran: the thread accounts for what it still holds
         self.final_reason: str | None = None
-        self.busy = 0  # items taken from the ring, not yet handled
+        # The batch the thread works through. Each item is taken exactly once,
+        # by the thread or by settle(): next() on a list iterator is atomic.
+        self.batch_it: Iterator[tuple[Notification, int]] = iter(())
+        self.in_call = False  # the thread is inside a handler call
         self.received = 0
         self.delivered = 0
         self.errors = 0
@@ -773,6 +790,7 @@ class ThreadListener(Registration):
             self.stopping = self.discard = True
             self.settled, self.final_reason = True, reason
             left, self.leftover = self.leftover, []
+            left += [item[0] for item in self.batch_it]  # what the thread has not taken
             while True:
                 item, ok = self.ring.read_one()
                 if not ok:
@@ -788,7 +806,11 @@ class ThreadListener(Registration):
     def drained(self) -> bool:
         """Tell whether everything queued was handled."""
         with self.cond:
-            return len(self.ring) == 0 and self.busy == 0
+            return (
+                len(self.ring) == 0
+                and operator.length_hint(self.batch_it) == 0
+                and not self.in_call
+            )
 
     def _initial_done(self) -> bool:
         return self.initial_left <= 0 or self.removed  # removed: nothing more comes
@@ -820,19 +842,19 @@ class ThreadListener(Registration):
                     if not ok:
                         break
                     batch.append(item)
-                self.busy = len(batch)
-            for i, (n, t_ns) in enumerate(batch):
-                if self.discard:  # stopped: the rest is settled, here or by settle()
-                    with cond:
-                        rest = [item[0] for item in batch[i:]]
-                        self.busy = 0
-                        if self.settled:
-                            calls = self._settle_items(rest, self.final_reason)
-                        else:
-                            self.leftover.extend(rest)
-                            calls = []
-                    for call in calls:
-                        call()
+                self.batch_it = it = iter(batch)
+            while True:
+                # Flagged before the item is taken, so drained() never sees an
+                # item that is neither in the batch nor in a call.
+                self.in_call = True
+                item = next(it, None)
+                if item is None:
+                    self.in_call = False
+                    break
+                n, t_ns = item
+                if self.discard:  # stopped: n and the rest are settled, not handled
+                    self._give_back(n)
+                    self.in_call = False
                     break
                 hist[bucket_of(monotonic_ns() - t_ns)] += 1
                 typed = n if self.to_schema is None else self._typed(n)
@@ -851,7 +873,19 @@ class ThreadListener(Registration):
                     self.delivered += 1
                 if self.initial_left > 0:  # the initial list is queued first
                     self.initial_left -= 1
-                self.busy -= 1
+                self.in_call = False
+
+    def _give_back(self, n: Notification) -> None:
+        """Account for ``n`` and the rest of the batch: settle() did or will."""
+        with self.cond:
+            rest = [n, *(item[0] for item in self.batch_it)]
+            if self.settled:
+                calls = self._settle_items(rest, self.final_reason)
+            else:
+                self.leftover.extend(rest)
+                calls = []
+        for call in calls:
+            call()
 
     def _typed(self, n: Notification) -> Notification | None:
         """``n`` with its objects converted to the schema; None (dead-lettered) on a misfit.
@@ -877,12 +911,18 @@ class ThreadListener(Registration):
             self.dead_lettered += 1
             self.report_dead_letter(n, misfit_text(self.schema, role, str(exc)))
             return None
+        except Exception as exc:  # the schema's own code raised (__post_init__, ...)
+            self.dead_lettered += 1
+            self.report_dead_letter(
+                n, misfit_text(self.schema, role, f"building it raised {exc!r}")
+            )
+            return None
 
     def counters(self) -> dict[str, int]:
         """Pending items, handled and failed calls (no bytes: objects are passed)."""
         return {
             "received": self.received,
-            "pending": len(self.ring) + max(0, self.busy),
+            "pending": len(self.ring) + operator.length_hint(self.batch_it) + self.in_call,
             "pending_bytes": 0,
             "capacity_bytes": 0,
             "delivered": self.delivered,

@@ -69,7 +69,7 @@ class Delete:
         _set_delete_obj(self, obj)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, repr=False)
 class RawFrame:
     """A frame a worker could not decode, handed to ``on_dead_letter`` in its place.
 
@@ -80,6 +80,14 @@ class RawFrame:
 
     payload: bytes
     error: str
+
+    def __repr__(self) -> str:
+        # A payload may be megabytes: show its size and start, not all of it.
+        head = self.payload[:32]
+        more = "..." if len(self.payload) > 32 else ""
+        return (
+            f"RawFrame(payload=<{len(self.payload)} bytes: {head!r}{more}>, error={self.error!r})"
+        )
 
 
 _set_add_obj = Add.__dict__["obj"].__set__

@@ -99,10 +99,16 @@ class Supervisor(threading.Thread):
             self.wake_w = -1
             self._close_pipe()
 
-    def reap(self, lane: Lane) -> None:
-        """Reap a stopping lane's worker now (distributor lock held)."""
+    def reap(self, lane: Lane) -> list[Callable[[], None]]:
+        """Reap a stopping lane's worker now (distributor lock held).
+
+        Returns:
+            The reports its last messages asked for, to make without the lock.
+        """
+        calls: list[Callable[[], None]] = []
         if lane.proc is not None:
-            self._on_exit(lane, [])
+            self._on_exit(lane, calls)
+        return calls
 
     def run(self) -> None:
         while not self.stopping:
@@ -228,6 +234,15 @@ class Supervisor(threading.Thread):
             text = str(msg.get("text", ""))
             calls.append(lambda: listener.report_error(n, text))
         elif kind == "undecodable":
+            seq = msg.get("seq")
+            # A worker that died between reporting a frame and marking it done
+            # reports it again when it is resent: count it once.
+            if isinstance(seq, int):
+                if seq in lane.undecodable:
+                    return
+                acked = lane.ring.acked_seq  # those are never resent: forget them
+                lane.undecodable = {s for s in lane.undecodable if s > acked}
+                lane.undecodable.add(seq)
             listener.dead_lettered += 1
             why = str(msg.get("text", "frame cannot be decoded"))
             payload = msg.get("payload")
@@ -374,6 +389,7 @@ class Supervisor(threading.Thread):
                 lane.attempts[started] = attempts
         for seq in [s for s in lane.attempts if s <= ring.acked_seq]:
             del lane.attempts[seq]
+        lane.undecodable = {s for s in lane.undecodable if s > ring.acked_seq}
         ring.rewind()
         return progressed, charged
 

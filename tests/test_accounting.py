@@ -14,6 +14,7 @@ import sys
 import threading
 import typing
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import numpy as np
@@ -237,6 +238,8 @@ def test_stop_drain_timeout_dead_letters_the_rest(make_dist, tmp_path, executor)
         assert d.stop(drain=True, timeout=0.2) is False
     finally:
         releaser.join()
+    # A thread cannot be stopped: the call it was in ends after the gate opens.
+    wait_for(lambda: reg.stats().pending == 0)
     s = assert_accounted(reg)
     assert s.dead_lettered >= 20 and len(dead) == s.dead_lettered
     for _, n, why in dead.snapshot():
@@ -305,11 +308,24 @@ def test_distribute_racing_stop_is_delivered_counted_or_refused(make_dist, tmp_p
         assert sent <= s.received <= sent + 1  # the refused call may have reached it
 
 
-def test_leaving_a_with_block_that_lost_notifications_warns_and_keeps_the_error(
-    no_leaks, tmp_path, caplog
-):
+def test_leaving_a_with_block_on_an_error_still_drains(no_leaks, tmp_path, caplog):
     gate = tmp_path / "gate"
     with pytest.raises(KeyError, match="from the block"):  # not masked
+        with fanout.Distributor() as d:
+            reg = d.add_listener(Recorder(tmp_path / "r"), name="slowpoke")
+            d.distribute(fanout.Add(obj("slow", gate=str(gate))))
+            for i in range(10):
+                d.distribute(fanout.Add(obj(f"o{i}")))
+            threading.Timer(0.3, gate.touch).start()
+            raise KeyError("from the block")
+    s = assert_accounted(reg)
+    assert s.delivered == 11 and s.dropped == 0
+    assert not [r for r in caplog.records if "with block" in r.getMessage()]
+
+
+def test_leaving_a_with_block_on_an_interrupt_drops_and_warns(no_leaks, tmp_path, caplog):
+    gate = tmp_path / "gate"
+    with pytest.raises(SystemExit):  # not masked
         with fanout.Distributor() as d:
             reg = d.add_listener(Recorder(tmp_path / "r"), name="slowpoke")
             d.distribute(fanout.Add(obj("slow", gate=str(gate))))
@@ -318,11 +334,99 @@ def test_leaving_a_with_block_that_lost_notifications_warns_and_keeps_the_error(
             wait_for(lambda: reg.stats().latency_p50 is not None)
             threading.Timer(0.3, gate.touch).start()
             with caplog.at_level(logging.WARNING, logger="fanout"):
-                raise KeyError("from the block")
+                raise SystemExit(3)
     s = assert_accounted(reg)
     assert s.dropped == 10
     warning = [r.getMessage() for r in caplog.records if "with block" in r.getMessage()]
     assert warning and "'slowpoke': 0 dead-lettered, 10 dropped" in warning[0]
+
+
+def test_a_callback_may_call_stop_while_stop_runs_it(make_dist):
+    d = make_dist()
+    answers: list[bool] = []
+    d.add_listener(Noop(), on_dead_letter=lambda reg, n, why: answers.append(d.stop()))
+    for i in range(3):
+        d.distribute(fanout.Add(obj(f"o{i}")))
+    assert d.stop() is False  # never started: its backlog is dead-lettered
+    assert answers == [True, True, True]
+
+
+def test_dead_letters_at_stop_log_one_line_per_listener(make_dist, caplog):
+    dead = Collector()
+    d = make_dist()
+    d.add_listener(Noop(), name="backlog", on_dead_letter=dead)
+    for i in range(50):
+        d.distribute(fanout.Add(obj(f"o{i}")))
+    with caplog.at_level(logging.WARNING, logger="fanout"):
+        d.stop()
+    lines = [r.getMessage() for r in caplog.records if "backlog" in r.getMessage()]
+    assert len(lines) == 1 and "50 notifications dead-lettered" in lines[0]
+    assert len(dead) == 50
+
+
+def test_a_raw_frame_shows_its_size_not_its_bytes():
+    raw = fanout.RawFrame(b"x" * 1_000_000, "too odd")
+    assert len(repr(raw)) < 200 and "1000000 bytes" in repr(raw)
+
+
+def test_a_stop_interrupted_midway_is_finished_by_the_next_one(make_dist, tmp_path, monkeypatch):
+    from fanout.distributor import Distributor
+
+    gate = tmp_path / "gate"
+    d = make_dist()
+    reg = d.add_listener(Recorder(tmp_path / "r"))
+    d.start()
+    d.distribute(fanout.Add(obj("slow", gate=str(gate))))
+    for i in range(10):
+        d.distribute(fanout.Add(obj(f"o{i}")))
+    real = Distributor._reap
+
+    def interrupted(self, listeners, timeout):
+        monkeypatch.setattr(Distributor, "_reap", real)
+        raise KeyboardInterrupt  # Ctrl-C while stop() waits for the workers
+
+    monkeypatch.setattr(Distributor, "_reap", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        d.stop(drain=False)
+    gate.touch()
+    assert d.stop(drain=False) is False
+    s = assert_accounted(reg)
+    assert s.received == 11 and s.dropped >= 10
+
+
+def test_a_thread_handler_slower_than_a_second_is_waited_for(make_dist, tmp_path):
+    gate = tmp_path / "gate"
+    d = make_dist()
+    reg = d.add_listener(Recorder(tmp_path / "r"), executor="thread")
+    d.start()
+    d.distribute(fanout.Add(obj("slow", gate=str(gate))))
+    for i in range(30):  # in the same batch as the slow one
+        d.distribute(fanout.Add(obj(f"o{i}")))
+    wait_for(lambda: reg.stats().latency_p50 is not None)
+    threading.Timer(1.5, gate.touch).start()
+    assert d.stop(drain=False) is False
+    s = assert_accounted(reg)  # right when stop returns, not later
+    assert s.received == 31 and s.dropped == 30
+    assert not reg.ready()  # its thread is gone
+
+
+def test_add_listener_from_a_callback_does_not_hold_up_supervision(make_dist, tmp_path):
+    d = make_dist()
+    added: list[Any] = []
+
+    def on_error(reg, n, text):
+        if not added:
+            added.append(d.add_listener(Recorder(tmp_path / "late")))
+
+    d.add_listener(Recorder(tmp_path / "r"), on_error=on_error)
+    d.start()
+    d.distribute(fanout.Add(obj("boom", **{"raise": True})))
+    # The wait for a new listener's first worker would block the supervisor,
+    # the very thread that reads its "ready", for a minute.
+    assert wait_for(lambda: added, timeout=20)
+    d.distribute(fanout.Add(obj("after")))
+    assert d.stop(drain=True)
+    assert [c.name for c in read_calls(tmp_path / "late")] == ["after"]
 
 
 # -- no silent edges ---------------------------------------------------------------------

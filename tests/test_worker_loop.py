@@ -53,7 +53,15 @@ def frame(seq: int, fields: list[Any]) -> bytes:
     return HEADER.pack(len(payload), seq) + payload
 
 
-def run(serve: Callable[..., Any], data: bytes, writes: int = 1) -> dict[str, Any]:
+def unpack_numpy(payload: bytes) -> Any:
+    """A codec handing back numpy integers for kind and timestamp, as a user's may."""
+    kind, t_ns, a, b = UNPACK(payload)
+    return [np.int64(kind), np.uint64(t_ns), a, b]
+
+
+def run(
+    serve: Callable[..., Any], data: bytes, writes: int = 1, unpack: Any = UNPACK
+) -> dict[str, Any]:
     """Feed ``data`` (in ``writes`` pieces) to ``serve``; return what it did."""
     r, w = os.pipe()
     slot = np.zeros(SLOT_WORDS, dtype=np.uint64)
@@ -73,7 +81,7 @@ def run(serve: Callable[..., Any], data: bytes, writes: int = 1) -> dict[str, An
         serve(
             r,
             slot,
-            UNPACK,
+            unpack,
             handler,
             lambda seq, payload: errors.append(seq),
             lambda seq, payload, exc: bad.append((seq, repr(exc), payload)),
@@ -138,3 +146,9 @@ def test_frames_split_across_many_reads(serve, size):
     out = run(serve, data, writes=97)  # pieces that cut headers and payloads anywhere
     assert [c[1] for c in out["calls"]] == objs
     assert out["slot"] == (3, 3, 3, 0)
+
+
+@pytest.mark.parametrize("serve", SERVES)
+def test_numpy_integer_fields_are_taken(serve):
+    out = run(serve, frame(1, [1, 5, {"v": 1}, {"v": 2}]), unpack=unpack_numpy)
+    assert out["calls"] == [("update", {"v": 1}, {"v": 2})] and out["bad"] == []

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fanout._impl import FrameRing, Ring
+from fanout._isolation import WorkerProcess, before_start, slot_stride
 from fanout._ring_common import HEADER_SIZE
 from fanout.errors import ListenerFull, RingFull
 from fanout.handlers import build_handler
@@ -230,14 +231,18 @@ class ProcessListener(Registration):
         self.rr = 0
         # One memfd holds every lane's progress slot: shared with the workers,
         # freed by the kernel when the last mapping goes, so it cannot leak.
-        size = SLOT_BYTES * self.workers
+        # Each slot on pages of its own, so a worker can map its slot and no other.
+        self.slot_stride = slot_stride(SLOT_BYTES)
+        size = self.slot_stride * self.workers
         self.memfd = os.memfd_create(f"fanout-{self.name}", os.MFD_CLOEXEC)
         # Closed by release(), or when the listener is collected without one.
         self._close_memfd = weakref.finalize(self, os.close, self.memfd)
         self._close_memfd.atexit = False  # at exit, stop() releases it, after using it
         os.ftruncate(self.memfd, size)
         self.shm = mmap.mmap(self.memfd, size)
-        self.slots = np.frombuffer(self.shm, dtype=np.uint64).reshape(self.workers, SLOT_WORDS)
+        self.slots = np.frombuffer(self.shm, dtype=np.uint64).reshape(self.workers, -1)[
+            :, :SLOT_WORDS
+        ]
         normal = RING_INITIAL_BYTES
         bound = self.max_pending_bytes
         if bound is not None:
@@ -503,8 +508,9 @@ class Lane:
                 handler_blob=listener.handler_blob,
                 is_factory=listener.is_factory,
                 codec_blob=dist.codec_blob,
-                slot_offset=self.index * SLOT_BYTES,
+                slot_offset=self.index * listener.slot_stride,
             )
+            before_start(dist.start_method)
             proc = dist.mp_context.Process(  # type: ignore[attr-defined]
                 target=worker_main,
                 args=(spec, FdArg(r), FdArg(rw), FdArg(listener.memfd)),
@@ -512,6 +518,9 @@ class Lane:
                 daemon=True,
             )
             proc.start()
+            # Watched by pidfd: a handler that kills or freezes the forkserver (its
+            # parent) does not make every other worker look dead.
+            proc = WorkerProcess(proc, dist.start_method)
         except BaseException:
             for fd in (w, rr):
                 os.close(fd)

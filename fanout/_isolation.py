@@ -301,6 +301,13 @@ def close_inherited(keep: set[int]) -> list[int]:
     tracker = resource_tracker._resource_tracker
     server = forkserver._forkserver
     named = {getattr(tracker, "_fd", None), getattr(server, "_forkserver_alive_fd", None)}
+    # Without pidfds the producer watches multiprocessing's sentinel, which under spawn
+    # is a pipe this worker inherited: then close only the helpers' fds, named above.
+    # (The producer runs on the same kernel, under a seccomp filter no looser.)
+    own_pidfd = _pidfd_open(os.getpid())
+    sentinel_needed = own_pidfd < 0
+    if own_pidfd >= 0:
+        os.close(own_pidfd)
     closed = []
     for name in os.listdir("/proc/self/fd"):
         fd = int(name)
@@ -312,7 +319,7 @@ def close_inherited(keep: set[int]) -> list[int]:
             if exc.errno == errno.EBADF:
                 continue
             raise
-        if inheritable or fd in named:
+        if (inheritable and not sentinel_needed) or fd in named:
             os.close(fd)
             closed.append(fd)
     # Stale numbers would point at whatever the handler opens next.

@@ -161,12 +161,6 @@ class WorkerProcess:
             self._collect()
         return self._code
 
-    def is_alive(self) -> bool:
-        """Tell whether the worker is still running."""
-        if self._pidfd < 0:
-            return bool(self.proc.is_alive())
-        return not self._dead and not connection.wait([self._pidfd], 0)
-
     def join(self, timeout: float | None = None) -> None:
         """Wait until the worker has ended (at most ``timeout`` seconds)."""
         if self._pidfd < 0:
@@ -201,8 +195,11 @@ class WorkerProcess:
         proc.join(STATUS_WAIT)
 
     def _signal(self, sig: signal.Signals) -> None:
-        if self._pidfd < 0:
-            os.kill(self.pid, sig)
+        if self._pidfd < 0:  # multiprocessing's own, which skips a reaped process
+            if sig == signal.SIGKILL:
+                self.proc.kill()
+            else:
+                self.proc.terminate()
             return
         if self._dead:
             return

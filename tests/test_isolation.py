@@ -278,3 +278,34 @@ class SlotOverrunner(Recorder):
             for offset in range(SLOT_BYTES, 2 * SLOT_BYTES, 8):
                 ctypes.c_uint64.from_address(base + offset).value = 0xFFFF_FFFF_FFFF
         super().on_add(obj, is_in_initial_list)
+
+
+class SharedMemoryUser(Recorder):
+    """Creates, uses and unlinks a ``multiprocessing`` shared-memory block per call."""
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        from multiprocessing import shared_memory
+
+        # Registered with a resource tracker: the worker's own, started on demand.
+        block = shared_memory.SharedMemory(create=True, size=64)
+        try:
+            block.buf[:5] = b"hello"
+            assert bytes(block.buf[:5]) == b"hello"
+        finally:
+            block.close()
+            block.unlink()
+        super().on_add(obj, is_in_initial_list)
+
+
+def test_a_handler_can_still_use_multiprocessing(make_dist, tmp_path, start_method):
+    path = tmp_path / "calls"
+    errors = ErrorLog()
+    d = make_dist(start_method=start_method)
+    reg = d.add_listener(SharedMemoryUser(path), on_error=errors)
+    d.start()
+    for i in range(5):
+        d.distribute(fanout.Add(obj(f"o{i}", i)))
+    assert len(wait_calls(path, 5)) == 5
+    assert d.stop(drain=True, timeout=30) is True
+    assert errors.items == []
+    assert reg.stats().errors == 0

@@ -35,6 +35,7 @@ import select
 import signal
 import threading
 import time
+import weakref
 from multiprocessing import connection, forkserver, resource_tracker
 from typing import Any
 
@@ -141,6 +142,9 @@ class WorkerProcess:
         self.name: str = proc.name
         self._forkserver = start_method == "forkserver"
         self._pidfd = _pidfd_open(self.pid)
+        if self._pidfd >= 0:  # closed by close(), or when collected without one
+            self._close_pidfd = weakref.finalize(self, os.close, self._pidfd)
+            self._close_pidfd.atexit = False  # at exit, stop() closes it, after using it
         self._dead = False
         self._code: int | None = None
 
@@ -219,7 +223,7 @@ class WorkerProcess:
     def close(self) -> None:
         """Free the pidfd and the Process's pipes (the worker has ended)."""
         if self._pidfd >= 0:
-            os.close(self._pidfd)
+            self._close_pidfd()
             self._pidfd = -1
         try:
             self.proc.close()

@@ -15,6 +15,7 @@ IMPORT_ERROR: str | None = None
 pump_impl: Any = _pump_py
 ring_impl: Any = _ring_py
 serve: Any = None
+watch_lifeline: Any = None
 
 if os.environ.get("FANOUT_NO_EXTENSIONS", "") not in ("", "0"):
     IMPORT_ERROR = "FANOUT_NO_EXTENSIONS is set"
@@ -25,8 +26,10 @@ else:
         IMPORT_ERROR = f"native extensions unavailable: {exc}"
     else:
         pump_impl, ring_impl, serve = _pump, _ring, _worker.serve
+        watch_lifeline = _worker.watch_lifeline
 
 if serve is None:
+    from fanout._isolation import watch_lifeline_py as watch_lifeline
     from fanout.worker import serve_py as serve
 
 NATIVE: bool = ring_impl is not _ring_py
@@ -43,4 +46,13 @@ else:
     Pump = pump_impl.Pump
     append_all = ring_impl.append_all
 
-__all__ = ["IMPORT_ERROR", "NATIVE", "FrameRing", "Pump", "Ring", "append_all", "serve"]
+__all__ = [
+    "IMPORT_ERROR",
+    "NATIVE",
+    "FrameRing",
+    "Pump",
+    "Ring",
+    "append_all",
+    "serve",
+    "watch_lifeline",
+]

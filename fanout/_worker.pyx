@@ -7,10 +7,12 @@
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport EINTR, errno
-from libc.stdint cimport int64_t, uint64_t
+from libc.stdint cimport int64_t, intptr_t, uint64_t
 from libc.string cimport memmove
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
-from posix.unistd cimport read
+from posix.unistd cimport _exit, read
+
+from fanout._isolation import EXIT_ORPHANED as _EXIT_ORPHANED
 
 from operator import index as _index
 
@@ -59,6 +61,54 @@ cdef inline Py_ssize_t _bucket(int64_t ns) noexcept nogil:
 
 cdef extern from *:
     int __builtin_clzll(unsigned long long) nogil
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd* fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_attr_t:
+        pass
+    int pthread_create(pthread_t* thread, const pthread_attr_t* attr,
+                       void* (*start)(void*) noexcept nogil, void* arg)
+    int pthread_detach(pthread_t thread)
+
+
+cdef int EXIT_ORPHANED = _EXIT_ORPHANED
+
+
+cdef void* _watch_lifeline(void* arg) noexcept nogil:
+    # Runs in its own C thread: it needs no GIL, so a handler that holds the GIL
+    # (a long C call) cannot delay it.
+    cdef pollfd p
+    p.fd = <int><intptr_t>arg
+    p.events = POLLIN
+    p.revents = 0
+    while poll(&p, 1, -1) < 0 and errno == EINTR:
+        pass
+    # Hang-up (the producer is gone), or an fd the handler closed: either way, leave.
+    _exit(EXIT_ORPHANED)
+    return NULL
+
+
+def watch_lifeline(int fd):
+    """End the process (``EXIT_ORPHANED``) as soon as ``fd`` reports hang-up.
+
+    Twin of ``fanout._isolation.watch_lifeline_py``. A C thread polls ``fd`` and
+    calls ``_exit``: the handler is cut off mid-call, and the hot loop pays nothing.
+    """
+    cdef pthread_t thread
+    cdef int rc = pthread_create(&thread, NULL, _watch_lifeline, <void*><intptr_t>fd)
+    if rc:
+        raise OSError(rc, "cannot start the lifeline thread")
+    pthread_detach(thread)
 
 
 def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fanout._impl import FrameRing, Ring
+from fanout._isolation import WorkerProcess, before_start, slot_stride
 from fanout._logs import error_log
 from fanout._procs import ensure_forkserver
 from fanout._ring_common import HEADER_SIZE
@@ -336,14 +337,18 @@ class ProcessListener(Registration):
         self.rr = 0
         # One memfd holds every lane's progress slot: shared with the workers,
         # freed by the kernel when the last mapping goes, so it cannot leak.
-        size = SLOT_BYTES * self.workers
+        # Each slot on pages of its own, so a worker can map its slot and no other.
+        self.slot_stride = slot_stride(SLOT_BYTES)
+        size = self.slot_stride * self.workers
         self.memfd = os.memfd_create(f"fanout-{self.name}", os.MFD_CLOEXEC)
         # Closed by release(), or when the listener is collected without one.
         self._close_memfd = weakref.finalize(self, os.close, self.memfd)
         self._close_memfd.atexit = False  # at exit, stop() releases it, after using it
         os.ftruncate(self.memfd, size)
         self.shm = mmap.mmap(self.memfd, size)
-        self.slots = np.frombuffer(self.shm, dtype=np.uint64).reshape(self.workers, SLOT_WORDS)
+        self.slots = np.frombuffer(self.shm, dtype=np.uint64).reshape(self.workers, -1)[
+            :, :SLOT_WORDS
+        ]
         normal = RING_INITIAL_BYTES
         bound = self.max_pending_bytes
         if bound is not None:
@@ -658,11 +663,12 @@ class Lane:
                 handler_blob=listener.handler_blob,
                 is_factory=listener.is_factory,
                 codec_blob=dist.codec_blob,
-                slot_offset=self.index * SLOT_BYTES,
+                slot_offset=self.index * listener.slot_stride,
                 fanout_dir=PRODUCER_FANOUT[0],
                 fanout_version=PRODUCER_FANOUT[1],
                 schema_blob=listener.schema_blob,
             )
+            before_start(dist.start_method)  # a frozen forkserver is replaced first
             if dist.start_method == "forkserver":
                 ensure_forkserver()  # (again, if it died) importing our fanout
             proc = dist.mp_context.Process(  # type: ignore[attr-defined]
@@ -672,6 +678,9 @@ class Lane:
                 daemon=True,
             )
             proc.start()
+            # Watched by pidfd: a handler that kills or freezes the forkserver (its
+            # parent) does not make every other worker look dead.
+            proc = WorkerProcess(proc, dist.start_method)
         except BaseException:
             for fd in (w, rr):
                 os.close(fd)

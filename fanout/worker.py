@@ -8,7 +8,7 @@ it can wedge nothing; the parent rewinds the lane from the slot.
 
 from __future__ import annotations
 
-import mmap
+import multiprocessing
 import operator
 import os
 import pickle
@@ -23,6 +23,7 @@ from typing import Any
 
 import msgpack
 
+from fanout._isolation import close_inherited, map_slot
 from fanout._ring_common import HEADER, HEADER_SIZE
 from fanout.codec import (
     ADD,
@@ -127,9 +128,16 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
     """Entry point of a worker process."""
     # Ctrl-C in a terminal reaches the whole process group: the parent decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    shm = mmap.mmap(shm_fd, 0)
+    from fanout._impl import serve, watch_lifeline  # native unless FANOUT_NO_EXTENSIONS
+
+    # multiprocessing's pipe for parent_process(): its write end is in the producer
+    # alone, whoever forked this worker. At its hang-up the worker ends, even mid-call.
+    lifeline = multiprocessing.parent_process().sentinel  # type: ignore[union-attr]
+    watch_lifeline(lifeline)
+    slot = map_slot(shm_fd, spec.slot_offset, SLOT_BYTES)  # this lane's slot, no other
     os.close(shm_fd)
-    slot = memoryview(shm)[spec.slot_offset : spec.slot_offset + SLOT_BYTES].cast("Q")
+    # Before any handler code runs: what it cannot hold, it cannot scribble on.
+    close_inherited({data_fd, ret_fd, lifeline})
     slot[PID] = os.getpid()
     try:
         # Unpickled here, not by multiprocessing, so a failure is reported.
@@ -149,7 +157,6 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
         )
         os._exit(EXIT_START_FAILED)
     send_message(ret_fd, {"t": "ready", "pid": os.getpid()})
-    from fanout._impl import serve  # the native loop unless FANOUT_NO_EXTENSIONS
 
     def on_error(seq: int, payload: bytes) -> None:
         # Called inside the handler's except block: format_exc sees its error.

@@ -379,6 +379,8 @@ def figure(doc: dict[str, Any]) -> Any:
         f"({info['cpu_count']} CPUs, Python {info['python']}, native={info['fanout_native']}, "
         f"load {info['load_average'][0]:.1f} at start)",
         fontsize=11,
+        y=1 - 0.12 / fig.get_figheight(),  # above the legend, whatever the height
+        va="top",
     )
     legend = [
         Patch(color=FANOUT_COLOR, label="fanout"),
@@ -398,14 +400,14 @@ def figure(doc: dict[str, Any]) -> Any:
         ncol=5,
         fontsize=9,
         frameon=False,
-        bbox_to_anchor=(0.5, 1 - 0.45 / fig.get_figheight()),
+        bbox_to_anchor=(0.5, 1 - 0.5 / fig.get_figheight()),
     )
     footer = f"Value labels: median (spread = {SPREAD_DEFINITION})."
     if any(r["scenario"] == "latency" for r in doc["results"]):
         footer += f" Note: {LATENCY_NOTE}."
     height = fig.get_figheight()
     fig.text(0.5, 0.12 / height, footer, ha="center", fontsize=8.5, color="dimgray")
-    fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - 0.9 / height))
+    fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - 1.0 / height))
     return fig
 
 

@@ -30,11 +30,18 @@ def ring_impl(request: pytest.FixtureRequest) -> types.ModuleType:
 
 
 def _fds() -> set[int]:
+    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+
+
+def _helper_fds() -> set[int]:
+    """multiprocessing's pipes to its helpers: new ones when a test killed a helper.
+
+    Subtracted at the end only: an fd number a replaced helper gave up may be in
+    use again, and was open before the test too, so it is no leak.
+    """
     from multiprocessing import forkserver, resource_tracker
 
-    # multiprocessing's pipes to its helpers: new ones when a test killed a helper.
-    helpers = {forkserver._forkserver._forkserver_alive_fd, resource_tracker._resource_tracker._fd}
-    return {int(fd) for fd in os.listdir("/proc/self/fd")} - helpers
+    return {forkserver._forkserver._forkserver_alive_fd, resource_tracker._resource_tracker._fd}
 
 
 def _memfd_maps() -> set[str]:
@@ -87,7 +94,7 @@ def no_leaks():
     while True:
         extra_children = _children()
         extra_threads = {t for t in threading.enumerate() if t not in threads and t.is_alive()}
-        extra_fds = _fds() - fds
+        extra_fds = _fds() - fds - _helper_fds()
         extra_maps = _memfd_maps() - maps
         if not (extra_children or extra_threads or extra_fds or extra_maps):
             return

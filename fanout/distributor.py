@@ -157,7 +157,8 @@ class Distributor:
         self._stop_losses: list[tuple[str, int, int]] = []
         self.started = False
         self.stopped = False
-        self.stopping = False
+        self.stopping = False  # workers are being stopped: no restarts any more
+        self.accepting = True  # False from the first moment of stop(): nothing new
         self.producer_synced = False
         self._closing: list[Registration] = []  # removed, workers not yet reaped
         self.pump: Any = Pump()
@@ -304,7 +305,7 @@ class Distributor:
         )
         items = list(initial_list) if initial_list is not None else []
         with self.lock:
-            if self.stopped or self.stopping:
+            if self.stopped or self.stopping or not self.accepting:
                 raise DistributorStopped("add_listener after stop(): build a new Distributor")
             reg: Registration
             if executor == "thread":
@@ -622,7 +623,7 @@ class Distributor:
         self._check_not_stopped()
 
     def _check_not_stopped(self) -> None:
-        if self.stopping or self.stopped:
+        if not self.accepting or self.stopping or self.stopped:
             raise DistributorStopped(
                 "distribute() after stop(): the notification was not delivered (a "
                 "stop() running at the same time accounts for any part it took); "
@@ -670,7 +671,7 @@ class Distributor:
             DistributorStopped: After ``stop()``.
         """
         with self.lock:
-            if self.stopped or self.stopping:
+            if self.stopped or self.stopping or not self.accepting:
                 raise DistributorStopped("start() after stop(): build a new Distributor")
             if self.started:
                 return self
@@ -801,6 +802,11 @@ class Distributor:
                 return True, []
             was_started = self.started
             resumed = self.stopping  # an earlier stop() was interrupted midway
+            # Nothing new from here on: distribute, add_listener and start()
+            # refuse, so a drain ends even while a producer keeps producing.
+            self.accepting = False
+            for reg in self._listeners:
+                reg.close_input()
         if was_started and drain and not resumed:
             self._wait_drained(timeout)
         with self.lock:

@@ -212,6 +212,10 @@ class Registration:
         """Stop taking notifications and ask the workers or the thread to leave."""
         raise NotImplementedError
 
+    def close_input(self) -> None:
+        """Take no more notifications; what is queued is still handled."""
+        raise NotImplementedError
+
     def exited(self) -> bool:
         """Tell whether every worker or the thread has ended."""
         raise NotImplementedError
@@ -496,6 +500,11 @@ class ProcessListener(Registration):
         for lane in self.lanes:
             lane.ring.close()
             lane.close()
+
+    def close_input(self) -> None:
+        """Take no more frames; the workers go on with those held."""
+        for lane in self.lanes:
+            lane.ring.close()
 
     def settle(self, reason: str | None) -> list[Callable[[], None]]:
         """Account for the frames still held once the workers are gone."""
@@ -791,6 +800,12 @@ class ThreadListener(Registration):
         with self.cond:
             self.stopping = True
             self.discard = not drain
+            self.cond.notify()
+
+    def close_input(self) -> None:
+        """Take no more notifications; the thread handles those queued, then leaves."""
+        with self.cond:
+            self.stopping = True
             self.cond.notify()
 
     def settle(self, reason: str | None) -> list[Callable[[], None]]:

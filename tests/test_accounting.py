@@ -649,3 +649,33 @@ def test_a_thread_listener_removed_mid_batch_counts_the_rest(make_dist, tmp_path
     s = reg.stats()
     assert s.received == s.delivered + s.dead_lettered + s.dropped == 31, s
     d.stop()
+
+
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_a_draining_stop_refuses_new_notifications_so_it_ends(make_dist, tmp_path, executor):
+    d = make_dist()
+    reg = d.add_listener(Noop(), executor=executor)
+    d.start()
+    refused = threading.Event()
+    sent = 0
+
+    def produce() -> None:  # a producer that never stops on its own
+        nonlocal sent
+        while True:
+            try:
+                d.distribute(fanout.Add(obj("x", sent)))
+            except fanout.DistributorStopped:
+                refused.set()
+                return
+            sent += 1
+
+    t = threading.Thread(target=produce)
+    t.start()
+    wait_for(lambda: sent > 1000)
+    assert d.stop(drain=True) is True  # ends, and everything accepted was delivered
+    t.join(30)
+    assert refused.is_set()
+    s = assert_accounted(reg)
+    assert s.dropped == s.dead_lettered == 0 and sent <= s.received <= sent + 1
+    with pytest.raises(fanout.DistributorStopped):
+        d.add_listener(Noop())

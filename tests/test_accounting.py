@@ -58,6 +58,32 @@ def _python(code: str, *args: str, cwd: Path | None = None, stdin: str | None = 
     )
 
 
+class Producer(threading.Thread):
+    """Distributes without pause until the distributor refuses (DistributorStopped)."""
+
+    def __init__(self, d: fanout.Distributor) -> None:
+        super().__init__()
+        self.d = d
+        self.sent = 0
+        self.refused = False
+        self.start()
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.d.distribute(fanout.Add(obj("x", self.sent)))
+            except fanout.DistributorStopped:
+                self.refused = True
+                return
+            self.sent += 1
+
+    def join(self, timeout: float | None = 30) -> int:  # type: ignore[override]
+        """Wait for the refusal; return how many notifications were accepted."""
+        super().join(timeout)
+        assert self.refused, "distribute was never refused"
+        return self.sent
+
+
 # -- fail fast ---------------------------------------------------------------------------
 
 MAIN_SCRIPT = """
@@ -284,25 +310,10 @@ def test_distribute_racing_stop_is_delivered_counted_or_refused(make_dist, tmp_p
     d = make_dist()
     regs = [d.add_listener(Noop()), d.add_listener(Noop(), executor="thread")]
     d.start()
-    sent = 0
-    refused = threading.Event()
-
-    def produce() -> None:
-        nonlocal sent
-        while True:
-            try:
-                d.distribute(fanout.Add(obj("x", sent)))
-            except fanout.DistributorStopped:
-                refused.set()
-                return
-            sent += 1
-
-    t = threading.Thread(target=produce)
-    t.start()
-    wait_for(lambda: sent > 2000)
+    producer = Producer(d)
+    wait_for(lambda: producer.sent > 2000)
     d.stop(drain=True)
-    t.join(30)
-    assert refused.is_set()
+    sent = producer.join()
     for reg in regs:
         s = assert_accounted(reg)
         assert sent <= s.received <= sent + 1  # the refused call may have reached it
@@ -656,25 +667,10 @@ def test_a_draining_stop_refuses_new_notifications_so_it_ends(make_dist, tmp_pat
     d = make_dist()
     reg = d.add_listener(Noop(), executor=executor)
     d.start()
-    refused = threading.Event()
-    sent = 0
-
-    def produce() -> None:  # a producer that never stops on its own
-        nonlocal sent
-        while True:
-            try:
-                d.distribute(fanout.Add(obj("x", sent)))
-            except fanout.DistributorStopped:
-                refused.set()
-                return
-            sent += 1
-
-    t = threading.Thread(target=produce)
-    t.start()
-    wait_for(lambda: sent > 1000)
+    producer = Producer(d)  # it never stops on its own
+    wait_for(lambda: producer.sent > 1000)
     assert d.stop(drain=True) is True  # ends, and everything accepted was delivered
-    t.join(30)
-    assert refused.is_set()
+    sent = producer.join()
     s = assert_accounted(reg)
     assert s.dropped == s.dead_lettered == 0 and sent <= s.received <= sent + 1
     with pytest.raises(fanout.DistributorStopped):

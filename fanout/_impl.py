@@ -21,7 +21,7 @@ if os.environ.get("FANOUT_NO_EXTENSIONS", "") not in ("", "0"):
     IMPORT_ERROR = "FANOUT_NO_EXTENSIONS is set"
 else:
     try:
-        from fanout import _pump, _ring, _worker  # type: ignore[attr-defined]
+        from fanout import _pump, _ring, _worker
     except ImportError as exc:  # built with FANOUT_NO_EXTENSIONS=1, or no compiler
         IMPORT_ERROR = f"native extensions unavailable: {exc}"
     else:
@@ -29,8 +29,7 @@ else:
         watch_lifeline = _worker.watch_lifeline
 
 if serve is None:
-    from fanout._isolation import watch_lifeline_py as watch_lifeline
-    from fanout.worker import serve_py as serve
+    from fanout._worker_py import serve, watch_lifeline
 
 NATIVE: bool = ring_impl is not _ring_py
 if TYPE_CHECKING:

@@ -12,8 +12,9 @@ Producer side:
 
 Worker side:
 
-* ``watch_lifeline`` ends the worker as soon as the producer is gone. The lifeline is
-  the pipe multiprocessing gives every child for ``parent_process()``: its write end
+* ``watch_lifeline`` (in ``fanout._worker`` and its twin ``fanout._worker_py``) ends
+  the worker as soon as the producer is gone. The lifeline is the pipe
+  multiprocessing gives every child for ``parent_process()``: its write end
   lives in the producer only (it is close-on-exec and never sent to the forkserver),
   so end-of-file there means the producer died, whoever the worker's parent is.
 * ``map_slot`` maps only the pages that hold the worker's own progress slot, and keeps
@@ -31,25 +32,20 @@ import errno
 import fcntl
 import mmap
 import os
-import select
 import signal
-import threading
 import time
 import weakref
 from multiprocessing import connection, forkserver, resource_tracker
 from typing import Any
 
 __all__ = [
-    "EXIT_ORPHANED",
     "WorkerProcess",
     "before_start",
     "close_inherited",
     "map_slot",
     "slot_stride",
-    "watch_lifeline_py",
 ]
 
-EXIT_ORPHANED = 4  # a worker whose producer died (nobody is left to read it)
 STATUS_WAIT = 1.0  # a live forkserver reports a child's exit status within this
 FROZEN_CHECK = 0.05  # a status this late: see whether the forkserver is frozen
 FORKSERVER_EXIT_WAIT = 1.0  # a SIGKILLed forkserver is gone within this
@@ -234,29 +230,6 @@ class WorkerProcess:
 
 
 # -- worker side ------------------------------------------------------------------------
-
-
-def watch_lifeline_py(fd: int) -> None:
-    """End the process (``EXIT_ORPHANED``) as soon as ``fd`` reports hang-up.
-
-    Pure-Python twin of ``fanout._worker.watch_lifeline``: a thread, so the handler
-    is cut off mid-call too, instead of a check between frames.
-    """
-
-    def watch() -> None:
-        poller = select.poll()
-        poller.register(fd, select.POLLIN)
-        while True:
-            try:
-                if poller.poll():
-                    break
-            except InterruptedError:
-                continue
-            except OSError:
-                break
-        os._exit(EXIT_ORPHANED)
-
-    threading.Thread(target=watch, name="fanout-lifeline", daemon=True).start()
 
 
 _libc: Any = None

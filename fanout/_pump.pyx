@@ -15,6 +15,7 @@ from posix.unistd cimport close, read, write
 
 from fanout._ring_common import check_fd
 
+from fanout._sys cimport nap_ns, now_ns, os_error
 from fanout._ring cimport (
     FrameRing,
     fr_capped,
@@ -64,31 +65,9 @@ cdef extern from *:
     int fanout_xchg(int* p, int v) nogil
 
 
-cdef extern from "<time.h>" nogil:
-    cdef struct timespec:
-        long tv_sec
-        long tv_nsec
-    int clock_gettime(int clk, timespec* ts)
-    int nanosleep(const timespec* req, timespec* rem)
-    enum:
-        CLOCK_MONOTONIC
-
 cdef enum:
     BURST_NS = 200000      # wake-ups closer than this form a burst
     COALESCE_NS = 200000    # how long the pump lets a burst gather
-
-
-cdef inline uint64_t _now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
-
-
-cdef inline void _nap_ns(long ns) noexcept nogil:
-    cdef timespec ts
-    ts.tv_sec = 0
-    ts.tv_nsec = ns
-    nanosleep(&ts, NULL)
 
 
 cdef struct lane_t:
@@ -122,7 +101,7 @@ cdef class Pump:
     def __cinit__(self):
         self.efd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC)
         if self.efd < 0:
-            raise OSError(errno, "eventfd failed")
+            raise os_error(errno, "eventfd")
         pthread_mutex_init(&self.table_lock, NULL)
         self.lanes = NULL
         self.nlanes = 0
@@ -290,7 +269,7 @@ cdef class Pump:
             if burst and sent and nfds == 1 and timeout == -1:
                 # In a burst, nap without announcing it: producers skip the
                 # eventfd write, and the next pass carries what gathered.
-                _nap_ns(COALESCE_NS)
+                nap_ns(COALESCE_NS)
                 continue
             burst = 0
             # Announce the nap, then look once more: an append that raced with
@@ -312,13 +291,13 @@ cdef class Pump:
             fanout_store(&self.sleeping, 0)
             if fds[0].revents & POLLIN:
                 read(self.efd, &drained, 8)
-                woke = _now_ns()
+                woke = now_ns()
                 if woke - last_wake < BURST_NS:
                     # Wake-ups come in a burst: let the producer add a few more
                     # frames so one writev (and one reader wake-up) carries them,
                     # and keep napping while passes find work. At low rates there
                     # is no pause, so latency stays low.
                     burst = 1
-                    _nap_ns(COALESCE_NS)
+                    nap_ns(COALESCE_NS)
                 last_wake = woke
         PyMem_RawFree(fds)

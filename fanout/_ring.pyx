@@ -15,7 +15,6 @@ from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 
 import operator
-from os import strerror
 
 from fanout._ring_common import (
     RING_CLOSED_MESSAGE,
@@ -27,6 +26,8 @@ from fanout._ring_common import (
     frame_length,
 )
 from fanout.errors import RingClosed, RingFull, ring_full_message
+
+from fanout._sys cimport HDR, os_error
 
 from fanout._ring_common import HEADER_SIZE
 
@@ -46,7 +47,6 @@ cdef extern from "<sys/uio.h>" nogil:
     ssize_t writev(int fd, const iovec* iov, int iovcnt)
 
 cdef enum:
-    HDR = 12                # frame header: u32 length + u64 seq, little endian
     BIG_COPY = 64 * 1024    # copies at least this large run without the GIL
     MIN_CAP = 64            # == _ring_common.MIN_FRAME_CAPACITY
 
@@ -611,7 +611,7 @@ cdef class FrameRing:
         with nogil:  # fr_send works on the C state under its own mutex
             r = fr_send(self.st, cfd)
         if r < 0:
-            raise OSError(-r, strerror(-r))
+            raise os_error(<int>-r)
         return r
 
     def ack(self, seq):
@@ -696,6 +696,7 @@ cdef class FrameRing:
 
         ``None`` removes the source. The ring keeps a view of ``words`` until then.
         """
+        cdef uint64_t* word
         cdef uint64_t[::1] view
         if words is None:
             _lock(self.st)
@@ -704,8 +705,9 @@ cdef class FrameRing:
             self._ack_view = None
             return
         view = check_words(words, index)
+        word = &view[<Py_ssize_t>index]  # before the lock: only C under it
         _lock(self.st)
-        self.st.ack_src = &view[index]
+        self.st.ack_src = word
         pthread_mutex_unlock(&self.st.lock)
         self._ack_view = view
 

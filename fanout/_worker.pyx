@@ -1,4 +1,4 @@
-# The worker's hot loop in native code: twin of fanout/worker.py `serve_py`.
+# The worker's hot loop in native code: twin of fanout/_worker_py.py.
 #
 # Reads big chunks from the data pipe without the GIL, splits frames in C,
 # writes progress words straight into the shared-memory slot, and calls the
@@ -9,24 +9,31 @@ from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, intptr_t, uint64_t
 from libc.string cimport memmove
-from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from posix.unistd cimport _exit, read
-
-from fanout._isolation import EXIT_ORPHANED as _EXIT_ORPHANED
 
 from operator import index as _index
 
-from fanout.codec import wire_fields_error, wire_shape_error
-from fanout.stats import (
+from fanout._sys cimport HDR, now_ns, os_error
+
+from fanout._protocol import (
+    ADD as _ADD,
+    DELETE as _DELETE,
     DONE as _DONE,
     ERRORS as _ERRORS,
+    EXIT_ORPHANED as _EXIT_ORPHANED,
     HANDLED as _HANDLED,
     HIST as _HIST,
     NBUCKETS as _NBUCKETS,
     START_NS as _START_NS,
     STARTED as _STARTED,
     STOP as _STOP,
+    UPDATE as _UPDATE,
+    UPDATE_SAME as _UPDATE_SAME,
+    wire_fields_error,
+    wire_shape_error,
 )
+
+__all__ = ["NATIVE", "serve", "watch_lifeline"]
 
 NATIVE = True
 
@@ -34,18 +41,7 @@ cdef Py_ssize_t STARTED = _STARTED, DONE = _DONE, START_NS = _START_NS
 cdef Py_ssize_t HANDLED = _HANDLED, ERRORS = _ERRORS, STOP = _STOP
 cdef Py_ssize_t HIST = _HIST, NBUCKETS = _NBUCKETS
 
-cdef enum:
-    HDR = 12
-    ADD = 0
-    UPDATE = 1
-    DELETE = 2
-    UPDATE_SAME = 3
-
-
-cdef inline uint64_t _now_ns() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)  # the clock of time.monotonic_ns()
-    return <uint64_t>ts.tv_sec * 1000000000ULL + <uint64_t>ts.tv_nsec
+cdef int ADD = _ADD, UPDATE = _UPDATE, DELETE = _DELETE, UPDATE_SAME = _UPDATE_SAME
 
 
 cdef inline Py_ssize_t _bucket(int64_t ns) noexcept nogil:
@@ -101,13 +97,13 @@ cdef void* _watch_lifeline(void* arg) noexcept nogil:
 def watch_lifeline(int fd):
     """End the process (``EXIT_ORPHANED``) as soon as ``fd`` reports hang-up.
 
-    Twin of ``fanout._isolation.watch_lifeline_py``. A C thread polls ``fd`` and
+    Twin of ``fanout._worker_py.watch_lifeline``. A C thread polls ``fd`` and
     calls ``_exit``: the handler is cut off mid-call, and the hot loop pays nothing.
     """
     cdef pthread_t thread
     cdef int rc = pthread_create(&thread, NULL, _watch_lifeline, <void*><intptr_t>fd)
     if rc:
-        raise OSError(rc, "cannot start the lifeline thread")
+        raise os_error(rc, "cannot start the lifeline thread")
     pthread_detach(thread)
 
 
@@ -117,7 +113,7 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
 
     ``unpack(payload)`` gives ``[kind, t_ns, a, b]``; a frame it cannot decode
     goes to ``on_bad_frame(seq, payload, exc)``, a handler exception to
-    ``on_error(seq, payload)``. Twin of ``fanout.worker.serve_py``.
+    ``on_error(seq, payload)``. Twin of ``fanout._worker_py.serve``.
     """
     cdef uint64_t[::1] slot = slot_view
     cdef unsigned char* buf = <unsigned char*>PyMem_RawMalloc(chunk)
@@ -136,7 +132,7 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                 while n < 0 and errno == EINTR:
                     n = read(fd, buf + have, cap - have)
             if n < 0:
-                raise OSError(errno, "read from the data pipe failed")
+                raise os_error(errno, "read from the data pipe")
             if n == 0:
                 return
             have += n
@@ -186,7 +182,7 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                     on_bad_frame(seq, payload, exc)
                     slot[DONE] = seq
                     continue
-                now = _now_ns()
+                now = now_ns()
                 slot[START_NS] = now
                 slot[STARTED] = seq
                 slot[HIST + _bucket(<int64_t>(now - <uint64_t>t_ns))] += 1

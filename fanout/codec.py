@@ -23,12 +23,12 @@ from typing import Any
 
 import msgpack
 
+from fanout._protocol import ADD, DELETE, UPDATE, UPDATE_SAME
 from fanout._version import DISTRIBUTION
 from fanout.notifications import Add, Delete, Notification, Update
 
 __all__ = ["Codec", "MsgpackCodec", "MsgspecCodec", "get_codec"]
 
-ADD, UPDATE, DELETE, UPDATE_SAME = 0, 1, 2, 3
 EXT_NDARRAY, EXT_DATETIME, EXT_DATE = 1, 2, 3
 INT_RANGE = "-2**63 to 2**64-1"
 USER_EXT_CODES = range(64, 128)
@@ -107,24 +107,6 @@ def _to_wire(n: Notification) -> tuple[int, Any, Any]:
         f"distribute takes fanout.Add, fanout.Update or fanout.Delete, not "
         f"{type(n).__name__} ({n!r:.80})"
     )
-
-
-MAX_T_NS = (1 << 63) - 1
-
-
-def wire_fields_error(kind: Any, t_ns: Any) -> ValueError:
-    """The one error both worker loops raise for a payload with bad header fields."""
-    return ValueError(
-        f"bad payload fields: kind={kind!r} (must be 0, 1, 2 or 3), "
-        f"t_ns={t_ns!r} (must be an int from 0 to 2**63-1)"
-    )
-
-
-def wire_shape_error(fields: Any) -> ValueError:
-    """The one error both worker loops raise for a payload that is no 4-item array."""
-    size = len(fields) if isinstance(fields, (list, tuple)) else None
-    what = f"an array of {size} items" if size is not None else type(fields).__name__
-    return ValueError(f"payload must be an array [kind, t_ns, a, b], got {what}")
 
 
 def _msgspec_for_schema() -> Any:

@@ -20,7 +20,7 @@ from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Literal
 
 from fanout._impl import Pump, append_all
-from fanout._ring_common import HEADER_SIZE
+from fanout._protocol import HEADER_SIZE
 from fanout.codec import Codec, check_schema, get_codec
 from fanout.errors import DistributorStopped, ListenerFull, WorkerStartError
 from fanout.handlers import pickle_for_workers, resolve_handler

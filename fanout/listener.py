@@ -28,15 +28,11 @@ from fanout._impl import FrameRing, Ring
 from fanout._isolation import WorkerProcess, before_start, slot_stride
 from fanout._logs import error_log
 from fanout._procs import ensure_forkserver
-from fanout._ring_common import HEADER_SIZE
-from fanout.codec import misfit_text, schema_converter
-from fanout.errors import ListenerFull, RingClosed, RingFull
-from fanout.handlers import build_handler
-from fanout.notifications import Add, Delete, Notification, RawFrame, Update
-from fanout.stats import (
+from fanout._protocol import (
     DONE,
     ERRORS,
     HANDLED,
+    HEADER_SIZE,
     HIST,
     NBUCKETS,
     PID,
@@ -45,10 +41,12 @@ from fanout.stats import (
     START_NS,
     STARTED,
     STOP,
-    ListenerStats,
-    bucket_of,
-    percentile,
 )
+from fanout.codec import misfit_text, schema_converter
+from fanout.errors import ListenerFull, RingClosed, RingFull
+from fanout.handlers import build_handler
+from fanout.notifications import Add, Delete, Notification, RawFrame, Update
+from fanout.stats import ListenerStats, bucket_of, percentile
 from fanout.worker import FdArg, WorkerSpec, producer_fanout, worker_main
 
 if TYPE_CHECKING:

@@ -44,7 +44,8 @@ except ImportError as exc:  # the extra is not installed
         "(or pip install prometheus_client)"
     ) from exc
 
-from fanout.stats import NBUCKETS, bucket_value
+from fanout._protocol import NBUCKETS
+from fanout.stats import bucket_value
 
 if TYPE_CHECKING:
     from fanout.distributor import Distributor

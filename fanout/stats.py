@@ -1,29 +1,16 @@
-"""Listener statistics, the shared-memory progress slot, and the latency histogram.
+"""Listener statistics and the latency histogram the workers keep in their slots.
 
-Each lane (one worker process) owns one slot of ``SLOT_WORDS`` unsigned 64-bit
-words in its listener's shared memory (a memfd mapped by parent and workers).
-Only the worker writes a slot, except the words the parent sets while that
-worker is not running (``STARTED``/``DONE`` before a spawn) and ``STOP``.
+The slot layout itself is part of the producer-worker contract in
+``fanout._protocol``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ListenerStats", "bucket_of", "percentile"]
+from fanout._protocol import NBUCKETS
 
-# Word indexes in a slot.
-STARTED = 0  # seq of the last frame whose handler call began
-DONE = 1  # seq of the last frame whose handler call returned (or raised)
-START_NS = 2  # monotonic_ns when the running call began; 0 when idle
-HANDLED = 3  # handler calls finished (returned or raised)
-ERRORS = 4  # handler calls that raised
-STOP = 5  # set by the parent: exit before the next frame
-PID = 6  # the worker's pid, once it runs
-HIST = 8  # first latency bucket
-NBUCKETS = 160  # 4 buckets per power of two, from 1 ns to ~1,000 s
-SLOT_WORDS = 256  # 2 KiB per lane, a whole number of cache lines
-SLOT_BYTES = SLOT_WORDS * 8
+__all__ = ["ListenerStats", "bucket_of", "percentile"]
 
 
 def bucket_of(ns: int) -> int:

@@ -25,10 +25,21 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from fanout._logs import error_log
+from fanout._protocol import (
+    DONE,
+    EXIT_START_FAILED,
+    MAX_RETURN_MESSAGE,
+    MSG_ERROR,
+    MSG_FATAL,
+    MSG_READY,
+    MSG_UNDECODABLE,
+    PID,
+    RETURN_HEADER,
+    START_NS,
+    STARTED,
+)
 from fanout.listener import Lane
 from fanout.notifications import RawFrame
-from fanout.stats import DONE, PID, START_NS, STARTED
-from fanout.worker import EXIT_START_FAILED, MAX_RETURN_MESSAGE, RETURN_HEADER
 
 if TYPE_CHECKING:
     from fanout.distributor import Distributor
@@ -219,11 +230,11 @@ class Supervisor(threading.Thread):
         self, lane: Lane, kind: Any, msg: dict[str, Any], calls: list[Callable[[], None]]
     ) -> None:
         listener = lane.listener
-        if kind == "ready":
+        if kind == MSG_READY:
             lane.ready = lane.ever_ready = True
             lane.first_start = False
             lane.start_failures = 0
-        elif kind == "error":
+        elif kind == MSG_ERROR:
             payload = msg.get("payload")
             n: Any = None
             if isinstance(payload, bytes) and payload:
@@ -233,7 +244,7 @@ class Supervisor(threading.Thread):
                     n = RawFrame(payload, f"cannot be decoded: {exc!r}")
             text = str(msg.get("text", ""))
             calls.append(lambda: listener.report_error(n, text))
-        elif kind == "undecodable":
+        elif kind == MSG_UNDECODABLE:
             seq = msg.get("seq")
             # A worker that died between reporting a frame and marking it done
             # reports it again when it is resent: count it once.
@@ -248,7 +259,7 @@ class Supervisor(threading.Thread):
             payload = msg.get("payload")
             raw = RawFrame(payload if isinstance(payload, bytes) else b"", why)
             calls.append(functools.partial(listener.report_dead_letter, raw, why))
-        elif kind == "fatal":
+        elif kind == MSG_FATAL:
             lane.fatal = True
             lane.fatal_text = text = str(msg.get("text", ""))
             if not lane.first_start:  # a first start raises WorkerStartError instead

@@ -9,58 +9,35 @@ it can wedge nothing; the parent rewinds the lane from the slot.
 from __future__ import annotations
 
 import multiprocessing
-import operator
 import os
 import pickle
 import signal
-import struct
 import sys
-import time
 import traceback
 from dataclasses import dataclass
 from multiprocessing import reduction
 from typing import Any
 
-import msgpack
-
 from fanout._isolation import close_inherited, map_slot
-from fanout._ring_common import HEADER, HEADER_SIZE
-from fanout.codec import (
-    ADD,
-    MAX_T_NS,
-    UPDATE,
-    UPDATE_SAME,
-    Codec,
-    describe_misfit,
-    wire_fields_error,
-    wire_shape_error,
-)
-from fanout.handlers import build_handler
-from fanout.stats import (
-    DONE,
-    ERRORS,
-    HANDLED,
-    HIST,
+from fanout._protocol import (
+    EXIT_START_FAILED,
+    MAX_RETURN_MESSAGE,
+    MSG_ERROR,
+    MSG_FATAL,
+    MSG_READY,
+    MSG_UNDECODABLE,
     PID,
     SLOT_BYTES,
-    START_NS,
-    STARTED,
-    STOP,
-    bucket_of,
+    send_message,
 )
+from fanout.codec import Codec, describe_misfit
+from fanout.handlers import build_handler
 
-__all__ = ["FdArg", "WorkerSpec", "serve_py", "worker_main"]
-
-RETURN_HEADER = struct.Struct("<I")
-MAX_RETURN_MESSAGE = 16 * 1024 * 1024
-READ_CHUNK = 1 << 20
+__all__ = ["FdArg", "WorkerSpec", "worker_main"]
 
 MAX_ECHO = 1 << 20  # a notification larger than this is not echoed with its error
 # An undecodable payload travels back whole for on_dead_letter, up to this size.
 MAX_RAW_ECHO = MAX_RETURN_MESSAGE - (1 << 20)
-
-# Exit code the parent understands (with a "fatal" message before it).
-EXIT_START_FAILED = 3
 
 
 @dataclass(frozen=True)
@@ -116,14 +93,6 @@ def _rebuild_fd(dup: Any) -> int:
     return int(dup.detach())
 
 
-def send_message(fd: int, msg: dict[str, Any]) -> None:
-    """Write one length-prefixed MessagePack message to the return pipe."""
-    body = msgpack.packb(msg, use_bin_type=True)
-    data = memoryview(RETURN_HEADER.pack(len(body)) + body)
-    while data:
-        data = data[os.write(fd, data) :]
-
-
 def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> None:
     """Entry point of a worker process."""
     # Ctrl-C in a terminal reaches the whole process group: the parent decides.
@@ -150,20 +119,20 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
         send_message(
             ret_fd,
             {
-                "t": "fatal",
+                "t": MSG_FATAL,
                 "text": f"handler could not be built in worker {os.getpid()}:\n"
                 + traceback.format_exc(),
             },
         )
         os._exit(EXIT_START_FAILED)
-    send_message(ret_fd, {"t": "ready", "pid": os.getpid()})
+    send_message(ret_fd, {"t": MSG_READY, "pid": os.getpid()})
 
     def on_error(seq: int, payload: bytes) -> None:
         # Called inside the handler's except block: format_exc sees its error.
         text = traceback.format_exc()
         if len(payload) > MAX_ECHO:  # the parent decodes it only to name it
             payload = b""
-        send_message(ret_fd, {"t": "error", "seq": seq, "text": text, "payload": payload})
+        send_message(ret_fd, {"t": MSG_ERROR, "seq": seq, "text": text, "payload": payload})
 
     def on_bad_frame(seq: int, payload: bytes, exc: Exception) -> None:
         misfit = None if schema is None else describe_misfit(schema, payload, exc)
@@ -171,7 +140,7 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
         if len(payload) > MAX_RAW_ECHO:
             text += f" (payload of {len(payload)} bytes cut to its first {MAX_RAW_ECHO})"
             payload = payload[:MAX_RAW_ECHO]
-        send_message(ret_fd, {"t": "undecodable", "seq": seq, "text": text, "payload": payload})
+        send_message(ret_fd, {"t": MSG_UNDECODABLE, "seq": seq, "text": text, "payload": payload})
 
     serve(data_fd, slot, unpack, handler, on_error, on_bad_frame)
     # Everything was handled (EOF) or the parent asked to stop: leave at once,
@@ -179,93 +148,3 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
-
-
-def serve_py(
-    fd: int, slot: memoryview, unpack: Any, handler: Any, on_error: Any, on_bad_frame: Any
-) -> None:
-    """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
-
-    ``unpack(payload)`` gives ``[kind, t_ns, a, b]``; a frame it cannot decode
-    goes to ``on_bad_frame(seq, payload, exc)``, a handler exception to
-    ``on_error(seq, payload)``. Pure-Python twin of ``fanout._worker.serve``.
-    """
-    on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
-    unpack_header = HEADER.unpack_from
-    monotonic_ns = time.monotonic_ns
-    pending = bytearray()  # the start of a frame split across reads
-    need = 0  # bytes that frame needs in all (header included), once known
-    while True:
-        chunk = os.read(fd, max(READ_CHUNK, need - len(pending)))
-        if not chunk:
-            return
-        if pending:
-            # Grow in place (amortised linear), not leftover + chunk (quadratic
-            # on a multi-MiB frame), and parse only once the frame is whole.
-            pending += chunk
-            if len(pending) < need:
-                continue
-            data = bytes(pending)
-            pending = bytearray()
-        else:
-            data = chunk
-        end = len(data)
-        pos = 0
-        while end - pos >= HEADER_SIZE:
-            length, seq = unpack_header(data, pos)
-            stop = pos + HEADER_SIZE + length
-            if stop > end:
-                break
-            if slot[STOP]:
-                return
-            payload = data[pos + HEADER_SIZE : stop]
-            pos = stop
-            try:
-                fields = unpack(payload)
-                if not isinstance(fields, (list, tuple)) or len(fields) != 4:
-                    raise wire_shape_error(fields)
-                kind_o, t_o, a, b = fields
-                # Integers as the native loop takes them (it converts to C ints).
-                try:
-                    kind, t_ns = operator.index(kind_o), operator.index(t_o)
-                except TypeError:
-                    raise wire_fields_error(kind_o, t_o) from None
-                if not (ADD <= kind <= UPDATE_SAME and 0 <= t_ns <= MAX_T_NS):
-                    raise wire_fields_error(kind_o, t_o)
-            except Exception as exc:
-                # Decoding is deterministic (an object that does not fit the
-                # schema never will): a retry would fail the same way. The
-                # parent dead-letters it; this worker goes on.
-                slot[STARTED] = seq
-                on_bad_frame(seq, payload, exc)
-                slot[DONE] = seq
-                continue
-            now = monotonic_ns()
-            slot[START_NS] = now
-            slot[STARTED] = seq
-            slot[HIST + bucket_of(now - t_ns)] += 1
-            try:
-                if kind == UPDATE:
-                    on_update(a, b)
-                elif kind == ADD:
-                    on_add(a, bool(b))
-                elif kind == UPDATE_SAME:  # one object on the wire, passed as both
-                    on_update(a, a)
-                else:
-                    on_delete(a)
-            except Exception:
-                # The call is over: stop the handler_timeout clock before a report
-                # that may wait on a full return pipe.
-                slot[START_NS] = 0
-                slot[ERRORS] += 1
-                on_error(seq, payload)
-            slot[HANDLED] += 1
-            slot[START_NS] = 0
-            slot[DONE] = seq
-        if pos < end:
-            pending = bytearray(data[pos:])
-            need = HEADER_SIZE
-            if end - pos >= HEADER_SIZE:
-                need += unpack_header(data, pos)[0]
-        else:
-            need = 0

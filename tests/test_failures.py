@@ -34,7 +34,7 @@ from helpers import (
 )
 
 import fanout
-import fanout.stats
+import fanout._protocol
 
 RING_NORMAL_BYTES = 64 * 1024  # a lane's ring shrinks back to this once drained
 
@@ -612,7 +612,10 @@ def test_failing_factory_is_reported_with_backoff(make_dist, tmp_path):
 
 @pytest.mark.parametrize(
     ("word", "value", "what"),
-    [(fanout.stats.DONE, 10**12, "beyond the last frame"), (fanout.stats.PID, 1, "pid word")],
+    [
+        (fanout._protocol.DONE, 10**12, "beyond the last frame"),
+        (fanout._protocol.PID, 1, "pid word"),
+    ],
 )
 def test_corrupted_progress_slot_is_reported_and_the_worker_restarted(
     make_dist, tmp_path, word, value, what

@@ -23,7 +23,7 @@ import pytest
 from helpers import Recorder, _return_pipe_fd, obj, read_calls, wait_calls, wait_for
 
 import fanout
-from fanout.stats import SLOT_BYTES
+from fanout._protocol import SLOT_BYTES
 
 EXIT_AFTER_ATTACK = 9
 SCRIBBLE_BYTES = 64 * 1024

@@ -22,6 +22,7 @@ from helpers import Recorder, obj, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import fanout
+from fanout._protocol import NBUCKETS
 from fanout.metrics import (
     LATENCY_BOUNDS,
     MetricsServer,
@@ -29,7 +30,7 @@ from fanout.metrics import (
     latency_buckets,
     serve,
 )
-from fanout.stats import NBUCKETS, bucket_of
+from fanout.stats import bucket_of
 
 FIELDS = {  # sample name -> ListenerStats field
     "fanout_received_total": "received",

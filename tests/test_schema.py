@@ -27,10 +27,10 @@ import pytest
 from helpers import Recorder, obj, wait_for
 
 import fanout
-import fanout.worker
+import fanout._worker_py
+from fanout._protocol import DONE, HANDLED, SLOT_WORDS
 from fanout._ring_common import HEADER, HEADER_SIZE
 from fanout.codec import MsgpackCodec, MsgspecCodec, describe_misfit, get_codec
-from fanout.stats import DONE, HANDLED, SLOT_WORDS
 
 msgspec = pytest.importorskip("msgspec")
 
@@ -559,7 +559,7 @@ def _serve(
     return calls, bad
 
 
-TWIN_SERVES = [pytest.param(fanout.worker.serve_py, id="py")]
+TWIN_SERVES = [pytest.param(fanout._worker_py.serve, id="py")]
 if native_worker is not None:
     TWIN_SERVES.insert(0, pytest.param(native_worker.serve, id="native"))
 

@@ -906,4 +906,4 @@ def test_fanout_no_extensions_forces_the_pure_python_twins(tmp_path):
         env=env,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-    assert out.read_text() == "fanout.worker False\n"  # the worker's serve loop too
+    assert out.read_text() == "fanout._worker_py False\n"  # the worker's serve loop too

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 
 import fanout
+from fanout._protocol import DONE, ERRORS, HANDLED, SLOT_WORDS, STARTED
 from fanout._ring_common import HEADER
-from fanout.stats import DONE, ERRORS, HANDLED, SLOT_WORDS, STARTED
-from fanout.worker import serve_py
+from fanout._worker_py import serve as serve_py
 
 try:
     from fanout._worker import serve as serve_native

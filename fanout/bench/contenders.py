@@ -26,10 +26,11 @@ from typing import Any
 import msgpack
 
 import fanout
+from fanout._protocol import NBUCKETS
 from fanout.bench.payloads import spin
 from fanout.distributor import CodecName, Executor
 from fanout.listener import F_SETPIPE_SZ, PIPE_SIZE
-from fanout.stats import NBUCKETS, bucket_of
+from fanout.stats import bucket_of
 from fanout.worker import FdArg
 
 __all__ = ["CONTENDERS", "BenchHandler", "Contender"]

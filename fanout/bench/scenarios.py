@@ -39,9 +39,10 @@ from typing import Any, Literal, TypeVar
 
 import msgpack
 
+from fanout._protocol import NBUCKETS
 from fanout.bench.contenders import CONTENDERS, FanoutProcess
 from fanout.bench.payloads import Payload, load_payload
-from fanout.stats import NBUCKETS, percentile
+from fanout.stats import percentile
 
 __all__ = [
     "SCENARIOS",

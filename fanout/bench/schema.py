@@ -28,11 +28,12 @@ import msgpack
 import msgspec
 
 import fanout
+from fanout._protocol import NBUCKETS
 from fanout.bench.contenders import FanoutProcess
 from fanout.bench.payloads import load_payload
 from fanout.distributor import CodecName
 from fanout.listener import F_SETPIPE_SZ, PIPE_SIZE
-from fanout.stats import NBUCKETS, bucket_of
+from fanout.stats import bucket_of
 from fanout.worker import FdArg
 
 __all__ = ["CONTENDERS", "PodView", "cases"]

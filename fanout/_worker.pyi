@@ -1,0 +1,17 @@
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["NATIVE", "serve", "watch_lifeline"]
+
+NATIVE: bool
+
+def serve(
+    fd: int,
+    slot_view: Any,
+    unpack: Callable[[Any], Any],
+    handler: Any,
+    on_error: Callable[[int, bytes], Any],
+    on_bad_frame: Callable[[int, bytes, Exception], Any],
+    chunk: int = 1048576,
+) -> None: ...
+def watch_lifeline(fd: int) -> None: ...

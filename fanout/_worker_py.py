@@ -1,0 +1,153 @@
+"""The worker's frame loop in pure Python: the twin of the native ``fanout._worker``.
+
+Both take the same arguments, handle frames the same way and report the same
+errors (tests/test_worker_loop.py feeds them the same frames);
+``FANOUT_NO_EXTENSIONS=1`` makes workers use this one.
+"""
+
+from __future__ import annotations
+
+import operator
+import os
+import select
+import threading
+import time
+from typing import Any
+
+from fanout._protocol import (
+    ADD,
+    DONE,
+    ERRORS,
+    EXIT_ORPHANED,
+    HANDLED,
+    HEADER,
+    HEADER_SIZE,
+    HIST,
+    MAX_T_NS,
+    START_NS,
+    STARTED,
+    STOP,
+    UPDATE,
+    UPDATE_SAME,
+    wire_fields_error,
+    wire_shape_error,
+)
+from fanout.stats import bucket_of
+
+__all__ = ["NATIVE", "serve", "watch_lifeline"]
+
+NATIVE = False
+READ_CHUNK = 1 << 20
+
+
+def serve(
+    fd: int, slot: memoryview, unpack: Any, handler: Any, on_error: Any, on_bad_frame: Any
+) -> None:
+    """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
+
+    ``unpack(payload)`` gives ``[kind, t_ns, a, b]``; a frame it cannot decode
+    goes to ``on_bad_frame(seq, payload, exc)``, a handler exception to
+    ``on_error(seq, payload)``. The twin of ``fanout._worker.serve``.
+    """
+    on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
+    unpack_header = HEADER.unpack_from
+    monotonic_ns = time.monotonic_ns
+    pending = bytearray()  # the start of a frame split across reads
+    need = 0  # bytes that frame needs in all (header included), once known
+    while True:
+        chunk = os.read(fd, max(READ_CHUNK, need - len(pending)))
+        if not chunk:
+            return
+        if pending:
+            # Grow in place (amortised linear), not leftover + chunk (quadratic
+            # on a multi-MiB frame), and parse only once the frame is whole.
+            pending += chunk
+            if len(pending) < need:
+                continue
+            data = bytes(pending)
+            pending = bytearray()
+        else:
+            data = chunk
+        end = len(data)
+        pos = 0
+        while end - pos >= HEADER_SIZE:
+            length, seq = unpack_header(data, pos)
+            stop = pos + HEADER_SIZE + length
+            if stop > end:
+                break
+            if slot[STOP]:
+                return
+            payload = data[pos + HEADER_SIZE : stop]
+            pos = stop
+            try:
+                fields = unpack(payload)
+                if not isinstance(fields, (list, tuple)) or len(fields) != 4:
+                    raise wire_shape_error(fields)
+                kind_o, t_o, a, b = fields
+                # Integers as the native loop takes them (it converts to C ints).
+                try:
+                    kind, t_ns = operator.index(kind_o), operator.index(t_o)
+                except TypeError:
+                    raise wire_fields_error(kind_o, t_o) from None
+                if not (ADD <= kind <= UPDATE_SAME and 0 <= t_ns <= MAX_T_NS):
+                    raise wire_fields_error(kind_o, t_o)
+            except Exception as exc:
+                # Decoding is deterministic (an object that does not fit the
+                # schema never will): a retry would fail the same way. The
+                # parent dead-letters it; this worker goes on.
+                slot[STARTED] = seq
+                on_bad_frame(seq, payload, exc)
+                slot[DONE] = seq
+                continue
+            now = monotonic_ns()
+            slot[START_NS] = now
+            slot[STARTED] = seq
+            slot[HIST + bucket_of(now - t_ns)] += 1
+            try:
+                if kind == UPDATE:
+                    on_update(a, b)
+                elif kind == ADD:
+                    on_add(a, bool(b))
+                elif kind == UPDATE_SAME:  # one object on the wire, passed as both
+                    on_update(a, a)
+                else:
+                    on_delete(a)
+            except Exception:
+                # The call is over: stop the handler_timeout clock before a report
+                # that may wait on a full return pipe.
+                slot[START_NS] = 0
+                slot[ERRORS] += 1
+                on_error(seq, payload)
+            slot[HANDLED] += 1
+            slot[START_NS] = 0
+            slot[DONE] = seq
+        if pos < end:
+            pending = bytearray(data[pos:])
+            need = HEADER_SIZE
+            if end - pos >= HEADER_SIZE:
+                need += unpack_header(data, pos)[0]
+        else:
+            need = 0
+
+
+def watch_lifeline(fd: int) -> None:
+    """End the process (``EXIT_ORPHANED``) as soon as ``fd`` reports hang-up.
+
+    Twin of ``fanout._worker.watch_lifeline``: a thread, so the handler
+    is cut off mid-call too, instead of a check between frames.
+    """
+
+    def watch() -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLIN)
+        while True:
+            try:
+                if poller.poll():
+                    break
+            except InterruptedError:
+                continue
+            except OSError:
+                break
+        os._exit(EXIT_ORPHANED)
+
+    threading.Thread(target=watch, name="fanout-lifeline", daemon=True).start()

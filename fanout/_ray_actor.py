@@ -6,8 +6,16 @@ header, payload), and answers with what the producer needs to acknowledge them.
 This module does not import Ray: ``fanout.ray_listener`` wraps ``LaneActor`` with
 ``ray.remote`` and the user's options.
 
+The actor notes, in a small file in ``/dev/shm`` named after its Ray actor id (which
+survives restarts), the sequence number of the last frame it finished. When Ray
+restarts it on the same node after a crash, the frames its predecessor finished are
+acknowledged without calling the handler again, so a frame that kills its actor
+does not make the frames handled before it in the same batch run twice. (On another
+node the file is not there: those frames run again, at least once as always.)
+
 A batch is accepted only if it continues what this actor instance handled (same
-generation, next sequence number) or opens a generation. A restarted actor has
+generation, and the batch before it is the last one this instance handled) or opens
+a generation. A restarted actor has
 lost that state, so a batch submitted before the producer noticed the restart is
 refused instead of being handled ahead of the frames the producer resends: that is
 what keeps first deliveries in per-key order across restarts.
@@ -15,6 +23,7 @@ what keeps first deliveries in per-key order across restarts.
 
 from __future__ import annotations
 
+import mmap
 import os
 import pickle
 import signal
@@ -31,6 +40,14 @@ __all__ = ["BatchResult", "LaneActor"]
 
 MAX_ECHO = 1 << 20  # a payload larger than this is not echoed back with its error
 WATCHDOG_TICK = 0.02  # seconds between the handler_timeout watchdog's looks
+PROGRESS_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
+STARTED, DONE = 0, 1  # words of the progress file
+
+
+def progress_path(actor_id: str) -> str:
+    """Where the actor with this id keeps its progress (on its own node)."""
+    return os.path.join(PROGRESS_DIR, f"fanout-ray-{actor_id}")
+
 
 # What ``handle_batch`` returns: (last_seq, handled, errors, bad, t_ns bytes), or
 # None when it refused a stale batch. ``errors``: (seq, traceback, payload) for each
@@ -65,8 +82,19 @@ class LaneActor:
         self.unpack = codec.unpacker(self.schema)
         self.handler = build_handler(pickle.loads(handler_blob), is_factory)
         self.gen = -1  # no generation opened yet: only an opening batch is accepted
-        self.next_seq = 0
+        self.last_seq = 0  # of the last batch handled in generation ``gen``
         self.call_started = 0.0  # monotonic start of the running handler call; 0: idle
+        import ray  # here, not at module level: only the actor process needs Ray
+
+        self.path = progress_path(str(ray.get_runtime_context().get_actor_id()))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < 16:
+                os.ftruncate(fd, 16)
+            self.map = mmap.mmap(fd, 16)
+        finally:
+            os.close(fd)
+        self.progress = memoryview(self.map).cast("Q")
         if handler_timeout is not None:
             threading.Thread(
                 target=self._watchdog, args=(handler_timeout,), name="fanout-watchdog", daemon=True
@@ -88,12 +116,22 @@ class LaneActor:
         """Answer once the handler is built; returns this actor's pid."""
         return os.getpid()
 
-    def handle_batch(self, gen: int, opens: bool, data: bytes) -> BatchResult | None:
+    def leave(self) -> None:
+        """Remove the progress file; the listener is done with this actor."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def handle_batch(self, gen: int, opens: bool, after: int, data: bytes) -> BatchResult | None:
         """Handle every frame of ``data`` in order.
 
         Args:
             gen: The producer's generation of this lane (it grows at each rewind).
             opens: True for the first batch of a generation.
+            after: The last sequence number of the batch sent before this one in
+                the same generation (sequence numbers have gaps where an overflow
+                policy dropped frames).
             data: Whole frames (header and payload), as the ring holds them.
 
         Returns:
@@ -101,10 +139,9 @@ class LaneActor:
         """
         unpack_header = HEADER.unpack_from
         hsize = HEADER.size
-        first = unpack_header(data, 0)[1]
         if opens:
             self.gen = gen
-        elif gen != self.gen or first != self.next_seq:
+        elif gen != self.gen or after != self.last_seq:
             return None
         handler = self.handler
         on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
@@ -113,14 +150,19 @@ class LaneActor:
         errors: list[tuple[int, str, bytes]] = []
         bad: list[tuple[int, str, bytes]] = []
         handled = 0
+        progress = self.progress
+        done = progress[DONE]  # what this actor, or the one before a restart, finished
         monotonic = time.monotonic
         end = len(data)
         pos = 0
-        seq = first
+        seq = 0
         while pos < end:
             length, seq = unpack_header(data, pos)
             payload = data[pos + hsize : pos + hsize + length]
             pos += hsize + length
+            if seq <= done:  # finished before a crash: acknowledged, not run again
+                handled += 1
+                continue
             try:
                 fields = unpack(payload)
                 if not isinstance(fields, (list, tuple)) or len(fields) != 4:
@@ -138,7 +180,9 @@ class LaneActor:
                     else f"frame {seq} cannot be decoded: {exc!r}"
                 )
                 bad.append((seq, why, payload))
+                progress[DONE] = seq
                 continue
+            progress[STARTED] = seq
             self.call_started = monotonic()
             try:
                 if kind == UPDATE:
@@ -155,7 +199,8 @@ class LaneActor:
                     (seq, traceback.format_exc(), payload if length <= MAX_ECHO else b"")
                 )
             self.call_started = 0.0
+            progress[DONE] = seq
             handled += 1
             stamps.append(t_ns)
-        self.next_seq = seq + 1
+        self.last_seq = seq
         return seq, handled, errors, bad, stamps.tobytes()

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fanout._impl import FrameRing
-from fanout._ray_actor import LaneActor
+from fanout._ray_actor import LaneActor, progress_path
 from fanout._ring_common import HEADER, HEADER_SIZE
 from fanout._version import DISTRIBUTION
 from fanout.listener import RING_INITIAL_BYTES, ProcessListener, Registration
@@ -50,6 +50,7 @@ log = logging.getLogger("fanout")
 BATCH_BYTES = 256 * 1024
 MAX_INFLIGHT = 2  # calls per actor: one running, one queued behind it
 KILL_GRACE = 5.0  # past handler_timeout per frame, the producer kills a stuck actor
+LEAVE_WAIT = 1.0  # seconds close() lets the actors remove their progress files
 STOP_WAIT = 10.0  # seconds close() waits for the sender thread and the actors
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
@@ -192,6 +193,7 @@ class RayLane:
         self.initial_seq = 0
         self.gen = 0
         self.opens = True  # the next call opens generation ``gen``
+        self.last_submitted = 0  # last seq of the last batch submitted
         self.single_until = 0  # frames up to this seq go one per call
         self.attempts: dict[int, int] = {}
         self.inflight: collections.deque[_Batch] = collections.deque()
@@ -314,6 +316,7 @@ class RayListener(Registration):
         self.stopping = False
         self.thread: threading.Thread | None = None
         self.actors_gone = True
+        self._actor_ids: list[str] = []
 
     # -- producer side ---------------------------------------------------------------
 
@@ -368,6 +371,7 @@ class RayListener(Registration):
                 self.handler_timeout,
             )
             lane.ready_ref = lane.actor.ready.remote()
+            self._actor_ids.append(lane.actor._actor_id.hex())
         self.thread = threading.Thread(
             target=self._run, name=f"fanout-ray-{self.name}", daemon=True
         )
@@ -391,19 +395,33 @@ class RayListener(Registration):
         if self.actors_gone:
             return
         ray = self.ray
+        actors = [lane.actor for lane in self.lanes if lane.actor is not None]
+        ids = [actor._actor_id.hex() for actor in actors]
+        try:
+            # Each actor removes its progress file once the calls queued before
+            # are done; one that takes longer is killed regardless, below.
+            ray.wait(
+                [a.leave.remote() for a in actors], num_returns=len(actors), timeout=LEAVE_WAIT
+            )
+        except Exception:  # Ray is already gone: so are its actors
+            log.debug("listener %r: asking the actors to leave failed", self.name, exc_info=True)
         probes = []
-        for lane in self.lanes:
-            if lane.actor is not None:
-                try:
-                    ray.kill(lane.actor, no_restart=True)
-                    probes.append(lane.actor.ready.remote())
-                except Exception:  # Ray is already gone: so are its actors
-                    log.debug("listener %r: ray.kill failed", self.name, exc_info=True)
+        for actor in actors:
+            try:
+                ray.kill(actor, no_restart=True)
+                probes.append(actor.ready.remote())
+            except Exception:  # Ray is already gone: so are its actors
+                log.debug("listener %r: ray.kill failed", self.name, exc_info=True)
         for probe in probes:
             try:
                 ray.get(probe, timeout=STOP_WAIT)
             except Exception:
                 pass  # expected: the actor is dead
+        for actor_id in ids:  # left behind by an actor killed first, on this node
+            try:
+                os.unlink(progress_path(actor_id))
+            except FileNotFoundError:
+                pass
         for lane in self.lanes:
             lane.actor = None
             lane.ready = False
@@ -463,12 +481,13 @@ class RayListener(Registration):
         return []
 
     def actor_ids(self) -> list[str]:
-        """Return the Ray actor ids of the lanes (hex), while the listener runs.
+        """Return the ids of the Ray actors this listener made (hex), alive or not.
 
         Returns:
-            One id per lane whose actor exists.
+            One id per lane once started (Ray keeps the id across restarts); look
+            them up in Ray's state API. Empty before ``start()``.
         """
-        return [lane.actor._actor_id.hex() for lane in self.lanes if lane.actor is not None]
+        return list(self._actor_ids)
 
     # -- the sender thread -----------------------------------------------------------
 
@@ -525,8 +544,9 @@ class RayListener(Registration):
             if cut is None:
                 return
             data, first, last, count = cut
-            ref = lane.actor.handle_batch.remote(lane.gen, lane.opens, data)
+            ref = lane.actor.handle_batch.remote(lane.gen, lane.opens, lane.last_submitted, data)
             lane.opens = False
+            lane.last_submitted = last
             if lane.inflight:
                 since = float("inf")  # starts running when the one before finishes
             else:

@@ -45,10 +45,13 @@ __all__ = ["RayCluster", "RayListener", "check_ray_options", "import_ray", "pick
 
 log = logging.getLogger("fanout")
 
-# Defaults chosen from the batch-size sweep in docs/ray.md: past 256 KiB per call the
-# throughput stops growing on 2 cores, while latency keeps growing with the batch.
-BATCH_BYTES = 256 * 1024
-MAX_INFLIGHT = 2  # calls per actor: one running, one queued behind it
+# Defaults from the batch-size sweep in docs/ray.md (benchmarks/ray_batch_sweep.py):
+# small objects stop gaining at about 1 MiB per call, Pods (4.5 KB) still gain up
+# to 4 MiB. It is a cap: the sender submits what waits, so a light load makes small
+# batches and low latency; only a backlog fills batches up to it.
+BATCH_BYTES = 4 << 20
+MAX_INFLIGHT = 2  # calls per actor: one running, one queued behind it (4 gained nothing)
+PIPE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size: larger batches take 2+ reads
 KILL_GRACE = 5.0  # past handler_timeout per frame, the producer kills a stuck actor
 LEAVE_WAIT = 1.0  # seconds close() lets the actors remove their progress files
 STOP_WAIT = 10.0  # seconds close() waits for the sender thread and the actors
@@ -211,9 +214,9 @@ class RayLane:
         """Make the pipe the ring sends to and this lane reads back: its size is the batch."""
         self.rfd, self.wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
-            fcntl.fcntl(self.wfd, F_SETPIPE_SZ, self.listener.batch_bytes)
+            fcntl.fcntl(self.wfd, F_SETPIPE_SZ, min(self.listener.batch_bytes, PIPE_BYTES))
         except OSError:
-            pass  # above /proc/sys/fs/pipe-max-size: batches are the default pipe size
+            pass  # above /proc/sys/fs/pipe-max-size: more reads per batch, same batches
 
     def close_pipe(self) -> None:
         """Close both pipe ends."""

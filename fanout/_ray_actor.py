@@ -83,7 +83,6 @@ class LaneActor:
         self.handler = build_handler(pickle.loads(handler_blob), is_factory)
         self.gen = -1  # no generation opened yet: only an opening batch is accepted
         self.last_seq = 0  # of the last batch handled in generation ``gen``
-        self.call_started = 0.0  # monotonic start of the running handler call; 0: idle
         import ray  # here, not at module level: only the actor process needs Ray
 
         self.path = progress_path(str(ray.get_runtime_context().get_actor_id()))
@@ -95,6 +94,8 @@ class LaneActor:
         finally:
             os.close(fd)
         self.progress = memoryview(self.map).cast("Q")
+        # A call the predecessor died in is not running here.
+        self.progress[STARTED] = self.progress[DONE]
         if handler_timeout is not None:
             threading.Thread(
                 target=self._watchdog, args=(handler_timeout,), name="fanout-watchdog", daemon=True
@@ -106,10 +107,18 @@ class LaneActor:
         A thread cannot stop a Python call, so the process goes: Ray restarts the
         actor and the producer resends, counting one attempt for the frame.
         """
+        progress = self.progress
+        running, since = 0, 0.0
         while True:
             time.sleep(WATCHDOG_TICK)
-            started = self.call_started
-            if started and time.monotonic() - started > timeout:
+            started = progress[STARTED]
+            if started <= progress[DONE]:  # between calls
+                running = 0
+                continue
+            now = time.monotonic()
+            if started != running:  # a call began since the last look
+                running, since = started, now
+            elif now - since > timeout:
                 os.kill(os.getpid(), signal.SIGKILL)
 
     def ready(self) -> int:
@@ -152,7 +161,6 @@ class LaneActor:
         handled = 0
         progress = self.progress
         done = progress[DONE]  # what this actor, or the one before a restart, finished
-        monotonic = time.monotonic
         end = len(data)
         pos = 0
         seq = 0
@@ -183,7 +191,6 @@ class LaneActor:
                 progress[DONE] = seq
                 continue
             progress[STARTED] = seq
-            self.call_started = monotonic()
             try:
                 if kind == UPDATE:
                     on_update(a, b)
@@ -194,11 +201,9 @@ class LaneActor:
                 else:
                     on_delete(a)
             except Exception:
-                self.call_started = 0.0
                 errors.append(
                     (seq, traceback.format_exc(), payload if length <= MAX_ECHO else b"")
                 )
-            self.call_started = 0.0
             progress[DONE] = seq
             handled += 1
             stamps.append(t_ns)

@@ -30,11 +30,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from fanout._impl import FrameRing
 from fanout._ray_actor import LaneActor, progress_path
 from fanout._ring_common import HEADER, HEADER_SIZE
 from fanout._version import DISTRIBUTION
-from fanout.listener import RING_INITIAL_BYTES, ProcessListener, Registration
+from fanout.listener import ProcessListener, Registration, lane_ring
 from fanout.notifications import Notification, RawFrame
 from fanout.stats import NBUCKETS
 
@@ -301,17 +300,8 @@ class RayListener(Registration):
         self.delivered = 0
         self.errors = 0
         self.hist = np.zeros(NBUCKETS, dtype=np.int64)
-        normal = RING_INITIAL_BYTES
-        bound = self.max_pending_bytes
-        if bound is not None:
-            normal = min(normal, bound)
-        # As for processes: drop_oldest can only drop frames not yet sent, so
-        # what is in flight is capped at half the bound.
-        inflight = (
-            max(1, bound // 2) if bound is not None and self.overflow == "drop_oldest" else None
-        )
         self.lanes = [
-            RayLane(self, i, FrameRing(normal, normal, bound, inflight))
+            RayLane(self, i, lane_ring(self.max_pending_bytes, self.overflow))
             for i in range(self.workers)
         ]
         self.wake = threading.Event()

@@ -307,6 +307,7 @@ class RayListener(Registration):
         self.wake = threading.Event()
         self.idle = False
         self.stopping = False
+        self.failed = False  # the sender thread died of an unexpected error
         self.thread: threading.Thread | None = None
         self.actors_gone = True
         self._actor_ids: list[str] = []
@@ -438,8 +439,8 @@ class RayListener(Registration):
         return all(not len(lane.ring) for lane in self.lanes)
 
     def stuck(self) -> bool:
-        """Tell whether an actor cannot be built, so its lane never drains."""
-        return any(lane.start_error is not None for lane in self.lanes)
+        """Tell whether an actor cannot be built (or the sender died): nothing drains."""
+        return self.failed or any(lane.start_error is not None for lane in self.lanes)
 
     def never_started(self) -> bool:
         """Tell whether no actor of this listener ever answered."""
@@ -513,6 +514,7 @@ class RayListener(Registration):
                 for call in calls:  # on_error / on_dead_letter, no lane state held
                     call()
         except BaseException:  # the listener cannot go on: say so loudly
+            self.failed = True  # stuck(): stop(drain=True) does not wait for it
             log.exception("listener %r: the Ray sender thread failed", self.name)
 
     @staticmethod
@@ -567,8 +569,12 @@ class RayListener(Registration):
                 return
             if lane.inflight:
                 lane.inflight[0].since = time.monotonic()
-            if result is None:  # refused as stale: resent after the rewind
-                continue
+            if result is None:
+                # A restarted actor refused a call meant for its predecessor, whose
+                # death we have not seen yet: nothing of it ran, so send it all again.
+                self.restarts += 1
+                lane.rewind()
+                return
             self._acknowledge(lane, result, calls)
         self._check_timeout(lane)
 

@@ -246,9 +246,15 @@ def test_handler_ray_cannot_serialise_refused() -> None:
 # -- the shared cluster -----------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster():
-    """One local Ray for every test below; actors import the tests' helpers."""
+    """One local Ray for every test below; actors import the tests' helpers.
+
+    Every Ray test is in this module, so this is the one cluster of the run. It is
+    shut down when the module ends, not the session: Ray's own processes and threads
+    come and go on their own while it runs, which the leak checks of the tests in
+    later modules would count against them.
+    """
     ray.init(
         num_cpus=2,
         include_dashboard=False,

@@ -50,7 +50,7 @@ def main() -> None:
     ap.add_argument("--inflight", type=int, nargs="*", default=[2])
     args = ap.parse_args()
     payload = load_payload(args.payload)
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     one(payload, 2000, 64 << 10, 2)  # warm up the workers' imports
     print(f"payload={args.payload} n={args.n}  (budget = bytes of frames per actor call)")
     print(f"{'budget':>8} {'inflight':>8} {'deliveries/s':>13} {'p50 ms':>8} {'p99 ms':>8}")

@@ -148,6 +148,9 @@ class RayCluster:
         # the local cluster binds to loopback only.
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
         ray.init(
+            # "local": a new cluster of our own, even when another program on this
+            # machine runs one (ray.init() would join that one instead).
+            address="local",
             num_cpus=os.cpu_count() or 1,
             include_dashboard=False,
             _node_ip_address="127.0.0.1",

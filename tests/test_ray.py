@@ -211,6 +211,18 @@ def test_without_ray_import_error_names_the_extra(tmp_path: Path) -> None:
     assert "pip install 'fanout-informer[ray]'" in proc.stdout, proc.stderr
 
 
+def test_bench_skips_the_ray_scenario_without_ray(tmp_path: Path) -> None:
+    code = (
+        "import sys; sys.modules['ray'] = None\n"
+        "from fanout.bench.scenarios import SCENARIOS, Options, Suite\n"
+        "suite = Suite(Options(scenarios=['ray']), print)\n"
+        "print(SCENARIOS['ray'](suite), suite.skipped['ray'])\n"
+    )
+    env = dict(_subprocess_env(), TMPDIR=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert "[] needs Ray: pip install 'fanout-informer[ray]'" in proc.stdout, proc.stderr
+
+
 @pytest.mark.parametrize(
     ("options", "error", "match"),
     [
@@ -256,6 +268,7 @@ def ray_cluster():
     later modules would count against them.
     """
     ray.init(
+        address="local",  # our own, even if another run on this machine has one
         num_cpus=2,
         include_dashboard=False,
         runtime_env={"env_vars": {"PYTHONPATH": _subprocess_env()["PYTHONPATH"]}},

@@ -46,6 +46,7 @@ def ensure_ray() -> None:
     """Start the scenario's local Ray once (the contenders share it)."""
     if not ray.is_initialized():
         ray.init(
+            address="local",  # our own, not another program's cluster on this host
             num_cpus=os.cpu_count() or 2,
             include_dashboard=False,
             logging_level=logging.WARNING,

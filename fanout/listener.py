@@ -420,7 +420,10 @@ class ProcessListener(Registration):
         elif policy == "drop_oldest":
             bound = self.max_pending_bytes
             assert bound is not None
-            frames, _ = ring.drop_unsent(ring.nbytes + len(payload) + HEADER_SIZE - bound)
+            # max(0): acks may have made room since the append failed (the pump,
+            # or a Ray listener's sender, frees frames concurrently).
+            need = max(0, ring.nbytes + len(payload) + HEADER_SIZE - bound)
+            frames, _ = ring.drop_unsent(need)
             self.dropped += frames
             try:
                 ring.append(payload)

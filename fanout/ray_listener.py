@@ -508,7 +508,9 @@ class RayListener(Registration):
                     len(lane.inflight) >= self._room(lane) or not self._waiting(lane)
                     for lane in self.lanes
                 )
-                done, _ = ray.wait(refs, num_returns=1, timeout=0.02 if full else 0.001)
+                # Frames that arrive while we wait here for a result wait too: a
+                # short nap bounds that (a lane with room and frames: shorter still).
+                done, _ = ray.wait(refs, num_returns=1, timeout=0.005 if full else 0.001)
                 if done:
                     done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
                 finished = set(done)

@@ -26,13 +26,14 @@ from fanout.errors import DistributorStopped, ListenerFull, WorkerStartError
 from fanout.handlers import pickle_for_workers, resolve_handler
 from fanout.listener import Lane, ProcessListener, Registration, ThreadListener
 from fanout.notifications import NOTIFICATION_TYPES, Add, Notification
+from fanout.ray_listener import RayListener, check_ray_options, import_ray, pickle_for_ray
 from fanout.supervisor import Supervisor
 
 __all__ = ["Distributor"]
 
 log = logging.getLogger("fanout")
 
-Executor = Literal["process", "thread"]
+Executor = Literal["process", "thread", "ray"]
 Overflow = Literal["block", "drop_oldest", "drop_newest", "error"]
 StartMethod = Literal["forkserver", "spawn"]
 CodecName = Literal["msgpack", "msgspec"]
@@ -40,7 +41,7 @@ CodecName = Literal["msgpack", "msgspec"]
 MIN_RESYNC_PERIOD = 1.0  # client-go's minimumResyncPeriod
 REAP_FALLBACK = 2.0  # stop() reaps workers itself when the supervisor has not
 FIRST_START_WAIT = 60.0  # start() waits this long at most for first workers to say ready
-EXECUTORS = ("process", "thread")
+EXECUTORS = ("process", "thread", "ray")
 OVERFLOW_POLICIES = ("block", "drop_oldest", "drop_newest", "error")
 START_METHODS = ("forkserver", "spawn")
 _names = iter(range(1, 1 << 62))
@@ -75,16 +76,21 @@ class _Plan:
     """How ``distribute`` reaches a set of listeners, worked out once per change.
 
     ``rings``: the rings of single-lane unbounded process listeners (the
-    common case: one native call appends to all of them); ``routed``: process listeners that need a
-    lane picked or room checked; ``puts``: thread listeners' queues.
+    common case: one native call appends to all of them); ``routed``: process and Ray
+    listeners that need a lane picked or room checked (a Ray listener's ``put`` also
+    wakes its sender); ``puts``: thread listeners' queues.
     """
 
     __slots__ = ("encode", "fast", "listeners", "puts", "rings", "routed")
 
     def __init__(self, listeners: tuple[Registration, ...], started: bool = False) -> None:
         self.listeners = listeners
-        procs = [r for r in listeners if isinstance(r, ProcessListener)]
-        simple = [r for r in procs if r.workers == 1 and r.max_pending_bytes is None]
+        procs = [r for r in listeners if isinstance(r, (ProcessListener, RayListener))]
+        simple = [
+            r
+            for r in procs
+            if isinstance(r, ProcessListener) and r.workers == 1 and r.max_pending_bytes is None
+        ]
         self.rings = tuple(r.lanes[0].ring for r in simple)
         self.routed = tuple(r for r in procs if r not in simple)
         self.puts = tuple(r.put for r in listeners if isinstance(r, ThreadListener))
@@ -166,6 +172,7 @@ class Distributor:
         self._encode = self.codec.encode
         self._pump_thread: threading.Thread | None = None
         self.supervisor = Supervisor(self)
+        self.ray_cluster: Any = None  # a RayCluster once a Ray listener started
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -223,6 +230,7 @@ class Distributor:
         on_error: Callable[[Registration, Notification | None, str], Any] | None = None,
         on_dead_letter: Callable[[Registration, Notification | None, str], Any] | None = None,
         schema: Any = None,
+        ray_options: dict[str, Any] | None = None,
     ) -> Registration:
         """Register a handler as a new listener; on a running distributor it starts at once.
 
@@ -239,7 +247,11 @@ class Distributor:
                 kept per key always, and per listener with ``workers=1``.
             executor: ``"process"`` (default): worker processes fed over pipes,
                 isolated by the OS. ``"thread"``: one thread in this process,
-                fed the objects themselves (cheap, trusted handlers).
+                fed the objects themselves (cheap, trusted handlers). ``"ray"``:
+                ``workers`` Ray actors, on any node of the Ray cluster, fed in
+                batches (``pip install 'fanout-informer[ray]'``); fanout uses the
+                cluster ``ray.init`` connected to, or starts a local one for the
+                distributor's lifetime.
             key: ``obj -> hashable`` choosing the lane of a notification (of the
                 new object for an update); default: ``(namespace, name)`` from
                 ``obj["metadata"]`` when present, else round-robin.
@@ -270,6 +282,12 @@ class Distributor:
                 straight into it, skipping the fields it does not declare. An
                 object that does not fit is dead-lettered at once. Thread
                 listeners get ``msgspec.convert(obj, schema)``.
+            ray_options: Ray actor options for each worker of a Ray listener
+                (``num_cpus``, ``num_gpus``, ``resources``, ``memory``,
+                ``runtime_env``, ``scheduling_strategy``, ...), checked by Ray
+                here. fanout sets ``max_restarts=-1`` and no task retries
+                itself, so those and the options that would break per-key
+                order are refused. Only with ``executor="ray"``.
 
         Returns:
             The listener's ``Registration``: pass it to ``remove_listener``,
@@ -277,12 +295,14 @@ class Distributor:
 
         Raises:
             TypeError: A bad option, a handler that is no handler or cannot be
-                pickled, a handler or schema defined in a file-less
-                ``__main__``, or a schema msgspec cannot decode into.
+                pickled (or serialised by Ray), a handler or schema defined in a
+                file-less ``__main__``, or a schema msgspec cannot decode into.
             ValueError: An option out of range, or one the executor cannot
                 take (``workers``, ``handler_timeout``, ``max_pending_bytes``
-                with ``executor="thread"``).
-            ImportError: ``schema`` without msgspec installed.
+                with ``executor="thread"``; ``ray_options`` without
+                ``executor="ray"``, or a Ray option unknown or owned by fanout).
+            ImportError: ``schema`` without msgspec installed, or
+                ``executor="ray"`` without Ray installed.
             ListenerFull: The initial list cannot fit ``max_pending_bytes``.
             WorkerStartError: The distributor runs and the listener's first
                 worker could not build its handler (the listener is removed).
@@ -302,6 +322,7 @@ class Distributor:
             on_error,
             on_dead_letter,
             schema,
+            ray_options,
         )
         items = list(initial_list) if initial_list is not None else []
         with self.lock:
@@ -310,6 +331,8 @@ class Distributor:
             reg: Registration
             if executor == "thread":
                 reg = ThreadListener(self, opts)
+            elif executor == "ray":
+                reg = RayListener(self, opts)
             else:
                 reg = ProcessListener(self, opts)
             try:
@@ -347,10 +370,18 @@ class Distributor:
         on_error: Any,
         on_dead_letter: Any,
         schema: Any = None,
+        ray_options: Any = None,
     ) -> dict[str, Any]:
         """Check every option; raise naming the bad one. Nothing is changed here."""
         if executor not in EXECUTORS:
-            raise ValueError(f"executor must be 'process' or 'thread', got {executor!r}")
+            raise ValueError(f"executor must be 'process', 'thread' or 'ray', got {executor!r}")
+        if executor == "ray":
+            import_ray()  # first: without Ray, say so before anything else
+        elif ray_options is not None:
+            raise ValueError(
+                f"ray_options needs executor='ray' (got executor={executor!r}); drop it "
+                f"or pass executor='ray'"
+            )
         handler, is_factory = resolve_handler(handler)
         if name is None:
             name = f"listener-{next(_names)}"
@@ -409,7 +440,7 @@ class Distributor:
             # msgspec decodes into it; refused here if it cannot (workers get it pickled)
             "schema_blob": None
             if schema is None
-            else check_schema(schema, self.codec, executor == "process"),
+            else check_schema(schema, self.codec, executor != "thread"),
         }
         if executor == "thread":
             for opt, value, why in (
@@ -425,6 +456,9 @@ class Distributor:
                     raise ValueError(
                         f"{opt} needs executor='process' ({why}); drop it or use processes"
                     )
+        elif executor == "ray":
+            opts["ray_options"] = check_ray_options(ray_options)
+            opts["handler_blob"] = pickle_for_ray(handler)
         else:
             opts["handler_blob"] = pickle_for_workers(handler)
         return opts
@@ -437,7 +471,7 @@ class Distributor:
         if isinstance(reg, ThreadListener):
             reg.add_initial([(n, t_ns) for n in adds])
             return
-        assert isinstance(reg, ProcessListener)
+        assert isinstance(reg, (ProcessListener, RayListener))
         # Encode (and route) everything before queueing anything: an item the
         # codec refuses leaves the listener unregistered and nothing queued.
         planned = [(reg.route(n), self.codec.encode(n, t_ns)) for n in adds]
@@ -482,7 +516,10 @@ class Distributor:
         self._plan = _Plan(listeners, self.started and not self.stopping)
 
     def _discard(self, reg: Registration) -> None:
-        if isinstance(reg, ProcessListener):
+        if isinstance(reg, RayListener):
+            reg.close()
+            reg.settle(None)
+        elif isinstance(reg, ProcessListener):
             reg.close()
             if reg.exited():
                 reg.release()
@@ -504,7 +541,7 @@ class Distributor:
                 return
             reg.removed = True
             self._publish(tuple(r for r in self._listeners if r is not reg))
-            if isinstance(reg, ThreadListener):
+            if isinstance(reg, (ThreadListener, RayListener)):
                 reg.close(drain=False)
                 reg.settle(None)  # what it had not taken is dropped, as client-go does
             else:
@@ -545,6 +582,8 @@ class Distributor:
             if reg.thread is not None:
                 reg.thread.join(timeout)
             return reg.exited()
+        if isinstance(reg, RayListener):
+            return reg.exited()  # remove_listener waited for its actors
         assert isinstance(reg, ProcessListener)
         for lane in reg.lanes:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
@@ -710,7 +749,12 @@ class Distributor:
         unimportable handler, a factory that raised or returned no handler);
         transient failures are left to the supervisor's retries.
         """
-        lanes = [lane for r in listeners if isinstance(r, ProcessListener) for lane in r.lanes]
+        lanes: list[Any] = [
+            lane
+            for r in listeners
+            if isinstance(r, (ProcessListener, RayListener))
+            for lane in r.lanes
+        ]
         deadline = time.monotonic() + FIRST_START_WAIT
         delay = 0.0005
         while any(lane.first_start for lane in lanes):
@@ -848,6 +892,8 @@ class Distributor:
             self._closing = []
         _running.discard(self)
         self._shutdown_threads(was_started)
+        if self.ray_cluster is not None:  # after the listeners: their actors are gone
+            self.ray_cluster.detach()
         return lost == 0, calls
 
     @staticmethod

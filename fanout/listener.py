@@ -75,6 +75,17 @@ def default_key(n: Notification) -> Hashable | None:
     return None
 
 
+def lane_ring(bound: int | None, overflow: str) -> Any:
+    """A lane's ``FrameRing`` for a listener's ``max_pending_bytes`` and ``overflow``."""
+    normal = RING_INITIAL_BYTES
+    if bound is not None:
+        normal = min(normal, bound)
+    # drop_oldest can only drop frames not yet sent to the worker: keep half the
+    # bound for them by capping what is in flight.
+    inflight = max(1, bound // 2) if bound is not None and overflow == "drop_oldest" else None
+    return FrameRing(normal, normal, bound, inflight)
+
+
 class Registration:
     """One listener of a ``Distributor``: the handle ``add_listener`` returns.
 
@@ -84,7 +95,7 @@ class Registration:
 
     Attributes:
         name: The listener's name (given to ``add_listener``, or generated).
-        executor: ``"process"`` or ``"thread"``.
+        executor: ``"process"``, ``"thread"`` or ``"ray"``.
         workers: Number of worker processes (1 for a thread listener).
         resync_period: The resync period in force, in seconds, after client-go's
             clamping rules; 0 means never.
@@ -351,17 +362,9 @@ class ProcessListener(Registration):
         self.slots = np.frombuffer(self.shm, dtype=np.uint64).reshape(self.workers, -1)[
             :, :SLOT_WORDS
         ]
-        normal = RING_INITIAL_BYTES
-        bound = self.max_pending_bytes
-        if bound is not None:
-            normal = min(normal, bound)
-        # drop_oldest can only drop frames not yet written to the pipe: keep half
-        # the bound for them by capping what is in flight.
-        inflight = (
-            max(1, bound // 2) if bound is not None and self.overflow == "drop_oldest" else None
-        )
         self.lanes = [
-            Lane(self, i, FrameRing(normal, normal, bound, inflight)) for i in range(self.workers)
+            Lane(self, i, lane_ring(self.max_pending_bytes, self.overflow))
+            for i in range(self.workers)
         ]
         for lane in self.lanes:  # the pump frees what the worker finished
             lane.ring.set_ack_source(self.slots[lane.index], DONE)
@@ -442,7 +445,10 @@ class ProcessListener(Registration):
         elif policy == "drop_oldest":
             bound = self.max_pending_bytes
             assert bound is not None
-            frames, _ = ring.drop_unsent(ring.nbytes + len(payload) + HEADER_SIZE - bound)
+            # max(0): acks may have made room since the append failed (the pump,
+            # or a Ray listener's sender, frees frames concurrently).
+            need = max(0, ring.nbytes + len(payload) + HEADER_SIZE - bound)
+            frames, _ = ring.drop_unsent(need)
             self.dropped += frames
             try:
                 ring.append(payload)

@@ -74,7 +74,7 @@ class ListenerStats:
 
     Attributes:
         name: The listener's name.
-        executor: ``"process"`` or ``"thread"``.
+        executor: ``"process"``, ``"thread"`` or ``"ray"``.
         workers: Number of worker processes (1 for a thread listener).
         received: Notifications accepted for this listener, live or from its
             initial list, including those an overflow policy dropped on arrival.

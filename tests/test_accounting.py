@@ -487,7 +487,7 @@ def test_undecodable_frame_reaches_on_dead_letter_as_a_raw_frame(make_dist, tmp_
 
 def test_options_are_literal_types():
     hints = typing.get_type_hints(fanout.Distributor.add_listener)
-    assert typing.get_args(hints["executor"]) == ("process", "thread")
+    assert typing.get_args(hints["executor"]) == ("process", "thread", "ray")
     assert set(typing.get_args(hints["overflow"])) == {
         "block",
         "drop_oldest",

@@ -12,7 +12,7 @@ import pytest
 
 from fanout.bench import report
 from fanout.bench.contenders import CONTENDERS
-from fanout.bench.scenarios import SCENARIOS, UNSTABLE_SPREAD, Measurement, interleave
+from fanout.bench.scenarios import SCENARIOS, UNSTABLE_SPREAD, Measurement, Options, interleave
 from fanout.cli import _non_negative_float, build_parser
 
 STEP = re.compile(r"^\[(\d+)/(\d+)\] ETA \d+:\d\d  (.*)$")
@@ -53,8 +53,10 @@ def test_quick_run_reports_every_figure_with_its_spread(tmp_path, no_leaks):
     for name in {c.name for c in CONTENDERS} - installed:
         assert doc["skipped"][name]  # listed with the reason
     results = doc["results"]
-    assert {r["scenario"] for r in results} == set(SCENARIOS)
-    for scenario in set(SCENARIOS) - {"recovery", "schema"}:
+    default = set(Options().scenarios)  # every scenario but the opt-in "ray"
+    assert default == set(SCENARIOS) - {"ray"}
+    assert {r["scenario"] for r in results} == default
+    for scenario in default - {"recovery", "schema"}:
         seen = {r["contender"] for r in results if r["scenario"] == scenario}
         assert seen == installed, scenario
     from fanout.bench import schema  # its own contenders: readers of five fields

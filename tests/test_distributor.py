@@ -533,7 +533,11 @@ def test_distribute_refuses_non_notifications(make_dist):
         ({"handler": "on_add"}, TypeError, "handler must be"),
         ({"workers": 0}, ValueError, "workers must be >= 1, got 0"),
         ({"workers": 1.5}, TypeError, "workers must be an int"),
-        ({"executor": "fiber"}, ValueError, "executor must be 'process' or 'thread', got 'fiber'"),
+        (
+            {"executor": "fiber"},
+            ValueError,
+            "executor must be 'process', 'thread' or 'ray', got 'fiber'",
+        ),
         ({"resync_period": -1}, ValueError, "resync_period must be"),
         ({"resync_period": "5s"}, TypeError, "resync_period must be a number"),
         (

@@ -10,6 +10,9 @@
   notification on its lane, beside a worker's cold start for comparison.
 * ``schema``: Pods to 4 listeners whose handlers read five fields, with and
   without ``schema=`` (``fanout.bench.schema``).
+* ``ray``: one listener of 2 Ray actors against Ray used directly, and recovery
+  from a SIGKILLed actor (``fanout.bench.ray``). Not in the default list: it
+  starts a Ray cluster (about 4 s); ``--scenario ray`` runs it.
 
 A scenario turns the options into :class:`Case` objects, one per parameter set.
 Every case first calibrates each contender (sizes its batch to ``duration``
@@ -40,6 +43,7 @@ from typing import Any, Literal, TypeVar
 import msgpack
 
 from fanout._protocol import NBUCKETS
+from fanout._version import DISTRIBUTION
 from fanout.bench.contenders import CONTENDERS, FanoutProcess
 from fanout.bench.payloads import Payload, load_payload
 from fanout.stats import percentile
@@ -712,6 +716,16 @@ def schema(suite: Suite) -> list[Case]:
     return module.cases(suite)
 
 
+def ray(suite: Suite) -> list[Case]:
+    """One listener of 2 Ray actors against Ray used directly (``fanout.bench.ray``)."""
+    try:
+        from fanout.bench import ray as module
+    except ImportError as exc:  # Ray is not installed
+        suite.skipped["ray"] = f"needs Ray: pip install '{DISTRIBUTION}[ray]' ({exc})"
+        return []
+    return module.cases(suite)
+
+
 SCENARIOS: dict[str, Callable[[Suite], list[Case]]] = {
     "throughput": throughput,
     "cpu": cpu,
@@ -719,6 +733,7 @@ SCENARIOS: dict[str, Callable[[Suite], list[Case]]] = {
     "stalled": stalled,
     "recovery": recovery,
     "schema": schema,
+    "ray": ray,
 }
 
 

@@ -556,8 +556,8 @@ def test_stop_without_drain_accounts_and_kills_actors(rdist, tmp_path: Path) -> 
     reg = d.add_listener(Recorder(str(path)), executor="ray", workers=2)
     d.start()
     ids = reg.actor_ids()  # type: ignore[attr-defined]
-    for i in range(3000):
-        d.distribute(fanout.Add(obj(f"o{i}", i, sleep=0.001)))
+    for i in range(3000):  # 15 s of work for 2 actors: a stop now must drop some
+        d.distribute(fanout.Add(obj(f"o{i}", i, sleep=0.01)))
     assert wait_for(lambda: reg.stats().delivered > 0)
     d.stop(drain=False)
     s = assert_accounted(reg)

@@ -186,6 +186,18 @@ def test_markdown_table_gives_every_figure_with_its_spread():
     assert "(max - min) / median" in text
 
 
+def test_markdown_table_has_columns_for_a_scenarios_own_contenders():
+    own = Measurement(
+        "schema", "fanout-schema", {"payload": "pod"}, "deliveries", "deliveries/s",
+        [70e3, 75e3, 80e3], title="Pods to 4 listeners whose handlers read five fields",
+    )  # fmt: skip
+    doc = _doc(_rate("fanout-process", [100e3, 107e3, 110e3]), own)
+    doc["contenders"] = ["fanout-process"]  # the suite's; schema brings its own
+    lines = report.markdown(doc).splitlines()
+    assert lines[0] == "| figure | fanout-process | fanout-schema |"
+    assert lines[3].endswith("|  | 75 k (13%) |")
+
+
 def test_text_table_marks_unstable_figures():
     doc = _doc(_rate("fanout-process", [100e3, 107e3, 110e3]), _rate("mp.Queue", [1, 5, 9]))
     text = report.table(doc)

@@ -266,7 +266,11 @@ def markdown(doc: dict[str, Any]) -> str:
     Each cell is the median and, in brackets, the spread of the rounds, with
     ``unstable`` added when the spread is over the threshold.
     """
-    contenders = doc["contenders"]
+    # The suite's contenders, then those a scenario brought itself (schema=, Ray).
+    contenders = list(doc["contenders"])
+    for r in doc["results"]:
+        if r["contender"] not in contenders:
+            contenders.append(r["contender"])
     head = "| figure | " + " | ".join(contenders) + " |"
     lines = [head, "|---" * (len(contenders) + 1) + "|"]
     for (title, _), rs in _rows(doc).items():

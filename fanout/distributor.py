@@ -844,6 +844,7 @@ class Distributor:
         with self.lock:
             if self.stopped:
                 return True, []
+            # Final: start() refuses from here on (accepting is cleared below).
             was_started = self.started
             resumed = self.stopping  # an earlier stop() was interrupted midway
             # Nothing new from here on: distribute, add_listener and start()
@@ -855,9 +856,6 @@ class Distributor:
             self._wait_drained(timeout)
         with self.lock:
             self.stopping = True
-            # Read again: a start() may have run while the drain waited; from
-            # here on (stopping is set) none can.
-            was_started = self.started
             if not resumed:
                 self._stopped_listeners = self._listeners
                 self._publish(())

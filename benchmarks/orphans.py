@@ -33,11 +33,14 @@ def _alive(p: psutil.Process) -> bool:
         return False
 
 
-def _kind(p: psutil.Process) -> str:
+def _kind(p: psutil.Process, producer: int) -> str:
     cmd = " ".join(p.cmdline())
     if "resource_tracker" in cmd:
         return "resource tracker"
-    return "forkserver" if "forkserver import main" in cmd else "worker"
+    # Forked workers share the forkserver's command line: its children are workers.
+    if "forkserver import main" in cmd and p.ppid() == producer:
+        return "forkserver"
+    return "worker"
 
 
 def one(method: str, tmp: Path) -> tuple[dict[str, float], int]:
@@ -50,7 +53,7 @@ def one(method: str, tmp: Path) -> tuple[dict[str, float], int]:
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, env=env)
     assert proc.stdout is not None
     family = [psutil.Process(pid) for pid in json.loads(proc.stdout.readline())]
-    kinds = {p.pid: _kind(p) for p in family}
+    kinds = {p.pid: _kind(p, proc.pid) for p in family}
     while len({line.split()[0] for line in log.read_text().splitlines()}) < 2:
         time.sleep(0.01)  # both workers are inside a handler call
     proc.kill()

@@ -86,6 +86,26 @@ def lane_ring(bound: int | None, overflow: str) -> Any:
     return FrameRing(normal, normal, bound, inflight)
 
 
+def close_rings(lanes: list[Any]) -> None:
+    """Make every lane's ring take no more frames (those held stay)."""
+    for lane in lanes:
+        lane.ring.close()
+
+
+def settle_rings(reg: Registration, lanes: list[Any], reason: str | None) -> list[Any]:
+    """Settle the frames ``lanes`` still hold for ``reg`` once nothing consumes them.
+
+    Each lane acks first what its consumer finished (delivered, not lost).
+    Returns the ``on_dead_letter`` calls, as ``Registration.settle`` does.
+    """
+    calls: list[Any] = []
+    for lane in lanes:
+        lane.ring.close()
+        lane.ack()
+        calls += reg._settle_items(lane.ring.take_all(), reason)
+    return calls
+
+
 class Registration:
     """One listener of a ``Distributor``: the handle ``add_listener`` returns.
 
@@ -507,17 +527,11 @@ class ProcessListener(Registration):
 
     def close_input(self) -> None:
         """Take no more frames; the workers go on with those held."""
-        for lane in self.lanes:
-            lane.ring.close()
+        close_rings(self.lanes)
 
     def settle(self, reason: str | None) -> list[Callable[[], None]]:
         """Account for the frames still held once the workers are gone."""
-        calls: list[Callable[[], None]] = []
-        for lane in self.lanes:
-            lane.ring.close()
-            lane.ack()  # what the last worker finished is delivered, not lost
-            calls += self._settle_items(lane.ring.take_all(), reason)
-        return calls
+        return settle_rings(self, self.lanes, reason)
 
     def never_started(self) -> bool:
         """Tell whether no worker of this listener ever became ready."""

@@ -33,7 +33,13 @@ import numpy as np
 from fanout._protocol import HEADER, HEADER_SIZE, NBUCKETS
 from fanout._ray_actor import LaneActor, progress_path
 from fanout._version import DISTRIBUTION
-from fanout.listener import ProcessListener, Registration, lane_ring
+from fanout.listener import (
+    ProcessListener,
+    Registration,
+    close_rings,
+    lane_ring,
+    settle_rings,
+)
 from fanout.notifications import Notification, RawFrame
 
 if TYPE_CHECKING:
@@ -426,16 +432,11 @@ class RayListener(Registration):
 
     def close_input(self) -> None:
         """Take no more frames; the actors go on with those held."""
-        for lane in self.lanes:
-            lane.ring.close()
+        close_rings(self.lanes)
 
     def settle(self, reason: str | None) -> list[Callable[[], None]]:
         """Account for the frames still held once the actors are gone."""
-        calls: list[Callable[[], None]] = []
-        for lane in self.lanes:
-            lane.ring.close()
-            calls += self._settle_items(lane.ring.take_all(), reason)
-        return calls
+        return settle_rings(self, self.lanes, reason)  # a Ray lane's ack() is a no-op
 
     def exited(self) -> bool:
         """Tell whether the sender has ended and every actor was killed."""

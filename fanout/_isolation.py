@@ -43,6 +43,7 @@ __all__ = [
     "before_start",
     "close_inherited",
     "map_slot",
+    "mmap_shared",
     "slot_stride",
 ]
 
@@ -235,11 +236,11 @@ class WorkerProcess:
 _libc: Any = None
 
 
-def map_slot(fd: int, offset: int, size: int) -> memoryview:
-    """Map ``size`` bytes at ``offset`` (page-aligned) of ``fd``, shared, as 64-bit words.
+def mmap_shared(fd: int, length: int, prot: int, offset: int = 0, what: str = "memory") -> int:
+    """``mmap(MAP_SHARED)`` through libc, keeping no duplicate of ``fd``; the address.
 
-    Unlike ``mmap.mmap`` this keeps no duplicate of ``fd``; the mapping lives as long
-    as the process.
+    Unlike ``mmap.mmap``, nothing holds the descriptor afterwards, and the mapping
+    lives as long as the process.
     """
     global _libc
     if _libc is None:
@@ -254,11 +255,22 @@ def map_slot(fd: int, offset: int, size: int) -> memoryview:
             ctypes.c_long,
         ]
         _libc = libc
-    length = slot_stride(size)
-    addr = _libc.mmap(None, length, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, offset)
+    addr = _libc.mmap(None, length, prot, mmap.MAP_SHARED, fd, offset)
     if addr is None or addr == ctypes.c_void_p(-1).value:
         err = ctypes.get_errno()
-        raise OSError(err, f"mmap of the progress slot failed: {os.strerror(err)}")
+        raise OSError(err, f"mmap of the {what} failed: {os.strerror(err)}")
+    return int(addr)
+
+
+def map_slot(fd: int, offset: int, size: int) -> memoryview:
+    """Map ``size`` bytes at ``offset`` (page-aligned) of ``fd``, shared, as 64-bit words.
+
+    Unlike ``mmap.mmap`` this keeps no duplicate of ``fd``; the mapping lives as long
+    as the process.
+    """
+    length = slot_stride(size)
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    addr = mmap_shared(fd, length, prot, offset, "progress slot")
     buf = (ctypes.c_char * length).from_address(addr)
     return memoryview(buf).cast("B")[:size].cast("Q")
 

@@ -359,6 +359,25 @@ cdef int _peek(fr_state* st, unsigned char** copy, size_t* length) noexcept nogi
     return 1
 
 
+cdef int _seqs(fr_state* st, uint64_t** out, size_t* count) noexcept nogil:
+    """Copy the sequence numbers of the frames held into a new array; -1: no memory."""
+    cdef size_t off = 0, length, i = 0
+    cdef uint64_t seq
+    pthread_mutex_lock(&st.lock)
+    count[0] = st.frames
+    out[0] = <uint64_t*>PyMem_RawMalloc((st.frames if st.frames else 1) * sizeof(uint64_t))
+    if out[0] == NULL:
+        pthread_mutex_unlock(&st.lock)
+        return -1
+    while off < st.used and i < st.frames:
+        _get_header(st, off, &length, &seq)
+        out[0][i] = seq
+        i += 1
+        off += HDR + length
+    pthread_mutex_unlock(&st.lock)
+    return 0
+
+
 cdef int _take_all(fr_state* st, unsigned char** copy, size_t* n) noexcept nogil:
     """Copy every frame held (headers too) into a new buffer and empty the ring."""
     pthread_mutex_lock(&st.lock)
@@ -747,6 +766,21 @@ cdef class FrameRing:
         if failed:
             raise MemoryError("FrameRing.drop_unsent could not allocate its scratch copy")
         return frames, gap
+
+    def seqs(self):
+        """Return the sequence numbers of the frames held, oldest first."""
+        cdef fr_state* st = self.st
+        cdef uint64_t* out = NULL
+        cdef size_t count = 0, i
+        cdef int failed
+        with nogil:  # C only under the mutex; the list is built after it
+            failed = _seqs(st, &out, &count)
+        if failed:
+            raise MemoryError("FrameRing.seqs could not allocate its copy")
+        try:
+            return [out[i] for i in range(count)]
+        finally:
+            PyMem_RawFree(out)
 
     def peek(self):
         """Return a copy of the first payload not acked, or ``None``."""

@@ -555,6 +555,23 @@ class FrameRing:
                 self._frames -= frames
             return frames, gap
 
+    def seqs(self) -> list[int]:
+        """Return the sequence numbers of the frames held, oldest first.
+
+        Frames dropped by ``drop_unsent`` leave gaps in them.
+
+        Returns:
+            One number per frame held, in flight or waiting.
+        """
+        with self._lock:
+            out = []
+            off = 0
+            while off < self._used:
+                length, seq = self._header(off)
+                out.append(seq)
+                off += HEADER_SIZE + length
+            return out
+
     def peek(self) -> bytes | None:
         """Return a copy of the first payload not acked.
 

@@ -6,9 +6,11 @@ old and new are the same object, as a resync sends: the object travels once and 
 worker passes one decoded object as both); ``t_ns`` is ``time.monotonic_ns()`` at
 ``distribute`` (system-wide on Linux), so a worker can measure latency.
 
-Extension types (MessagePack ext codes 1-3 are fanout's; 64-127 are the user's):
+Extension types (MessagePack ext codes 1-4 are fanout's; 64-127 are the user's):
 1 = numpy array (``[dtype.str, shape, raw bytes]``, decoded read-only without a
-second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text). Tuples travel
+second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text), 4 = a buffer in
+the distributor's shared-memory arena (``fanout._arena``: the frame carries only where
+it is; ``MsgpackCodec`` alone makes them, and only for process listeners). Tuples travel
 as arrays (a handler gets lists), except as dict keys, which decode as tuples again.
 """
 
@@ -29,7 +31,7 @@ from fanout.notifications import Add, Delete, Notification, Update
 
 __all__ = ["Codec", "MsgpackCodec", "MsgspecCodec", "get_codec"]
 
-EXT_NDARRAY, EXT_DATETIME, EXT_DATE = 1, 2, 3
+EXT_NDARRAY, EXT_DATETIME, EXT_DATE, EXT_SHARED = 1, 2, 3, 4
 INT_RANGE = "-2**63 to 2**64-1"
 USER_EXT_CODES = range(64, 128)
 
@@ -81,6 +83,10 @@ def _builtin_from_ext(code: int, data: bytes) -> Any:
         return _dt.datetime.fromisoformat(data.decode())
     if code == EXT_DATE:
         return _dt.date.fromisoformat(data.decode())
+    if code == EXT_SHARED:
+        from fanout._arena import decode_worker
+
+        return decode_worker(data)
     return None
 
 
@@ -356,6 +362,9 @@ class MsgpackCodec(Codec):
 
     name = "msgpack"
     msgpack_wire = True
+    # The producer's shared-memory arena (``Distributor`` attaches it); never pickled,
+    # so a worker's copy decodes references from its own read-only mapping.
+    _arena: Any = None
 
     def __init__(
         self,
@@ -372,6 +381,7 @@ class MsgpackCodec(Codec):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         del state["_local"]  # per-thread Packers stay in this process
+        state.pop("_arena", None)  # the producer's: workers map their own, read-only
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -379,6 +389,10 @@ class MsgpackCodec(Codec):
         self._local = threading.local()
 
     def _default(self, obj: Any) -> Any:
+        if self._arena is not None and type(obj).__module__ == "numpy":
+            shared = self._arena.share(obj)  # None: small, or not inside Arena.encode
+            if shared is not None:
+                return shared
         ext = _builtin_to_ext(obj)
         if ext is not None:
             return msgpack.ExtType(*ext)
@@ -389,6 +403,8 @@ class MsgpackCodec(Codec):
         raise _unencodable(obj)
 
     def _ext(self, code: int, data: bytes) -> Any:
+        if code == EXT_SHARED and self._arena is not None:
+            return self._arena.decode_copy(data)  # in the producer: a copy, if still held
         obj = _builtin_from_ext(code, data)
         if obj is not None:
             return obj

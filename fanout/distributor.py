@@ -9,6 +9,7 @@ alive. docs/design.md draws the picture.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import math
 import multiprocessing
@@ -19,10 +20,19 @@ import weakref
 from collections.abc import Callable, Hashable, Iterable
 from typing import Any, Literal
 
+from fanout._arena import (
+    DEFAULT_SHARED_MIN_BYTES,
+    Arena,
+    NoRoom,
+    SharedPayload,
+    SharedStats,
+    default_max_shared_bytes,
+    wait_for,
+)
 from fanout._impl import Pump, append_all
 from fanout._protocol import HEADER_SIZE
-from fanout.codec import Codec, check_schema, get_codec
-from fanout.errors import DistributorStopped, ListenerFull, WorkerStartError
+from fanout.codec import Codec, MsgpackCodec, check_schema, get_codec
+from fanout.errors import DistributorStopped, ListenerFull, RingClosed, WorkerStartError
 from fanout.handlers import pickle_for_workers, resolve_handler
 from fanout.listener import Lane, ProcessListener, Registration, ThreadListener
 from fanout.notifications import NOTIFICATION_TYPES, Add, Notification
@@ -81,7 +91,7 @@ class _Plan:
     wakes its sender); ``puts``: thread listeners' queues.
     """
 
-    __slots__ = ("encode", "fast", "listeners", "puts", "rings", "routed")
+    __slots__ = ("encode", "fast", "listeners", "puts", "rings", "routed", "shares")
 
     def __init__(self, listeners: tuple[Registration, ...], started: bool = False) -> None:
         self.listeners = listeners
@@ -95,6 +105,8 @@ class _Plan:
         self.routed = tuple(r for r in procs if r not in simple)
         self.puts = tuple(r.put for r in listeners if isinstance(r, ThreadListener))
         self.encode = bool(procs)
+        # Big buffers go through the shared-memory arena only for process workers.
+        self.shares = any(isinstance(r, ProcessListener) for r in listeners)
         # Started, and every listener is a plain single-lane process listener.
         self.fast = started and bool(self.rings) and not self.routed and not self.puts
 
@@ -118,11 +130,19 @@ class Distributor:
         codec: ``"msgpack"`` (default), ``"msgspec"`` or a ``fanout.Codec``
             instance; it encodes each notification once for every process
             listener.
+        max_shared_bytes: Size of the shared-memory arena through which big
+            buffers reach process listeners (default: an eighth of the RAM;
+            memory is used only as blocks are filled); 0 sends everything
+            inline in the frames. Only the default ``MsgpackCodec`` uses it.
+        shared_min_bytes: A numpy array, ``bytes``, ``bytearray`` or
+            ``memoryview`` of at least this many bytes travels through the
+            arena: copied once, read zero-copy by every worker.
 
     Raises:
-        TypeError: ``clock`` is not callable, a period is not a number, or a
-            codec instance does not survive pickling.
-        ValueError: A bad period, start method or codec name.
+        TypeError: ``clock`` is not callable, a period or size is not a number,
+            or a codec instance does not survive pickling.
+        ValueError: A bad period, size, start method or codec name.
+        OSError: The shared-memory arena could not be created.
     """
 
     close_grace = 5.0  # a removed listener's worker gets this long to leave
@@ -133,6 +153,8 @@ class Distributor:
         clock: Callable[[], float] = time.monotonic,
         start_method: StartMethod = "forkserver",
         codec: CodecName | Codec = "msgpack",
+        max_shared_bytes: int | None = None,
+        shared_min_bytes: int = DEFAULT_SHARED_MIN_BYTES,
     ) -> None:
         check = _check_period("resync_check_period", resync_check_period)
         assert check is not None
@@ -147,6 +169,7 @@ class Distributor:
             raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {start_method!r}")
         self.codec = get_codec(codec)
         self.codec_blob = pickle.dumps(self.codec, protocol=pickle.HIGHEST_PROTOCOL)
+        self.arena = self._make_arena(max_shared_bytes, shared_min_bytes)
         self.start_method = start_method
         self.mp_context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
@@ -169,10 +192,106 @@ class Distributor:
         self._closing: list[Registration] = []  # removed, workers not yet reaped
         self.pump: Any = Pump()
         self._notify = self.pump.notify
-        self._encode = self.codec.encode
+        self._encode = self.codec.encode if self.arena is None else self._encode_shared
         self._pump_thread: threading.Thread | None = None
         self.supervisor = Supervisor(self)
         self.ray_cluster: Any = None  # a RayCluster once a Ray listener started
+
+    def _make_arena(self, max_bytes: Any, min_bytes: Any) -> Arena | None:
+        """The shared-memory arena, or None (disabled, or a codec that cannot use it)."""
+        for opt, value in (("max_shared_bytes", max_bytes), ("shared_min_bytes", min_bytes)):
+            if value is None and opt == "max_shared_bytes":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"{opt} must be an int (bytes), not {value!r}")
+            if value < 0:
+                raise ValueError(f"{opt} must be >= 0 bytes, got {value}")
+        size = default_max_shared_bytes() if max_bytes is None else max_bytes
+        if size == 0 or type(self.codec) is not MsgpackCodec:
+            return None
+        arena = Arena(size, max(1, min_bytes))
+        # A private copy: a codec instance passed to two distributors gets one arena each.
+        codec: MsgpackCodec = pickle.loads(self.codec_blob)
+        codec._arena = arena
+        self.codec = codec
+        return arena
+
+    def shared_stats(self) -> SharedStats:
+        """Return a snapshot of the shared-memory arena big buffers travel through.
+
+        Returns:
+            Its size, the bytes and blocks still held by frames not yet handled,
+            and totals; all zero when the arena is disabled. After ``stop()``
+            nothing is held.
+        """
+        if self.arena is None:
+            return SharedStats(0, 0, 0, 0, 0, 0)
+        return self.arena.stats()
+
+    def _encode_shared(self, n: Notification, t_ns: int, plan: _Plan | None = None) -> bytes:
+        """Encode ``n`` for ``plan``'s listeners, big buffers into the arena.
+
+        Raises ``NoRoom`` when the arena is full and the listeners' policies drop it.
+        """
+        plan = self._plan if plan is None else plan
+        if not plan.shares:
+            return self.codec.encode(n, t_ns)
+        assert self.arena is not None
+        return self.arena.encode(
+            self.codec.encode, n, t_ns, functools.partial(self._make_room, plan)
+        )
+
+    def _make_room(self, plan: _Plan, nbytes: int) -> None:
+        """The arena has no block of ``nbytes``: apply the listeners' overflow policies.
+
+        ``"error"`` raises ``ListenerFull``; ``"drop_oldest"`` drops frames not yet
+        sent, oldest first; ``"block"`` waits for the workers; otherwise (or when a
+        stop begins) ``NoRoom``: the notification is dropped for the process listeners.
+        """
+        arena = self.arena
+        assert arena is not None
+        arena.reconcile()
+        if arena.fits(nbytes):
+            return
+        procs = [r for r in plan.listeners if isinstance(r, ProcessListener)]
+        full = (
+            f"the shared-memory arena is full: a buffer of {nbytes} bytes needs room and "
+            f"{arena.stats().held_bytes} of max_shared_bytes={arena.size} bytes are held "
+            f"by notifications not yet handled; nothing was distributed"
+        )
+        for r in procs:
+            if r.overflow == "error":
+                raise ListenerFull(
+                    f"listener {r.name!r}: {full}. Let the handlers catch up, raise "
+                    f"max_shared_bytes, or use overflow='block', 'drop_oldest' or "
+                    f"'drop_newest'"
+                )
+        for r in procs:
+            if r.overflow == "drop_oldest":
+                for lane in r.lanes:
+                    while not arena.fits(nbytes):
+                        lane.ack()
+                        frames, _ = lane.ring.drop_unsent(1)
+                        if not frames:
+                            break
+                        r.dropped += frames
+                        arena.reconcile(exact=True, ring=lane.ring)
+                if arena.fits(nbytes):
+                    return
+        if any(r.overflow == "block" for r in procs):
+            if not self.started:
+                raise ListenerFull(
+                    f"{full}, and nothing drains until start(). Call start() first, or "
+                    f"raise max_shared_bytes"
+                )
+
+            def room() -> bool:
+                arena.reconcile()
+                return arena.fits(nbytes)
+
+            if wait_for(room, lambda: self.stopping or not self.accepting):
+                return
+        raise NoRoom(full)
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -623,9 +742,18 @@ class Distributor:
             )
         plan = self._plan
         if plan.fast and not sync:  # the common case, kept short
-            if append_all(plan.rings, self._encode(n, time.monotonic_ns())) < len(plan.rings):
-                self._check_not_stopped()  # a ring was closed under us
-            self._notify()
+            t_ns = time.monotonic_ns()
+            payload: bytes | None
+            try:
+                payload = self._encode(n, t_ns)
+            except NoRoom:
+                payload = None
+            if type(payload) is bytes:
+                if append_all(plan.rings, payload) < len(plan.rings):
+                    self._check_not_stopped()  # a ring was closed under us
+                self._notify()
+                return
+            self._deliver(plan, n, t_ns, payload)
             return
         if not plan.listeners:
             self._check_not_stopped()
@@ -637,25 +765,79 @@ class Distributor:
             if not plan.listeners:
                 return
         t_ns = time.monotonic_ns()
-        payload = self.codec.encode(n, t_ns) if plan.encode else b""
-        routed = plan.routed
-        if routed:
-            # Route and check room first: a key function that raises, or a
-            # bounded listener without room (overflow="error"), stops the call
-            # before any listener got anything.
-            lanes = [r.route(n) for r in routed]
-            for r, lane in zip(routed, lanes, strict=True):
-                if r.max_pending_bytes is not None:
-                    r.check_room(lane, payload)
-        if plan.rings:
-            append_all(plan.rings, payload)
-        if routed:
-            for r, lane in zip(routed, lanes, strict=True):
-                r.put(lane, payload)
-        if plan.puts:
-            item = (n, t_ns)
-            for put in plan.puts:
-                put(item)
+        payload = b""
+        if plan.encode:
+            try:
+                payload = (
+                    self._encode_shared(n, t_ns, plan) if self.arena else self._encode(n, t_ns)
+                )
+            except NoRoom:
+                payload = None
+        self._deliver(plan, n, t_ns, payload)
+
+    def _deliver(self, plan: _Plan, n: Notification, t_ns: int, payload: bytes | None) -> None:
+        """Queue an encoded notification for ``plan``'s listeners.
+
+        ``payload`` None: the arena had no room and the process listeners' policies
+        drop it (counted). A ``SharedPayload``'s blocks get one share per ring that
+        takes its frame; Ray listeners get the notification inline instead.
+        """
+        blocks = payload.blocks if type(payload) is SharedPayload else None
+        arena = self.arena
+        try:
+            routed = plan.routed
+            lanes: list[Any] = []
+            frames: list[bytes | None] = []
+            if routed:
+                # Route and check room first: a key function that raises, or a
+                # bounded listener without room (overflow="error"), stops the call
+                # before any listener got anything.
+                lanes = [r.route(n) for r in routed]
+                inline = payload
+                if (payload is None or blocks is not None) and any(
+                    isinstance(r, RayListener) for r in routed
+                ):
+                    inline = self.codec.encode(n, t_ns)  # actors cannot map the arena
+                frames = [inline if isinstance(r, RayListener) else payload for r in routed]
+                for r, lane, frame in zip(routed, lanes, frames, strict=True):
+                    if frame is not None and r.max_pending_bytes is not None:
+                        r.check_room(lane, frame)
+            if payload is None:
+                for reg in plan.listeners:
+                    if isinstance(reg, ProcessListener):
+                        reg.dropped += 1
+                        reg.unqueued += 1
+            elif blocks is None:
+                if plan.rings:
+                    append_all(plan.rings, payload)
+            else:
+                assert arena is not None
+                for ring in plan.rings:
+                    try:
+                        seq = ring.append(payload)
+                    except RingClosed:
+                        continue
+                    arena.note(ring, seq, blocks)
+            for r, lane, frame in zip(routed, lanes, frames, strict=True):
+                if frame is None:
+                    continue
+                if blocks is None or frame is not payload:
+                    r.put(lane, frame)
+                    continue
+                assert arena is not None
+                ring = lane.ring
+                before = ring.last_seq  # one producer thread: a new last_seq is ours
+                r.put(lane, frame)
+                if ring.last_seq != before:
+                    arena.note(ring, ring.last_seq, blocks)
+            if plan.puts:
+                item = (n, t_ns)
+                for put in plan.puts:
+                    put(item)
+        finally:
+            if blocks is not None:
+                assert arena is not None
+                arena.unhold(blocks)  # a block no ring took is freed here
         self.pump.notify()
         # A stop() that ran meanwhile closed the listeners: whatever reached a
         # ring before that is counted by the stop; the caller learns the rest.
@@ -888,6 +1070,8 @@ class Distributor:
             for reg in self._closing:
                 reg.release()
             self._closing = []
+            if self.arena is not None:  # the workers are gone and the rings settled
+                self.arena.close()
         _running.discard(self)
         self._shutdown_threads(was_started)
         if self.ray_cluster is not None:  # after the listeners: their actors are gone

@@ -102,7 +102,12 @@ def settle_rings(reg: Registration, lanes: list[Any], reason: str | None) -> lis
     for lane in lanes:
         lane.ring.close()
         lane.ack()
-        calls += reg._settle_items(lane.ring.take_all(), reason)
+        items: list[Any] = lane.ring.take_all()
+        if reason is not None and getattr(reg._dist, "arena", None) is not None:
+            # Decoded now, while their shared-memory blocks are held: the
+            # on_dead_letter calls come after the stop freed the arena.
+            items = [reg.decoded(item) for item in items]
+        calls += reg._settle_items(items, reason)
     return calls
 
 
@@ -287,16 +292,20 @@ class Registration:
             functools.partial(self.dead_letter_item, item, reason, quiet=True) for item in items
         ]
 
+    def decoded(self, payload: bytes | bytearray) -> Notification | RawFrame:
+        """The notification ``payload`` holds, or a ``RawFrame`` saying why not."""
+        try:
+            return self._dist.codec.decode(payload)[0]
+        except Exception as exc:
+            return RawFrame(bytes(payload), f"cannot be decoded: {exc!r}")
+
     def dead_letter_item(self, item: Any, reason: str, quiet: bool = False) -> None:
         """Report ``item`` (a notification or an encoded payload) as dead-lettered.
 
         ``quiet``: call ``on_dead_letter`` only (the caller logged a summary).
         """
         if isinstance(item, (bytes, bytearray)):
-            try:
-                item = self._dist.codec.decode(item)[0]
-            except Exception as exc:
-                item = RawFrame(bytes(item), f"cannot be decoded: {exc!r}")
+            item = self.decoded(item)
         if quiet:
             self._callback(self.on_dead_letter, item, reason)
         else:
@@ -694,13 +703,16 @@ class Lane:
                 fanout_dir=PRODUCER_FANOUT[0],
                 fanout_version=PRODUCER_FANOUT[1],
                 schema_blob=listener.schema_blob,
+                arena_size=0 if dist.arena is None else dist.arena.size,
             )
+            # The shared-memory arena, which the worker maps read-only.
+            arena_fd = () if dist.arena is None else (FdArg(dist.arena.fd),)
             before_start(dist.start_method)  # a frozen forkserver is replaced first
             if dist.start_method == "forkserver":
                 ensure_forkserver()  # (again, if it died) importing our fanout
             proc = dist.mp_context.Process(  # type: ignore[attr-defined]
                 target=worker_main,
-                args=(spec, FdArg(r), FdArg(rw), FdArg(listener.memfd)),
+                args=(spec, FdArg(r), FdArg(rw), FdArg(listener.memfd), *arena_fd),
                 name=f"fanout-{listener.name}-{self.index}",
                 daemon=True,
             )

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from multiprocessing import reduction
 from typing import Any
 
+from fanout._arena import map_worker_view
 from fanout._isolation import close_inherited, map_slot
 from fanout._protocol import (
     EXIT_START_FAILED,
@@ -54,6 +55,7 @@ class WorkerSpec:
     # The producer's fanout: a worker that imported another one refuses to run.
     fanout_dir: str = ""
     fanout_version: str = ""
+    arena_size: int = 0  # bytes of the distributor's shared-memory arena; 0: none
 
 
 def producer_fanout() -> tuple[str, str]:
@@ -93,7 +95,9 @@ def _rebuild_fd(dup: Any) -> int:
     return int(dup.detach())
 
 
-def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> None:
+def worker_main(
+    spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int, arena_fd: int = -1
+) -> None:
     """Entry point of a worker process."""
     # Ctrl-C in a terminal reaches the whole process group: the parent decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -105,6 +109,10 @@ def worker_main(spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int) -> Non
     watch_lifeline(lifeline)
     slot = map_slot(shm_fd, spec.slot_offset, SLOT_BYTES)  # this lane's slot, no other
     os.close(shm_fd)
+    if arena_fd >= 0:
+        # Read-only, and sealed so it cannot be made writable; no descriptor kept.
+        map_worker_view(arena_fd, spec.arena_size)
+        os.close(arena_fd)
     # Before any handler code runs: what it cannot hold, it cannot scribble on.
     close_inherited({data_fd, ret_fd, lifeline})
     slot[PID] = os.getpid()

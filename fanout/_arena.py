@@ -1,0 +1,509 @@
+"""The shared-memory arena: big buffers travel once, zero-copy to every process listener.
+
+A numpy array (or ``bytes`` / ``bytearray`` / ``memoryview``) of at least
+``shared_min_bytes`` is copied once, by the producer, into a block of one memfd the
+``Distributor`` owns; the frame that goes to each lane carries only a reference
+(``EXT_SHARED``: block offset, length, serial number, and for an array its dtype,
+shape and order). Workers map the memfd read-only and build a read-only numpy view of
+the block, or a ``bytes`` copy of it for a bytes-like payload.
+
+Who may write: the producer maps the memfd writable, then seals it
+(``F_SEAL_FUTURE_WRITE``): from then on nobody can map it writable or ``write()`` to
+it, and a read-only mapping cannot be ``mprotect``-ed to writable. Workers get the
+descriptor only to map it, and close it before the handler is loaded.
+
+When a block is freed: each lane whose ring took a frame referring to it holds one
+share, noted as ``(ring, seq)``. A share ends when the ring no longer holds that frame:
+acked (``acked_seq`` passed it; a drop of frames not yet sent and ``take_all`` move
+``acked_seq`` past them too, eventually or at once) or dropped (``seqs()`` no longer
+lists it). A rewind keeps the frames, so it keeps the shares: a restarted worker reads
+the same block. While ``distribute`` runs, the producer holds one share of its own, so
+a block no lane took is freed when it returns.
+"""
+
+from __future__ import annotations
+
+import bisect
+import ctypes
+import fcntl
+import mmap
+import os
+import threading
+import time
+import weakref
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import msgpack
+
+from fanout._isolation import mmap_shared
+
+__all__ = [
+    "DEFAULT_SHARED_MIN_BYTES",
+    "Arena",
+    "SharedStats",
+    "default_max_shared_bytes",
+    "map_worker_view",
+]
+
+# Below this a payload is cheaper inline: a block costs an allocation, a share per
+# lane and a mapping lookup in the worker (measured: docs/tuning.md).
+DEFAULT_SHARED_MIN_BYTES = 64 * 1024
+ALIGN = 64  # block alignment: any numpy dtype, and whole cache lines
+# Not in Python's fcntl before 3.12 (include/uapi/linux/fcntl.h).
+F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
+
+# What a reference stands for.
+KIND_ARRAY, KIND_BYTES = 0, 1
+
+
+def default_max_shared_bytes() -> int:
+    """An eighth of the machine's RAM: the arena's default bound."""
+    try:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        ram = 8 << 30
+    return max(ram // 8, 64 << 20)
+
+
+@dataclass(frozen=True)
+class SharedStats:
+    """A snapshot of a distributor's shared-memory arena.
+
+    Attributes:
+        max_bytes: The arena's size (``max_shared_bytes``); 0 when disabled.
+        held_bytes: Bytes in blocks some lane still holds (alignment included).
+        blocks: Blocks held.
+        shared: Buffers copied into the arena so far.
+        shared_bytes: Their bytes.
+        waits: Times ``distribute`` found the arena full and applied the overflow
+            policies.
+    """
+
+    max_bytes: int
+    held_bytes: int
+    blocks: int
+    shared: int
+    shared_bytes: int
+    waits: int
+
+
+class NoRoom(Exception):
+    """The arena has no room and every target's policy says drop the notification."""
+
+
+class SharedPayload(bytes):
+    """An encoded payload whose frame refers to arena blocks (``blocks``)."""
+
+    blocks: list[int]
+
+
+class _Block:
+    __slots__ = ("offset", "serial", "shares", "size")
+
+    def __init__(self, offset: int, size: int, serial: int) -> None:
+        self.offset = offset
+        self.size = size
+        self.serial = serial
+        self.shares = 1  # the encoding distribute's own, until it returns
+
+
+class _Session(threading.local):
+    """The encode running in this thread: blocks it made, buffers already shared."""
+
+    def __init__(self) -> None:
+        self.active = False
+        self.blocks: list[int] = []
+        self.refs: dict[int, tuple[Any, msgpack.ExtType]] = {}
+        self.make_room: Callable[[int], None] | None = None
+        self.error: BaseException | None = None
+
+
+_worker_view: memoryview | None = None
+
+
+def map_worker_view(fd: int, size: int) -> memoryview:
+    """Map the arena read-only for this worker's decoder (the worker closes ``fd``).
+
+    The mapping lives as long as the process. Returns a read-only byte view of it.
+    """
+    global _worker_view
+    addr = mmap_shared(fd, size, mmap.PROT_READ, 0, "shared-memory arena")
+    view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B").toreadonly()
+    _worker_view = view
+    return view
+
+
+def _read_view(body: bytes, view: memoryview, copy: bool) -> Any:
+    kind, offset, length, _serial, dtype, shape, fortran = msgpack.unpackb(body)
+    raw = view[offset : offset + length]
+    if kind == KIND_BYTES:
+        return bytes(raw)
+    import numpy as np
+
+    arr = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape, order="F" if fortran else "C")
+    if copy:
+        arr = arr.copy(order="K")
+        arr.flags.writeable = False
+    return arr
+
+
+def decode_worker(body: bytes) -> Any:
+    """A worker's object for a reference: a read-only array view, or bytes."""
+    if _worker_view is None:
+        raise ValueError(
+            "a shared-memory reference arrived, but this process has no arena mapped "
+            "(it is not a worker of the distributor that made it)"
+        )
+    return _read_view(body, _worker_view, copy=False)
+
+
+class Arena:
+    """A bounded memfd holding the big buffers of the notifications in flight.
+
+    Owned by one ``Distributor``: it allocates, notes which lane holds which block,
+    and frees a block once no ring holds a frame that refers to it.
+
+    Args:
+        size: Bytes of shared memory (``max_shared_bytes``).
+        min_bytes: Buffers of at least this many bytes go into the arena.
+
+    Raises:
+        OSError: The memfd could not be created, sized or sealed.
+    """
+
+    def __init__(self, size: int, min_bytes: int) -> None:
+        self.size = size
+        self.min_bytes = min_bytes
+        self.fd = os.memfd_create("fanout-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self._close_fd = weakref.finalize(self, os.close, self.fd)
+        self._close_fd.atexit = False  # at exit, stop() closes it after the workers left
+        try:
+            os.ftruncate(self.fd, size)
+            self.buf: mmap.mmap | None = mmap.mmap(self.fd, size)
+            # After our own writable mapping: every later mapping is read-only for good.
+            fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, SEALS)
+        except BaseException:
+            self._close_fd()
+            raise
+        self._lock = threading.Lock()
+        self._free: list[tuple[int, int]] = [(0, size)]  # (offset, size), by offset
+        self._blocks: dict[int, _Block] = {}
+        self._held = 0
+        self._serial = 0
+        self._records: dict[Any, deque[tuple[int, tuple[int, ...]]]] = {}
+        self._session = _Session()
+        self.shared = self.shared_bytes = self.waits = 0
+
+    # -- allocation (lock held) ----------------------------------------------------
+
+    def _take(self, need: int) -> int:
+        """First fit from the lowest offset (keeps the touched pages few); -1: no room."""
+        free = self._free
+        for i, (off, size) in enumerate(free):
+            if size >= need:
+                if size == need:
+                    del free[i]
+                else:
+                    free[i] = (off + need, size - need)
+                return off
+        return -1
+
+    def _give(self, off: int, size: int) -> None:
+        free = self._free
+        i = bisect.bisect(free, (off, size))
+        if i < len(free) and off + size == free[i][0]:  # merge with the next
+            size += free[i][1]
+            del free[i]
+        if i > 0 and free[i - 1][0] + free[i - 1][1] == off:  # and the previous
+            off, size = free[i - 1][0], free[i - 1][1] + size
+            i -= 1
+            del free[i]
+        free.insert(i, (off, size))
+
+    def _drop_share(self, offset: int) -> None:
+        block = self._blocks[offset]
+        block.shares -= 1
+        if block.shares == 0:
+            del self._blocks[offset]
+            self._held -= block.size
+            self._give(block.offset, block.size)
+
+    def _alloc(self, nbytes: int) -> _Block | None:
+        need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        with self._lock:
+            off = self._take(need)
+            if off < 0:
+                return None
+            self._serial += 1
+            block = self._blocks[off] = _Block(off, need, self._serial)
+            self._held += need
+            return block
+
+    def fits(self, nbytes: int) -> bool:
+        """Tell whether a block of ``nbytes`` could be allocated now."""
+        need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        with self._lock:
+            return any(size >= need for _, size in self._free)
+
+    # -- encoding (the producer's thread) ------------------------------------------
+
+    def encode(
+        self,
+        encode: Callable[[Any, int], bytes],
+        n: Any,
+        t_ns: int,
+        make_room: Callable[[int], None],
+    ) -> bytes:
+        """Encode ``n`` with big buffers moved into the arena.
+
+        Returns plain ``bytes`` when nothing went into the arena, else a
+        ``SharedPayload`` whose ``blocks`` the caller passes to ``note`` for every
+        ring that took it and to ``unhold`` once done. ``make_room(nbytes)`` is called
+        when the arena is full: it returns once there is room, or raises.
+        """
+        session = self._session
+        session.active, session.make_room, session.error = True, make_room, None
+        try:
+            payload = encode(n, t_ns)
+            if len(payload) >= self.min_bytes:
+                swapped = self._swap_buffers(n)
+                if swapped is not None:
+                    payload = encode(swapped, t_ns)
+        except BaseException as exc:
+            self.unhold(session.blocks)
+            error = session.error
+            if error is not None and error is not exc:
+                raise error from None  # the codec wrapped it (ValueError -> TypeError)
+            raise
+        finally:
+            blocks = session.blocks
+            session.active, session.make_room, session.error = False, None, None
+            session.blocks, session.refs = [], {}
+        if not blocks:
+            return payload
+        out = SharedPayload(payload)
+        out.blocks = blocks
+        return out
+
+    def share(self, obj: Any) -> msgpack.ExtType | None:
+        """The reference that replaces ``obj`` in the frame, or None to send it inline.
+
+        Called by the codec for numpy arrays and, through ``_swap_buffers``, for big
+        bytes-like objects. Only inside ``encode`` (elsewhere: None).
+        """
+        session = self._session
+        if not session.active:
+            return None
+        seen = session.refs.get(id(obj))
+        if seen is not None:
+            return seen[1]  # the same buffer twice in one notification: one block
+        import numpy as np
+
+        if isinstance(obj, np.ndarray):
+            if obj.nbytes < self.min_bytes or obj.dtype.hasobject or obj.dtype.fields:
+                return None
+            fortran = obj.ndim > 1 and obj.flags.f_contiguous and not obj.flags.c_contiguous
+            kind, nbytes, dtype, shape = KIND_ARRAY, obj.nbytes, obj.dtype.str, list(obj.shape)
+        else:
+            view = memoryview(obj)
+            if view.nbytes < self.min_bytes:
+                return None
+            fortran, kind, nbytes, dtype, shape = False, KIND_BYTES, view.nbytes, None, None
+        block = self._block_for(nbytes)
+        session.blocks.append(block.offset)
+        buf = self.buf
+        if buf is None:
+            from fanout.errors import DistributorStopped
+
+            raise self._fail(
+                DistributorStopped("distribute() after stop(): build a new Distributor")
+            )
+        if kind == KIND_BYTES:
+            buf[block.offset : block.offset + nbytes] = view.cast("B")
+        else:
+            # One copy, straight into the block: a strided array becomes contiguous here.
+            dest = np.ndarray(
+                obj.shape, obj.dtype, buf, block.offset, order="F" if fortran else "C"
+            )
+            np.copyto(dest, obj, casting="no")
+            del dest
+        self.shared += 1
+        self.shared_bytes += nbytes
+        body = msgpack.packb([kind, block.offset, nbytes, block.serial, dtype, shape, fortran])
+        from fanout.codec import EXT_SHARED
+
+        ext = msgpack.ExtType(EXT_SHARED, body)
+        session.refs[id(obj)] = (obj, ext)  # obj kept alive: its id stays unique
+        return ext
+
+    def _block_for(self, nbytes: int) -> _Block:
+        if nbytes > self.size:
+            raise self._fail(
+                ValueError(
+                    f"a buffer of {nbytes} bytes can never fit the shared-memory arena of "
+                    f"max_shared_bytes={self.size} bytes; nothing was distributed. Raise "
+                    f"max_shared_bytes (Distributor option) above the largest buffer"
+                )
+            )
+        block = self._alloc(nbytes)
+        while block is None:
+            make_room = self._session.make_room
+            assert make_room is not None
+            self.waits += 1
+            try:
+                make_room(nbytes)
+            except BaseException as exc:
+                raise self._fail(exc) from None
+            block = self._alloc(nbytes)
+        return block
+
+    def _fail(self, exc: BaseException) -> BaseException:
+        self._session.error = exc  # the codec may wrap it; encode() re-raises this one
+        return exc
+
+    def _swap_buffers(self, n: Any) -> Any:
+        """``n`` with its big bytes-like objects replaced by references; None if none."""
+        from fanout.notifications import Add, Delete, Update
+
+        if type(n) is Update:
+            if n.old is n.new:
+                new = _swap(n.new, self)
+                return None if new is n.new else Update(new, new)
+            old, new = _swap(n.old, self), _swap(n.new, self)
+            return None if old is n.old and new is n.new else Update(old, new)
+        obj = _swap(n.obj, self)
+        if obj is n.obj:
+            return None
+        return Add(obj, n.is_in_initial_list) if type(n) is Add else Delete(obj)
+
+    def unhold(self, blocks: Iterable[int]) -> None:
+        """End the producer's own share of ``blocks`` (distribute is done with them)."""
+        with self._lock:
+            for offset in blocks:
+                self._drop_share(offset)
+
+    # -- shares ---------------------------------------------------------------------
+
+    def note(self, ring: Any, seq: int, blocks: list[int]) -> None:
+        """Record that ``ring`` took frame ``seq`` referring to ``blocks``."""
+        with self._lock:
+            for offset in blocks:
+                self._blocks[offset].shares += 1
+            records = self._records.get(ring)
+            if records is None:
+                records = self._records[ring] = deque()
+            records.append((seq, tuple(blocks)))
+
+    def reconcile(self, exact: bool = False, ring: Any = None) -> None:
+        """Free the shares of frames no ring holds any more (of ``ring`` alone if given).
+
+        Cheap form: frames up to each ring's ``acked_seq``, after acking what its
+        worker finished. ``exact`` also frees frames dropped from the middle (a drop
+        of frames not yet sent) by asking the ring for the sequence numbers it holds.
+        """
+        with self._lock:
+            items = list(self._records.items())
+            if ring is not None:
+                items = [(r, q) for r, q in items if r is ring]
+            for held_by, records in items:
+                held_by.ack_from_source()  # the pump acks only when it sends
+                acked = held_by.acked_seq
+                while records and records[0][0] <= acked:
+                    for offset in records.popleft()[1]:
+                        self._drop_share(offset)
+                if exact and records:
+                    held = set(held_by.seqs())
+                    kept: deque[tuple[int, tuple[int, ...]]] = deque()
+                    for seq, blocks in records:
+                        if seq in held:
+                            kept.append((seq, blocks))
+                        else:
+                            for offset in blocks:
+                                self._drop_share(offset)
+                    records = self._records[held_by] = kept
+                if not records:
+                    del self._records[held_by]
+
+    def holds(self, ring: Any) -> bool:
+        """Tell whether frames of ``ring`` still hold blocks (after a cheap reconcile)."""
+        self.reconcile()
+        return ring in self._records
+
+    def decode_copy(self, body: bytes) -> Any:
+        """The producer's object for a reference: a copy, if its block is still held.
+
+        Raises:
+            ValueError: The block was freed (or reused) since the frame was made.
+        """
+        _kind, offset, _length, serial = msgpack.unpackb(body)[:4]
+        with self._lock:
+            block = self._blocks.get(offset)
+            if block is None or block.serial != serial or self.buf is None:
+                raise ValueError(
+                    "its shared-memory block was freed once the frame left every ring"
+                )
+            return _read_view(body, memoryview(self.buf), copy=True)
+
+    def stats(self) -> SharedStats:
+        """A snapshot of the arena (after freeing what the rings let go)."""
+        if self.buf is not None:
+            self.reconcile()
+        return SharedStats(
+            max_bytes=self.size,
+            held_bytes=self._held,
+            blocks=len(self._blocks),
+            shared=self.shared,
+            shared_bytes=self.shared_bytes,
+            waits=self.waits,
+        )
+
+    def close(self) -> None:
+        """Unmap and close (every worker has exited; the rings are settled)."""
+        self.reconcile()
+        with self._lock:
+            buf, self.buf = self.buf, None
+            self._records.clear()
+        if buf is not None:
+            try:
+                buf.close()
+            except BufferError:  # a racing distribute still copies in: GC unmaps it
+                pass
+        self._close_fd()
+
+
+def _swap(obj: Any, arena: Arena) -> Any:
+    """``obj`` with big bytes-like values replaced by references (``obj`` if none)."""
+    cls = type(obj)
+    if cls is bytes or cls is bytearray or cls is memoryview:
+        ext = arena.share(obj)
+        return obj if ext is None else ext
+    if cls is dict:
+        out = None
+        for k, v in obj.items():
+            w = _swap(v, arena)
+            if w is not v:
+                if out is None:
+                    out = dict(obj)
+                out[k] = w
+        return obj if out is None else out
+    if cls is list or cls is tuple:
+        items = [_swap(v, arena) for v in obj]
+        if all(w is v for w, v in zip(items, obj, strict=True)):
+            return obj
+        return items
+    return obj
+
+
+def wait_for(predicate: Callable[[], bool], give_up: Callable[[], bool]) -> bool:
+    """Poll ``predicate`` with a growing nap until true (True) or ``give_up()`` (False)."""
+    delay = 50e-6
+    while not predicate():
+        if give_up():
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 0.005)
+    return True

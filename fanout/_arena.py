@@ -178,7 +178,7 @@ class Arena:
     def __init__(self, size: int, min_bytes: int) -> None:
         self.size = size
         self.min_bytes = min_bytes
-        self.fd = os.memfd_create("fanout-arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        self.fd = os.memfd_create("fanout:arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         self._close_fd = weakref.finalize(self, os.close, self.fd)
         self._close_fd.atexit = False  # at exit, stop() closes it after the workers left
         try:

@@ -111,9 +111,10 @@ class FdReporter(fanout.Handler):
         with open("/proc/self/maps") as f:
             for line in f:
                 if "memfd:fanout" in line:
-                    span, _, offset = line.split()[:3]
+                    span, perms, offset = line.split()[:3]
                     start, end = (int(x, 16) for x in span.split("-"))
-                    lines.append(f"map\t{int(offset, 16)}\t{end - start}")
+                    kind = "arena" if "memfd:fanout:arena" in line else "map"
+                    lines.append(f"{kind}\t{int(offset, 16)}\t{end - start}\t{perms}")
         lane = _find_local("spec").lane
         lines.append(f"lane\t{lane}")
         # Complete or absent, never half-written, when the test reads it.
@@ -241,6 +242,9 @@ def test_a_worker_holds_its_own_descriptors_and_slot_only(make_dist, tmp_path, s
         (lane,) = (int(r[1]) for r in rows if r[0] == "lane")
         maps = [(int(r[1]), int(r[2])) for r in rows if r[0] == "map"]
         assert maps == [(lane * page, page)], (lane, maps)
+        # And the whole shared-memory arena, read-only.
+        arena = [(int(r[1]), int(r[2]), r[3]) for r in rows if r[0] == "arena"]
+        assert arena == [(0, d.shared_stats().max_bytes, "r--s")], arena
     assert d.stop(drain=True, timeout=30) is True
 
 

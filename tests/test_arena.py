@@ -1,0 +1,535 @@
+"""Big buffers travel once, through the distributor's shared-memory arena.
+
+Arrays and bytes-like objects at or above ``shared_min_bytes`` are copied into one
+sealed memfd; frames carry references; workers read read-only views; a block is freed
+once no ring holds a frame referring to it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import mmap
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from helpers import assert_accounted, wait_for
+
+import fanout
+from fanout._arena import Arena
+
+KIB = 1024
+PAGE = mmap.PAGESIZE
+
+
+def digest(x: Any) -> str:
+    """What identifies an array or buffer: type, dtype, shape, order and bytes."""
+    if isinstance(x, np.ndarray):
+        order = "F" if x.ndim > 1 and x.flags.f_contiguous and not x.flags.c_contiguous else "C"
+        raw = np.ascontiguousarray(x).tobytes()
+        return f"ndarray {x.dtype.str} {x.shape} {order} {hashlib.sha256(raw).hexdigest()}"
+    return f"{type(x).__name__} {hashlib.sha256(bytes(x)).hexdigest()}"
+
+
+def _write_line(path: str, line: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, (line + "\n").encode())
+    finally:
+        os.close(fd)
+
+
+def lines(path: Path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+class Digester(fanout.Handler):
+    """Records ``index <tab> digest <tab> writeable`` of ``obj["data"]`` per add."""
+
+    def __init__(self, path: str, gate: str | None = None, delay: float = 0.0) -> None:
+        self.path = path
+        self.gate = gate
+        self.delay = delay
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        if self.gate is not None:
+            while not os.path.exists(self.gate):
+                time.sleep(0.002)
+        time.sleep(self.delay)
+        data = obj["data"]
+        writeable = data.flags.writeable if isinstance(data, np.ndarray) else None
+        _write_line(self.path, f"{obj['i']}\t{digest(data)}\t{writeable}")
+
+
+class KilledOnce(fanout.Handler):
+    """Records the array's digest, then SIGKILLs its worker the first time."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        _write_line(self.path, f"{os.getpid()}\t{digest(obj['data'])}")
+        marker = self.path + ".killed"
+        try:
+            os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        except FileExistsError:
+            return
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Hostile(fanout.Handler):
+    """Tries every way to write into the arena; records how each one failed."""
+
+    def __init__(self, path: str, producer: int, arena_fd: int) -> None:
+        self.path = path
+        self.producer = producer
+        self.arena_fd = arena_fd
+
+    def _try(self, what: str, attack: Any) -> None:
+        try:
+            attack()
+        except Exception as exc:
+            _write_line(self.path, f"{what}\trefused\t{type(exc).__name__}")
+        else:
+            _write_line(self.path, f"{what}\tSUCCEEDED")
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        data = obj["data"]
+
+        def set_item() -> None:
+            data[0] = 99
+
+        def set_writeable() -> None:
+            data.flags.writeable = True
+
+        def mprotect() -> None:
+            libc = ctypes.CDLL(None, use_errno=True)
+            addr = data.__array_interface__["data"][0] // PAGE * PAGE
+            if libc.mprotect(ctypes.c_void_p(addr), PAGE, mmap.PROT_READ | mmap.PROT_WRITE):
+                raise OSError(ctypes.get_errno(), "mprotect")
+
+        def reopen_and_map() -> None:
+            fd = os.open(f"/proc/{self.producer}/fd/{self.arena_fd}", os.O_RDWR)
+            try:
+                mmap.mmap(fd, PAGE)  # shared and writable
+            finally:
+                os.close(fd)
+
+        def reopen_and_write() -> None:
+            fd = os.open(f"/proc/{self.producer}/fd/{self.arena_fd}", os.O_RDWR)
+            try:
+                os.pwrite(fd, b"\x63" * 64, 0)
+            finally:
+                os.close(fd)
+
+        for what, attack in (
+            ("setitem", set_item),
+            ("writeable", set_writeable),
+            ("mprotect", mprotect),
+            ("reopen-mmap", reopen_and_map),
+            ("reopen-write", reopen_and_write),
+        ):
+            self._try(what, attack)
+
+
+def every_dtype() -> list[np.dtype]:
+    """Every dtype the numpy extension type carries (no objects, no structured)."""
+    out = []
+    for code in np.typecodes["All"]:
+        if code == "O":
+            continue
+        if code in "Mm":
+            out += [np.dtype(f"{code}8[ns]"), np.dtype(f"{code}8[D]")]
+        elif code in "SUV":
+            out.append(np.dtype(f"{code}7"))
+        else:
+            out.append(np.dtype(code))
+    out += [np.dtype(">i4"), np.dtype(">f8")]
+    return out
+
+
+def sample(dtype: np.dtype, n: int, seed: int) -> np.ndarray:
+    raw = np.random.default_rng(seed).integers(0, 256, n * dtype.itemsize, dtype=np.uint8)
+    arr = raw.view(dtype) if dtype.kind != "b" else (raw % 2).astype(bool)
+    if dtype.kind == "f" or dtype.kind == "c":
+        arr = np.nan_to_num(arr)  # NaN != NaN: equality would fail for the wrong reason
+    return arr
+
+
+# -- the arena alone ------------------------------------------------------------------
+
+
+def test_blocks_are_allocated_lowest_first_and_coalesce_when_freed(no_leaks):
+    arena = Arena(1024 * KIB, 1)
+    try:
+        a, b, c = (arena._alloc(100 * KIB) for _ in range(3))
+        assert a and b and c
+        assert [a.offset, b.offset, c.offset] == [0, 100 * KIB, 200 * KIB]
+        assert not arena.fits(800 * KIB)
+        arena.unhold([b.offset])
+        arena.unhold([a.offset])  # merges with b's space
+        d = arena._alloc(200 * KIB)
+        assert d is not None and d.offset == 0
+        arena.unhold([c.offset, d.offset])
+        assert arena.stats().held_bytes == 0
+        assert arena._free == [(0, 1024 * KIB)]
+        assert arena.fits(1024 * KIB)
+    finally:
+        arena.close()
+
+
+def test_the_arena_is_sealed_against_writers(no_leaks):
+    arena = Arena(PAGE * 4, 1)
+    try:
+        fd = os.open(f"/proc/self/fd/{arena.fd}", os.O_RDWR)  # as a worker could
+        try:
+            with pytest.raises(PermissionError):
+                mmap.mmap(fd, PAGE)  # shared, writable
+            with pytest.raises(PermissionError):
+                os.pwrite(fd, b"x", 0)
+            with pytest.raises(PermissionError):
+                os.ftruncate(fd, PAGE * 8)
+            ro = mmap.mmap(fd, PAGE, prot=mmap.PROT_READ)
+            try:
+                libc = ctypes.CDLL(None, use_errno=True)
+                # mprotect the read-only mapping to writable: the seal forbids it.
+                view = np.frombuffer(ro, dtype=np.uint8)
+                page = view.__array_interface__["data"][0]
+                rc = libc.mprotect(ctypes.c_void_p(page), PAGE, mmap.PROT_READ | mmap.PROT_WRITE)
+                assert rc == -1 and ctypes.get_errno() == errno.EACCES
+                del view
+            finally:
+                ro.close()
+            seals = fcntl.fcntl(arena.fd, fcntl.F_GET_SEALS)
+            assert seals & 0x10  # F_SEAL_FUTURE_WRITE
+        finally:
+            os.close(fd)
+        arena.buf[:4] = b"mine"  # type: ignore[index]  # the producer's own mapping writes
+    finally:
+        arena.close()
+
+
+def test_frame_ring_seqs_show_gaps_left_by_drops(ring_impl):
+    ring = ring_impl.FrameRing(4096)
+    assert ring.seqs() == []
+    for _ in range(5):
+        ring.append(b"frame")
+    assert ring.seqs() == [1, 2, 3, 4, 5]
+    ring.drop_unsent(1)
+    assert ring.seqs() == [2, 3, 4, 5]
+    ring.take_all()
+    assert ring.seqs() == []
+
+
+# -- through process listeners --------------------------------------------------------
+
+
+def test_every_dtype_0d_strided_and_fortran_arrive_equal_and_read_only(
+    make_dist, tmp_path, start_method
+):
+    out = tmp_path / "out"
+    d = make_dist(start_method=start_method, shared_min_bytes=1)
+    d.add_listener(Digester(str(out)))
+    arrays = [sample(dt, 257, seed) for seed, dt in enumerate(every_dtype())]
+    arrays += [
+        np.array(3.5),  # 0-d
+        np.arange(1000, dtype=np.int64)[::3],  # strided: copied to contiguous once
+        np.asfortranarray(np.arange(600, dtype=np.float32).reshape(20, 30)),
+        np.arange(24, dtype=np.int16).reshape(2, 3, 4).transpose(2, 0, 1),
+        np.zeros((0, 4)),  # empty
+    ]
+    d.start()
+    for i, arr in enumerate(arrays):
+        d.distribute(fanout.Add({"i": i, "data": arr}))
+    assert wait_for(lambda: len(lines(out)) == len(arrays))
+    got = {int(i): (dg, w) for i, dg, w in (line.split("\t") for line in lines(out))}
+    for i, arr in enumerate(arrays):
+        assert got[i] == (digest(arr), "False"), (i, arr.dtype)
+    # Every non-empty one went through the arena (an empty array has nothing to share).
+    assert d.shared_stats().shared == len(arrays) - 1
+    assert d.stop(drain=True, timeout=30)
+    assert d.shared_stats().held_bytes == 0
+
+
+def test_bytes_like_payloads_arrive_as_bytes_and_thread_listeners_get_the_original(
+    make_dist, tmp_path
+):
+    out = tmp_path / "out"
+    seen: list[Any] = []
+
+    class Keep(fanout.Handler):
+        def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+            seen.append(obj["data"])
+
+    d = make_dist(shared_min_bytes=64 * KIB)
+    d.add_listener(Digester(str(out)))
+    d.add_listener(Keep(), executor="thread")
+    blob = os.urandom(100 * KIB)
+    payloads = [blob, bytearray(blob), memoryview(blob), b"small"]
+    d.start()
+    for i, p in enumerate(payloads):
+        d.distribute(fanout.Add({"i": i, "data": p}))
+    assert wait_for(lambda: len(lines(out)) == 4 and len(seen) == 4)
+    want = {i: digest(bytes(p)) for i, p in enumerate(payloads)}
+    got = {int(i): dg for i, dg, _ in (line.split("\t") for line in lines(out))}
+    assert got == want
+    assert all(a is b for a, b in zip(seen, payloads, strict=True))
+    assert d.shared_stats().shared == 3  # the small one travelled inline
+
+
+def test_blocks_are_freed_after_drain_and_the_arena_is_empty_at_stop(make_dist, tmp_path):
+    out = tmp_path / "out"
+    d = make_dist()
+    regs = [d.add_listener(Digester(str(out)), name=f"l{k}", workers=2) for k in range(2)]
+    d.start()
+    arr = np.arange(64 * KIB, dtype=np.float64)  # 512 KiB
+    for i in range(20):
+        d.distribute(fanout.Update({"i": i, "data": arr}, {"i": i, "data": arr}))
+    # One block per notification (old is new: it travels once), shared by both listeners.
+    assert d.shared_stats().shared == 20
+    assert wait_for(lambda: all(r.stats().pending == 0 for r in regs))
+    assert wait_for(lambda: d.shared_stats().held_bytes == 0)
+    assert d.shared_stats().blocks == 0
+    assert d.stop(drain=True, timeout=30)
+    for r in regs:
+        assert assert_accounted(r).delivered == 20
+
+
+def test_a_buffer_larger_than_the_arena_is_refused_naming_both_sizes(make_dist, tmp_path):
+    out = tmp_path / "out"
+    d = make_dist(max_shared_bytes=256 * KIB)
+    reg = d.add_listener(Digester(str(out)))
+    d.start()
+    with pytest.raises(ValueError, match=r"buffer of 400000 bytes .*max_shared_bytes=262144"):
+        d.distribute(fanout.Add({"i": 0, "data": np.zeros(50000)}))
+    assert reg.stats().received == 0
+    assert d.shared_stats().held_bytes == 0
+
+
+def test_options_are_checked_and_zero_disables_the_arena(make_dist, tmp_path):
+    with pytest.raises(TypeError, match="max_shared_bytes must be an int"):
+        fanout.Distributor(max_shared_bytes="1G")
+    with pytest.raises(ValueError, match="shared_min_bytes must be >= 0"):
+        fanout.Distributor(shared_min_bytes=-1)
+    out = tmp_path / "out"
+    d = make_dist(max_shared_bytes=0)
+    d.add_listener(Digester(str(out)))
+    d.start()
+    arr = np.arange(100 * KIB, dtype=np.uint8)
+    d.distribute(fanout.Add({"i": 0, "data": arr}))
+    assert wait_for(lambda: len(lines(out)) == 1)
+    assert lines(out)[0].split("\t")[1] == digest(arr)
+    assert d.shared_stats().max_bytes == 0
+
+
+def test_a_worker_killed_mid_handler_gets_the_same_block_again(make_dist, tmp_path, start_method):
+    out = tmp_path / "out"
+    d = make_dist(start_method=start_method)
+    reg = d.add_listener(KilledOnce(str(out)))
+    d.start()
+    arr = np.random.default_rng(1).random(32 * KIB)
+    d.distribute(fanout.Add({"data": arr}))
+    assert wait_for(lambda: len(lines(out)) == 2)
+    (pid1, dg1), (pid2, dg2) = (line.split("\t") for line in lines(out))
+    assert pid1 != pid2 and dg1 == dg2 == digest(arr)
+    assert d.stop(drain=True, timeout=30)
+    s = assert_accounted(reg)
+    assert (s.delivered, s.restarts) == (1, 1)
+    assert d.shared_stats().held_bytes == 0
+
+
+# -- a full arena: the listener's overflow policy ----------------------------------------
+
+
+def _full_arena(
+    make_dist: Any, tmp_path: Path, overflow: str, blocks: int = 2, **opts: Any
+) -> Any:
+    """A gated listener and an arena with room for exactly ``blocks`` 100 KiB arrays."""
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    d = make_dist(max_shared_bytes=blocks * 100 * KIB)
+    reg = d.add_listener(Digester(str(out), str(gate)), overflow=overflow, **opts)
+    d.start()
+    return d, reg, out, gate
+
+
+def arr_no(i: int) -> np.ndarray:
+    return np.full(100 * KIB, i % 256, dtype=np.uint8)
+
+
+def test_full_arena_error_raises_listener_full_and_delivers_nothing_of_it(make_dist, tmp_path):
+    d, reg, out, gate = _full_arena(make_dist, tmp_path, "error")
+    for i in range(2):
+        d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
+    with pytest.raises(fanout.ListenerFull, match="shared-memory arena is full"):
+        d.distribute(fanout.Add({"i": 2, "data": arr_no(2)}))
+    gate.touch()
+    assert wait_for(lambda: len(lines(out)) == 2)
+    assert wait_for(lambda: d.shared_stats().held_bytes == 0)
+    d.distribute(fanout.Add({"i": 3, "data": arr_no(3)}))  # room again
+    assert d.stop(drain=True, timeout=30)
+    assert [line.split("\t")[0] for line in lines(out)] == ["0", "1", "3"]
+    assert assert_accounted(reg).received == 3
+
+
+def test_full_arena_drop_newest_drops_and_counts(make_dist, tmp_path):
+    d, reg, out, gate = _full_arena(make_dist, tmp_path, "drop_newest")
+    for i in range(4):
+        d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
+    assert reg.stats().dropped == 2
+    gate.touch()
+    assert d.stop(drain=True, timeout=30)
+    assert [line.split("\t")[0] for line in lines(out)] == ["0", "1"]
+    s = assert_accounted(reg)
+    assert (s.received, s.delivered, s.dropped) == (4, 2, 2)
+
+
+def test_full_arena_drop_oldest_drops_frames_not_yet_sent(make_dist, tmp_path):
+    # A small bound caps what is in flight (two frames of 56 bytes), so later
+    # frames wait, and an arena of four blocks always has one of them to drop.
+    d, reg, out, gate = _full_arena(
+        make_dist, tmp_path, "drop_oldest", blocks=4, max_pending_bytes=200
+    )
+    for i in range(12):
+        d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
+    assert reg.stats().dropped >= 8
+    gate.touch()
+    assert d.stop(drain=True, timeout=30)
+    got = [line.split("\t")[0] for line in lines(out)]
+    assert got[-1] == "11", got  # the newest is kept: older ones made room
+    assert got[:2] == ["0", "1"], got  # those in flight are never dropped
+    s = assert_accounted(reg)
+    assert s.delivered == len(got) and s.received == 12
+    assert d.shared_stats().held_bytes == 0
+
+
+def test_full_arena_block_waits_for_the_handler(make_dist, tmp_path):
+    d, _, out, gate = _full_arena(make_dist, tmp_path, "block")
+    for i in range(2):
+        d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
+    done = threading.Event()
+
+    def third() -> None:
+        d.distribute(fanout.Add({"i": 2, "data": arr_no(2)}))
+        done.set()
+
+    t = threading.Thread(target=third)
+    t.start()
+    assert wait_for(lambda: d.shared_stats().waits >= 1)  # it found the arena full
+    assert not done.is_set()  # and waits: nothing was handled, nothing was freed
+    gate.touch()
+    assert done.wait(30)
+    t.join()
+    assert d.stop(drain=True, timeout=30)
+    assert [line.split("\t")[0] for line in lines(out)] == ["0", "1", "2"]
+    assert d.shared_stats().waits >= 1
+
+
+def test_full_arena_before_start_raises_instead_of_blocking(make_dist, tmp_path):
+    out = tmp_path / "out"
+    d = make_dist(max_shared_bytes=200 * KIB)
+    reg = d.add_listener(Digester(str(out)))
+    for i in range(2):
+        d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
+    with pytest.raises(fanout.ListenerFull, match="nothing drains until start"):
+        d.distribute(fanout.Add({"i": 2, "data": arr_no(2)}))
+    d.start()
+    assert d.stop(drain=True, timeout=30)
+    assert assert_accounted(reg).delivered == 2
+
+
+# -- hostile handlers and crashes ------------------------------------------------------
+
+
+def test_a_hostile_handler_cannot_write_and_others_see_the_original(
+    make_dist, tmp_path, start_method
+):
+    attacks, out = tmp_path / "attacks", tmp_path / "out"
+    d = make_dist(start_method=start_method)
+    assert d.arena is not None
+    d.add_listener(Hostile(str(attacks), os.getpid(), d.arena.fd), name="hostile")
+    d.add_listener(Digester(str(out), str(tmp_path / "gate")), name="victim")
+    d.start()
+    arr = np.arange(16 * KIB, dtype=np.float64)
+    d.distribute(fanout.Add({"i": 0, "data": arr}))
+    assert wait_for(lambda: len(lines(attacks)) == 5)
+    (tmp_path / "gate").touch()  # the victim reads after every attack ran
+    assert wait_for(lambda: len(lines(out)) == 1)
+    results = dict(line.split("\t", 1) for line in lines(attacks))
+    assert results == {
+        "setitem": "refused\tValueError",
+        "writeable": "refused\tValueError",
+        "mprotect": "refused\tPermissionError",
+        "reopen-mmap": "refused\tPermissionError",
+        "reopen-write": "refused\tPermissionError",
+    }
+    assert lines(out)[0].split("\t")[1] == digest(arr)
+    assert d.stop(drain=True, timeout=30)
+
+
+def test_a_sigkill_storm_loses_nothing_and_leaks_no_arena_space(make_dist, tmp_path):
+    out = tmp_path / "out"
+    d = make_dist(max_shared_bytes=4 * 1024 * KIB)
+    reg = d.add_listener(Digester(str(out), delay=0.005), workers=2, max_attempts=1000)
+    d.start()
+    count = 150
+    killed: set[int] = set()
+    storm_over = threading.Event()
+
+    def storm() -> None:
+        rng = random.Random(14)
+        while not storm_over.wait(0.1):
+            pids = reg.worker_pids()
+            if pids and reg.ready():  # killed while starting, a worker backs off
+                pid = rng.choice(pids)
+                os.kill(pid, signal.SIGKILL)
+                killed.add(pid)
+
+    killer = threading.Thread(target=storm, name="sigkill-storm")
+    killer.start()
+    try:
+        for i in range(count):  # 256 KiB each: the 4 MiB arena fills and waits
+            d.distribute(fanout.Add({"i": i, "data": np.full(32 * KIB, i, dtype=np.float64)}))
+            if i % 10 == 9:
+                time.sleep(0.05)  # spread the run so the storm overlaps all of it
+    finally:
+        storm_over.set()
+        killer.join()
+    assert len(killed) >= 5, f"the storm barely happened: {len(killed)} kills"
+    assert wait_for(lambda: reg.stats().restarts >= len(killed), 60), reg.stats()
+    assert d.stop(drain=True, timeout=60)
+    s = assert_accounted(reg)
+    assert s.delivered == count and s.dead_lettered == 0
+    got = {int(line.split("\t")[0]): line.split("\t")[1] for line in lines(out)}
+    want = {i: digest(np.full(32 * KIB, i, dtype=np.float64)) for i in range(count)}
+    assert got == want
+    assert d.shared_stats().held_bytes == 0
+    assert d.shared_stats().waits > 0  # the arena did fill
+
+
+def test_dead_letters_at_stop_carry_the_array(make_dist, tmp_path):
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    letters: list[Any] = []
+    d = make_dist()
+    d.add_listener(
+        Digester(str(out), str(gate)),
+        on_dead_letter=lambda reg, n, why: letters.append(n),
+    )
+    d.start()
+    arrs = [np.full(16 * KIB, i, dtype=np.float64) for i in range(3)]
+    for i, arr in enumerate(arrs):
+        d.distribute(fanout.Add({"i": i, "data": arr}))
+    assert d.stop(drain=True, timeout=0.2) is False
+    assert len(letters) == 3
+    for n, arr in zip(letters, arrs, strict=True):
+        assert isinstance(n, fanout.Add)
+        assert digest(n.obj["data"]) == digest(arr)
+    assert d.shared_stats().held_bytes == 0

@@ -78,6 +78,8 @@ class Registration:
         workers: Number of worker processes (1 for a thread listener).
         resync_period: The resync period in force, in seconds, after client-go's
             clamping rules; 0 means never.
+        opts: The options ``add_listener`` checked, as a frozen
+            ``fanout.options.ListenerOptions``.
     """
 
     executor = "?"

@@ -18,8 +18,8 @@ from fanout.errors import (
     WorkerStartError,
 )
 from fanout.handlers import FuncHandler, Handler
-from fanout.listener import Registration
 from fanout.notifications import Add, Delete, Notification, RawFrame, Update
+from fanout.registration import Registration
 from fanout.stats import ListenerStats
 
 __all__ = [

@@ -11,7 +11,6 @@ from __future__ import annotations
 import atexit
 import functools
 import logging
-import math
 import multiprocessing
 import pickle
 import threading
@@ -30,14 +29,15 @@ from fanout._arena import (
     wait_for,
 )
 from fanout._impl import Pump, append_all
-from fanout._protocol import HEADER_SIZE
-from fanout.codec import Codec, MsgpackCodec, check_schema, get_codec
+from fanout.codec import Codec, MsgpackCodec, get_codec
 from fanout.errors import DistributorStopped, ListenerFull, RingClosed, WorkerStartError
-from fanout.handlers import pickle_for_workers, resolve_handler
-from fanout.listener import Lane, ProcessListener, Registration, ThreadListener
 from fanout.notifications import NOTIFICATION_TYPES, Add, Notification
-from fanout.ray_listener import RayListener, check_ray_options, import_ray, pickle_for_ray
+from fanout.options import check_period, listener_options
+from fanout.process_listener import Lane, ProcessListener
+from fanout.ray_listener import RayListener
+from fanout.registration import ListenerContext, Registration
 from fanout.supervisor import Supervisor
+from fanout.thread_listener import ThreadListener
 
 __all__ = ["Distributor"]
 
@@ -51,10 +51,13 @@ CodecName = Literal["msgpack", "msgspec"]
 MIN_RESYNC_PERIOD = 1.0  # client-go's minimumResyncPeriod
 REAP_FALLBACK = 2.0  # stop() reaps workers itself when the supervisor has not
 FIRST_START_WAIT = 60.0  # start() waits this long at most for first workers to say ready
-EXECUTORS = ("process", "thread", "ray")
-OVERFLOW_POLICIES = ("block", "drop_oldest", "drop_newest", "error")
 START_METHODS = ("forkserver", "spawn")
-_names = iter(range(1, 1 << 62))
+# Each executor is one listener class behind the Registration interface.
+LISTENER_KINDS: dict[str, type[Registration]] = {
+    "process": ProcessListener,
+    "thread": ThreadListener,
+    "ray": RayListener,
+}
 # Started, not yet stopped: stopped at interpreter exit if the program forgot to.
 _running: weakref.WeakSet[Distributor] = weakref.WeakSet()
 
@@ -63,16 +66,6 @@ _running: weakref.WeakSet[Distributor] = weakref.WeakSet()
 def _stop_at_exit() -> None:
     for d in list(_running):
         d.stop(drain=False)
-
-
-def _check_period(name: str, value: Any, *, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number of seconds, not {value!r}")
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
-    return float(value)
 
 
 def effective_resync(requested: float, check: float) -> float:
@@ -86,27 +79,28 @@ class _Plan:
     """How ``distribute`` reaches a set of listeners, worked out once per change.
 
     ``rings``: the rings of single-lane unbounded process listeners (the
-    common case: one native call appends to all of them); ``routed``: process and Ray
-    listeners that need a lane picked or room checked (a Ray listener's ``put`` also
-    wakes its sender); ``puts``: thread listeners' queues.
+    common case: one native call appends to all of them); ``routed``: listeners that
+    take payloads but need a lane picked or room checked (``route``, ``check_room``,
+    ``put``); ``puts``: listeners that take the notification objects themselves.
     """
 
     __slots__ = ("encode", "fast", "listeners", "puts", "rings", "routed", "shares")
 
     def __init__(self, listeners: tuple[Registration, ...], started: bool = False) -> None:
         self.listeners = listeners
-        procs = [r for r in listeners if isinstance(r, (ProcessListener, RayListener))]
-        simple = [
-            r
-            for r in procs
-            if isinstance(r, ProcessListener) and r.workers == 1 and r.max_pending_bytes is None
-        ]
-        self.rings = tuple(r.lanes[0].ring for r in simple)
-        self.routed = tuple(r for r in procs if r not in simple)
-        self.puts = tuple(r.put for r in listeners if isinstance(r, ThreadListener))
-        self.encode = bool(procs)
-        # Big buffers go through the shared-memory arena only for process workers.
-        self.shares = any(isinstance(r, ProcessListener) for r in listeners)
+        payloads = [r for r in listeners if r.takes_payloads]
+        direct = [(r, r.direct_ring()) for r in payloads]
+        self.rings = tuple(ring for _, ring in direct if ring is not None)
+        # (put, route and check_room differ by kind: typed Any)
+        self.routed: tuple[Any, ...] = tuple(r for r, ring in direct if ring is None)
+        self.puts: tuple[Any, ...] = tuple(
+            r.put  # type: ignore[attr-defined]
+            for r in listeners
+            if not r.takes_payloads
+        )
+        self.encode = bool(payloads)
+        # Big buffers go through the shared-memory arena only for workers that map it.
+        self.shares = any(r.maps_shared_memory for r in payloads)
         # Started, and every listener is a plain single-lane process listener.
         self.fast = started and bool(self.rings) and not self.routed and not self.puts
 
@@ -156,7 +150,7 @@ class Distributor:
         max_shared_bytes: int | None = None,
         shared_min_bytes: int = DEFAULT_SHARED_MIN_BYTES,
     ) -> None:
-        check = _check_period("resync_check_period", resync_check_period)
+        check = check_period("resync_check_period", resync_check_period)
         assert check is not None
         if not callable(clock):
             raise TypeError(f"clock must be a callable returning seconds, not {clock!r}")
@@ -168,12 +162,21 @@ class Distributor:
         if start_method not in START_METHODS:
             raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {start_method!r}")
         self.codec = get_codec(codec)
-        self.codec_blob = pickle.dumps(self.codec, protocol=pickle.HIGHEST_PROTOCOL)
         self.arena = self._make_arena(max_shared_bytes, shared_min_bytes)
-        self.start_method = start_method
-        self.mp_context = multiprocessing.get_context(start_method)
+        mp_context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
-            self.mp_context.set_forkserver_preload(["fanout.worker"])
+            mp_context.set_forkserver_preload(["fanout.worker"])
+        self.start_method = start_method
+        # All a listener sees of its distributor.
+        self.ctx = ListenerContext(
+            codec=self.codec,
+            codec_blob=pickle.dumps(self.codec, protocol=pickle.HIGHEST_PROTOCOL),
+            start_method=start_method,
+            mp_context=mp_context,
+            pump=Pump(),
+            close_grace=self.close_grace,
+            arena=self.arena,
+        )
         self.clock = clock
         self._check_period = check
         self.lock = threading.RLock()
@@ -184,18 +187,15 @@ class Distributor:
         self._stopped_listeners: tuple[Registration, ...] = ()
         # (name, dead-lettered, dropped) of each listener the last stop() lost from.
         self._stop_losses: list[tuple[str, int, int]] = []
-        self.started = False
         self.stopped = False
-        self.stopping = False  # workers are being stopped: no restarts any more
         self.accepting = True  # False from the first moment of stop(): nothing new
-        self.producer_synced = False
         self._closing: list[Registration] = []  # removed, workers not yet reaped
-        self.pump: Any = Pump()
+        self.pump: Any = self.ctx.pump
         self._notify = self.pump.notify
         self._encode = self.codec.encode if self.arena is None else self._encode_shared
         self._pump_thread: threading.Thread | None = None
-        self.supervisor = Supervisor(self)
-        self.ray_cluster: Any = None  # a RayCluster once a Ray listener started
+        self.supervisor = Supervisor(self.ctx, self.lock, self.supervised_lanes)
+        self.ctx.wake_supervisor = self.supervisor.wake
 
     def _make_arena(self, max_bytes: Any, min_bytes: Any) -> Arena | None:
         """The shared-memory arena, or None (disabled, or a codec that cannot use it)."""
@@ -211,7 +211,7 @@ class Distributor:
             return None
         arena = Arena(size, max(1, min_bytes))
         # A private copy: a codec instance passed to two distributors gets one arena each.
-        codec: MsgpackCodec = pickle.loads(self.codec_blob)
+        codec: MsgpackCodec = pickle.loads(pickle.dumps(self.codec))
         codec._arena = arena
         self.codec = codec
         return arena
@@ -253,7 +253,7 @@ class Distributor:
         arena.reconcile()
         if arena.fits(nbytes):
             return
-        procs = [r for r in plan.listeners if isinstance(r, ProcessListener)]
+        procs = [r for r in plan.listeners if r.takes_payloads and r.maps_shared_memory]
         full = (
             f"the shared-memory arena is full: a buffer of {nbytes} bytes needs room and "
             f"{arena.stats().held_bytes} of max_shared_bytes={arena.size} bytes are held "
@@ -268,14 +268,10 @@ class Distributor:
                 )
         for r in procs:
             if r.overflow == "drop_oldest":
-                for lane in r.lanes:
-                    while not arena.fits(nbytes):
-                        lane.ack()
-                        frames, _ = lane.ring.drop_unsent(1)
-                        if not frames:
-                            break
-                        r.dropped += frames
-                        arena.reconcile(exact=True, ring=lane.ring)
+                r.drop_unsent_until(
+                    lambda: arena.fits(nbytes),
+                    lambda ring: arena.reconcile(exact=True, ring=ring),
+                )
                 if arena.fits(nbytes):
                     return
         if any(r.overflow == "block" for r in procs):
@@ -304,6 +300,16 @@ class Distributor:
         return f"<Distributor {state} listeners={len(self._listeners)}>"
 
     # -- introspection -------------------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """True once ``start()`` ran (it stays true after ``stop()``)."""
+        return self.ctx.started
+
+    @property
+    def stopping(self) -> bool:
+        """True while and after ``stop()`` stops the workers."""
+        return self.ctx.stopping
 
     @property
     def resync_check_period(self) -> float:
@@ -427,7 +433,8 @@ class Distributor:
                 worker could not build its handler (the listener is removed).
             DistributorStopped: After ``stop()``.
         """
-        opts = self._listener_options(
+        opts = listener_options(
+            self.codec,
             handler,
             name,
             workers,
@@ -447,15 +454,10 @@ class Distributor:
         with self.lock:
             if self.stopped or self.stopping or not self.accepting:
                 raise DistributorStopped("add_listener after stop(): build a new Distributor")
-            reg: Registration
-            if executor == "thread":
-                reg = ThreadListener(self, opts)
-            elif executor == "ray":
-                reg = RayListener(self, opts)
-            else:
-                reg = ProcessListener(self, opts)
+            reg = LISTENER_KINDS[opts.executor](self.ctx, opts)
             try:
-                self._queue_initial(reg, items)
+                if items:
+                    reg.queue_initial([Add(obj, True) for obj in items], time.monotonic_ns())
                 if self.started:
                     reg.start()
                 self._set_resync(reg)  # last: a failure above changes no period
@@ -474,143 +476,6 @@ class Distributor:
                 raise failure
         return reg
 
-    def _listener_options(
-        self,
-        handler: Any,
-        name: Any,
-        workers: Any,
-        executor: Any,
-        key: Any,
-        resync_period: Any,
-        max_pending_bytes: Any,
-        overflow: Any,
-        handler_timeout: Any,
-        max_attempts: Any,
-        on_error: Any,
-        on_dead_letter: Any,
-        schema: Any = None,
-        ray_options: Any = None,
-    ) -> dict[str, Any]:
-        """Check every option; raise naming the bad one. Nothing is changed here."""
-        if executor not in EXECUTORS:
-            raise ValueError(f"executor must be 'process', 'thread' or 'ray', got {executor!r}")
-        if executor == "ray":
-            import_ray()  # first: without Ray, say so before anything else
-        elif ray_options is not None:
-            raise ValueError(
-                f"ray_options needs executor='ray' (got executor={executor!r}); drop it "
-                f"or pass executor='ray'"
-            )
-        handler, is_factory = resolve_handler(handler)
-        if name is None:
-            name = f"listener-{next(_names)}"
-        elif not isinstance(name, str) or not name:
-            raise TypeError(f"name must be a non-empty str, not {name!r}")
-        if isinstance(workers, bool) or not isinstance(workers, int):
-            raise TypeError(f"workers must be an int, not {workers!r}")
-        if workers < 1:
-            raise ValueError(f"workers must be >= 1, got {workers}")
-        if key is not None and not callable(key):
-            raise TypeError(f"key must be a function obj -> hashable, or None, not {key!r}")
-        requested = _check_period("resync_period", resync_period, allow_none=True)
-        if max_pending_bytes is not None:
-            if isinstance(max_pending_bytes, bool) or not isinstance(max_pending_bytes, int):
-                raise TypeError(
-                    f"max_pending_bytes must be an int or None, not {max_pending_bytes!r}"
-                )
-            if max_pending_bytes <= HEADER_SIZE:
-                raise ValueError(
-                    f"max_pending_bytes must exceed the {HEADER_SIZE}-byte frame header "
-                    f"(in practice: room for many notifications), got {max_pending_bytes}"
-                )
-        if overflow not in OVERFLOW_POLICIES:
-            raise ValueError(
-                f"overflow must be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, "
-                f"got {overflow!r}"
-            )
-        if isinstance(handler_timeout, (int, float)) and not isinstance(handler_timeout, bool):
-            if not (math.isfinite(handler_timeout) and handler_timeout > 0):
-                raise ValueError(
-                    f"handler_timeout must be a finite number of seconds > 0, or None "
-                    f"for no limit, got {handler_timeout!r}"
-                )
-        timeout = _check_period("handler_timeout", handler_timeout, allow_none=True)
-        if isinstance(max_attempts, bool) or not isinstance(max_attempts, int):
-            raise TypeError(f"max_attempts must be an int, not {max_attempts!r}")
-        if max_attempts < 1:
-            raise ValueError(f"max_attempts must be >= 1, got {max_attempts}")
-        for opt, func in (("on_error", on_error), ("on_dead_letter", on_dead_letter)):
-            if func is not None and not callable(func):
-                raise TypeError(f"{opt} must be callable(reg, notification, text), not {func!r}")
-        opts: dict[str, Any] = {
-            "name": name,
-            "workers": workers,
-            "key": key,
-            "resync_period": requested,
-            "max_pending_bytes": max_pending_bytes,
-            "overflow": overflow,
-            "handler_timeout": timeout,
-            "max_attempts": max_attempts,
-            "on_error": on_error,
-            "on_dead_letter": on_dead_letter,
-            "handler": handler,
-            "is_factory": is_factory,
-            "schema": schema,
-            # msgspec decodes into it; refused here if it cannot (workers get it pickled)
-            "schema_blob": None
-            if schema is None
-            else check_schema(schema, self.codec, executor != "thread"),
-        }
-        if executor == "thread":
-            for opt, value, why in (
-                ("workers", workers != 1, "a thread listener runs one thread"),
-                ("handler_timeout", timeout is not None, "a thread cannot be stopped"),
-                (
-                    "max_pending_bytes",
-                    max_pending_bytes is not None,
-                    "it passes objects, not bytes",
-                ),
-            ):
-                if value:
-                    raise ValueError(
-                        f"{opt} needs executor='process' ({why}); drop it or use processes"
-                    )
-        elif executor == "ray":
-            opts["ray_options"] = check_ray_options(ray_options)
-            opts["handler_blob"] = pickle_for_ray(handler)
-        else:
-            opts["handler_blob"] = pickle_for_workers(handler)
-        return opts
-
-    def _queue_initial(self, reg: Registration, items: list[Any]) -> None:
-        if not items:
-            return
-        t_ns = time.monotonic_ns()
-        adds = [Add(obj, True) for obj in items]
-        if isinstance(reg, ThreadListener):
-            reg.add_initial([(n, t_ns) for n in adds])
-            return
-        assert isinstance(reg, (ProcessListener, RayListener))
-        # Encode (and route) everything before queueing anything: an item the
-        # codec refuses leaves the listener unregistered and nothing queued.
-        planned = [(reg.route(n), self.codec.encode(n, t_ns)) for n in adds]
-        bound = reg.max_pending_bytes
-        if bound is not None and reg.overflow in ("block", "error"):
-            # No worker runs yet, so nothing would make room: what does not fit
-            # now never will ("block" would wait forever). The drop policies
-            # drop and count instead, as for any distribute.
-            per_lane: dict[int, int] = {}
-            for lane, payload in planned:
-                per_lane[lane.index] = per_lane.get(lane.index, 0) + len(payload) + HEADER_SIZE
-            worst = max(per_lane.values())
-            if worst > bound:
-                raise ListenerFull(
-                    f"listener {reg.name!r}: its initial list needs {worst} bytes in one "
-                    f"lane, more than max_pending_bytes={bound}; raise max_pending_bytes "
-                    f"or add the listener without initial_list and distribute the items"
-                )
-        reg.add_initial(planned)
-
     def _set_resync(self, reg: Registration) -> None:
         """client-go ``AddEventHandlerWithOptions`` resync rules (lock held)."""
         requested = reg.requested_resync
@@ -625,6 +490,7 @@ class Distributor:
             else:
                 self._check_period = requested
                 for other in self._listeners:
+                    assert other.requested_resync is not None  # set when it was added
                     other.resync_period = effective_resync(other.requested_resync, requested)
         reg.resync_period = effective_resync(requested, self._check_period)
         reg.next_resync = self.clock() + reg.resync_period
@@ -635,15 +501,9 @@ class Distributor:
         self._plan = _Plan(listeners, self.started and not self.stopping)
 
     def _discard(self, reg: Registration) -> None:
-        if isinstance(reg, RayListener):
-            reg.close()
-            reg.settle(None)
-        elif isinstance(reg, ProcessListener):
-            reg.close()
-            if reg.exited():
-                reg.release()
-            else:
-                self._closing.append(reg)
+        """Close a listener that is gone for good (lock held)."""
+        if reg.discard():  # workers still leaving: released once reaped
+            self._closing.append(reg)
 
     def remove_listener(self, reg: Any) -> None:
         """Stop delivering to a listener, without waiting for its workers.
@@ -658,13 +518,9 @@ class Distributor:
         with self.lock:
             if reg not in self._listeners:
                 return
-            reg.removed = True
+            reg.mark_removed()
             self._publish(tuple(r for r in self._listeners if r is not reg))
-            if isinstance(reg, (ThreadListener, RayListener)):
-                reg.close(drain=False)
-                reg.settle(None)  # what it had not taken is dropped, as client-go does
-            else:
-                self._discard(reg)  # dropped once its workers are gone
+            self._discard(reg)  # what it had not handled is dropped, as client-go does
         self.supervisor.wake()
 
     def shutdown_listener(self, reg: Any, timeout: float | None = None) -> bool:
@@ -683,7 +539,7 @@ class Distributor:
                 itself); call ``remove_listener`` there.
         """
         current = threading.current_thread()
-        if isinstance(reg, ThreadListener) and current is reg.thread:
+        if isinstance(reg, Registration) and reg.thread is not None and current is reg.thread:
             raise RuntimeError(
                 f"shutdown_listener({reg.name!r}) called from its own handler would wait "
                 f"for itself; call remove_listener() there instead"
@@ -694,21 +550,9 @@ class Distributor:
                 "would wait for the supervisor running it; call remove_listener() there"
             )
         self.remove_listener(reg)
-        if not isinstance(reg, Registration) or reg._dist is not self:
+        if not isinstance(reg, Registration) or reg.ctx is not self.ctx:
             return True
-        deadline = None if timeout is None else time.monotonic() + timeout
-        if isinstance(reg, ThreadListener):
-            if reg.thread is not None:
-                reg.thread.join(timeout)
-            return reg.exited()
-        if isinstance(reg, RayListener):
-            return reg.exited()  # remove_listener waited for its actors
-        assert isinstance(reg, ProcessListener)
-        for lane in reg.lanes:
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not lane.exited.wait(left):
-                return False
-        return True
+        return reg.wait_exited(timeout)
 
     # -- producer ------------------------------------------------------------------------
 
@@ -794,17 +638,17 @@ class Distributor:
                 # before any listener got anything.
                 lanes = [r.route(n) for r in routed]
                 inline = payload
-                if (payload is None or blocks is not None) and any(
-                    isinstance(r, RayListener) for r in routed
+                if (payload is None or blocks is not None) and not all(
+                    r.maps_shared_memory for r in routed
                 ):
-                    inline = self.codec.encode(n, t_ns)  # actors cannot map the arena
-                frames = [inline if isinstance(r, RayListener) else payload for r in routed]
+                    inline = self.codec.encode(n, t_ns)  # e.g. Ray actors: no arena there
+                frames = [payload if r.maps_shared_memory else inline for r in routed]
                 for r, lane, frame in zip(routed, lanes, frames, strict=True):
                     if frame is not None and r.max_pending_bytes is not None:
                         r.check_room(lane, frame)
             if payload is None:
                 for reg in plan.listeners:
-                    if isinstance(reg, ProcessListener):
+                    if reg.takes_payloads and reg.maps_shared_memory:
                         reg.dropped += 1
                         reg.unqueued += 1
             elif blocks is None:
@@ -872,7 +716,7 @@ class Distributor:
 
     def mark_synced(self) -> None:
         """Say the producer delivered its initial list, so ``has_synced`` can turn true."""
-        self.producer_synced = True
+        self.ctx.producer_synced = True
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -901,7 +745,7 @@ class Distributor:
             )
             self._pump_thread.start()
             self.supervisor.start()
-            self.started = True  # from here on, stop() cleans up whatever started
+            self.ctx.started = True  # from here on, stop() cleans up whatever started
             _running.add(self)
             try:
                 for reg in self._listeners:
@@ -931,12 +775,7 @@ class Distributor:
         unimportable handler, a factory that raised or returned no handler);
         transient failures are left to the supervisor's retries.
         """
-        lanes: list[Any] = [
-            lane
-            for r in listeners
-            if isinstance(r, (ProcessListener, RayListener))
-            for lane in r.lanes
-        ]
+        lanes = [lane for r in listeners for lane in r.lanes]
         deadline = time.monotonic() + FIRST_START_WAIT
         delay = 0.0005
         while any(lane.first_start for lane in lanes):
@@ -972,13 +811,12 @@ class Distributor:
         """
         closing = [r for r in self._closing if not r.exited()]
         for reg in self._closing:
-            if reg not in closing and isinstance(reg, ProcessListener):
+            if reg not in closing:
                 reg.release()
         self._closing = closing
         lanes: list[Lane] = []
         for reg in (*self._listeners, *closing):
-            if isinstance(reg, ProcessListener):
-                lanes.extend(reg.lanes)
+            lanes.extend(reg.supervised_lanes())
         return lanes
 
     def stop(self, drain: bool = False, timeout: float | None = None) -> bool:
@@ -1008,7 +846,7 @@ class Distributor:
         """
         current = threading.current_thread()
         own = {self.supervisor, self._pump_thread}
-        own.update(r.thread for r in self._listeners if isinstance(r, ThreadListener))
+        own.update(r.thread for r in self._listeners if r.thread is not None)
         if current in own:
             raise RuntimeError(
                 "stop() called from a handler, an on_error / on_dead_letter callback or "
@@ -1037,7 +875,7 @@ class Distributor:
         if was_started and drain and not resumed:
             self._wait_drained(timeout)
         with self.lock:
-            self.stopping = True
+            self.ctx.stopping = True
             if not resumed:
                 self._stopped_listeners = self._listeners
                 self._publish(())
@@ -1046,10 +884,9 @@ class Distributor:
                 reg: (reg.settled_count, reg.dropped, reg.dead_lettered) for reg in listeners
             }
             for reg in listeners:
-                reg.removed = True
-                reg.stop_settles = True  # below, with the stop's reason
+                reg.mark_removed(by_stop=True)  # settled below, with the stop's reason
                 reg.close(drain=False)  # its rings take nothing more from here on
-                if isinstance(reg, ProcessListener) and reg not in self._closing:
+                if reg.supervised_lanes() and reg not in self._closing:
                     self._closing.append(reg)
         calls: list[Callable[[], None]] = []
         if was_started:
@@ -1074,8 +911,8 @@ class Distributor:
                 self.arena.close()
         _running.discard(self)
         self._shutdown_threads(was_started)
-        if self.ray_cluster is not None:  # after the listeners: their actors are gone
-            self.ray_cluster.detach()
+        if self.ctx.ray_cluster is not None:  # after the listeners: their actors are gone
+            self.ctx.ray_cluster.detach()
         return lost == 0, calls
 
     @staticmethod
@@ -1120,14 +957,13 @@ class Distributor:
         calls: list[Callable[[], None]] = []
         while True:
             with self.lock:
-                lanes = [lane for r in self._closing for lane in r.lanes if lane.proc]  # type: ignore[attr-defined]
+                lanes = [lane for r in self._closing for lane in r.supervised_lanes() if lane.proc]
                 if not lanes:
                     break
                 now = time.monotonic()
                 if now >= deadline:
                     for lane in lanes:
-                        lane.close_deadline = 0.0
-                        lane.proc.kill()
+                        lane.kill()
                 if now >= deadline + REAP_FALLBACK or not self.supervisor.is_alive():
                     # The supervisor should have reaped them by now: do it here.
                     for lane in lanes:
@@ -1135,8 +971,8 @@ class Distributor:
             self.supervisor.wake()
             time.sleep(0.002)
         for reg in listeners:
-            if isinstance(reg, ThreadListener) and reg.thread is not None:
-                reg.thread.join(timeout)
+            if not reg.supervised_lanes():  # a thread's running call is waited for
+                reg.wait_exited(timeout)
         return calls
 
     def _shutdown_threads(self, was_started: bool) -> None:

@@ -49,7 +49,7 @@ from fanout.stats import bucket_value
 
 if TYPE_CHECKING:
     from fanout.distributor import Distributor
-    from fanout.listener import Registration
+    from fanout.registration import Registration
     from fanout.stats import ListenerStats
 
 __all__ = ["LATENCY_BOUNDS", "MetricsServer", "PrometheusCollector", "latency_buckets", "serve"]

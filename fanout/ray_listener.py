@@ -26,24 +26,17 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from fanout._protocol import HEADER, HEADER_SIZE, NBUCKETS
 from fanout._ray_actor import LaneActor, progress_path
 from fanout._version import DISTRIBUTION
-from fanout.listener import (
-    ProcessListener,
-    Registration,
-    close_rings,
-    lane_ring,
-    settle_rings,
-)
-from fanout.notifications import Notification, RawFrame
-
-if TYPE_CHECKING:
-    from fanout.distributor import Distributor
+from fanout.lane_listener import LaneListener
+from fanout.notifications import RawFrame
+from fanout.options import ListenerOptions
+from fanout.registration import ListenerContext
 
 __all__ = ["RayCluster", "RayListener", "check_ray_options", "import_ray", "pickle_for_ray"]
 
@@ -290,27 +283,22 @@ class RayLane:
         self.ready = False
 
 
-class RayListener(Registration):
+class RayListener(LaneListener):
     """A listener whose handler runs in ``workers`` Ray actors, one lane each."""
 
     executor = "ray"
 
-    def __init__(self, dist: Distributor, opts: dict[str, Any]) -> None:
-        super().__init__(dist, opts)
+    def __init__(self, ctx: ListenerContext, opts: ListenerOptions) -> None:
+        super().__init__(ctx, opts)
         self.ray = import_ray()
-        self.handler_blob: bytes = opts["handler_blob"]
-        self.is_factory: bool = opts["is_factory"]
-        self.schema_blob: bytes | None = opts.get("schema_blob")
-        self.ray_options: dict[str, Any] = opts["ray_options"]
+        self.ray_options: dict[str, Any] = opts.ray_options or {}
         self.batch_bytes = BATCH_BYTES
         self.max_inflight = MAX_INFLIGHT
-        self.rr = 0
         self.delivered = 0
         self.errors = 0
         self.hist = np.zeros(NBUCKETS, dtype=np.int64)
-        self.lanes = [
-            RayLane(self, i, lane_ring(self.max_pending_bytes, self.overflow))
-            for i in range(self.workers)
+        self.lanes: list[RayLane] = [
+            RayLane(self, i, ring) for i, ring in enumerate(self.make_rings())
         ]
         self.wake = threading.Event()
         self.idle = False
@@ -322,42 +310,20 @@ class RayListener(Registration):
 
     # -- producer side ---------------------------------------------------------------
 
-    # Routing and the overflow policies act on the lanes' rings exactly as for
-    # processes: ProcessListener's code serves both (it only touches ``lanes``,
-    # ``lane.ring``, ``lane.ack()`` and the counters, which a RayLane has too).
-
-    def route(self, n: Notification) -> Any:
-        """Pick the lane of ``n``: by key, so one object's notifications keep order."""
-        return ProcessListener.route(self, n)  # type: ignore[arg-type]
-
-    def check_room(self, lane: Any, payload: bytes) -> None:
-        """Raise ``ListenerFull`` if ``payload`` cannot go to ``lane`` (before any put)."""
-        ProcessListener.check_room(self, lane, payload)  # type: ignore[arg-type]
-
-    def add_initial(self, payloads: list[tuple[Any, bytes]]) -> None:
-        """Queue the initial list and remember, per lane, where it ends."""
-        ProcessListener.add_initial(self, payloads)  # type: ignore[arg-type]
-
     def put(self, lane: Any, payload: bytes) -> None:
         """Append a payload to ``lane`` (the overflow policy applies); wake the sender."""
-        ProcessListener.put(self, lane, payload)  # type: ignore[arg-type]
+        super().put(lane, payload)
         if self.idle:
             self.wake.set()
-
-    def _put_full(self, lane: Any, payload: bytes) -> None:
-        ProcessListener._put_full(self, lane, payload)  # type: ignore[arg-type]
-
-    def _put_blocking(self, lane: Any, payload: bytes) -> None:
-        ProcessListener._put_blocking(self, lane, payload)  # type: ignore[arg-type]
 
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
         """Create the actors and start the sender thread (distributor lock held)."""
-        dist = self._dist
-        if dist.ray_cluster is None:
-            dist.ray_cluster = RayCluster()
-        dist.ray_cluster.attach()
+        ctx = self.ctx
+        if ctx.ray_cluster is None:  # shared by the distributor's Ray listeners
+            ctx.ray_cluster = RayCluster()
+        ctx.ray_cluster.attach()
         ray = self.ray
         actor_class = ray.remote(LaneActor).options(
             **self.ray_options, max_restarts=-1, max_task_retries=0
@@ -366,10 +332,10 @@ class RayListener(Registration):
         for lane in self.lanes:
             lane.open_pipe()
             lane.actor = actor_class.remote(
-                self.handler_blob,
-                self.is_factory,
-                dist.codec_blob,
-                self.schema_blob,
+                self.opts.handler_blob,
+                self.opts.is_factory,
+                ctx.codec_blob,
+                self.opts.schema_blob,
                 self.handler_timeout,
             )
             lane.ready_ref = lane.actor.ready.remote()
@@ -430,14 +396,6 @@ class RayListener(Registration):
             lane.close_pipe()
         self.actors_gone = True
 
-    def close_input(self) -> None:
-        """Take no more frames; the actors go on with those held."""
-        close_rings(self.lanes)
-
-    def settle(self, reason: str | None) -> list[Callable[[], None]]:
-        """Account for the frames still held once the actors are gone."""
-        return settle_rings(self, self.lanes, reason)  # a Ray lane's ack() is a no-op
-
     def exited(self) -> bool:
         """Tell whether the sender has ended and every actor was killed."""
         return self.actors_gone and (self.thread is None or not self.thread.is_alive())
@@ -449,10 +407,6 @@ class RayListener(Registration):
     def stuck(self) -> bool:
         """Tell whether an actor cannot be built (or the sender died): nothing drains."""
         return self.failed or any(lane.start_error is not None for lane in self.lanes)
-
-    def never_started(self) -> bool:
-        """Tell whether no actor of this listener ever answered."""
-        return not any(lane.ever_ready for lane in self.lanes)
 
     def ready(self) -> bool:
         """Tell whether every actor runs (answered, and not being restarted)."""
@@ -466,7 +420,7 @@ class RayListener(Registration):
     def counters(self) -> dict[str, int]:
         """Pending frames and bytes, handled and failed calls, across lanes."""
         return {
-            "received": self.unqueued + sum(lane.ring.last_seq for lane in self.lanes),
+            "received": self.received(),
             "pending": sum(len(lane.ring) for lane in self.lanes),
             "pending_bytes": sum(lane.ring.nbytes for lane in self.lanes),
             "capacity_bytes": sum(lane.ring.capacity for lane in self.lanes),
@@ -600,7 +554,7 @@ class RayListener(Registration):
         self.dead_lettered += len(bad)
         if stamps:
             self._record_latency(np.frombuffer(stamps, dtype=np.int64))
-        decode = self._dist.codec.decode
+        decode = self.ctx.codec.decode
         for _seq, text, payload in errors:
             n: Any = None
             if payload:

@@ -38,11 +38,11 @@ from fanout._protocol import (
     START_NS,
     STARTED,
 )
-from fanout.listener import Lane
 from fanout.notifications import RawFrame
 
 if TYPE_CHECKING:
-    from fanout.distributor import Distributor
+    from fanout.process_listener import Lane
+    from fanout.registration import ListenerContext
 
 __all__ = ["Supervisor"]
 
@@ -79,9 +79,12 @@ def describe_exit(code: int | None, fatal: bool = False) -> str:
 class Supervisor(threading.Thread):
     """Per-distributor thread that keeps every lane's worker alive."""
 
-    def __init__(self, dist: Distributor) -> None:
+    def __init__(self, ctx: ListenerContext, lock: Any, lanes: Callable[[], list[Lane]]) -> None:
+        """``lanes()`` lists the lanes to watch; it is called with ``lock`` held."""
         super().__init__(name="fanout-supervisor", daemon=True)
-        self.dist = dist
+        self.ctx = ctx
+        self.lock = lock
+        self.lanes = lanes
         self.wake_r, self.wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         # Closed by close(), or when never started and collected.
         self._close_pipe = weakref.finalize(self, _close_fds, (self.wake_r, self.wake_w))
@@ -128,13 +131,12 @@ class Supervisor(threading.Thread):
             except BaseException:  # never let the supervisor die: it is the safety net
                 log.exception("fanout supervisor: unexpected error (continuing)")
                 time.sleep(0.05)
-        error_log.flush(self.dist, final=True)  # repeats not yet summarised
+        error_log.flush(self.ctx, final=True)  # repeats not yet summarised
 
     def _once(self) -> None:
-        dist = self.dist
         calls: list[Callable[[], None]] = []
-        with dist.lock:
-            lanes = dist.supervised_lanes()
+        with self.lock:
+            lanes = self.lanes()
             watch: dict[int, tuple[Lane, str]] = {}
             for lane in lanes:
                 if lane.proc is not None:
@@ -149,7 +151,7 @@ class Supervisor(threading.Thread):
                     pass
             except BlockingIOError:
                 pass
-        with dist.lock:
+        with self.lock:
             # Messages first: an exception reported just before a crash is
             # reported before the crash is handled.
             hits = [watch[fd] for fd in ready if isinstance(fd, int) and fd in watch]
@@ -159,10 +161,10 @@ class Supervisor(threading.Thread):
             for lane, what in hits:
                 if what == "exit" and lane.proc is not None:
                     self._on_exit(lane, calls)
-            self._tick(dist.supervised_lanes(), calls)
+            self._tick(self.lanes(), calls)
         for call in calls:
             call()
-        error_log.flush(self.dist)  # summaries of repeated handler errors that are due
+        error_log.flush(self.ctx)  # summaries of repeated handler errors that are due
 
     def _timeout(self, lanes: list[Lane]) -> float | None:
         now = time.monotonic()
@@ -188,7 +190,7 @@ class Supervisor(threading.Thread):
             if len(lane.ring):
                 sooner(ACK_TICK)
             sooner(CHECK_TICK)  # the progress-slot sanity check
-        summary = error_log.due_in(self.dist)
+        summary = error_log.due_in(self.ctx)
         if summary is not None:
             sooner(summary)
         return timeout
@@ -239,7 +241,7 @@ class Supervisor(threading.Thread):
             n: Any = None
             if isinstance(payload, bytes) and payload:
                 try:
-                    n = self.dist.codec.decode(payload)[0]
+                    n = self.ctx.codec.decode(payload)[0]
                 except Exception as exc:
                     n = RawFrame(payload, f"cannot be decoded: {exc!r}")
             text = str(msg.get("text", ""))
@@ -305,7 +307,7 @@ class Supervisor(threading.Thread):
         proc.close()
         lane.proc = None
         listener = lane.listener
-        if lane.closing or self.dist.stopping:
+        if lane.closing or self.ctx.stopping:
             lane.first_start = False
             lane.exited.set()
             return
@@ -437,7 +439,7 @@ class Supervisor(threading.Thread):
             listener = lane.listener
             if proc is None:
                 if lane.respawn_at and now >= lane.respawn_at and not lane.closing:
-                    if not self.dist.stopping:
+                    if not self.ctx.stopping:
                         self._respawn(lane, calls)
                 continue
             if not lane.kill_reason and not lane.closing:

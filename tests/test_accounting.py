@@ -617,10 +617,10 @@ def test_lane_ack_cannot_race_a_rewind(ring_impl):
 
 
 def test_a_worker_running_another_fanout_refuses_to_start(make_dist, monkeypatch):
-    from fanout import listener
+    from fanout import process_listener
 
     # As if the worker had imported a fanout from elsewhere (a shadowing folder).
-    monkeypatch.setattr(listener, "PRODUCER_FANOUT", ("/elsewhere/fanout", "0.0.0"))
+    monkeypatch.setattr(process_listener, "PRODUCER_FANOUT", ("/elsewhere/fanout", "0.0.0"))
     d = make_dist()
     d.add_listener(Noop())
     with pytest.raises(fanout.WorkerStartError, match="shadows the producer's package"):

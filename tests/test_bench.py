@@ -56,13 +56,15 @@ def test_quick_run_reports_every_figure_with_its_spread(tmp_path, no_leaks):
     default = set(Options().scenarios)  # every scenario but the opt-in "ray"
     assert default == set(SCENARIOS) - {"ray"}
     assert {r["scenario"] for r in results} == default
-    for scenario in default - {"recovery", "schema"}:
+    for scenario in default - {"recovery", "schema", "arrays"}:
         seen = {r["contender"] for r in results if r["scenario"] == scenario}
         assert seen == installed, scenario
-    from fanout.bench import schema  # its own contenders: readers of five fields
+    from fanout.bench import arrays, schema  # their own contenders
 
     seen = {r["contender"] for r in results if r["scenario"] == "schema"}
     assert seen == {c.name for c in schema.CONTENDERS}
+    seen = {r["contender"] for r in results if r["scenario"] == "arrays"}
+    assert seen == {c.name for c in arrays.CONTENDERS}
     recovery = [r for r in results if r["scenario"] == "recovery"]
     assert {r["contender"] for r in recovery} == {"fanout-process"}
     assert {r["metric"] for r in recovery} == {"sigkill_to_handled", "cold_start"}

@@ -16,7 +16,7 @@ import pytest
 
 import fanout
 from fanout import _ring_py, codec, stats
-from fanout.listener import Registration
+from fanout.registration import Registration
 
 # The documented API, by owner. A class stands for its constructor and its public
 # methods; Registration's lifecycle methods are the distributor's business.

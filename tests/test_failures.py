@@ -758,7 +758,7 @@ def test_concurrent_stops_both_return(make_dist):
 
 
 def test_a_start_that_fails_half_way_leaves_nothing_running(make_dist, monkeypatch):
-    from fanout.listener import Lane
+    from fanout.process_listener import Lane
 
     real_spawn = Lane.spawn
 

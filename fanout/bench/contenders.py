@@ -29,7 +29,7 @@ import fanout
 from fanout._protocol import NBUCKETS
 from fanout.bench.payloads import spin
 from fanout.distributor import CodecName, Executor
-from fanout.listener import F_SETPIPE_SZ, PIPE_SIZE
+from fanout.process_listener import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import bucket_of
 from fanout.worker import FdArg
 

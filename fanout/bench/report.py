@@ -145,6 +145,8 @@ def load(path: str) -> dict[str, Any]:
 
 def _fmt(value: float, unit: str) -> str:
     """Full precision, for the text table."""
+    if unit == "GB/s":
+        return f"{value:,.3f}"
     if unit == "s":
         return f"{value * 1e3:,.3f} ms" if value < 1 else f"{value:,.2f} s"
     return f"{value:,.0f}"
@@ -152,6 +154,8 @@ def _fmt(value: float, unit: str) -> str:
 
 def _short(value: float, unit: str) -> str:
     """Compact, for the README table and the chart labels."""
+    if unit == "GB/s":
+        return f"{value:.2f} GB/s"
     if unit == "s":
         ms = value * 1e3
         if ms >= 1000:
@@ -179,7 +183,11 @@ def _better(r: dict[str, Any]) -> str:
 
 
 def _unit_name(unit: str) -> str:
-    return {"s": "milliseconds", "deliveries/s": "deliveries per second"}.get(unit, unit)
+    return {
+        "s": "milliseconds",
+        "deliveries/s": "deliveries per second",
+        "GB/s": "GB per second (payload x listeners)",
+    }.get(unit, unit)
 
 
 def _ratio(r: dict[str, Any], ref: dict[str, Any] | None) -> str:
@@ -209,6 +217,8 @@ def _note(r: dict[str, Any]) -> str:
         note = f"  {r['ratio_to_unstalled']:.2f}x of unstalled"
     if r.get("stalled_buffered_bytes") is not None:
         note += f", stalled one holds {r['stalled_buffered_bytes']:,.0f} B"
+    if r.get("producer_rss_growth_bytes") is not None:
+        note += f"  producer RSS +{r['producer_rss_growth_bytes'] / 2**20:,.0f} MiB at peak"
     return note
 
 

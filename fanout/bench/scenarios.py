@@ -10,6 +10,9 @@
   notification on its lane, beside a worker's cold start for comparison.
 * ``schema``: Pods to 4 listeners whose handlers read five fields, with and
   without ``schema=`` (``fanout.bench.schema``).
+* ``arrays``: float64 arrays of 64 KiB, 1 MiB and 16 MiB to L listeners whose
+  handlers sum them, in GB/s, against a pipe and a ``shared_memory`` baseline
+  (``fanout.bench.arrays``).
 * ``ray``: one listener of 2 Ray actors against Ray used directly, and recovery
   from a SIGKILLed actor (``fanout.bench.ray``). Not in the default list: it
   starts a Ray cluster (about 4 s); ``--scenario ray`` runs it.
@@ -88,6 +91,7 @@ class Options:
             "stalled",
             "recovery",
             "schema",
+            "arrays",
         ]
     )
     contenders: list[str] | None = None
@@ -476,6 +480,8 @@ def _describe(m: Measurement) -> str:
     """One line for a finished figure: median, min..max and the stability verdict."""
 
     def fmt(v: float) -> str:
+        if m.unit == "GB/s":
+            return f"{v:,.3f}"
         return f"{v * 1e3:,.3f}" if m.unit == "s" else f"{v:,.0f}"
 
     unit = "ms" if m.unit == "s" else m.unit
@@ -716,6 +722,13 @@ def schema(suite: Suite) -> list[Case]:
     return module.cases(suite)
 
 
+def arrays(suite: Suite) -> list[Case]:
+    """Float64 arrays to --listeners listeners summing them, in GB/s (``fanout.bench.arrays``)."""
+    from fanout.bench import arrays as module
+
+    return module.cases(suite)
+
+
 def ray(suite: Suite) -> list[Case]:
     """One listener of 2 Ray actors against Ray used directly (``fanout.bench.ray``)."""
     try:
@@ -733,6 +746,7 @@ SCENARIOS: dict[str, Callable[[Suite], list[Case]]] = {
     "stalled": stalled,
     "recovery": recovery,
     "schema": schema,
+    "arrays": arrays,
     "ray": ray,
 }
 

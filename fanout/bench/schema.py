@@ -32,7 +32,7 @@ from fanout._protocol import NBUCKETS
 from fanout.bench.contenders import FanoutProcess
 from fanout.bench.payloads import load_payload
 from fanout.distributor import CodecName
-from fanout.listener import F_SETPIPE_SZ, PIPE_SIZE
+from fanout.process_listener import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import bucket_of
 from fanout.worker import FdArg
 

@@ -6,9 +6,10 @@ old and new are the same object, as a resync sends: the object travels once and 
 worker passes one decoded object as both); ``t_ns`` is ``time.monotonic_ns()`` at
 ``distribute`` (system-wide on Linux), so a worker can measure latency.
 
-Extension types (MessagePack ext codes 1-3 are fanout's; 64-127 are the user's):
+Extension types (MessagePack ext codes 1-5 are fanout's; 64-127 are the user's):
 1 = numpy array (``[dtype.str, shape, raw bytes]``, decoded read-only without a
-second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text). Tuples travel
+second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text), 5 = a buffer a
+Ray listener's actors read from Ray's object store (``fanout._ray_refs``). Tuples travel
 as arrays (a handler gets lists), except as dict keys, which decode as tuples again.
 """
 
@@ -30,6 +31,7 @@ from fanout.notifications import Add, Delete, Notification, Update
 __all__ = ["Codec", "MsgpackCodec", "MsgspecCodec", "get_codec"]
 
 EXT_NDARRAY, EXT_DATETIME, EXT_DATE = 1, 2, 3
+EXT_RAY_REF = 5  # a buffer in Ray's object store, for a Ray listener (fanout._ray_refs)
 INT_RANGE = "-2**63 to 2**64-1"
 USER_EXT_CODES = range(64, 128)
 
@@ -81,6 +83,10 @@ def _builtin_from_ext(code: int, data: bytes) -> Any:
         return _dt.datetime.fromisoformat(data.decode())
     if code == EXT_DATE:
         return _dt.date.fromisoformat(data.decode())
+    if code == EXT_RAY_REF:
+        from fanout._ray_refs import resolve
+
+        return resolve(data)
     return None
 
 

@@ -74,7 +74,7 @@ class _Plan:
     ``put``); ``puts``: listeners that take the notification objects themselves.
     """
 
-    __slots__ = ("encode", "fast", "listeners", "puts", "rings", "routed")
+    __slots__ = ("encodes", "fast", "listeners", "puts", "rings", "routed", "wire")
 
     def __init__(self, listeners: tuple[Registration, ...], started: bool = False) -> None:
         self.listeners = listeners
@@ -83,14 +83,33 @@ class _Plan:
         self.rings = tuple(ring for _, ring in direct if ring is not None)
         # (put, route and check_room differ by kind: typed Any)
         self.routed: tuple[Any, ...] = tuple(r for r, ring in direct if ring is None)
+        # One encode per distinct encoding the listeners need (almost always one);
+        # the direct rings' comes first (a direct ring takes the distributor's own
+        # encoding). ``wire[i]``: the index of routed[i]'s.
+        encodes: list[Callable[[Notification, int], bytes]] = []
+        for r, ring in direct:
+            if ring is not None and r.encoder() not in encodes:
+                encodes.append(r.encoder())
+        wire = []
+        for r in self.routed:
+            if r.encoder() not in encodes:
+                encodes.append(r.encoder())
+            wire.append(encodes.index(r.encoder()))
+        self.encodes = tuple(encodes)
+        self.wire = tuple(wire)
         self.puts: tuple[Any, ...] = tuple(
             r.put  # type: ignore[attr-defined]
             for r in listeners
             if not r.takes_payloads
         )
-        self.encode = bool(payloads)
         # Started, and every listener is a plain single-lane process listener.
-        self.fast = started and bool(self.rings) and not self.routed and not self.puts
+        self.fast = (
+            started
+            and bool(self.rings)
+            and not self.routed
+            and not self.puts
+            and len(encodes) == 1
+        )
 
 
 class Distributor:
@@ -168,7 +187,7 @@ class Distributor:
         self._closing: list[Registration] = []  # removed, workers not yet reaped
         self.pump: Any = self.ctx.pump
         self._notify = self.pump.notify
-        self._encode = self.codec.encode
+        self._encode = self.ctx.encode
         self._pump_thread: threading.Thread | None = None
         self.supervisor = Supervisor(self.ctx, self.lock, self.supervised_lanes)
         self.ctx.wake_supervisor = self.supervisor.wake
@@ -484,21 +503,21 @@ class Distributor:
             if not plan.listeners:
                 return
         t_ns = time.monotonic_ns()
-        payload = self.codec.encode(n, t_ns) if plan.encode else b""
+        payloads = [encode(n, t_ns) for encode in plan.encodes]
         routed = plan.routed
         if routed:
             # Route and check room first: a key function that raises, or a
             # bounded listener without room (overflow="error"), stops the call
             # before any listener got anything.
             lanes = [r.route(n) for r in routed]
-            for r, lane in zip(routed, lanes, strict=True):
+            for r, lane, i in zip(routed, lanes, plan.wire, strict=True):
                 if r.max_pending_bytes is not None:
-                    r.check_room(lane, payload)
+                    r.check_room(lane, payloads[i])
         if plan.rings:
-            append_all(plan.rings, payload)
+            append_all(plan.rings, payloads[0])
         if routed:
-            for r, lane in zip(routed, lanes, strict=True):
-                r.put(lane, payload)
+            for r, lane, i in zip(routed, lanes, plan.wire, strict=True):
+                r.put(lane, payloads[i])
         if plan.puts:
             item = (n, t_ns)
             for put in plan.puts:

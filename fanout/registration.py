@@ -53,6 +53,10 @@ class ListenerContext:
         wake_supervisor: Callable[[], None] = lambda: None,
     ) -> None:
         self.codec = codec
+        # How the distributor encodes a notification for the listeners that take
+        # payloads (one encode for all of them); a kind with its own wire says so
+        # in ``Registration.encoder``.
+        self.encode: Callable[[Notification, int], bytes] = codec.encode
         self.codec_blob = codec_blob  # the codec pickled once, for every worker
         self.start_method = start_method
         self.mp_context = mp_context
@@ -63,6 +67,7 @@ class ListenerContext:
         self.stopping = False  # workers are being stopped: no restarts, no waiting
         self.producer_synced = False
         self.ray_cluster: Any = None
+        self.ray_store: Any = None  # big buffers in Ray's object store (fanout._ray_refs)
 
 
 class Registration:
@@ -202,6 +207,10 @@ class Registration:
     # ``check_room``, ``put(lane, payload)``); False: it takes the notification
     # objects themselves (``put((n, t_ns))``).
     takes_payloads = True
+
+    def encoder(self) -> Callable[[Notification, int], bytes]:
+        """The encoding this listener's payloads need; listeners sharing one share the bytes."""
+        return self.ctx.encode
 
     def direct_ring(self) -> Any:
         """The one ring every payload goes to as is, or None (route and ``put`` instead)."""

@@ -31,8 +31,10 @@ import threading
 import time
 import traceback
 from array import array
+from typing import Any
 
 from fanout._protocol import ADD, HEADER, UPDATE, UPDATE_SAME, wire_shape_error
+from fanout._ray_refs import use_batch_refs
 from fanout.codec import Codec, describe_misfit
 from fanout.handlers import build_handler
 
@@ -132,7 +134,9 @@ class LaneActor:
         except FileNotFoundError:
             pass
 
-    def handle_batch(self, gen: int, opens: bool, after: int, data: bytes) -> BatchResult | None:
+    def handle_batch(
+        self, gen: int, opens: bool, after: int, data: bytes, refs: dict[int, Any] | None = None
+    ) -> BatchResult | None:
         """Handle every frame of ``data`` in order.
 
         Args:
@@ -142,16 +146,26 @@ class LaneActor:
                 the same generation (sequence numbers have gaps where an overflow
                 policy dropped frames).
             data: Whole frames (header and payload), as the ring holds them.
+            refs: ``token -> ObjectRef`` of the big buffers the frames refer to
+                (``fanout._ray_refs``); a handler gets them through ``ray.get``.
 
         Returns:
             ``BatchResult``, or None when the batch is stale and was not handled.
         """
-        unpack_header = HEADER.unpack_from
-        hsize = HEADER.size
         if opens:
             self.gen = gen
         elif gen != self.gen or after != self.last_seq:
             return None
+        use_batch_refs(refs)
+        try:
+            return self._handle(data)
+        finally:
+            use_batch_refs(None)
+
+    def _handle(self, data: bytes) -> BatchResult:
+        """Handle the frames of an accepted batch."""
+        unpack_header = HEADER.unpack_from
+        hsize = HEADER.size
         handler = self.handler
         on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
         unpack = self.unpack

@@ -6,11 +6,13 @@ old and new are the same object, as a resync sends: the object travels once and 
 worker passes one decoded object as both); ``t_ns`` is ``time.monotonic_ns()`` at
 ``distribute`` (system-wide on Linux), so a worker can measure latency.
 
-Extension types (MessagePack ext codes 1-4 are fanout's; 64-127 are the user's):
+Extension types (MessagePack ext codes 1-5 are fanout's; 64-127 are the user's):
 1 = numpy array (``[dtype.str, shape, raw bytes]``, decoded read-only without a
 second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text), 4 = a buffer in
 the distributor's shared-memory arena (``fanout._arena``: the frame carries only where
-it is; ``MsgpackCodec`` alone makes them, and only for process listeners). Tuples travel
+it is; ``MsgpackCodec`` alone makes them, and only for process listeners), 5 = a
+buffer a Ray listener's actors read from Ray's object store (``fanout._ray_refs``).
+Tuples travel
 as arrays (a handler gets lists), except as dict keys, which decode as tuples again.
 """
 
@@ -32,6 +34,7 @@ from fanout.notifications import Add, Delete, Notification, Update
 __all__ = ["Codec", "MsgpackCodec", "MsgspecCodec", "get_codec"]
 
 EXT_NDARRAY, EXT_DATETIME, EXT_DATE, EXT_SHARED = 1, 2, 3, 4
+EXT_RAY_REF = 5  # a buffer in Ray's object store, for a Ray listener (fanout._ray_refs)
 INT_RANGE = "-2**63 to 2**64-1"
 USER_EXT_CODES = range(64, 128)
 
@@ -87,6 +90,10 @@ def _builtin_from_ext(code: int, data: bytes) -> Any:
         from fanout._arena import decode_worker
 
         return decode_worker(data)
+    if code == EXT_RAY_REF:
+        from fanout._ray_refs import resolve
+
+        return resolve(data)
     return None
 
 

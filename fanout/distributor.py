@@ -84,7 +84,7 @@ class _Plan:
     ``put``); ``puts``: listeners that take the notification objects themselves.
     """
 
-    __slots__ = ("encode", "fast", "listeners", "puts", "rings", "routed", "shares")
+    __slots__ = ("encodes", "fast", "listeners", "puts", "rings", "routed", "wire")
 
     def __init__(self, listeners: tuple[Registration, ...], started: bool = False) -> None:
         self.listeners = listeners
@@ -93,16 +93,33 @@ class _Plan:
         self.rings = tuple(ring for _, ring in direct if ring is not None)
         # (put, route and check_room differ by kind: typed Any)
         self.routed: tuple[Any, ...] = tuple(r for r, ring in direct if ring is None)
+        # One encode per distinct encoding the listeners need (almost always one);
+        # the direct rings' comes first (a direct ring takes the distributor's own
+        # encoding). ``wire[i]``: the index of routed[i]'s.
+        encodes: list[Callable[[Notification, int], bytes]] = []
+        for r, ring in direct:
+            if ring is not None and r.encoder() not in encodes:
+                encodes.append(r.encoder())
+        wire = []
+        for r in self.routed:
+            if r.encoder() not in encodes:
+                encodes.append(r.encoder())
+            wire.append(encodes.index(r.encoder()))
+        self.encodes = tuple(encodes)
+        self.wire = tuple(wire)
         self.puts: tuple[Any, ...] = tuple(
             r.put  # type: ignore[attr-defined]
             for r in listeners
             if not r.takes_payloads
         )
-        self.encode = bool(payloads)
-        # Big buffers go through the shared-memory arena only for workers that map it.
-        self.shares = any(r.maps_shared_memory for r in payloads)
         # Started, and every listener is a plain single-lane process listener.
-        self.fast = started and bool(self.rings) and not self.routed and not self.puts
+        self.fast = (
+            started
+            and bool(self.rings)
+            and not self.routed
+            and not self.puts
+            and len(encodes) == 1
+        )
 
 
 class Distributor:
@@ -192,7 +209,9 @@ class Distributor:
         self._closing: list[Registration] = []  # removed, workers not yet reaped
         self.pump: Any = self.ctx.pump
         self._notify = self.pump.notify
-        self._encode = self.codec.encode if self.arena is None else self._encode_shared
+        self._shared_encode: Callable[[Notification, int], bytes] | None = None
+        if self.arena is not None:  # one object: listeners' encoders compare equal to it
+            self._shared_encode = self.ctx.shared_encode = self._encode_shared
         self._pump_thread: threading.Thread | None = None
         self.supervisor = Supervisor(self.ctx, self.lock, self.supervised_lanes)
         self.ctx.wake_supervisor = self.supervisor.wake
@@ -234,12 +253,43 @@ class Distributor:
         Raises ``NoRoom`` when the arena is full and the listeners' policies drop it.
         """
         plan = self._plan if plan is None else plan
-        if not plan.shares:
-            return self.codec.encode(n, t_ns)
         assert self.arena is not None
         return self.arena.encode(
             self.codec.encode, n, t_ns, functools.partial(self._make_room, plan)
         )
+
+    def _sharers(self, plan: _Plan) -> list[Registration]:
+        """The listeners of ``plan`` that take the arena's encoding."""
+        return [
+            r for r in plan.listeners if r.takes_payloads and r.encoder() == self._shared_encode
+        ]
+
+    def _append_rings(self, rings: tuple[Any, ...], payload: bytes | None) -> None:
+        """Append ``payload`` to every open ring, noting the arena shares it takes."""
+        if type(payload) is not SharedPayload:
+            if payload is not None:
+                append_all(rings, payload)
+            return
+        assert self.arena is not None
+        for ring in rings:
+            try:
+                seq = ring.append(payload)
+            except RingClosed:
+                continue
+            self.arena.note(ring, seq, payload.blocks)
+
+    def _put(self, reg: Any, lane: Any, payload: bytes | None) -> None:
+        """``reg.put(lane, payload)``, noting the arena share if the lane took it."""
+        if type(payload) is not SharedPayload:
+            if payload is not None:
+                reg.put(lane, payload)
+            return
+        assert self.arena is not None
+        ring = lane.ring
+        before = ring.last_seq  # one producer thread: a new last_seq is this frame's
+        reg.put(lane, payload)
+        if ring.last_seq != before:
+            self.arena.note(ring, ring.last_seq, payload.blocks)
 
     def _make_room(self, plan: _Plan, nbytes: int) -> None:
         """The arena has no block of ``nbytes``: apply the listeners' overflow policies.
@@ -253,7 +303,7 @@ class Distributor:
         arena.reconcile()
         if arena.fits(nbytes):
             return
-        procs = [r for r in plan.listeners if r.takes_payloads and r.maps_shared_memory]
+        procs = self._sharers(plan)
         full = (
             f"the shared-memory arena is full: a buffer of {nbytes} bytes needs room and "
             f"{arena.stats().held_bytes} of max_shared_bytes={arena.size} bytes are held "
@@ -587,17 +637,13 @@ class Distributor:
         plan = self._plan
         if plan.fast and not sync:  # the common case, kept short
             t_ns = time.monotonic_ns()
-            payload: bytes | None
-            try:
-                payload = self._encode(n, t_ns)
-            except NoRoom:
-                payload = None
+            payload = self._encode_with(plan.encodes[0], plan, n, t_ns)
             if type(payload) is bytes:
                 if append_all(plan.rings, payload) < len(plan.rings):
                     self._check_not_stopped()  # a ring was closed under us
                 self._notify()
                 return
-            self._deliver(plan, n, t_ns, payload)
+            self._deliver(plan, n, t_ns, [payload])
             return
         if not plan.listeners:
             self._check_not_stopped()
@@ -609,79 +655,57 @@ class Distributor:
             if not plan.listeners:
                 return
         t_ns = time.monotonic_ns()
-        payload = b""
-        if plan.encode:
-            try:
-                payload = (
-                    self._encode_shared(n, t_ns, plan) if self.arena else self._encode(n, t_ns)
-                )
-            except NoRoom:
-                payload = None
-        self._deliver(plan, n, t_ns, payload)
+        payloads = [self._encode_with(encode, plan, n, t_ns) for encode in plan.encodes]
+        self._deliver(plan, n, t_ns, payloads)
 
-    def _deliver(self, plan: _Plan, n: Notification, t_ns: int, payload: bytes | None) -> None:
-        """Queue an encoded notification for ``plan``'s listeners.
-
-        ``payload`` None: the arena had no room and the process listeners' policies
-        drop it (counted). A ``SharedPayload``'s blocks get one share per ring that
-        takes its frame; Ray listeners get the notification inline instead.
-        """
-        blocks = payload.blocks if type(payload) is SharedPayload else None
-        arena = self.arena
+    def _encode_with(
+        self, encode: Callable[[Notification, int], bytes], plan: _Plan, n: Notification, t_ns: int
+    ) -> bytes | None:
+        """``encode(n)``; None when the arena had no room and its takers drop ``n``."""
+        if encode != self._shared_encode:
+            return encode(n, t_ns)
         try:
+            return self._encode_shared(n, t_ns, plan)
+        except NoRoom:
+            return None
+
+    def _deliver(
+        self, plan: _Plan, n: Notification, t_ns: int, payloads: list[bytes | None]
+    ) -> None:
+        """Queue ``n``, encoded once per encoding (``payloads``), for ``plan``'s listeners.
+
+        A payload None: the arena had no room and its takers' policies drop ``n``
+        (counted). A ``SharedPayload``'s blocks get one share per ring that takes it,
+        and lose the producer's own when this returns.
+        """
+        shared = [p for p in payloads if type(p) is SharedPayload]
+        try:
+            if None in payloads:
+                for reg in self._sharers(plan):
+                    reg.dropped += 1
+                    reg.unqueued += 1
             routed = plan.routed
             lanes: list[Any] = []
-            frames: list[bytes | None] = []
             if routed:
                 # Route and check room first: a key function that raises, or a
                 # bounded listener without room (overflow="error"), stops the call
                 # before any listener got anything.
                 lanes = [r.route(n) for r in routed]
-                inline = payload
-                if (payload is None or blocks is not None) and not all(
-                    r.maps_shared_memory for r in routed
-                ):
-                    inline = self.codec.encode(n, t_ns)  # e.g. Ray actors: no arena there
-                frames = [payload if r.maps_shared_memory else inline for r in routed]
-                for r, lane, frame in zip(routed, lanes, frames, strict=True):
-                    if frame is not None and r.max_pending_bytes is not None:
-                        r.check_room(lane, frame)
-            if payload is None:
-                for reg in plan.listeners:
-                    if reg.takes_payloads and reg.maps_shared_memory:
-                        reg.dropped += 1
-                        reg.unqueued += 1
-            elif blocks is None:
-                if plan.rings:
-                    append_all(plan.rings, payload)
-            else:
-                assert arena is not None
-                for ring in plan.rings:
-                    try:
-                        seq = ring.append(payload)
-                    except RingClosed:
-                        continue
-                    arena.note(ring, seq, blocks)
-            for r, lane, frame in zip(routed, lanes, frames, strict=True):
-                if frame is None:
-                    continue
-                if blocks is None or frame is not payload:
-                    r.put(lane, frame)
-                    continue
-                assert arena is not None
-                ring = lane.ring
-                before = ring.last_seq  # one producer thread: a new last_seq is ours
-                r.put(lane, frame)
-                if ring.last_seq != before:
-                    arena.note(ring, ring.last_seq, blocks)
+                for r, lane, i in zip(routed, lanes, plan.wire, strict=True):
+                    if payloads[i] is not None and r.max_pending_bytes is not None:
+                        r.check_room(lane, payloads[i])
+            if plan.rings:
+                self._append_rings(plan.rings, payloads[0])
+            for r, lane, i in zip(routed, lanes, plan.wire, strict=True):
+                self._put(r, lane, payloads[i])
             if plan.puts:
                 item = (n, t_ns)
                 for put in plan.puts:
                     put(item)
         finally:
-            if blocks is not None:
-                assert arena is not None
-                arena.unhold(blocks)  # a block no ring took is freed here
+            for payload in shared:
+                assert self.arena is not None
+                self.arena.unhold(payload.blocks)  # a block no ring took is freed here
         self.pump.notify()
         # A stop() that ran meanwhile closed the listeners: whatever reached a
         # ring before that is counted by the stop; the caller learns the rest.

@@ -180,7 +180,7 @@ class LaneListener(Registration):
         Everything is encoded (and routed) before anything is queued: an item the
         codec refuses leaves nothing queued.
         """
-        encode = self.ctx.codec.encode
+        encode = self.encoder()
         planned = [(self.route(n), encode(n, t_ns)) for n in adds]
         bound = self.max_pending_bytes
         if bound is not None and self.overflow in ("block", "error"):

@@ -32,6 +32,7 @@ import numpy as np
 
 from fanout._protocol import HEADER, HEADER_SIZE, NBUCKETS
 from fanout._ray_actor import LaneActor, progress_path
+from fanout._ray_refs import RayPayload, RayStore, TokenLog
 from fanout._version import DISTRIBUTION
 from fanout.lane_listener import LaneListener
 from fanout.notifications import RawFrame
@@ -201,6 +202,8 @@ class RayLane:
         self.attempts: dict[int, int] = {}
         self.inflight: collections.deque[_Batch] = collections.deque()
         self.taken = bytearray()  # frames the ring sent (to our pipe), not yet submitted
+        # Frames whose big buffers are in Ray's object store, and their references.
+        self.tokens = TokenLog(listener.store)
         self.killed = False  # the producer killed the actor for handler_timeout
         self.rfd = self.wfd = -1
 
@@ -291,6 +294,9 @@ class RayListener(LaneListener):
     def __init__(self, ctx: ListenerContext, opts: ListenerOptions) -> None:
         super().__init__(ctx, opts)
         self.ray = import_ray()
+        if ctx.ray_store is None:  # one for the distributor's Ray listeners: one put each
+            ctx.ray_store = RayStore(self.ray, ctx.codec.encode)
+        self.store: RayStore = ctx.ray_store
         self.ray_options: dict[str, Any] = opts.ray_options or {}
         self.batch_bytes = BATCH_BYTES
         self.max_inflight = MAX_INFLIGHT
@@ -310,11 +316,32 @@ class RayListener(LaneListener):
 
     # -- producer side ---------------------------------------------------------------
 
+    def encoder(self) -> Callable[[Any, int], bytes]:
+        """Big buffers go into Ray's object store once, for every Ray listener."""
+        if type(self.ctx.codec).__name__ != "MsgpackCodec":
+            return self.ctx.encode  # references are MessagePack ext values
+        return self.store.encode
+
     def put(self, lane: Any, payload: bytes) -> None:
         """Append a payload to ``lane`` (the overflow policy applies); wake the sender."""
-        super().put(lane, payload)
+        if type(payload) is RayPayload:
+            # Noted before the append: the sender may submit the frame at once.
+            seq = lane.ring.last_seq + 1
+            lane.tokens.add(seq, payload.tokens)
+            super().put(lane, payload)
+            if lane.ring.last_seq < seq:  # not taken (dropped on arrival, or closed)
+                lane.tokens.retract(seq)
+        else:
+            super().put(lane, payload)
         if self.idle:
             self.wake.set()
+
+    def settle(self, reason: str | None) -> list[Callable[[], None]]:
+        """Account for the frames still held, and let go of their Ray objects."""
+        calls = super().settle(reason)
+        for lane in self.lanes:
+            lane.tokens.release_all()
+        return calls
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -503,7 +530,14 @@ class RayListener(LaneListener):
             if cut is None:
                 return
             data, first, last, count = cut
-            ref = lane.actor.handle_batch.remote(lane.gen, lane.opens, lane.last_submitted, data)
+            # The batch carries the references its frames use: Ray keeps the
+            # objects alive for the actor, which reads them with ray.get.
+            refs = (
+                self.store.refs(lane.tokens.tokens_between(first, last)) if lane.tokens else None
+            )
+            ref = lane.actor.handle_batch.remote(
+                lane.gen, lane.opens, lane.last_submitted, data, refs
+            )
             lane.opens = False
             lane.last_submitted = last
             if lane.inflight:
@@ -540,6 +574,8 @@ class RayListener(LaneListener):
                 lane.rewind()
                 return
             self._acknowledge(lane, result, calls)
+        if lane.tokens:
+            lane.tokens.release_upto(lane.ring.acked_seq)
         self._check_timeout(lane)
 
     def _acknowledge(self, lane: RayLane, result: Any, calls: list[Callable[[], None]]) -> None:

@@ -54,6 +54,10 @@ class ListenerContext:
         arena: Any = None,
     ) -> None:
         self.codec = codec
+        # How the distributor encodes a notification for the listeners that take
+        # payloads (one encode for all of them); a kind with its own wire says so
+        # in ``Registration.encoder``.
+        self.encode: Callable[[Notification, int], bytes] = codec.encode
         self.codec_blob = codec_blob  # the codec pickled once, for every worker
         self.start_method = start_method
         self.mp_context = mp_context
@@ -67,6 +71,10 @@ class ListenerContext:
         # The shared-memory arena (``fanout._arena.Arena``) big buffers travel
         # through to listeners that map it, or None when disabled.
         self.arena = arena
+        # The distributor's encode with big buffers moved into the arena (None
+        # without one): the encoding of listeners that map it.
+        self.shared_encode: Callable[[Notification, int], bytes] | None = None
+        self.ray_store: Any = None  # big buffers in Ray's object store (fanout._ray_refs)
 
 
 class Registration:
@@ -209,6 +217,12 @@ class Registration:
     # True: its workers map the distributor's shared-memory arena, so payloads may
     # refer to blocks in it; False: it gets big buffers inline.
     maps_shared_memory = False
+
+    def encoder(self) -> Callable[[Notification, int], bytes]:
+        """The encoding this listener's payloads need; listeners sharing one share the bytes."""
+        if self.maps_shared_memory and self.ctx.shared_encode is not None:
+            return self.ctx.shared_encode
+        return self.ctx.encode
 
     def direct_ring(self) -> Any:
         """The one ring every payload goes to as is, or None (route and ``put`` instead)."""

@@ -23,11 +23,13 @@ from typing import Any
 
 import pytest
 from helpers import (
+    BufferProbe,
     FailingFactory,
     Recorder,
     assert_accounted,
     obj,
     read_calls,
+    read_probes,
     wait_calls,
     wait_for,
 )
@@ -593,3 +595,90 @@ def test_schema_decodes_in_the_actor(rdist, tmp_path: Path) -> None:
     assert lines[0]["obj"]["metadata"]["labels"] == {"a": "b"}
     s = assert_accounted(reg)
     assert (s.delivered, s.dead_lettered) == (1, 1)
+
+
+# -- big buffers travel once, through Ray's object store --------------------------------
+
+
+def test_big_buffers_are_put_once_for_every_ray_listener(rdist, tmp_path: Path) -> None:
+    import numpy as np
+
+    d = rdist()
+    regs = [
+        d.add_listener(BufferProbe(str(tmp_path / "a")), executor="ray", workers=2),
+        d.add_listener(BufferProbe(str(tmp_path / "b")), executor="ray"),
+    ]
+    d.start()
+    sent = {
+        "floats": np.arange(1 << 17, dtype=np.float64),  # 1 MiB
+        "fortran": np.asfortranarray(np.arange(300 * 400, dtype=np.int32).reshape(300, 400)),
+        "strided": np.arange(1 << 18, dtype=np.float32)[::2],  # not contiguous
+        "blob": bytes(range(256)) * 512,  # 128 KiB
+        "small": np.ones(16),  # inline: below the threshold
+    }
+    for name, data in sent.items():
+        d.distribute(fanout.Add({"name": name, "data": data, "metadata": {"name": name}}))
+    store = d.ctx.ray_store
+    assert store.puts == 4  # one each, whatever the number of listeners and lanes
+    assert d.stop(drain=True) is True
+    for path in ("a", "b"):
+        got = {r["name"]: r for r in read_probes(tmp_path / path)}
+        assert set(got) == set(sent)
+        for name, data in sent.items():
+            rec = got[name]
+            if isinstance(data, bytes):
+                assert (rec["type"], rec["sum"], rec["len"]) == ("bytes", sum(data), len(data))
+                continue
+            assert rec["type"] == "ndarray"
+            assert (rec["sum"], rec["shape"], rec["dtype"]) == (
+                float(data.sum()),
+                list(data.shape),
+                data.dtype.str,
+            )
+            if name != "small":
+                assert (rec["writeable"], rec["write"]) == (False, "refused"), name
+    for reg in regs:
+        assert assert_accounted(reg).delivered == len(sent)
+    assert store.held() == 0  # every lane let go: Ray may free the objects
+
+
+def test_a_restarted_actor_gets_the_same_big_buffer(rdist, tmp_path: Path) -> None:
+    import numpy as np
+
+    d = rdist()
+    reg = d.add_listener(BufferProbe(str(tmp_path / "p")), executor="ray")
+    d.start()
+    assert reg.wait_ready(60)
+    pid = _pid_of(reg.actor_ids()[0])  # type: ignore[attr-defined]
+    data = np.arange(1 << 17, dtype=np.float64)
+    started, gate = tmp_path / "started", tmp_path / "gate"
+    d.distribute(
+        fanout.Add({"name": "big", "data": data, "started": str(started), "gate": str(gate)})
+    )
+    assert wait_for(started.exists, 60)
+    os.kill(pid, signal.SIGKILL)  # mid-handler, holding the buffer
+    gate.touch()
+    assert d.stop(drain=True, timeout=120) is True
+    (rec,) = read_probes(tmp_path / "p")
+    assert rec["pid"] != pid and rec["sum"] == float(data.sum())
+    s = assert_accounted(reg)
+    assert (s.delivered, s.restarts) == (1, 1)
+    assert d.ctx.ray_store.held() == 0
+
+
+def test_stop_without_drain_lets_go_of_every_big_buffer(rdist, tmp_path: Path) -> None:
+    import numpy as np
+
+    d = rdist()
+    reg = d.add_listener(BufferProbe(str(tmp_path / "p")), executor="ray")
+    d.start()
+    gate = tmp_path / "gate"
+    for i in range(5):
+        d.distribute(fanout.Add({"name": f"b{i}", "data": np.full(1 << 14, i), "gate": str(gate)}))
+    store = d.ctx.ray_store
+    assert store.held() == 5
+    d.stop(drain=False)
+    gate.touch()
+    s = assert_accounted(reg)
+    assert s.dropped + s.delivered == 5
+    assert store.held() == 0

@@ -1,0 +1,284 @@
+"""Big buffers for Ray listeners: put into Ray's object store once, referenced by frames.
+
+A numpy array or a ``bytes`` / ``bytearray`` / ``memoryview`` of at least
+``min_bytes`` in a notification for Ray listeners is ``ray.put`` once by the producer,
+whatever the number of Ray listeners and lanes; the frame carries only a token
+(MessagePack ext code ``EXT_RAY_REF``). Each batch sent to an actor carries the
+``ObjectRef`` of every token its frames use, so Ray counts the actor as a borrower
+and the actor reads the buffer with ``ray.get``: zero-copy, read-only, for an array on
+the same node; a ``bytes`` copy for a bytes-like buffer.
+
+Who keeps a buffer alive: each lane whose ring took a frame holds the frame's tokens
+until the frame is acknowledged, dropped or settled; the store drops its ``ObjectRef``
+(and Ray frees the object once no actor uses it) when the last lane let go. A rewind
+keeps the frames, so a restarted actor gets the same references again.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+import weakref
+from typing import Any
+
+import msgpack
+
+from fanout.codec import EXT_RAY_REF
+from fanout.notifications import Add, Delete, Notification, Update
+
+__all__ = ["DEFAULT_RAY_MIN_BYTES", "RayPayload", "RayStore", "TokenLog", "resolve"]
+
+DEFAULT_RAY_MIN_BYTES = 64 * 1024  # below this, a buffer is cheaper inline in the frame
+
+# In an actor: the references of the batch it is handling (token -> ObjectRef).
+_batch_refs: dict[int, Any] = {}
+# In the producer: the stores whose tokens a payload decoded here may use.
+_stores: weakref.WeakSet[RayStore] = weakref.WeakSet()
+
+
+def use_batch_refs(refs: dict[int, Any] | None) -> None:
+    """In an actor: the references the frames of the next batch may use."""
+    _batch_refs.clear()
+    if refs:
+        _batch_refs.update(refs)
+
+
+def resolve(body: bytes) -> Any:
+    """The buffer a reference stands for (``ray.get``: read-only, zero-copy if local)."""
+    token = msgpack.unpackb(body)
+    ref = _batch_refs.get(token)
+    if ref is None:  # in the producer: decoding a frame to report it
+        for store in list(_stores):
+            ref = store.ref(token)
+            if ref is not None:
+                break
+    if ref is None:
+        raise ValueError(f"the Ray object of reference {token} is gone")
+    import ray
+
+    return ray.get(ref)
+
+
+class RayPayload(bytes):
+    """An encoded notification whose big buffers are in Ray's object store.
+
+    ``tokens``: the references its frame carries.
+    """
+
+    tokens: tuple[int, ...] = ()
+
+
+class RayStore:
+    """The producer's big buffers for Ray listeners, each put once, shared by all lanes.
+
+    Args:
+        ray: The ``ray`` module.
+        encode: The codec's ``encode(n, t_ns)`` (MessagePack: references are ext
+            values).
+        min_bytes: Buffers at least this large go into the object store.
+    """
+
+    def __init__(self, ray: Any, encode: Any, min_bytes: int = DEFAULT_RAY_MIN_BYTES) -> None:
+        self.ray = ray
+        self._encode = encode
+        self.min_bytes = min_bytes
+        self._lock = threading.Lock()
+        self._tokens = itertools.count(1)
+        self._refs: dict[int, Any] = {}  # token -> ObjectRef, while a lane holds it
+        self._holders: dict[int, int] = {}  # token -> lanes holding it
+        self._fresh: list[int] = []  # made by the last encode: freed if no lane took them
+        self._session: dict[int, tuple[Any, msgpack.ExtType]] | None = None
+        self.puts = 0  # buffers put into the object store
+        self.put_bytes = 0
+        _stores.add(self)
+
+    def encode(self, n: Notification, t_ns: int) -> bytes:
+        """Encode ``n`` for Ray listeners: big buffers become references.
+
+        Returns plain ``bytes`` when nothing was put, else a ``RayPayload``.
+        Before Ray runs (``start()`` not yet called) buffers stay inline: a put
+        would start a Ray cluster of its own.
+        """
+        payload = self._encode(n, t_ns)
+        if len(payload) < self.min_bytes or not self.ray.is_initialized():
+            return payload
+        with self._lock:
+            for token in self._fresh:  # the last notification's, if no lane took them
+                if not self._holders.get(token):
+                    self._forget(token)
+            self._fresh = []
+        self._session = {}
+        try:
+            swapped = _swap_notification(n, self._share)
+            if swapped is None:
+                return payload
+            out = RayPayload(self._encode(swapped, t_ns))
+        finally:
+            made = self._session
+            self._session = None
+        out.tokens = tuple(msgpack.unpackb(ext.data) for _, ext in made.values())
+        with self._lock:
+            self._fresh = list(out.tokens)
+        return out
+
+    def _share(self, obj: Any) -> msgpack.ExtType | None:
+        """Put ``obj`` into the object store if it is big enough; its reference, or None."""
+        session = self._session
+        assert session is not None
+        seen = session.get(id(obj))
+        if seen is not None:
+            return seen[1]  # the same buffer twice in one notification: one put
+        import numpy as np
+
+        value: Any = obj
+        if isinstance(obj, np.ndarray):
+            if obj.nbytes < self.min_bytes or obj.dtype.hasobject:
+                return None
+            nbytes = obj.nbytes
+            if not (obj.flags.c_contiguous or obj.flags.f_contiguous):
+                # Copied to contiguous once here; Ray would pickle a strided array
+                # in-band and every actor would get a private, writable copy.
+                value = np.ascontiguousarray(obj)
+        else:
+            view = memoryview(obj)
+            if view.nbytes < self.min_bytes:
+                return None
+            nbytes = view.nbytes
+            if type(obj) is not bytes:
+                value = bytes(view)  # put as bytes: the handler gets bytes
+        ref = self.ray.put(value)
+        token = next(self._tokens)
+        with self._lock:
+            self._refs[token] = ref
+            self._holders[token] = 0
+        self.puts += 1
+        self.put_bytes += nbytes
+        ext = msgpack.ExtType(EXT_RAY_REF, msgpack.packb(token))
+        session[id(obj)] = (obj, ext)  # obj kept alive: its id stays unique
+        return ext
+
+    def hold(self, tokens: tuple[int, ...]) -> None:
+        """A lane took a frame using ``tokens``."""
+        with self._lock:
+            for token in tokens:
+                self._holders[token] += 1
+
+    def release(self, tokens: tuple[int, ...]) -> None:
+        """A lane is done with a frame using ``tokens``."""
+        with self._lock:
+            for token in tokens:
+                left = self._holders[token] - 1
+                if left:
+                    self._holders[token] = left
+                else:
+                    self._forget(token)
+
+    def _forget(self, token: int) -> None:
+        self._refs.pop(token, None)
+        self._holders.pop(token, None)
+
+    def ref(self, token: int) -> Any:
+        """The ``ObjectRef`` of ``token`` while a lane holds it, else None."""
+        return self._refs.get(token)
+
+    def refs(self, tokens: Any) -> dict[int, Any]:
+        """``token -> ObjectRef`` for ``tokens`` (those still held)."""
+        with self._lock:
+            return {t: self._refs[t] for t in tokens if t in self._refs}
+
+    def held(self) -> int:
+        """Buffers some lane still holds, or that the last encode made."""
+        with self._lock:
+            return len(self._refs)
+
+
+class TokenLog:
+    """One lane's frames that use references: ``(seq, tokens)`` in sequence order.
+
+    The producer adds an entry just before it appends the frame, and takes it back
+    if the ring did not take the frame; the lane's sender reads and releases entries.
+    """
+
+    def __init__(self, store: RayStore) -> None:
+        self.store = store
+        self._lock = threading.Lock()
+        self._log: collections.deque[tuple[int, tuple[int, ...]]] = collections.deque()
+
+    def __len__(self) -> int:
+        return len(self._log)
+
+    def add(self, seq: int, tokens: tuple[int, ...]) -> None:
+        """Frame ``seq`` uses ``tokens`` (the lane holds them until it is done)."""
+        self.store.hold(tokens)
+        with self._lock:
+            self._log.append((seq, tokens))
+
+    def retract(self, seq: int) -> None:
+        """Frame ``seq`` was not taken after all (dropped on arrival, or closed)."""
+        with self._lock:
+            if not self._log or self._log[-1][0] != seq:
+                return
+            _, tokens = self._log.pop()
+        self.store.release(tokens)
+
+    def tokens_between(self, first: int, last: int) -> list[int]:
+        """The tokens of the frames ``first..last``."""
+        with self._lock:
+            return [t for seq, tokens in self._log if first <= seq <= last for t in tokens]
+
+    def release_upto(self, seq: int) -> None:
+        """Let go of the frames up to ``seq`` (acknowledged or dropped)."""
+        done: list[int] = []
+        with self._lock:
+            while self._log and self._log[0][0] <= seq:
+                done.extend(self._log.popleft()[1])
+        if done:
+            self.store.release(tuple(done))
+
+    def release_all(self) -> None:
+        """Let go of every frame (the lane is settled)."""
+        with self._lock:
+            done = [t for _, tokens in self._log for t in tokens]
+            self._log.clear()
+        if done:
+            self.store.release(tuple(done))
+
+
+def _swap_notification(n: Notification, share: Any) -> Notification | None:
+    """``n`` with its big buffers replaced by references; None if it has none."""
+    if type(n) is Update:
+        if n.old is n.new:
+            new = _swap(n.new, share)
+            return None if new is n.new else Update(new, new)
+        old, new = _swap(n.old, share), _swap(n.new, share)
+        return None if old is n.old and new is n.new else Update(old, new)
+    obj = _swap(n.obj, share)  # type: ignore[union-attr]
+    if obj is n.obj:  # type: ignore[union-attr]
+        return None
+    return Add(obj, n.is_in_initial_list) if type(n) is Add else Delete(obj)
+
+
+def _swap(obj: Any, share: Any) -> Any:
+    """``obj`` with big buffers replaced by ``share(buffer)`` (``obj`` if none was)."""
+    cls = type(obj)
+    if cls is bytes or cls is bytearray or cls is memoryview or cls.__module__ == "numpy":
+        if cls.__module__ == "numpy" and cls.__name__ != "ndarray":
+            return obj  # a numpy scalar
+        ext = share(obj)
+        return obj if ext is None else ext
+    if cls is dict:
+        out = None
+        for k, v in obj.items():
+            w = _swap(v, share)
+            if w is not v:
+                if out is None:
+                    out = dict(obj)
+                out[k] = w
+        return obj if out is None else out
+    if cls is list or cls is tuple:
+        items = [_swap(v, share) for v in obj]
+        if all(w is v for w, v in zip(items, obj, strict=True)):
+            return obj
+        return items
+    return obj

@@ -234,6 +234,10 @@ class Arena:
 
     def _alloc(self, nbytes: int) -> _Block | None:
         need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        # Free what the workers finished first, so the lowest blocks are reused: their
+        # pages are already in memory and mapped in every worker (a fresh page costs a
+        # fault in the producer and in each worker).
+        self.reconcile()
         with self._lock:
             off = self._take(need)
             if off < 0:

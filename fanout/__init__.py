@@ -5,6 +5,7 @@ growable ring, so a slow handler never slows the producer or other listeners,
 and (by default) its handler runs in its own worker processes.
 """
 
+from fanout._arena import SharedStats
 from fanout._impl import IMPORT_ERROR, NATIVE, FrameRing, Ring
 from fanout._version import __version__
 from fanout.codec import Codec, MsgpackCodec, MsgspecCodec
@@ -44,6 +45,7 @@ __all__ = [
     "Ring",
     "RingClosed",
     "RingFull",
+    "SharedStats",
     "Update",
     "WorkerStartError",
     "__version__",

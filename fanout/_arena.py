@@ -95,6 +95,10 @@ class NoRoom(Exception):
     """The arena has no room and every target's policy says drop the notification."""
 
 
+def _no_room(plan: Any, nbytes: int) -> None:
+    raise NoRoom(f"the shared-memory arena has no room for {nbytes} bytes")
+
+
 class SharedPayload(bytes):
     """An encoded payload whose frame refers to arena blocks (``blocks``)."""
 
@@ -109,17 +113,6 @@ class _Block:
         self.size = size
         self.serial = serial
         self.shares = 1  # the encoding distribute's own, until it returns
-
-
-class _Session(threading.local):
-    """The encode running in this thread: blocks it made, buffers already shared."""
-
-    def __init__(self) -> None:
-        self.active = False
-        self.blocks: list[int] = []
-        self.refs: dict[int, tuple[Any, msgpack.ExtType]] = {}
-        self.make_room: Callable[[int], None] | None = None
-        self.error: BaseException | None = None
 
 
 _worker_view: memoryview | None = None
@@ -170,12 +163,13 @@ class Arena:
     Args:
         size: Bytes of shared memory (``max_shared_bytes``).
         min_bytes: Buffers of at least this many bytes go into the arena.
+        codec: A ``MsgpackCodec`` of the arena's own (a copy of the distributor's).
 
     Raises:
         OSError: The memfd could not be created, sized or sealed.
     """
 
-    def __init__(self, size: int, min_bytes: int) -> None:
+    def __init__(self, size: int, min_bytes: int, codec: Any) -> None:
         self.size = size
         self.min_bytes = min_bytes
         self.fd = os.memfd_create("fanout:arena", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
@@ -195,7 +189,22 @@ class Arena:
         self._held = 0
         self._serial = 0
         self._records: dict[Any, deque[tuple[int, tuple[int, ...]]]] = {}
-        self._session = _Session()
+        # The encode running (only ever in the producer's thread): blocks it made,
+        # buffers it shared (a buffer met twice takes one block), an error to re-raise.
+        self._made: list[int] = []
+        self._refs: dict[int, tuple[Any, msgpack.ExtType]] = {}
+        self._error: BaseException | None = None
+        self._target: Any = None
+        # Whom a distribute addresses, and what to do when the arena is full: the
+        # distributor sets both (``make_room(plan, nbytes)`` returns once a block of
+        # ``nbytes`` fits, or raises).
+        self.plan: Any = None
+        self.make_room: Callable[[Any, int], None] = _no_room
+        # Its own copy of the codec: only its encodes put buffers here, never the
+        # distributor's (initial lists, Ray listeners) nor decoding.
+        self.codec = codec
+        codec._shares = self
+        self._encode = codec.encode
         self.shared = self.shared_bytes = self.waits = 0
 
     # -- allocation (lock held) ----------------------------------------------------
@@ -255,56 +264,42 @@ class Arena:
 
     # -- encoding (the producer's thread) ------------------------------------------
 
-    def encode(
-        self,
-        encode: Callable[[Any, int], bytes],
-        n: Any,
-        t_ns: int,
-        make_room: Callable[[int], None],
-    ) -> bytes:
+    def encode(self, n: Any, t_ns: int, plan: Any = None) -> bytes:
         """Encode ``n`` with big buffers moved into the arena.
 
         Returns plain ``bytes`` when nothing went into the arena, else a
         ``SharedPayload`` whose ``blocks`` the caller passes to ``note`` for every
-        ring that took it and to ``unhold`` once done. ``make_room(nbytes)`` is called
-        when the arena is full: it returns once there is room, or raises.
+        ring that took it and to ``unhold`` once done. ``plan`` (default
+        ``self.plan``) is handed to ``make_room`` when the arena is full.
         """
-        session = self._session
-        session.active, session.make_room, session.error = True, make_room, None
+        self._target = plan
         try:
-            payload = encode(n, t_ns)
-            if len(payload) >= self.min_bytes:
-                swapped = self._swap_buffers(n)
-                if swapped is not None:
-                    payload = encode(swapped, t_ns)
+            payload = self._encode(n, t_ns)
+            if not self._made and len(payload) < self.min_bytes:
+                return payload  # the usual case: no big buffer, nothing to undo
+            swapped = self._swap_buffers(n) if len(payload) >= self.min_bytes else None
+            if swapped is not None:
+                payload = self._encode(swapped, t_ns)  # arrays: the same blocks again
         except BaseException as exc:
-            self.unhold(session.blocks)
-            error = session.error
+            made, self._made, self._refs = self._made, [], {}
+            self.unhold(made)
+            error, self._error = self._error, None
             if error is not None and error is not exc:
                 raise error from None  # the codec wrapped it (ValueError -> TypeError)
             raise
-        finally:
-            blocks = session.blocks
-            session.active, session.make_room, session.error = False, None, None
-            session.blocks, session.refs = [], {}
-        if not blocks:
+        made, self._made, self._refs = self._made, [], {}
+        if not made:
             return payload
         out = SharedPayload(payload)
-        out.blocks = blocks
+        out.blocks = made
         return out
 
     def share(self, obj: Any) -> msgpack.ExtType | None:
         """The reference that replaces ``obj`` in the frame, or None to send it inline.
 
-        Called by the codec for numpy arrays and, through ``_swap_buffers``, for big
-        bytes-like objects. Only inside ``encode`` (elsewhere: None).
+        Called by the arena's own codec for numpy arrays and, through
+        ``_swap_buffers``, for big bytes-like objects, in the producer's thread.
         """
-        session = self._session
-        if not session.active:
-            return None
-        seen = session.refs.get(id(obj))
-        if seen is not None:
-            return seen[1]  # the same buffer twice in one notification: one block
         import numpy as np
 
         if isinstance(obj, np.ndarray):
@@ -314,11 +309,14 @@ class Arena:
             kind, nbytes, dtype, shape = KIND_ARRAY, obj.nbytes, obj.dtype.str, list(obj.shape)
         else:
             view = memoryview(obj)
-            if view.nbytes < self.min_bytes:
-                return None
+            if view.nbytes < self.min_bytes or not view.c_contiguous:
+                return None  # (a strided memoryview cannot be encoded at all)
             fortran, kind, nbytes, dtype, shape = False, KIND_BYTES, view.nbytes, None, None
+        seen = self._refs.get(id(obj))
+        if seen is not None:
+            return seen[1]  # the same buffer twice in one notification: one block
         block = self._block_for(nbytes)
-        session.blocks.append(block.offset)
+        self._made.append(block.offset)
         buf = self.buf
         if buf is None:
             from fanout.errors import DistributorStopped
@@ -341,7 +339,7 @@ class Arena:
         from fanout.codec import EXT_SHARED
 
         ext = msgpack.ExtType(EXT_SHARED, body)
-        session.refs[id(obj)] = (obj, ext)  # obj kept alive: its id stays unique
+        self._refs[id(obj)] = (obj, ext)  # obj kept alive: its id stays unique
         return ext
 
     def _block_for(self, nbytes: int) -> _Block:
@@ -355,18 +353,16 @@ class Arena:
             )
         block = self._alloc(nbytes)
         while block is None:
-            make_room = self._session.make_room
-            assert make_room is not None
             self.waits += 1
             try:
-                make_room(nbytes)
+                self.make_room(self.plan if self._target is None else self._target, nbytes)
             except BaseException as exc:
                 raise self._fail(exc) from None
             block = self._alloc(nbytes)
         return block
 
     def _fail(self, exc: BaseException) -> BaseException:
-        self._session.error = exc  # the codec may wrap it; encode() re-raises this one
+        self._error = exc  # the codec may wrap it; encode() re-raises this one
         return exc
 
     def _swap_buffers(self, n: Any) -> Any:

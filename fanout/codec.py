@@ -369,9 +369,12 @@ class MsgpackCodec(Codec):
 
     name = "msgpack"
     msgpack_wire = True
-    # The producer's shared-memory arena (``Distributor`` attaches it); never pickled,
-    # so a worker's copy decodes references from its own read-only mapping.
+    # The producer's shared-memory arena (``Distributor`` attaches it): ``_arena`` to
+    # decode references in the producer, ``_shares`` on the arena's own copy, whose
+    # encodes put big buffers there. Never pickled: a worker's copy decodes
+    # references from its own read-only mapping.
     _arena: Any = None
+    _shares: Any = None
 
     def __init__(
         self,
@@ -389,6 +392,7 @@ class MsgpackCodec(Codec):
         state = dict(self.__dict__)
         del state["_local"]  # per-thread Packers stay in this process
         state.pop("_arena", None)  # the producer's: workers map their own, read-only
+        state.pop("_shares", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -396,8 +400,8 @@ class MsgpackCodec(Codec):
         self._local = threading.local()
 
     def _default(self, obj: Any) -> Any:
-        if self._arena is not None and type(obj).__module__ == "numpy":
-            shared = self._arena.share(obj)  # None: small, or not inside Arena.encode
+        if self._shares is not None and type(obj).__module__ == "numpy":
+            shared = self._shares.share(obj)  # None: small, or not shareable
             if shared is not None:
                 return shared
         ext = _builtin_to_ext(obj)

@@ -9,7 +9,6 @@ alive. docs/design.md draws the picture.
 from __future__ import annotations
 
 import atexit
-import functools
 import logging
 import multiprocessing
 import pickle
@@ -201,6 +200,8 @@ class Distributor:
         self._listeners: tuple[Registration, ...] = ()
         # Swapped whole, so distribute() reads one consistent plan without the lock.
         self._plan = _Plan(())
+        if self.arena is not None:
+            self.arena.plan = self._plan
         self._stopped_listeners: tuple[Registration, ...] = ()
         # (name, dead-lettered, dropped) of each listener the last stop() lost from.
         self._stop_losses: list[tuple[str, int, int]] = []
@@ -210,8 +211,8 @@ class Distributor:
         self.pump: Any = self.ctx.pump
         self._notify = self.pump.notify
         self._shared_encode: Callable[[Notification, int], bytes] | None = None
-        if self.arena is not None:  # one object: listeners' encoders compare equal to it
-            self._shared_encode = self.ctx.shared_encode = self._encode_shared
+        if self.arena is not None:  # one object: listeners' encoders are this very one
+            self._shared_encode = self.ctx.shared_encode = self.arena.encode
         self._pump_thread: threading.Thread | None = None
         self.supervisor = Supervisor(self.ctx, self.lock, self.supervised_lanes)
         self.ctx.wake_supervisor = self.supervisor.wake
@@ -228,8 +229,10 @@ class Distributor:
         size = default_max_shared_bytes() if max_bytes is None else max_bytes
         if size == 0 or type(self.codec) is not MsgpackCodec:
             return None
-        arena = Arena(size, max(1, min_bytes))
-        # A private copy: a codec instance passed to two distributors gets one arena each.
+        arena = Arena(size, max(1, min_bytes), pickle.loads(pickle.dumps(self.codec)))
+        arena.make_room = self._make_room
+        # A private copy that decodes references in the producer (dead letters,
+        # errors): a codec instance passed to two distributors gets one arena each.
         codec: MsgpackCodec = pickle.loads(pickle.dumps(self.codec))
         codec._arena = arena
         self.codec = codec
@@ -246,17 +249,6 @@ class Distributor:
         if self.arena is None:
             return SharedStats(0, 0, 0, 0, 0, 0)
         return self.arena.stats()
-
-    def _encode_shared(self, n: Notification, t_ns: int, plan: _Plan | None = None) -> bytes:
-        """Encode ``n`` for ``plan``'s listeners, big buffers into the arena.
-
-        Raises ``NoRoom`` when the arena is full and the listeners' policies drop it.
-        """
-        plan = self._plan if plan is None else plan
-        assert self.arena is not None
-        return self.arena.encode(
-            self.codec.encode, n, t_ns, functools.partial(self._make_room, plan)
-        )
 
     def _sharers(self, plan: _Plan) -> list[Registration]:
         """The listeners of ``plan`` that take the arena's encoding."""
@@ -549,6 +541,8 @@ class Distributor:
         """Swap in a new listener snapshot for ``distribute`` (lock held)."""
         self._listeners = listeners
         self._plan = _Plan(listeners, self.started and not self.stopping)
+        if self.arena is not None:  # whose policies a full arena applies, by default
+            self.arena.plan = self._plan
 
     def _discard(self, reg: Registration) -> None:
         """Close a listener that is gone for good (lock held)."""
@@ -637,7 +631,10 @@ class Distributor:
         plan = self._plan
         if plan.fast and not sync:  # the common case, kept short
             t_ns = time.monotonic_ns()
-            payload = self._encode_with(plan.encodes[0], plan, n, t_ns)
+            try:
+                payload: bytes | None = plan.encodes[0](n, t_ns)
+            except NoRoom:
+                payload = None
             if type(payload) is bytes:
                 if append_all(plan.rings, payload) < len(plan.rings):
                     self._check_not_stopped()  # a ring was closed under us
@@ -662,10 +659,11 @@ class Distributor:
         self, encode: Callable[[Notification, int], bytes], plan: _Plan, n: Notification, t_ns: int
     ) -> bytes | None:
         """``encode(n)``; None when the arena had no room and its takers drop ``n``."""
-        if encode != self._shared_encode:
+        arena = self.arena
+        if encode is not self._shared_encode or arena is None:
             return encode(n, t_ns)
         try:
-            return self._encode_shared(n, t_ns, plan)
+            return arena.encode(n, t_ns, plan)
         except NoRoom:
             return None
 

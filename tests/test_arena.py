@@ -169,7 +169,7 @@ def sample(dtype: np.dtype, n: int, seed: int) -> np.ndarray:
 
 
 def test_blocks_are_allocated_lowest_first_and_coalesce_when_freed(no_leaks):
-    arena = Arena(1024 * KIB, 1)
+    arena = Arena(1024 * KIB, 1, fanout.MsgpackCodec())
     try:
         a, b, c = (arena._alloc(100 * KIB) for _ in range(3))
         assert a and b and c
@@ -188,7 +188,7 @@ def test_blocks_are_allocated_lowest_first_and_coalesce_when_freed(no_leaks):
 
 
 def test_the_arena_is_sealed_against_writers(no_leaks):
-    arena = Arena(PAGE * 4, 1)
+    arena = Arena(PAGE * 4, 1, fanout.MsgpackCodec())
     try:
         fd = os.open(f"/proc/self/fd/{arena.fd}", os.O_RDWR)  # as a worker could
         try:

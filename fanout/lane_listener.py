@@ -181,6 +181,9 @@ class LaneListener(Registration):
         codec refuses leaves nothing queued.
         """
         encode = self.encoder()
+        if encode is self.ctx.shared_encode:
+            # Inline: a block held by a frame no distribute noted would never be freed.
+            encode = self.ctx.encode
         planned = [(self.route(n), encode(n, t_ns)) for n in adds]
         bound = self.max_pending_bytes
         if bound is not None and self.overflow in ("block", "error"):

@@ -304,6 +304,18 @@ def test_blocks_are_freed_after_drain_and_the_arena_is_empty_at_stop(make_dist, 
         assert assert_accounted(r).delivered == 20
 
 
+def test_initial_lists_travel_inline_and_hold_no_block(make_dist, tmp_path):
+    out = tmp_path / "out"
+    d = make_dist()
+    arr = np.arange(16 * KIB, dtype=np.float64)
+    d.add_listener(Digester(str(out)), initial_list=[{"i": 0, "data": arr}])
+    d.start()
+    assert wait_for(lambda: len(lines(out)) == 1)
+    assert lines(out)[0].split("\t")[1] == digest(arr)
+    assert d.shared_stats().blocks == 0 and d.shared_stats().shared == 0
+    assert d.stop(drain=True, timeout=30)
+
+
 def test_a_buffer_larger_than_the_arena_is_refused_naming_both_sizes(make_dist, tmp_path):
     out = tmp_path / "out"
     d = make_dist(max_shared_bytes=256 * KIB)

@@ -17,6 +17,7 @@ from frames import (
     filled,
     sent,
 )
+from helpers import outcome
 
 import fanout
 import fanout._ring_py
@@ -95,17 +96,9 @@ def _closed(m: types.ModuleType) -> Any:
     return ring
 
 
-def _outcome(call: Callable[[types.ModuleType], Any], module: types.ModuleType):
-    try:
-        result = call(module)
-    except Exception as exc:  # compared, not swallowed
-        return type(exc), str(exc)
-    return "ok", repr(result)
-
-
 @pytest.mark.parametrize("case", sorted(FRAME_CASES))
 def test_messages_match(case):
     if NATIVE_MODULE is None:
         pytest.skip("fanout._ring (native) is not built")
     call = FRAME_CASES[case]
-    assert _outcome(call, NATIVE_MODULE) == _outcome(call, fanout._ring_py)
+    assert outcome(call, NATIVE_MODULE) == outcome(call, fanout._ring_py)

@@ -14,10 +14,10 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from frames import wire
 
 import fanout
 from fanout._protocol import DONE, ERRORS, HANDLED, SLOT_WORDS, STARTED
-from fanout._ring_common import HEADER
 from fanout._worker_py import serve as serve_py
 
 try:
@@ -49,8 +49,8 @@ class Seen(fanout.Handler):
 
 
 def frame(seq: int, fields: list[Any]) -> bytes:
-    payload = msgpack.packb(fields, use_bin_type=True)
-    return HEADER.pack(len(payload), seq) + payload
+    """A frame on the wire whose payload is ``fields`` packed by msgpack."""
+    return wire(seq, msgpack.packb(fields, use_bin_type=True))
 
 
 def unpack_numpy(payload: bytes) -> Any:

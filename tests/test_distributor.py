@@ -181,7 +181,7 @@ def test_remove_while_active_stops_delivery(make_dist, tmp_path, executor):
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_add_while_active_gets_initial_list_first(make_dist, tmp_path, executor):
     d = make_dist()
-    d.add_listener(Noop(), executor="thread")
+    first = d.add_listener(Noop(), executor="thread")
     d.start()
     stop = threading.Event()
 
@@ -190,12 +190,13 @@ def test_add_while_active_gets_initial_list_first(make_dist, tmp_path, executor)
         while not stop.is_set():
             d.distribute(fanout.Update(obj("live", i), obj("live", i)))
             i += 1
-            time.sleep(0.0005)
+            time.sleep(0.0005)  # a steady stream, not a flood
 
     producer = threading.Thread(target=produce)
     producer.start()
     try:
-        time.sleep(0.05)
+        # The late listener must arrive while live notifications flow.
+        assert wait_for(lambda: first.stats().received >= 20, 30)
         path = tmp_path / "late"
         d.add_listener(
             Recorder(path),

@@ -295,6 +295,22 @@ def read_dumps(path: str | os.PathLike[str]) -> list[Any]:
                 return out
 
 
+def twin_cases(cases: Any, divergent: dict[str, str]) -> list[Any]:
+    """Sorted case names for a twin table; those in ``divergent`` as strict xfails.
+
+    A known difference between the twins stays in the table with its reason, and
+    the strict xfail fails the run once they agree, so the entry is removed.
+    """
+    import pytest  # here: spawned workers import this module and need no pytest
+
+    return [
+        pytest.param(c, marks=pytest.mark.xfail(reason=divergent[c], strict=True))
+        if c in divergent
+        else c
+        for c in sorted(cases)
+    ]
+
+
 def outcome(call: Callable[..., Any], *args: Any) -> tuple[Any, str]:
     """``call(*args)`` as something to compare between twins.
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from frames import Pipe, read_exactly, wire
-from helpers import outcome, wait_for
+from helpers import outcome, twin_cases, wait_for
 
 import fanout
 import fanout._pump_py
@@ -135,15 +135,7 @@ def _outcome(call: Callable[..., Any], *args: Any) -> tuple[Any, str]:
     return kind, text.replace("fanout._ring_py", "fanout._ring")
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(reason=DIVERGENT[c], strict=True))
-        if c in DIVERGENT
-        else c
-        for c in sorted(CASES)
-    ],
-)
+@pytest.mark.parametrize("case", twin_cases(CASES, DIVERGENT))
 def test_pump_twins_agree(case):
     if native_pump is None or not fanout.NATIVE:
         pytest.skip("fanout._pump (native) is not built")

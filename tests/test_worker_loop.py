@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 from frames import HEADER, Pipe, wire
-from helpers import outcome
+from helpers import outcome, twin_cases
 
 import fanout
 from fanout._protocol import DONE, ERRORS, HANDLED, SLOT_WORDS, START_NS, STARTED, STOP
@@ -216,15 +216,7 @@ def test_serve_twins_agree_on_raw_streams(case):
     assert run(serve_native, STREAMS[case]) == run(serve_py, STREAMS[case])
 
 
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(reason=DIVERGENT[c], strict=True))
-        if c in DIVERGENT
-        else c
-        for c in sorted(CALLS)
-    ],
-)
+@pytest.mark.parametrize("case", twin_cases(CALLS, DIVERGENT))
 def test_serve_twins_agree_on_codecs_callbacks_and_pipes(case):
     if serve_native is None:
         pytest.skip("fanout._worker (native) is not built")

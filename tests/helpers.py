@@ -113,6 +113,16 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.01) -> b
         time.sleep(interval)
 
 
+def distribute_behind_gate(d: Any, gate: Any, n: int, versions: bool = False) -> None:
+    """Distribute an add of ``slow`` that waits on ``gate``, then ``n`` adds behind it.
+
+    Those are ``o0``, ``o1``, ... at version 0, or at version ``i`` with ``versions``.
+    """
+    d.distribute(fanout.Add(obj("slow", gate=str(gate))))
+    for i in range(n):
+        d.distribute(fanout.Add(obj(f"o{i}", i if versions else 0)))
+
+
 def wait_calls(path: str | os.PathLike[str], count: int, timeout: float = 30.0) -> list[Call]:
     """Wait until at least ``count`` calls were recorded; return them."""
     wait_for(lambda: len(read_calls(path)) >= count, timeout)

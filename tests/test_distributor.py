@@ -16,6 +16,7 @@ from helpers import (
     Noop,
     Recorder,
     add_only,
+    distribute_behind_gate,
     obj,
     read_calls,
     read_dumps,
@@ -652,9 +653,7 @@ def test_stats_pending_while_stalled(make_dist, tmp_path):
     d = make_dist()
     reg = d.add_listener(Recorder(tmp_path / "r"))
     d.start()
-    d.distribute(fanout.Add(obj("block", gate=str(gate))))
-    for i in range(99):
-        d.distribute(fanout.Add(obj(f"k{i}")))
+    distribute_behind_gate(d, gate, 99)
     s = reg.stats()
     assert s.pending == 100 and s.pending_bytes > 0 and s.capacity_bytes >= s.pending_bytes
     gate.touch()

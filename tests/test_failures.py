@@ -353,13 +353,15 @@ def _stall(d: Any, reg: Any, gate: Any) -> None:
     assert wait_for(lambda: reg.stats().latency_p50 is not None, 30)
 
 
-def test_overflow_drop_newest(make_dist, tmp_path):
-    d, reg, gate, path = _bounded(make_dist, tmp_path, "drop_newest")
-    d.start()
-    n = 200
+def _overflow_and_drain(d: Any, reg: Any, gate: Any, n: int, pace: float = 0.0) -> Any:
+    """Stall ``reg`` on v=0, distribute v=1..n-1 (``pace`` s apart), check the bound
+    held and that something was dropped, then open the gate; return the final stats
+    once nothing is pending."""
     _stall(d, reg, gate)
     for v in range(1, n):
         d.distribute(upd("k", v))
+        if pace:
+            time.sleep(pace)
     s = reg.stats()
     assert s.dropped > 0
     assert s.pending_bytes <= BOUND
@@ -368,6 +370,14 @@ def test_overflow_drop_newest(make_dist, tmp_path):
     assert wait_for(lambda: reg.stats().pending == 0, 60)
     s = reg.stats()
     assert s.delivered + s.dropped == n
+    return s
+
+
+def test_overflow_drop_newest(make_dist, tmp_path):
+    d, reg, gate, path = _bounded(make_dist, tmp_path, "drop_newest")
+    d.start()
+    n = 200
+    s = _overflow_and_drain(d, reg, gate, n)
     # Frames never shrink as v grows, so once one is refused every later one is:
     # the oldest are the ones delivered, in order.
     assert versions(path) == list(range(n - s.dropped))
@@ -378,18 +388,8 @@ def test_overflow_drop_oldest(make_dist, tmp_path):
     d, reg, gate, path = _bounded(make_dist, tmp_path, "drop_oldest")
     d.start()
     n = 200
-    _stall(d, reg, gate)
-    for v in range(1, n):
-        d.distribute(upd("k", v))
-        time.sleep(0.002)  # a steady producer: the pump keeps up with it
-    s = reg.stats()
-    assert s.dropped > 0
-    assert s.pending_bytes <= BOUND
-    assert s.pending + s.dropped == n
-    gate.touch()
-    assert wait_for(lambda: reg.stats().pending == 0, 60)
-    s = reg.stats()
-    assert s.delivered + s.dropped == n
+    # A steady producer (the pump keeps up with it), not one burst.
+    s = _overflow_and_drain(d, reg, gate, n, pace=0.002)
     got = versions(path)
     assert len(got) == n - s.dropped
     assert got == sorted(got)

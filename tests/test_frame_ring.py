@@ -28,7 +28,6 @@ from frames import (
 )
 
 import fanout
-import fanout._ring_py
 from fanout.errors import FanoutError, RingClosed, RingFull, ring_full_message
 
 # -- construction and properties -------------------------------------------------------

@@ -12,11 +12,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from frames import (
-    Pipe,
-    filled,
-    sent,
-)
+from frames import Pipe, filled, sent
 from helpers import outcome
 
 import fanout

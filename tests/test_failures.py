@@ -354,9 +354,11 @@ def _stall(d: Any, reg: Any, gate: Any) -> None:
 
 
 def _overflow_and_drain(d: Any, reg: Any, gate: Any, n: int, pace: float = 0.0) -> Any:
-    """Stall ``reg`` on v=0, distribute v=1..n-1 (``pace`` s apart), check the bound
-    held and that something was dropped, then open the gate; return the final stats
-    once nothing is pending."""
+    """Overflow a stalled ``reg``, then let it drain; return its stats once drained.
+
+    v=0 waits on the gate while v=1..n-1 go out ``pace`` seconds apart; the bound
+    must hold and something must have been dropped before the gate opens.
+    """
     _stall(d, reg, gate)
     for v in range(1, n):
         d.distribute(upd("k", v))
@@ -467,11 +469,11 @@ def _frame_bytes(v: int) -> int:
 
 
 def _wait_until_blocked(reg: Any, producer: Producer) -> int:
-    """Wait until the producer is inside ``distribute`` for a notification the
-    stalled, bounded listener has no room for; return that notification's version.
+    """Wait until the producer's current call is one the stalled lane has no room for.
 
-    Only positive states are awaited: the call has started and the lane is full.
-    Whether the call then returns too early is what the caller checks.
+    Returns that notification's version. Only positive states are awaited (the call
+    has started, the lane is full); whether the call then returns too early is for
+    the caller to check.
     """
     found: list[int] = []
 

@@ -65,16 +65,7 @@ def _cases() -> dict[str, tuple[str, str]]:
 CASES = _cases()
 
 # Known differences, kept so a fix shows (a strict xfail fails once both agree).
-NO_CONSTRUCTOR_SIGNATURE = (
-    "inspect.signature finds no signature for the native extension type's constructor"
-)
-DIVERGENT = {
-    "_ring:FrameRing": NO_CONSTRUCTOR_SIGNATURE,
-    "_ring:Ring": NO_CONSTRUCTOR_SIGNATURE,
-    "_pump:Pump": NO_CONSTRUCTOR_SIGNATURE,
-    "_worker:serve": "the native serve names its second parameter slot_view (the twin: "
-    "slot) and takes chunk=, which the twin lacks",
-}
+DIVERGENT: dict[str, str] = {}
 
 
 def _parameters(obj: Any) -> Any:

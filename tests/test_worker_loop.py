@@ -203,10 +203,7 @@ CALLS: dict[str, Callable[[Callable[..., Any]], Any]] = {
 }
 
 # Known differences, kept so a fix shows (a strict xfail fails once both agree).
-DIVERGENT = {
-    "data-pipe-closed": "the native loop's OSError says 'read from the data pipe'; "
-    "the pure-Python one has the bare strerror",
-}
+DIVERGENT: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("case", sorted(STREAMS))

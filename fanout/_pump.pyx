@@ -79,7 +79,11 @@ cdef struct lane_t:
 
 
 cdef class Pump:
-    """Drains lanes' FrameRings into their pipes from one thread, without the GIL.
+    # The first docstring line (clinic format) is what inspect.signature reads.
+    """Pump()
+--
+
+    Drains lanes' FrameRings into their pipes from one thread, without the GIL.
 
     ``add(key, ring, fd)`` attaches (or re-attaches) a lane, ``remove(key)``
     detaches it, ``notify()`` wakes the loop after appends, ``run()`` is the loop

@@ -69,10 +69,12 @@ class Pump:
             return {key: lane[3] for key, lane in self._lanes.items() if lane[3]}
 
     def _wake(self) -> None:
+        if self._efd < 0:
+            return  # closed after stop(): nothing left to wake
         try:
             os.eventfd_write(self._efd, 1)
         except OSError:
-            pass  # closed after stop(): nothing left to wake
+            pass  # (closed by a racing close())
 
     def notify(self) -> None:
         """Wake the loop if it sleeps (call after appending to a ring)."""

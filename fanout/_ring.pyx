@@ -444,7 +444,11 @@ def append_all(rings, frame):
 
 
 cdef class Ring:
-    """A growable FIFO ring of Python objects (k8s.io/utils ``buffer.Ring``).
+    # The first docstring line (clinic format) is what inspect.signature reads.
+    """Ring(initial_size=0, normal_size=None)
+--
+
+    A growable FIFO ring of Python objects (k8s.io/utils ``buffer.Ring``).
 
     Options:
         initial_size: slots to start with (0 allowed: the first write makes 16).
@@ -456,7 +460,7 @@ cdef class Ring:
     """
 
     def __init__(self, initial_size=0, normal_size=None):
-        pass  # __cinit__ did the work; this gives the class a readable signature
+        pass  # __cinit__ did the work
 
     def __cinit__(self, initial_size=0, normal_size=None):
         self._n = check_size("initial_size", initial_size)
@@ -517,7 +521,11 @@ cdef class Ring:
 
 
 cdef class FrameRing:
-    """A growable byte ring of length-delimited frames with three cursors.
+    # The first docstring line (clinic format) is what inspect.signature reads.
+    """FrameRing(initial_bytes=4096, normal_bytes=None, max_bytes=None, max_inflight=None)
+--
+
+    A growable byte ring of length-delimited frames with three cursors.
 
     ``acked <= sent <= written``: frames before ``acked`` are freed; frames between
     ``acked`` and ``sent`` are in flight and stay until acked, so ``rewind()`` can
@@ -540,7 +548,7 @@ cdef class FrameRing:
 
     def __init__(self, initial_bytes=4096, normal_bytes=None, max_bytes=None,
                  max_inflight=None):
-        pass  # __cinit__ did the work; this gives the class a readable signature
+        pass  # __cinit__ did the work
 
     def __cinit__(self, initial_bytes=4096, normal_bytes=None, max_bytes=None,
                   max_inflight=None):

@@ -7,7 +7,7 @@ NATIVE: bool
 
 def serve(
     fd: int,
-    slot_view: Any,
+    slot: Any,
     unpack: Callable[[Any], Any],
     handler: Any,
     on_error: Callable[[int, bytes], Any],

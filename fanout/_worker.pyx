@@ -107,15 +107,16 @@ def watch_lifeline(int fd):
     pthread_detach(thread)
 
 
-def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
+def serve(int fd, slot, unpack, handler, on_error, on_bad_frame,
           Py_ssize_t chunk=1 << 20):
     """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
 
     ``unpack(payload)`` gives ``[kind, t_ns, a, b]``; a frame it cannot decode
     goes to ``on_bad_frame(seq, payload, exc)``, a handler exception to
-    ``on_error(seq, payload)``. Twin of ``fanout._worker_py.serve``.
+    ``on_error(seq, payload)``. ``chunk``: bytes asked of each read. Twin of
+    ``fanout._worker_py.serve``.
     """
-    cdef uint64_t[::1] slot = slot_view
+    cdef uint64_t[::1] words = slot
     cdef unsigned char* buf = <unsigned char*>PyMem_RawMalloc(chunk)
     cdef unsigned char* grown
     cdef Py_ssize_t cap = chunk, have = 0, pos, n, length, i
@@ -156,7 +157,7 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                     break
                 if have - pos < HDR + length:
                     break
-                if slot[STOP]:
+                if words[STOP]:
                     return
                 payload = PyBytes_FromStringAndSize(<char*>buf + pos + HDR, length)
                 pos += HDR + length
@@ -178,14 +179,14 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                     # Decoding is deterministic (an object that does not fit the
                     # schema never will): a retry would fail the same way. The
                     # parent dead-letters it; this worker goes on.
-                    slot[STARTED] = seq
+                    words[STARTED] = seq
                     on_bad_frame(seq, payload, exc)
-                    slot[DONE] = seq
+                    words[DONE] = seq
                     continue
                 now = now_ns()
-                slot[START_NS] = now
-                slot[STARTED] = seq
-                slot[HIST + _bucket(<int64_t>(now - <uint64_t>t_ns))] += 1
+                words[START_NS] = now
+                words[STARTED] = seq
+                words[HIST + _bucket(<int64_t>(now - <uint64_t>t_ns))] += 1
                 try:
                     if kind == UPDATE:
                         on_update(a, b)
@@ -198,12 +199,12 @@ def serve(int fd, slot_view, unpack, handler, on_error, on_bad_frame,
                 except Exception:
                     # The call is over: stop the handler_timeout clock before a
                     # report that may wait on a full return pipe.
-                    slot[START_NS] = 0
-                    slot[ERRORS] += 1
+                    words[START_NS] = 0
+                    words[ERRORS] += 1
                     on_error(seq, payload)
-                slot[HANDLED] += 1
-                slot[START_NS] = 0
-                slot[DONE] = seq
+                words[HANDLED] += 1
+                words[START_NS] = 0
+                words[DONE] = seq
             if pos:
                 memmove(buf, buf + pos, have - pos)
                 have -= pos

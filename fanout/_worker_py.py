@@ -41,13 +41,20 @@ READ_CHUNK = 1 << 20
 
 
 def serve(
-    fd: int, slot: memoryview, unpack: Any, handler: Any, on_error: Any, on_bad_frame: Any
+    fd: int,
+    slot: memoryview,
+    unpack: Any,
+    handler: Any,
+    on_error: Any,
+    on_bad_frame: Any,
+    chunk: int = READ_CHUNK,
 ) -> None:
     """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
 
     ``unpack(payload)`` gives ``[kind, t_ns, a, b]``; a frame it cannot decode
     goes to ``on_bad_frame(seq, payload, exc)``, a handler exception to
-    ``on_error(seq, payload)``. The twin of ``fanout._worker.serve``.
+    ``on_error(seq, payload)``. ``chunk``: bytes asked of each read. The twin of
+    ``fanout._worker.serve``.
     """
     on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
     unpack_header = HEADER.unpack_from
@@ -55,19 +62,22 @@ def serve(
     pending = bytearray()  # the start of a frame split across reads
     need = 0  # bytes that frame needs in all (header included), once known
     while True:
-        chunk = os.read(fd, max(READ_CHUNK, need - len(pending)))
-        if not chunk:
+        try:
+            got = os.read(fd, max(chunk, need - len(pending)))
+        except OSError as exc:  # said as the native loop says it
+            raise OSError(exc.errno, f"read from the data pipe: {exc.strerror}") from None
+        if not got:
             return
         if pending:
-            # Grow in place (amortised linear), not leftover + chunk (quadratic
+            # Grow in place (amortised linear), not leftover + got (quadratic
             # on a multi-MiB frame), and parse only once the frame is whole.
-            pending += chunk
+            pending += got
             if len(pending) < need:
                 continue
             data = bytes(pending)
             pending = bytearray()
         else:
-            data = chunk
+            data = got
         end = len(data)
         pos = 0
         while end - pos >= HEADER_SIZE:

@@ -1,4 +1,4 @@
-"""Handlers and tools shared by the distributor tests (module-level, so they pickle).
+"""Handlers and tools shared by the tests (module-level, so they pickle).
 
 A ``Recorder`` appends one line per handler call to a file with ``O_APPEND``
 (small writes are atomic), so calls made by any worker, even one killed a moment
@@ -13,8 +13,10 @@ Objects are Kubernetes-like dicts; a few keys steer the recorder:
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,16 @@ def wait_for(predicate: Any, timeout: float = 30.0, interval: float = 0.01) -> b
         if value or time.monotonic() >= deadline:
             return bool(value)
         time.sleep(interval)
+
+
+def distribute_behind_gate(d: Any, gate: Any, n: int, versions: bool = False) -> None:
+    """Distribute an add of ``slow`` that waits on ``gate``, then ``n`` adds behind it.
+
+    Those are ``o0``, ``o1``, ... at version 0, or at version ``i`` with ``versions``.
+    """
+    d.distribute(fanout.Add(obj("slow", gate=str(gate))))
+    for i in range(n):
+        d.distribute(fanout.Add(obj(f"o{i}", i if versions else 0)))
 
 
 def wait_calls(path: str | os.PathLike[str], count: int, timeout: float = 30.0) -> list[Call]:
@@ -221,17 +233,23 @@ def returns_none() -> None:
 
 
 class Collector:
-    """An ``on_error`` / ``on_dead_letter`` callback that keeps what it is given."""
+    """An ``on_error`` / ``on_dead_letter`` callback that keeps what it is given.
+
+    ``items`` holds ``(reg, notification, text)`` per call; ``pids`` the process
+    each call ran in, in the same order (callbacks must run in the producer).
+    """
 
     def __init__(self) -> None:
         import threading
 
         self.lock = threading.Lock()
         self.items: list[tuple[Any, Any, str]] = []
+        self.pids: list[int] = []
 
     def __call__(self, reg: Any, n: Any, text: str) -> None:
         with self.lock:
             self.items.append((reg, n, text))
+            self.pids.append(os.getpid())
 
     def __len__(self) -> int:
         with self.lock:
@@ -240,6 +258,79 @@ class Collector:
     def snapshot(self) -> list[tuple[Any, Any, str]]:
         with self.lock:
             return list(self.items)
+
+    def caller_pids(self) -> list[int]:
+        with self.lock:
+            return list(self.pids)
+
+
+class FakeClock:
+    """A ``clock=`` for a Distributor that stands still until a test sets ``now``."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Dumper(fanout.Handler):
+    """Pickle ``(kind, args)`` of every call to a file, to compare what arrived."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = str(path)
+
+    def _dump(self, item: tuple[Any, ...]) -> None:
+        with open(self.path, "ab") as f:
+            pickle.dump(item, f, protocol=pickle.HIGHEST_PROTOCOL)  # <5 loses byte order
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        self._dump(("add", obj, is_in_initial_list))
+
+    def on_update(self, old: Any, new: Any) -> None:
+        self._dump(("update", old, new))
+
+    def on_delete(self, obj: Any) -> None:
+        self._dump(("delete", obj))
+
+
+def read_dumps(path: str | os.PathLike[str]) -> list[Any]:
+    """Every ``(kind, args)`` a ``Dumper`` wrote to ``path``, in order."""
+    out = []
+    with open(path, "rb") as f:
+        while True:
+            try:
+                out.append(pickle.load(f))
+            except EOFError:
+                return out
+
+
+def twin_cases(cases: Any, divergent: dict[str, str]) -> list[Any]:
+    """Sorted case names for a twin table; those in ``divergent`` as strict xfails.
+
+    A known difference between the twins stays in the table with its reason, and
+    the strict xfail fails the run once they agree, so the entry is removed.
+    """
+    import pytest  # here: spawned workers import this module and need no pytest
+
+    return [
+        pytest.param(c, marks=pytest.mark.xfail(reason=divergent[c], strict=True))
+        if c in divergent
+        else c
+        for c in sorted(cases)
+    ]
+
+
+def outcome(call: Callable[..., Any], *args: Any) -> tuple[Any, str]:
+    """``call(*args)`` as something to compare between twins.
+
+    ``("ok", repr(result))``, or the exception's type and message.
+    """
+    try:
+        result = call(*args)
+    except Exception as exc:  # compared, not swallowed
+        return type(exc), str(exc)
+    return "ok", repr(result)
 
 
 class PickyCodec(fanout.MsgpackCodec):

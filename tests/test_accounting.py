@@ -28,6 +28,7 @@ from helpers import (
     ReprWriter,
     UnpicklableInWorker,
     assert_accounted,
+    distribute_behind_gate,
     obj,
     read_calls,
     returns_none,
@@ -232,9 +233,7 @@ def test_stop_without_drain_counts_what_it_discards_as_dropped(make_dist, tmp_pa
     d = make_dist()
     reg = d.add_listener(Recorder(tmp_path / "r"), executor=executor)
     d.start()
-    d.distribute(fanout.Add(obj("first", gate=str(gate))))
-    for i in range(100):
-        d.distribute(fanout.Add(obj(f"o{i}")))
+    distribute_behind_gate(d, gate, 100)
     wait_for(lambda: reg.stats().latency_p50 is not None)  # the first call began
     stopper = threading.Thread(target=lambda: results.append(d.stop(drain=False)))
     results: list[bool] = []
@@ -254,9 +253,7 @@ def test_stop_drain_timeout_dead_letters_the_rest(make_dist, tmp_path, executor)
     d = make_dist()
     reg = d.add_listener(Recorder(tmp_path / "r"), executor=executor, on_dead_letter=dead)
     d.start()
-    d.distribute(fanout.Add(obj("slow", gate=str(gate))))
-    for i in range(20):
-        d.distribute(fanout.Add(obj(f"o{i}", i)))
+    distribute_behind_gate(d, gate, 20, versions=True)
     wait_for(lambda: reg.stats().latency_p50 is not None)
     releaser = threading.Timer(0.5, gate.touch)  # after the drain gave up
     releaser.start()
@@ -297,9 +294,7 @@ def test_invariant_with_drops(make_dist, tmp_path, policy):
         Recorder(tmp_path / "r"), max_pending_bytes=2000, overflow=policy, workers=1
     )
     d.start()
-    d.distribute(fanout.Add(obj("gate", gate=str(gate))))
-    for i in range(300):
-        d.distribute(fanout.Add(obj(f"o{i}", i)))
+    distribute_behind_gate(d, gate, 300, versions=True)
     gate.touch()
     assert d.stop(drain=True)
     s = assert_accounted(reg)
@@ -324,9 +319,7 @@ def test_leaving_a_with_block_on_an_error_still_drains(no_leaks, tmp_path, caplo
     with pytest.raises(KeyError, match="from the block"):  # not masked
         with fanout.Distributor() as d:
             reg = d.add_listener(Recorder(tmp_path / "r"), name="slowpoke")
-            d.distribute(fanout.Add(obj("slow", gate=str(gate))))
-            for i in range(10):
-                d.distribute(fanout.Add(obj(f"o{i}")))
+            distribute_behind_gate(d, gate, 10)
             threading.Timer(0.3, gate.touch).start()
             raise KeyError("from the block")
     s = assert_accounted(reg)
@@ -339,9 +332,7 @@ def test_leaving_a_with_block_on_an_interrupt_drops_and_warns(no_leaks, tmp_path
     with pytest.raises(SystemExit):  # not masked
         with fanout.Distributor() as d:
             reg = d.add_listener(Recorder(tmp_path / "r"), name="slowpoke")
-            d.distribute(fanout.Add(obj("slow", gate=str(gate))))
-            for i in range(10):
-                d.distribute(fanout.Add(obj(f"o{i}")))
+            distribute_behind_gate(d, gate, 10)
             wait_for(lambda: reg.stats().latency_p50 is not None)
             threading.Timer(0.3, gate.touch).start()
             with caplog.at_level(logging.WARNING, logger="fanout"):
@@ -387,9 +378,7 @@ def test_a_stop_interrupted_midway_is_finished_by_the_next_one(make_dist, tmp_pa
     d = make_dist()
     reg = d.add_listener(Recorder(tmp_path / "r"))
     d.start()
-    d.distribute(fanout.Add(obj("slow", gate=str(gate))))
-    for i in range(10):
-        d.distribute(fanout.Add(obj(f"o{i}")))
+    distribute_behind_gate(d, gate, 10)
     real = Distributor._reap
 
     def interrupted(self, listeners, timeout):
@@ -410,9 +399,7 @@ def test_a_thread_handler_slower_than_a_second_is_waited_for(make_dist, tmp_path
     d = make_dist()
     reg = d.add_listener(Recorder(tmp_path / "r"), executor="thread")
     d.start()
-    d.distribute(fanout.Add(obj("slow", gate=str(gate))))
-    for i in range(30):  # in the same batch as the slow one
-        d.distribute(fanout.Add(obj(f"o{i}")))
+    distribute_behind_gate(d, gate, 30)  # in the same batch as the slow one
     wait_for(lambda: reg.stats().latency_p50 is not None)
     threading.Timer(1.5, gate.touch).start()
     assert d.stop(drain=False) is False
@@ -633,9 +620,7 @@ def test_a_listener_removed_just_before_stop_is_still_accounted(make_dist, tmp_p
     removed = d.add_listener(Recorder(tmp_path / "r"))
     kept = d.add_listener(Noop())
     d.start()
-    d.distribute(fanout.Add(obj("slow", gate=str(gate))))
-    for i in range(30):
-        d.distribute(fanout.Add(obj(f"o{i}")))
+    distribute_behind_gate(d, gate, 30)
     wait_for(lambda: removed.stats().latency_p50 is not None)
     d.remove_listener(removed)  # its worker is still busy: reaped during stop
     threading.Timer(0.3, gate.touch).start()
@@ -650,9 +635,8 @@ def test_a_thread_listener_removed_mid_batch_counts_the_rest(make_dist, tmp_path
     d = make_dist()
     reg = d.add_listener(Recorder(tmp_path / "r"), executor="thread")
     d.start()
-    d.distribute(fanout.Add(obj("slow", gate=str(gate))))
-    for i in range(30):  # taken by the thread in the same batch as the slow one
-        d.distribute(fanout.Add(obj(f"o{i}")))
+    # The thread takes them in the same batch as the slow one.
+    distribute_behind_gate(d, gate, 30)
     wait_for(lambda: reg.stats().latency_p50 is not None)
     d.remove_listener(reg)
     gate.touch()

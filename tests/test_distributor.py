@@ -10,20 +10,24 @@ import time
 
 import numpy as np
 import pytest
-from helpers import Noop, Recorder, add_only, obj, read_calls, wait_calls, wait_for
+from helpers import (
+    Dumper,
+    FakeClock,
+    Noop,
+    Recorder,
+    add_only,
+    distribute_behind_gate,
+    obj,
+    read_calls,
+    read_dumps,
+    wait_calls,
+    wait_for,
+)
 
 import fanout
 from fanout.codec import MsgpackCodec
 
 EXECUTORS = ["process", "thread"]
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 # -- client-go processor scenarios --------------------------------------------------------
@@ -178,7 +182,7 @@ def test_remove_while_active_stops_delivery(make_dist, tmp_path, executor):
 @pytest.mark.parametrize("executor", EXECUTORS)
 def test_add_while_active_gets_initial_list_first(make_dist, tmp_path, executor):
     d = make_dist()
-    d.add_listener(Noop(), executor="thread")
+    first = d.add_listener(Noop(), executor="thread")
     d.start()
     stop = threading.Event()
 
@@ -187,12 +191,13 @@ def test_add_while_active_gets_initial_list_first(make_dist, tmp_path, executor)
         while not stop.is_set():
             d.distribute(fanout.Update(obj("live", i), obj("live", i)))
             i += 1
-            time.sleep(0.0005)
+            time.sleep(0.0005)  # a steady stream, not a flood
 
     producer = threading.Thread(target=produce)
     producer.start()
     try:
-        time.sleep(0.05)
+        # The late listener must arrive while live notifications flow.
+        assert wait_for(lambda: first.stats().received >= 20, 30)
         path = tmp_path / "late"
         d.add_listener(
             Recorder(path),
@@ -410,37 +415,12 @@ def test_encode_once_per_distribute_for_four_listeners(make_dist, tmp_path):
 # -- codec ------------------------------------------------------------------------------------
 
 
-class Echo(fanout.Handler):
-    """Re-encodes what it received into a file, to check round trips."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def on_add(self, obj, is_in_initial_list):
-        import pickle
-
-        with open(self.path, "ab") as f:
-            pickle.dump(obj, f)
-
-
-def _read_pickles(path):
-    import pickle
-
-    out = []
-    with open(path, "rb") as f:
-        while True:
-            try:
-                out.append(pickle.load(f))
-            except EOFError:
-                return out
-
-
 @pytest.mark.parametrize("codec", ["msgpack", "msgspec"])
 def test_codec_round_trips_datetime_and_numpy(make_dist, tmp_path, codec):
     pytest.importorskip(codec)
     d = make_dist(codec=codec)
-    path = str(tmp_path / "echo")
-    d.add_listener(Echo(path))
+    path = str(tmp_path / "dump")
+    d.add_listener(Dumper(path))
     d.start()
     aware = dt.datetime(2026, 11, 28, 5, 30, tzinfo=dt.timezone.utc)
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
@@ -453,7 +433,7 @@ def test_codec_round_trips_datetime_and_numpy(make_dist, tmp_path, codec):
     }
     d.distribute(fanout.Add(sent))
     d.stop(drain=True)
-    (got,) = _read_pickles(path)
+    ((_, got, _),) = read_dumps(path)
     assert got["when"] == aware
     assert got["arr"].dtype == np.float32 and got["arr"].shape == (3, 4)
     assert np.array_equal(got["arr"], arr)
@@ -462,13 +442,13 @@ def test_codec_round_trips_datetime_and_numpy(make_dist, tmp_path, codec):
 
 def test_msgpack_codec_round_trips_naive_datetime_and_date(make_dist, tmp_path):
     d = make_dist()
-    path = str(tmp_path / "echo")
-    d.add_listener(Echo(path))
+    path = str(tmp_path / "dump")
+    d.add_listener(Dumper(path))
     d.start()
     sent = {"naive": dt.datetime(2026, 1, 2, 3, 4, 5, 6), "day": dt.date(2026, 1, 2)}
     d.distribute(fanout.Add(sent))
     d.stop(drain=True)
-    assert _read_pickles(path) == [sent]
+    assert read_dumps(path) == [("add", sent, False)]
 
 
 def test_msgspec_codec_missing_gives_install_hint(monkeypatch):
@@ -673,9 +653,7 @@ def test_stats_pending_while_stalled(make_dist, tmp_path):
     d = make_dist()
     reg = d.add_listener(Recorder(tmp_path / "r"))
     d.start()
-    d.distribute(fanout.Add(obj("block", gate=str(gate))))
-    for i in range(99):
-        d.distribute(fanout.Add(obj(f"k{i}")))
+    distribute_behind_gate(d, gate, 99)
     s = reg.stats()
     assert s.pending == 100 and s.pending_bytes > 0 and s.capacity_bytes >= s.pending_bytes
     gate.touch()

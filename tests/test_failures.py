@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
+from frames import HDR
 from helpers import (
     Collector,
     FailsAfterFirst,
@@ -57,6 +58,12 @@ def first_deliveries_by_key(calls: list[Any]) -> dict[str, list[int]]:
             seen.add(c.v)
             first[c.name].append(c.v)
     return first
+
+
+def _settled(reg: Any, delivered: int) -> bool:
+    """Whether ``reg`` finished ``delivered`` handler calls and holds nothing more."""
+    s = reg.stats()
+    return s.delivered >= delivered and s.pending == 0
 
 
 # -- worker deaths -------------------------------------------------------------------------
@@ -138,9 +145,11 @@ def test_sigkill_storm_loses_nothing_and_keeps_per_key_order(make_dist, tmp_path
 
 def test_poison_pill_is_dead_lettered_after_max_attempts(make_dist, tmp_path):
     path = tmp_path / "rec"
-    dead = Collector()
+    dead, errors = Collector(), Collector()
     d = make_dist()
-    reg = d.add_listener(Recorder(path), workers=1, max_attempts=3, on_dead_letter=dead)
+    reg = d.add_listener(
+        Recorder(path), workers=1, max_attempts=3, on_dead_letter=dead, on_error=errors
+    )
     d.start()
     for v in range(5):
         d.distribute(upd("before", v))
@@ -151,7 +160,13 @@ def test_poison_pill_is_dead_lettered_after_max_attempts(make_dist, tmp_path):
 
     calls = wait_calls(path, 15, timeout=60)
     assert wait_for(lambda: len(dead) >= 1 and reg.stats().restarts >= 3, 30)
-    time.sleep(0.3)  # a second dead letter or restart would show up by now
+    # A fourth attempt at the poison, or a second dead letter, would come before a
+    # marker queued behind it on the same lane; the marker raises, so its report
+    # passes through the supervisor that reports deaths, in order, after them.
+    marker = upd("marker", 16, **{"raise": True})
+    d.distribute(marker)
+    assert wait_for(lambda: len(errors) >= 1 and _settled(reg, 16), 30), reg.stats()
+    assert [n for _, n, _ in errors.snapshot()] == [marker]
     assert [(c.name, c.v) for c in calls] == [
         *(("before", v) for v in range(5)),
         *(("after", v) for v in range(6, 16)),
@@ -165,8 +180,8 @@ def test_poison_pill_is_dead_lettered_after_max_attempts(make_dist, tmp_path):
     s = reg.stats()
     assert s.dead_lettered == 1
     assert s.restarts == 3
-    assert s.delivered == 15
-    assert s.errors == 0
+    assert s.delivered == 16  # the marker's call counts, raising or not
+    assert s.errors == 1
     assert s.pending == 0
     assert d.stop(drain=True, timeout=30) is True
     assert len(read_calls(path)) == 15
@@ -248,12 +263,21 @@ def test_handler_exception_is_reported_and_worker_survives(make_dist, tmp_path, 
     for v in range(2, 5):
         d.distribute(upd("b", v))
 
-    calls = wait_calls(path, 4, timeout=60)
-    assert [(c.name, c.v) for c in calls] == [("a", 0), *(("b", v) for v in range(2, 5))]
-    assert wait_for(lambda: len(errors) >= 1 and reg.stats().delivered >= 5, 30)
-    time.sleep(0.2)
+    # A second exception, after the others: its report follows any repeat of the
+    # first on the worker's return pipe, which the supervisor reads in order.
+    boom2 = upd("boom", 5, **{"raise": True})
+    d.distribute(boom2)
+    d.distribute(upd("c", 6))
+
+    calls = wait_calls(path, 5, timeout=60)
+    assert [(c.name, c.v) for c in calls] == [
+        ("a", 0),
+        *(("b", v) for v in range(2, 5)),
+        ("c", 6),
+    ]
+    assert wait_for(lambda: len(errors) >= 2 and _settled(reg, 7), 30), reg.stats()
     items = errors.snapshot()
-    assert len(items) == 1
+    assert [n for _, n, _ in items] == [boom, boom2]
     got_reg, got_n, text = items[0]
     assert got_reg is reg
     assert got_n == boom
@@ -265,8 +289,8 @@ def test_handler_exception_is_reported_and_worker_survives(make_dist, tmp_path, 
     logged = [r for r in caplog.records if r.name == "fanout" and r.levelno >= logging.ERROR]
     assert any("ValueError" in r.getMessage() for r in logged), logged
     s = reg.stats()
-    assert s.errors == 1
-    assert s.delivered == 5  # the call that raised counts as handled
+    assert s.errors == 2
+    assert s.delivered == 7  # the calls that raised count as handled
     assert s.restarts == 0
     assert s.dead_lettered == 0
     assert s.pending == 0
@@ -329,13 +353,17 @@ def _stall(d: Any, reg: Any, gate: Any) -> None:
     assert wait_for(lambda: reg.stats().latency_p50 is not None, 30)
 
 
-def test_overflow_drop_newest(make_dist, tmp_path):
-    d, reg, gate, path = _bounded(make_dist, tmp_path, "drop_newest")
-    d.start()
-    n = 200
+def _overflow_and_drain(d: Any, reg: Any, gate: Any, n: int, pace: float = 0.0) -> Any:
+    """Overflow a stalled ``reg``, then let it drain; return its stats once drained.
+
+    v=0 waits on the gate while v=1..n-1 go out ``pace`` seconds apart; the bound
+    must hold and something must have been dropped before the gate opens.
+    """
     _stall(d, reg, gate)
     for v in range(1, n):
         d.distribute(upd("k", v))
+        if pace:
+            time.sleep(pace)
     s = reg.stats()
     assert s.dropped > 0
     assert s.pending_bytes <= BOUND
@@ -344,6 +372,14 @@ def test_overflow_drop_newest(make_dist, tmp_path):
     assert wait_for(lambda: reg.stats().pending == 0, 60)
     s = reg.stats()
     assert s.delivered + s.dropped == n
+    return s
+
+
+def test_overflow_drop_newest(make_dist, tmp_path):
+    d, reg, gate, path = _bounded(make_dist, tmp_path, "drop_newest")
+    d.start()
+    n = 200
+    s = _overflow_and_drain(d, reg, gate, n)
     # Frames never shrink as v grows, so once one is refused every later one is:
     # the oldest are the ones delivered, in order.
     assert versions(path) == list(range(n - s.dropped))
@@ -354,18 +390,8 @@ def test_overflow_drop_oldest(make_dist, tmp_path):
     d, reg, gate, path = _bounded(make_dist, tmp_path, "drop_oldest")
     d.start()
     n = 200
-    _stall(d, reg, gate)
-    for v in range(1, n):
-        d.distribute(upd("k", v))
-        time.sleep(0.002)  # a steady producer: the pump keeps up with it
-    s = reg.stats()
-    assert s.dropped > 0
-    assert s.pending_bytes <= BOUND
-    assert s.pending + s.dropped == n
-    gate.touch()
-    assert wait_for(lambda: reg.stats().pending == 0, 60)
-    s = reg.stats()
-    assert s.delivered + s.dropped == n
+    # A steady producer (the pump keeps up with it), not one burst.
+    s = _overflow_and_drain(d, reg, gate, n, pace=0.002)
     got = versions(path)
     assert len(got) == n - s.dropped
     assert got == sorted(got)
@@ -410,25 +436,71 @@ def test_overflow_error_raises_and_nobody_gets_the_notification(make_dist, tmp_p
     assert s.delivered == refused + 1
 
 
+class Producer(threading.Thread):
+    """Distributes ``upd("k", v)`` for v in ``versions``, noting where each call stands.
+
+    ``calling`` is the version whose ``distribute`` has not returned yet (None
+    between calls); ``returned`` lists ``(v, gate existed when it returned)``;
+    ``failure`` the ``(v, exception)`` that ended the run, if any.
+    """
+
+    def __init__(self, d: Any, versions: range, gate: Any) -> None:
+        super().__init__(name="blocked-producer")
+        self.d, self.versions, self.gate = d, versions, gate
+        self.calling: int | None = None
+        self.returned: list[tuple[int, bool]] = []
+        self.failure: list[tuple[int, BaseException]] = []
+
+    def run(self) -> None:
+        for v in self.versions:
+            self.calling = v
+            try:
+                self.d.distribute(upd("k", v))
+            except BaseException as exc:  # reported by the test
+                self.failure.append((v, exc))
+                return
+            self.calling = None
+            self.returned.append((v, self.gate.exists()))
+
+
+def _frame_bytes(v: int) -> int:
+    """What ``upd("k", v)`` takes in a lane's ring: the encoded frame and its header."""
+    return len(fanout.MsgpackCodec().encode(upd("k", v), time.monotonic_ns())) + HDR
+
+
+def _wait_until_blocked(reg: Any, producer: Producer) -> int:
+    """Wait until the producer's current call is one the stalled lane has no room for.
+
+    Returns that notification's version. Only positive states are awaited (the call
+    has started, the lane is full); whether the call then returns too early is for
+    the caller to check.
+    """
+    found: list[int] = []
+
+    def blocked() -> bool:
+        v = producer.calling
+        if v is None:
+            return False
+        if reg.stats().pending_bytes + _frame_bytes(v) <= BOUND or producer.calling != v:
+            return False
+        found.append(v)
+        return True
+
+    # A producer that ran to its end never waited: no need to wait out the timeout.
+    assert wait_for(lambda: blocked() or not producer.is_alive(), 30)
+    assert found, f"the producer never waited: {producer.returned[-3:]}, {reg.stats()}"
+    return found[0]
+
+
 def test_overflow_block_waits_for_room_and_loses_nothing(make_dist, tmp_path):
     d, reg, gate, path = _bounded(make_dist, tmp_path, "block")
     d.start()
     n = 200
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            d.distribute(upd("k", 0, gate=str(gate)))
-            for v in range(1, n):
-                d.distribute(upd("k", v))
-        except BaseException as exc:  # pragma: no cover - reported below
-            failure.append(exc)
-
-    producer = threading.Thread(target=produce, name="blocked-producer")
+    _stall(d, reg, gate)
+    producer = Producer(d, range(1, n), gate)
     producer.start()
     try:
-        time.sleep(0.5)
-        assert producer.is_alive(), "distribute did not block on a full listener"
+        waiting = _wait_until_blocked(reg, producer)
         s = reg.stats()
         assert s.pending_bytes <= BOUND
         assert 0 < s.pending < n
@@ -436,7 +508,11 @@ def test_overflow_block_waits_for_room_and_loses_nothing(make_dist, tmp_path):
         gate.touch()
         producer.join(60)
     assert not producer.is_alive()
-    assert not failure
+    assert not producer.failure
+    # Every call that returned while the handler was stalled fitted the bound; the
+    # one found waiting returned only after the gate let the handler free room.
+    assert (waiting, True) in producer.returned
+    assert all(v < waiting for v, gate_open in producer.returned if not gate_open)
     assert [c.v for c in wait_calls(path, n, timeout=60)] == list(range(n))
     s = reg.stats()
     assert s.dropped == 0
@@ -448,20 +524,10 @@ def test_stop_releases_a_producer_blocked_on_a_full_listener(make_dist, tmp_path
     d, reg, gate, _ = _bounded(make_dist, tmp_path, "block")
     d.start()
     _stall(d, reg, gate)
-    failure: list[BaseException] = []
-
-    def produce() -> None:
-        try:
-            for v in range(1, 200):
-                d.distribute(upd("k", v))
-        except BaseException as exc:  # pragma: no cover - reported below
-            failure.append(exc)
-
-    producer = threading.Thread(target=produce, name="blocked-producer")
+    producer = Producer(d, range(1, 200), gate)
     producer.start()
     try:
-        time.sleep(0.5)
-        assert producer.is_alive(), "distribute did not block on a full listener"
+        waiting = _wait_until_blocked(reg, producer)
         t0 = time.monotonic()
         assert d.stop(drain=False) is False
         assert time.monotonic() - t0 < 10
@@ -469,8 +535,12 @@ def test_stop_releases_a_producer_blocked_on_a_full_listener(make_dist, tmp_path
         gate.touch()  # never leave the producer stuck, even if stop() failed
         producer.join(60)
     assert not producer.is_alive()
-    # The blocked notification was not delivered, and the producer is told so.
-    assert [type(exc) for exc in failure] == [fanout.DistributorStopped]
+    # The call that was waiting is the one stop() ended: it delivered nothing, and
+    # the producer is told so.
+    assert [(v, type(exc)) for v, exc in producer.failure] == [
+        (waiting, fanout.DistributorStopped)
+    ]
+    assert all(not gate_open for _, gate_open in producer.returned)
     s = reg.stats()
     assert s.received == s.delivered + s.dead_lettered + s.dropped
     assert reg.worker_pids() == []
@@ -588,13 +658,17 @@ def test_failing_factory_is_reported_with_backoff(make_dist, tmp_path):
     factory = FailsAfterFirst(tmp_path / "rec", tmp_path / "built")
     reg = d.add_listener(factory, name="cannot-restart", on_error=errors)
     d.start()  # the first worker builds its handler
+    t0 = time.monotonic()
     d.distribute(upd("k", 0, exit=1))  # kills it; every restart then fails
     d.distribute(upd("k", 1))  # must not raise nor block
-    t0 = time.monotonic()
     assert wait_for(lambda: len(errors) >= 1, 30)
-    time.sleep(max(0.0, 1.5 - (time.monotonic() - t0)))
+    # The worker that died running a frame restarts at once (restart 1); each one
+    # that then fails to start waits twice as long as the last, from 0.1 s: restart
+    # 6 comes at least 0.1 + 0.2 + 0.4 + 0.8 s later. Without the back-off the five
+    # failing starts take a few forks' time.
+    assert wait_for(lambda: reg.stats().restarts >= 6, 60), reg.stats()
+    assert time.monotonic() - t0 >= 1.5, reg.stats()
     s = reg.stats()
-    assert 1 <= s.restarts <= 7, s
     assert s.delivered == 0
     items = errors.snapshot()
     assert items[0][0] is reg

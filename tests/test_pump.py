@@ -1,24 +1,26 @@
 """The pump twins: the native ``fanout._pump.Pump`` and ``fanout._pump_py.Pump``.
 
-A parity table feeds the same calls to both and compares results and messages;
-the behaviour tests run on each.
+A parity table feeds the same calls to both (every method, good and bad arguments,
+calls after ``stop()`` and ``close()``) and compares results and messages; the
+behaviour tests run on each, with a real pump thread and real pipes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
-import os
 import threading
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from frames import Pipe, read_exactly, wire
+from helpers import outcome, twin_cases, wait_for
 
 import fanout
 import fanout._pump_py
 import fanout._ring_py
-from fanout._ring_common import HEADER
 
 try:
     import fanout._pump as native_pump
@@ -35,12 +37,6 @@ if native_pump is not None and fanout.NATIVE:
 def impl(request: pytest.FixtureRequest) -> tuple[types.ModuleType, types.ModuleType]:
     """``(pump module, ring module)`` of one implementation."""
     return request.param
-
-
-def _pipe() -> tuple[int, int]:
-    r, w = os.pipe()
-    os.set_blocking(w, False)
-    return r, w
 
 
 def _with_pump(pump_mod: Any, call: Callable[[Any], Any]) -> Any:
@@ -64,32 +60,78 @@ def _other_ring(ring_mod: types.ModuleType) -> Any:
     return other.FrameRing() if other is not None else object()
 
 
+def _closed_ring(ring_mod: types.ModuleType) -> Any:
+    ring = ring_mod.FrameRing()
+    ring.close()
+    return ring
+
+
+def _on(call: Callable[[Any, types.ModuleType], Any]) -> Callable[..., Any]:
+    """A case that runs ``call(pump, ring module)`` on a new pump, closed after."""
+    return lambda p, r: _with_pump(p, lambda pump: call(pump, r))
+
+
+def _replace_ring(pump: Any, r: types.ModuleType) -> Any:
+    pump.add("k", r.FrameRing(), 1)
+    pump.add("k", r.FrameRing(), 2)  # same key: the lane is replaced, not added
+    return pump.broken()
+
+
+def _after_close(call: Callable[[Any, types.ModuleType], Any]) -> Callable[..., Any]:
+    """A case that calls ``call(pump, ring module)`` once the pump was stopped and closed."""
+
+    def case(p: types.ModuleType, r: types.ModuleType) -> Any:
+        pump = p.Pump()
+        pump.stop()
+        pump.close()
+        return call(pump, r)
+
+    return case
+
+
 CASES: dict[str, Callable[[types.ModuleType, types.ModuleType], Any]] = {
     "add-ring-none": _add(None, 1),
     "add-ring-str": _add("ring", 1),
     "add-ring-other-impl": _add(_other_ring, 1),
+    "add-ring-closed": _add(_closed_ring, 1),
     "add-fd-str": _add(lambda m: m.FrameRing(), "1"),
     "add-fd-float": _add(lambda m: m.FrameRing(), 1.0),
+    "add-fd-bool": _add(lambda m: m.FrameRing(), True),
     "add-fd-negative": _add(lambda m: m.FrameRing(), -1),
     "add-fd-huge": _add(lambda m: m.FrameRing(), 2**40),
     "add-ok": _add(lambda m: m.FrameRing(), 1),
-    "remove-unknown": lambda p, r: _with_pump(p, lambda pump: pump.remove("nobody")),
-    "broken-empty": lambda p, r: _with_pump(p, lambda pump: pump.broken()),
-    "add-remove-broken": lambda p, r: _with_pump(
-        p, lambda pump: (pump.add("k", r.FrameRing(), 1), pump.remove("k"), pump.broken())
+    "add-keywords": _on(lambda pump, r: pump.add(key="k", ring=r.FrameRing(), fd=1)),
+    "add-key-unhashable": _on(lambda pump, r: pump.add([], r.FrameRing(), 1)),
+    "add-same-key-again": _on(_replace_ring),
+    "remove-unknown": _on(lambda pump, r: pump.remove("nobody")),
+    "remove-unhashable": _on(lambda pump, r: pump.remove([])),
+    "broken-empty": _on(lambda pump, r: pump.broken()),
+    "add-remove-broken": _on(
+        lambda pump, r: (pump.add("k", r.FrameRing(), 1), pump.remove("k"), pump.broken())
     ),
+    "notify-idle": _on(lambda pump, r: pump.notify()),
+    "stop-then-run": _on(lambda pump, r: (pump.stop(), pump.run())),  # returns at once
+    "stop-twice": _on(lambda pump, r: (pump.stop(), pump.stop())),
+    "close-twice": _after_close(lambda pump, r: pump.close()),
+    "notify-after-close": _after_close(lambda pump, r: pump.notify()),
+    "broken-after-close": _after_close(lambda pump, r: pump.broken()),
+    "stop-after-close": _after_close(lambda pump, r: pump.stop()),
+    "remove-after-close": _after_close(lambda pump, r: pump.remove("k")),
+    "add-after-close": _after_close(lambda pump, r: pump.add("k", r.FrameRing(), 1)),
 }
+
+# Known differences, kept in the table so a fix shows (a strict xfail turns into a
+# failure once both agree).
+DIVERGENT: dict[str, str] = {}
 
 
 def _outcome(call: Callable[..., Any], *args: Any) -> tuple[Any, str]:
-    try:
-        result = call(*args)
-    except Exception as exc:  # compared, not swallowed
-        return type(exc), str(exc).replace("fanout._ring_py", "fanout._ring")
-    return "ok", repr(result)
+    """``outcome``, with each twin's own ring module named alike."""
+    kind, text = outcome(call, *args)
+    return kind, text.replace("fanout._ring_py", "fanout._ring")
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", twin_cases(CASES, DIVERGENT))
 def test_pump_twins_agree(case):
     if native_pump is None or not fanout.NATIVE:
         pytest.skip("fanout._pump (native) is not built")
@@ -102,71 +144,51 @@ def test_pump_twins_agree(case):
         assert native == py
 
 
-def _read_all(fd: int, n: int) -> bytes:
-    out = b""
-    while len(out) < n:
-        chunk = os.read(fd, n - len(out))
-        if not chunk:
-            break
-        out += chunk
-    return out
+@contextlib.contextmanager
+def running(pump_mod: types.ModuleType) -> Iterator[Any]:
+    """A pump whose ``run()`` loop turns in a thread; stopped, joined and closed after."""
+    pump = pump_mod.Pump()
+    thread = threading.Thread(target=pump.run, name="pump")
+    thread.start()
+    try:
+        yield pump
+    finally:
+        pump.stop()
+        thread.join(30)
+        pump.close()
+    assert not thread.is_alive(), "run() did not return after stop()"
 
 
 def test_pump_drains_rings_into_their_pipes(impl):
     pump_mod, ring_mod = impl
-    pump = pump_mod.Pump()
-    thread = threading.Thread(target=pump.run)
-    thread.start()
-    pipes = [_pipe() for _ in range(3)]
-    rings = [ring_mod.FrameRing() for _ in pipes]
-    try:
-        for i, (ring, (_, w)) in enumerate(zip(rings, pipes, strict=True)):
-            pump.add(i, ring, w)
+    with contextlib.ExitStack() as stack:
+        pipes = [stack.enter_context(Pipe(None, blocking_reader=True)) for _ in range(3)]
+        pump = stack.enter_context(running(pump_mod))
+        rings = [ring_mod.FrameRing() for _ in pipes]
+        for i, (ring, pipe) in enumerate(zip(rings, pipes, strict=True)):
+            pump.add(i, ring, pipe.w)
         for n in range(50):
             ring_mod.append_all(rings, b"frame %d" % n)
             pump.notify()
-        expected = b"".join(
-            HEADER.pack(len(b"frame %d" % n), n + 1) + b"frame %d" % n for n in range(50)
-        )
-        for r, _ in pipes:
-            assert _read_all(r, len(expected)) == expected
+        expected = b"".join(wire(n + 1, b"frame %d" % n) for n in range(50))
+        for pipe in pipes:
+            assert read_exactly(pipe.r, len(expected)) == expected
         assert pump.broken() == {}
-    finally:
         for i in range(len(pipes)):
             pump.remove(i)
-        pump.stop()
-        thread.join(30)
-        pump.close()
-        for r, w in pipes:
-            os.close(r)
-            os.close(w)
-    assert not thread.is_alive()
 
 
 def test_a_reader_gone_is_reported_by_broken(impl):
     pump_mod, ring_mod = impl
-    pump = pump_mod.Pump()
-    thread = threading.Thread(target=pump.run)
-    thread.start()
-    r, w = _pipe()
-    os.close(r)
-    ring = ring_mod.FrameRing()
-    try:
-        pump.add("gone", ring, w)
+    with Pipe(None) as pipe, running(pump_mod) as pump:
+        pipe.close_reader()
+        ring = ring_mod.FrameRing()
+        pump.add("gone", ring, pipe.w)
         ring.append(b"x")
         pump.notify()
-        deadline = threading.Event()
-        for _ in range(3000):
-            if pump.broken():
-                break
-            deadline.wait(0.01)
+        assert wait_for(pump.broken, 30)
         assert pump.broken() == {"gone": errno.EPIPE}
-        pump.add("gone", ring, w)  # the same lane again: still broken
+        pump.add("gone", ring, pipe.w)  # the same lane again: still broken
         assert pump.broken() == {"gone": errno.EPIPE}
         pump.remove("gone")
         assert pump.broken() == {}
-    finally:
-        pump.stop()
-        thread.join(30)
-        pump.close()
-        os.close(w)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import pytest
+from helpers import outcome
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -301,14 +302,6 @@ RING_CASES: dict[str, Callable[[types.ModuleType], Any]] = {
 }
 
 
-def _outcome(call: Callable[[types.ModuleType], Any], module: types.ModuleType):
-    try:
-        result = call(module)
-    except Exception as exc:  # compared, not swallowed
-        return type(exc), str(exc)
-    return "ok", repr(result)
-
-
 @pytest.mark.parametrize("case", sorted(RING_CASES))
 def test_messages_match(case):
     try:
@@ -316,7 +309,7 @@ def test_messages_match(case):
     except ImportError:
         pytest.skip("fanout._ring (native) is not built")
     call = RING_CASES[case]
-    assert _outcome(call, native) == _outcome(call, fanout._ring_py)
+    assert outcome(call, native) == outcome(call, fanout._ring_py)
 
 
 # -- random write/read sequences against deque -----------------------------------------

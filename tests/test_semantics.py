@@ -19,7 +19,6 @@ import datetime as dt
 import json
 import logging
 import os
-import pickle
 import signal
 import subprocess
 import sys
@@ -35,39 +34,22 @@ import msgpack
 import numpy as np
 import psutil
 import pytest
-from helpers import Noop, Recorder, obj, read_calls, wait_calls, wait_for
+from helpers import (
+    Collector,
+    Dumper,
+    FakeClock,
+    Noop,
+    Recorder,
+    obj,
+    read_calls,
+    read_dumps,
+    wait_calls,
+    wait_for,
+)
 
 import fanout
 
 TESTS_DIR = Path(__file__).resolve().parent
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class Collector:
-    """An ``on_error`` / ``on_dead_letter`` callback that keeps what it is given."""
-
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.items: list[tuple[Any, Any, str, int, str]] = []
-
-    def __call__(self, reg: Any, n: Any, text: str) -> None:
-        with self.lock:
-            self.items.append((reg, n, text, os.getpid(), threading.current_thread().name))
-
-    def __len__(self) -> int:
-        with self.lock:
-            return len(self.items)
-
-    def snapshot(self) -> list[tuple[Any, Any, str, int, str]]:
-        with self.lock:
-            return list(self.items)
 
 
 def _alive(pid: int) -> bool:
@@ -82,36 +64,6 @@ def upd(name: str, v: int, **extra: Any) -> fanout.Update:
 
 
 # -- module-level handlers (they pickle; spawn workers import this module) -----------------
-
-
-class Dumper(fanout.Handler):
-    """Pickle ``(kind, args)`` of every call to a file, to compare what arrived."""
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = str(path)
-
-    def _dump(self, item: tuple[Any, ...]) -> None:
-        with open(self.path, "ab") as f:
-            pickle.dump(item, f, protocol=pickle.HIGHEST_PROTOCOL)  # <5 loses byte order
-
-    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
-        self._dump(("add", obj, is_in_initial_list))
-
-    def on_update(self, old: Any, new: Any) -> None:
-        self._dump(("update", old, new))
-
-    def on_delete(self, obj: Any) -> None:
-        self._dump(("delete", obj))
-
-
-def read_dumps(path: str | os.PathLike[str]) -> list[Any]:
-    out = []
-    with open(path, "rb") as f:
-        while True:
-            try:
-                out.append(pickle.load(f))
-            except EOFError:
-                return out
 
 
 class Probe(fanout.Handler):
@@ -755,8 +707,8 @@ def test_sigkill_mid_call_resends_in_order_and_counts_one_attempt(
     assert (s.restarts, s.pending, s.errors) == (1, 0, 0)
     if max_attempts == 1:  # the call it died in was its one attempt
         assert s.dead_lettered == 1 and len(dead) == 1
-        got_reg, got_n, reason, cb_pid, _ = dead.snapshot()[0]
-        assert got_reg is reg and got_n == first and cb_pid == os.getpid()
+        got_reg, got_n, reason = dead.snapshot()[0]
+        assert got_reg is reg and got_n == first and dead.caller_pids() == [os.getpid()]
         assert "SIGKILL" in reason
     else:  # one attempt used, one left: handled by the new worker
         assert s.dead_lettered == 0 and len(dead) == 0
@@ -830,9 +782,9 @@ def test_handler_exception_reported_in_the_parent(make_dist, tmp_path, start_met
     assert [c.v for c in wait_calls(path, 2, timeout=60)] == [0, 2]
     assert wait_for(lambda: len(errors) == 1)
     assert d.stop(drain=True, timeout=60) is True
-    got_reg, got_n, text, cb_pid, _ = errors.snapshot()[0]
+    got_reg, got_n, text = errors.snapshot()[0]
     assert got_reg is reg and got_n == boom
-    assert cb_pid == os.getpid()  # on_error runs in the parent
+    assert errors.caller_pids() == [os.getpid()]  # on_error runs in the parent
     assert "Traceback" in text and "ValueError: asked to raise by boom" in text
     logged = "\n".join(r.getMessage() for r in caplog.records if r.name == "fanout")
     assert "ValueError: asked to raise by boom" in logged and "Traceback" in logged

@@ -1,7 +1,11 @@
 """The worker's frame loop: the native ``serve`` and its pure-Python twin agree.
 
 Each case feeds the same frames through a real pipe to both loops, in this
-process, and compares what the handler saw and what was reported as undecodable.
+process, and compares what the handler saw, what was reported (handler errors,
+undecodable frames, with their messages) and the progress words left in the slot.
+The tables cover the payload fields, raw streams (bytes that are no msgpack, empty
+and truncated frames), codecs that misbehave, callbacks that raise, the STOP word
+and a pipe that fails.
 """
 
 from __future__ import annotations
@@ -14,10 +18,11 @@ from typing import Any
 import msgpack
 import numpy as np
 import pytest
+from frames import HEADER, Pipe, wire
+from helpers import outcome, twin_cases
 
 import fanout
-from fanout._protocol import DONE, ERRORS, HANDLED, SLOT_WORDS, STARTED
-from fanout._ring_common import HEADER
+from fanout._protocol import DONE, ERRORS, HANDLED, SLOT_WORDS, START_NS, STARTED, STOP
 from fanout._worker_py import serve as serve_py
 
 try:
@@ -33,6 +38,8 @@ UNPACK = fanout.MsgpackCodec().unpack
 
 
 class Seen(fanout.Handler):
+    """Keeps every call; raises ValueError for the object ``"raise"``."""
+
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
 
@@ -42,15 +49,19 @@ class Seen(fanout.Handler):
         self.calls.append(("add", obj, is_in_initial_list))
 
     def on_update(self, old: Any, new: Any) -> None:
+        if new == "raise":
+            raise ValueError("asked to, on update")
         self.calls.append(("update", old, new))
 
     def on_delete(self, obj: Any) -> None:
+        if obj == "raise":
+            raise ValueError("asked to, on delete")
         self.calls.append(("delete", obj))
 
 
 def frame(seq: int, fields: list[Any]) -> bytes:
-    payload = msgpack.packb(fields, use_bin_type=True)
-    return HEADER.pack(len(payload), seq) + payload
+    """A frame on the wire whose payload is ``fields`` packed by msgpack."""
+    return wire(seq, msgpack.packb(fields, use_bin_type=True))
 
 
 def unpack_numpy(payload: bytes) -> Any:
@@ -59,15 +70,36 @@ def unpack_numpy(payload: bytes) -> Any:
     return [np.int64(kind), np.uint64(t_ns), a, b]
 
 
+def _callback_fails(*args: Any) -> None:
+    raise RuntimeError("the callback fails")
+
+
 def run(
-    serve: Callable[..., Any], data: bytes, writes: int = 1, unpack: Any = UNPACK
+    serve: Callable[..., Any],
+    data: bytes,
+    writes: int = 1,
+    unpack: Any = UNPACK,
+    *,
+    stop: bool = False,
+    failing: str | None = None,
 ) -> dict[str, Any]:
-    """Feed ``data`` (in ``writes`` pieces) to ``serve``; return what it did."""
+    """Feed ``data`` (in ``writes`` pieces) to ``serve``; return what it did.
+
+    ``stop`` sets the slot's STOP word first; ``failing`` (``"on_error"`` or
+    ``"on_bad_frame"``) names a callback that raises instead of recording.
+    """
     r, w = os.pipe()
     slot = np.zeros(SLOT_WORDS, dtype=np.uint64)
+    slot[STOP] = int(stop)
     handler = Seen()
     bad: list[tuple[int, str, bytes]] = []
     errors: list[int] = []
+    callbacks = {
+        "on_error": lambda seq, payload: errors.append(seq),
+        "on_bad_frame": lambda seq, payload, exc: bad.append((seq, repr(exc), payload)),
+    }
+    if failing is not None:
+        callbacks[failing] = _callback_fails
 
     def feed() -> None:
         step = max(1, len(data) // writes)
@@ -83,8 +115,8 @@ def run(
             slot,
             unpack,
             handler,
-            lambda seq, payload: errors.append(seq),
-            lambda seq, payload, exc: bad.append((seq, repr(exc), payload)),
+            callbacks["on_error"],
+            callbacks["on_bad_frame"],
         )
     finally:
         writer.join()
@@ -95,6 +127,7 @@ def run(
         "bad_payloads": [payload for _, _, payload in bad],
         "errors": errors,
         "slot": (int(slot[STARTED]), int(slot[DONE]), int(slot[HANDLED]), int(slot[ERRORS])),
+        "running_since": int(slot[START_NS]),  # 0: no call is running any more
     }
 
 
@@ -125,6 +158,85 @@ def test_serve_twins_agree(case):
     data = b"".join(frame(i + 1, f) for i, f in enumerate(CASES[case]))
     native, py = run(serve_native, data), run(serve_py, data)
     assert native == py
+
+
+OK = frame(9, [0, 6, "ok", False])  # a good frame after a bad one: the loop goes on
+
+STREAMS: dict[str, bytes] = {
+    "payload-not-msgpack": wire(1, b"\xc1") + OK,  # 0xc1 is no msgpack type
+    "payload-empty": HEADER.pack(0, 1) + OK,
+    "payload-trailing-bytes": wire(1, msgpack.packb([0, 5, "x", False]) + b"\x00") + OK,
+    "eof-in-header": OK + HEADER.pack(50, 10)[:5],
+    "eof-in-payload": OK + HEADER.pack(50, 10) + b"x" * 10,
+    "seq-zero": frame(0, [0, 5, "x", False]),
+    "seq-max": frame(2**64 - 1, [0, 5, "x", False]),
+    "update-raises": frame(1, [1, 5, {"v": 1}, "raise"]) + OK,
+    "delete-raises": frame(1, [2, 5, "raise", None]) + OK,
+    "update-same-raises": frame(1, [3, 5, "raise", None]) + OK,
+}
+
+
+def _unpack_raises(payload: bytes) -> Any:
+    raise ValueError("this codec cannot decode anything")
+
+
+def _closed_fd(serve: Callable[..., Any]) -> Any:
+    r, w = os.pipe()
+    os.close(r)
+    os.close(w)
+    slot = np.zeros(SLOT_WORDS, dtype=np.uint64)
+    return serve(r, slot, UNPACK, Seen(), _callback_fails, _callback_fails)
+
+
+BAD = frame(1, [0, 2**63, "x", False])  # a timestamp out of range: undecodable
+RAISES = frame(1, [0, 5, "raise", False])
+
+CALLS: dict[str, Callable[[Callable[..., Any]], Any]] = {
+    "codec-raises": lambda s: run(s, OK, unpack=_unpack_raises),
+    "codec-gives-tuple": lambda s: run(s, OK, unpack=lambda p: tuple(UNPACK(p))),
+    "codec-gives-none": lambda s: run(s, OK, unpack=lambda p: None),
+    "codec-gives-five-fields": lambda s: run(s, OK, unpack=lambda p: [*UNPACK(p), 1]),
+    "stop-word-set": lambda s: run(s, OK + OK, stop=True),
+    "on-error-raises": lambda s: run(s, RAISES + OK, failing="on_error"),
+    "on-bad-frame-raises": lambda s: run(s, BAD + OK, failing="on_bad_frame"),
+    "data-pipe-closed": _closed_fd,
+}
+
+# Known differences, kept so a fix shows (a strict xfail fails once both agree).
+DIVERGENT: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("case", sorted(STREAMS))
+def test_serve_twins_agree_on_raw_streams(case):
+    if serve_native is None:
+        pytest.skip("fanout._worker (native) is not built")
+    assert run(serve_native, STREAMS[case]) == run(serve_py, STREAMS[case])
+
+
+@pytest.mark.parametrize("case", twin_cases(CALLS, DIVERGENT))
+def test_serve_twins_agree_on_codecs_callbacks_and_pipes(case):
+    if serve_native is None:
+        pytest.skip("fanout._worker (native) is not built")
+    assert outcome(CALLS[case], serve_native) == outcome(CALLS[case], serve_py)
+
+
+@pytest.mark.parametrize(
+    ("fd", "slot_words"), [("0", SLOT_WORDS), (0, 2)], ids=["fd-str", "slot-too-short"]
+)
+def test_serve_twins_refuse_bad_arguments_alike(fd, slot_words):
+    """Same exception type; the messages are Cython's and numpy's, not fanout's."""
+    if serve_native is None:
+        pytest.skip("fanout._worker (native) is not built")
+
+    def call(serve: Callable[..., Any]) -> Any:
+        with Pipe(None) as pipe:
+            os.write(pipe.w, OK)
+            pipe.close_writer()
+            slot = np.zeros(slot_words, dtype=np.uint64)
+            return serve(pipe.r if fd == 0 else fd, slot, UNPACK, Seen(), print, print)
+
+    native, py = outcome(call, serve_native), outcome(call, serve_py)
+    assert native[0] is py[0] and native[0] in (TypeError, IndexError), (native, py)
 
 
 @pytest.mark.parametrize("serve", SERVES)

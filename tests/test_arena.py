@@ -412,6 +412,8 @@ def test_full_arena_drop_oldest_drops_frames_not_yet_sent(make_dist, tmp_path):
     )
     for i in range(12):
         d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
+        if i == 1:  # both written to the worker's pipe: in flight from here on
+            assert wait_for(lambda: reg.lanes[0].ring.sent_seq == 2)
     assert reg.stats().dropped >= 8
     gate.touch()
     assert d.stop(drain=True, timeout=30)

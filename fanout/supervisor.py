@@ -387,7 +387,10 @@ class Supervisor(threading.Thread):
                 # Frames before it were finished (it started this one after them).
                 if started - 1 > ring.acked_seq:
                     ring.ack(started - 1)
-                payload = ring.peek()
+                payload: Any = ring.peek()
+                if payload is not None and listener.ctx.arena is not None:
+                    # Decoded while the frame still holds its shared-memory blocks.
+                    payload = listener.decoded(payload)
                 ring.ack(started)
                 lane.attempts.pop(started, None)
                 listener.dead_lettered += 1

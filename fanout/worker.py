@@ -95,6 +95,18 @@ def _rebuild_fd(dup: Any) -> int:
     return int(dup.detach())
 
 
+def inline_copy(codec: Codec, payload: bytes) -> bytes:
+    """``payload`` with shared-memory buffers inline, for the producer to decode later.
+
+    By the time the producer reads an error report the worker has finished the frame
+    and its arena blocks may be reused; the buffers' bytes must travel with it.
+    """
+    try:
+        return codec.pack(codec.unpack(payload))
+    except Exception:  # keep the reference: the producer may still find the block
+        return payload
+
+
 def worker_main(
     spec: WorkerSpec, data_fd: int, ret_fd: int, shm_fd: int, arena_fd: int = -1
 ) -> None:
@@ -138,6 +150,8 @@ def worker_main(
     def on_error(seq: int, payload: bytes) -> None:
         # Called inside the handler's except block: format_exc sees its error.
         text = traceback.format_exc()
+        if spec.arena_size:
+            payload = inline_copy(codec, payload)
         if len(payload) > MAX_ECHO:  # the parent decodes it only to name it
             payload = b""
         send_message(ret_fd, {"t": MSG_ERROR, "seq": seq, "text": text, "payload": payload})

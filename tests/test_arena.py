@@ -86,6 +86,16 @@ class KilledOnce(fanout.Handler):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+class RaisesOrDies(fanout.Handler):
+    """Raises on ``{"raise": True}``, SIGKILLs its worker on ``{"die": True}``."""
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        if obj.get("die"):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if obj.get("raise"):
+            raise ValueError("asked to raise")
+
+
 class Hostile(fanout.Handler):
     """Tries every way to write into the arena; records how each one failed."""
 
@@ -547,3 +557,26 @@ def test_dead_letters_at_stop_carry_the_array(make_dist, tmp_path):
         assert isinstance(n, fanout.Add)
         assert digest(n.obj["data"]) == digest(arr)
     assert d.shared_stats().held_bytes == 0
+
+
+def test_on_error_and_poison_dead_letters_carry_the_array_after_its_block_is_reused(
+    make_dist, tmp_path
+):
+    errors: list[Any] = []
+    letters: list[Any] = []
+    d = make_dist(max_shared_bytes=512 * KIB)  # four blocks: reused at once
+    d.add_listener(
+        RaisesOrDies(),
+        max_attempts=1,
+        on_error=lambda reg, n, text: errors.append(n),
+        on_dead_letter=lambda reg, n, why: letters.append(n),
+    )
+    d.start()
+    bad, poison = arr_no(7), arr_no(9)
+    d.distribute(fanout.Add({"raise": True, "data": bad}))
+    d.distribute(fanout.Add({"die": True, "data": poison}))
+    for i in range(20):
+        d.distribute(fanout.Add({"data": arr_no(i)}))
+    assert d.stop(drain=True, timeout=30)
+    assert [digest(n.obj["data"]) for n in errors] == [digest(bad)]
+    assert [digest(n.obj["data"]) for n in letters] == [digest(poison)]

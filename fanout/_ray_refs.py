@@ -17,6 +17,7 @@ keeps the frames, so a restarted actor gets the same references again.
 from __future__ import annotations
 
 import collections
+import functools
 import itertools
 import threading
 import weakref
@@ -33,8 +34,10 @@ DEFAULT_RAY_MIN_BYTES = 64 * 1024  # below this, a buffer is cheaper inline in t
 
 # In an actor: the references of the batch it is handling (token -> ObjectRef).
 _batch_refs: dict[int, Any] = {}
-# In the producer: the stores whose tokens a payload decoded here may use.
+# In the producer: the stores whose tokens a payload decoded here may use, and the
+# tokens, unique in the process, so a decode never finds another store's buffer.
 _stores: weakref.WeakSet[RayStore] = weakref.WeakSet()
+_tokens = itertools.count(1)
 
 
 def use_batch_refs(refs: dict[int, Any] | None) -> None:
@@ -63,10 +66,19 @@ def resolve(body: bytes) -> Any:
 class RayPayload(bytes):
     """An encoded notification whose big buffers are in Ray's object store.
 
-    ``tokens``: the references its frame carries.
+    ``tokens``: the references its frame carries. The payload itself holds one
+    share of each while it lives (``distribute`` is putting it into lanes), so a
+    lane that drops it at once cannot free a buffer the next lane still needs.
     """
 
     tokens: tuple[int, ...] = ()
+    _store: RayStore | None = None
+
+    def __del__(self) -> None:
+        store = self._store
+        if store is not None:
+            self._store = None
+            store.release(self.tokens)
 
 
 class RayStore:
@@ -84,11 +96,8 @@ class RayStore:
         self._encode = encode
         self.min_bytes = min_bytes
         self._lock = threading.Lock()
-        self._tokens = itertools.count(1)
-        self._refs: dict[int, Any] = {}  # token -> ObjectRef, while a lane holds it
-        self._holders: dict[int, int] = {}  # token -> lanes holding it
-        self._fresh: list[int] = []  # made by the last encode: freed if no lane took them
-        self._session: dict[int, tuple[Any, msgpack.ExtType]] | None = None
+        self._refs: dict[int, Any] = {}  # token -> ObjectRef, while something holds it
+        self._holders: dict[int, int] = {}  # token -> shares (lanes, and the payload)
         self.puts = 0  # buffers put into the object store
         self.put_bytes = 0
         _stores.add(self)
@@ -97,35 +106,31 @@ class RayStore:
         """Encode ``n`` for Ray listeners: big buffers become references.
 
         Returns plain ``bytes`` when nothing was put, else a ``RayPayload``.
-        Before Ray runs (``start()`` not yet called) buffers stay inline: a put
-        would start a Ray cluster of its own.
+        While Ray is not connected (before ``start()``, unless the program called
+        ``ray.init`` itself) buffers stay inline: a put would start a cluster.
+        Safe from several threads (``add_listener`` encodes an initial list while
+        the producer distributes).
         """
         payload = self._encode(n, t_ns)
         if len(payload) < self.min_bytes or not self.ray.is_initialized():
             return payload
-        with self._lock:
-            for token in self._fresh:  # the last notification's, if no lane took them
-                if not self._holders.get(token):
-                    self._forget(token)
-            self._fresh = []
-        self._session = {}
+        session: dict[int, tuple[Any, msgpack.ExtType, int]] = {}
         try:
-            swapped = _swap_notification(n, self._share)
+            swapped = _swap_notification(n, functools.partial(self._share, session))
             if swapped is None:
                 return payload
             out = RayPayload(self._encode(swapped, t_ns))
-        finally:
-            made = self._session
-            self._session = None
-        out.tokens = tuple(msgpack.unpackb(ext.data) for _, ext in made.values())
-        with self._lock:
-            self._fresh = list(out.tokens)
+        except BaseException:
+            self.release(tuple(token for _, _, token in session.values()))
+            raise
+        out.tokens = tuple(token for _, _, token in session.values())
+        out._store = self
         return out
 
-    def _share(self, obj: Any) -> msgpack.ExtType | None:
+    def _share(
+        self, session: dict[int, tuple[Any, msgpack.ExtType, int]], obj: Any
+    ) -> msgpack.ExtType | None:
         """Put ``obj`` into the object store if it is big enough; its reference, or None."""
-        session = self._session
-        assert session is not None
         seen = session.get(id(obj))
         if seen is not None:
             return seen[1]  # the same buffer twice in one notification: one put
@@ -148,14 +153,14 @@ class RayStore:
             if type(obj) is not bytes:
                 value = bytes(view)  # put as bytes: the handler gets bytes
         ref = self.ray.put(value)
-        token = next(self._tokens)
+        token = next(_tokens)  # unique in the process: a decode finds the right store
         with self._lock:
             self._refs[token] = ref
-            self._holders[token] = 0
+            self._holders[token] = 1  # the payload's share, until it is gone
         self.puts += 1
         self.put_bytes += nbytes
         ext = msgpack.ExtType(EXT_RAY_REF, msgpack.packb(token))
-        session[id(obj)] = (obj, ext)  # obj kept alive: its id stays unique
+        session[id(obj)] = (obj, ext, token)  # obj kept alive: its id stays unique
         return ext
 
     def hold(self, tokens: tuple[int, ...]) -> None:
@@ -165,21 +170,18 @@ class RayStore:
                 self._holders[token] += 1
 
     def release(self, tokens: tuple[int, ...]) -> None:
-        """A lane is done with a frame using ``tokens``."""
+        """A lane (or a payload) is done with ``tokens``."""
         with self._lock:
             for token in tokens:
-                left = self._holders[token] - 1
-                if left:
+                left = self._holders.get(token, 0) - 1
+                if left > 0:
                     self._holders[token] = left
                 else:
-                    self._forget(token)
-
-    def _forget(self, token: int) -> None:
-        self._refs.pop(token, None)
-        self._holders.pop(token, None)
+                    self._refs.pop(token, None)
+                    self._holders.pop(token, None)
 
     def ref(self, token: int) -> Any:
-        """The ``ObjectRef`` of ``token`` while a lane holds it, else None."""
+        """The ``ObjectRef`` of ``token`` while something holds it, else None."""
         return self._refs.get(token)
 
     def refs(self, tokens: Any) -> dict[int, Any]:
@@ -188,7 +190,7 @@ class RayStore:
             return {t: self._refs[t] for t in tokens if t in self._refs}
 
     def held(self) -> int:
-        """Buffers some lane still holds, or that the last encode made."""
+        """Buffers something still holds."""
         with self._lock:
             return len(self._refs)
 
@@ -226,6 +228,17 @@ class TokenLog:
         """The tokens of the frames ``first..last``."""
         with self._lock:
             return [t for seq, tokens in self._log if first <= seq <= last for t in tokens]
+
+    def release_between(self, first: int, last: int) -> None:
+        """Let go of the frames ``first..last`` (dropped before they were sent)."""
+        done: list[int] = []
+        with self._lock:
+            keep = [(s, t) for s, t in self._log if not first <= s <= last]
+            if len(keep) != len(self._log):
+                done = [x for s, t in self._log if first <= s <= last for x in t]
+                self._log = collections.deque(keep)
+        if done:
+            self.store.release(tuple(done))
 
     def release_upto(self, seq: int) -> None:
         """Let go of the frames up to ``seq`` (acknowledged or dropped)."""

@@ -155,7 +155,7 @@ class Distributor:
         OSError: The shared-memory arena could not be created.
     """
 
-    close_grace = 5.0  # a removed listener's worker gets this long to leave
+    CLOSE_GRACE = 5.0  # a removed listener's worker gets this long to leave
 
     def __init__(
         self,
@@ -190,7 +190,7 @@ class Distributor:
             start_method=start_method,
             mp_context=mp_context,
             pump=Pump(),
-            close_grace=self.close_grace,
+            close_grace=self.CLOSE_GRACE,
             arena=self.arena,
         )
         self.clock = clock
@@ -342,6 +342,15 @@ class Distributor:
         return f"<Distributor {state} listeners={len(self._listeners)}>"
 
     # -- introspection -------------------------------------------------------------------
+
+    @property
+    def close_grace(self) -> float:
+        """Seconds a removed listener's worker gets to leave before it is killed."""
+        return self.ctx.close_grace
+
+    @close_grace.setter
+    def close_grace(self, seconds: float) -> None:
+        self.ctx.close_grace = seconds
 
     @property
     def started(self) -> bool:
@@ -585,8 +594,8 @@ class Distributor:
         current = threading.current_thread()
         if isinstance(reg, Registration) and reg.thread is not None and current is reg.thread:
             raise RuntimeError(
-                f"shutdown_listener({reg.name!r}) called from its own handler would wait "
-                f"for itself; call remove_listener() there instead"
+                f"shutdown_listener({reg.name!r}) called from its own handler or "
+                f"callback would wait for itself; call remove_listener() there instead"
             )
         if current is self.supervisor:
             raise RuntimeError(

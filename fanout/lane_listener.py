@@ -1,6 +1,7 @@
 """Listeners whose lanes are frame rings: what process and Ray listeners share.
 
-``distribute`` encodes a notification once; such a listener picks one lane by key
+``distribute`` encodes a notification once for all listeners that need the same
+encoding (``Registration.encoder``); such a listener picks one lane by key
 (``route``), checks room (``check_room``) and appends the payload to that lane's
 ``FrameRing`` (``put``), applying its overflow policy. What consumes a ring is the
 subclass's business: the pump and a worker process (``process_listener``), or a
@@ -141,8 +142,7 @@ class LaneListener(Registration):
             # max(0): acks may have made room since the append failed (the pump,
             # or a Ray listener's sender, frees frames concurrently).
             need = max(0, ring.nbytes + len(payload) + HEADER_SIZE - bound)
-            frames, _ = ring.drop_unsent(need)
-            self.dropped += frames
+            self.dropped += self.drop_unsent(lane, need)
             try:
                 ring.append(payload)
             except RingFull:  # frames in flight fill the bound: the newest goes
@@ -154,6 +154,15 @@ class LaneListener(Registration):
             raise ListenerFull(f"listener {self.name!r} lane {lane.index} is full")
         else:
             self._put_blocking(lane, payload)
+
+    def drop_unsent(self, lane: Any, nbytes: int) -> int:
+        """Drop the oldest frames of ``lane`` not yet sent, for ``nbytes`` of room.
+
+        Returns:
+            How many frames were dropped.
+        """
+        frames, _ = lane.ring.drop_unsent(nbytes)
+        return int(frames)
 
     def _put_blocking(self, lane: Any, payload: bytes) -> None:
         """Wait for room (backpressure); give up only when the listener goes away."""

@@ -34,6 +34,7 @@ from fanout._protocol import HEADER, HEADER_SIZE, NBUCKETS
 from fanout._ray_actor import LaneActor, progress_path
 from fanout._ray_refs import RayPayload, RayStore, TokenLog
 from fanout._version import DISTRIBUTION
+from fanout.codec import MsgpackCodec
 from fanout.lane_listener import LaneListener
 from fanout.notifications import RawFrame
 from fanout.options import ListenerOptions
@@ -318,7 +319,7 @@ class RayListener(LaneListener):
 
     def encoder(self) -> Callable[[Any, int], bytes]:
         """Big buffers go into Ray's object store once, for every Ray listener."""
-        if type(self.ctx.codec).__name__ != "MsgpackCodec":
+        if not isinstance(self.ctx.codec, MsgpackCodec):
             return self.ctx.encode  # references are MessagePack ext values
         return self.store.encode
 
@@ -328,13 +329,23 @@ class RayListener(LaneListener):
             # Noted before the append: the sender may submit the frame at once.
             seq = lane.ring.last_seq + 1
             lane.tokens.add(seq, payload.tokens)
-            super().put(lane, payload)
-            if lane.ring.last_seq < seq:  # not taken (dropped on arrival, or closed)
-                lane.tokens.retract(seq)
+            try:
+                super().put(lane, payload)
+            finally:
+                if lane.ring.last_seq < seq:  # not taken (dropped on arrival, closed)
+                    lane.tokens.retract(seq)
         else:
             super().put(lane, payload)
         if self.idle:
             self.wake.set()
+
+    def drop_unsent(self, lane: Any, nbytes: int) -> int:
+        """Drop the oldest unsent frames, and let go of their Ray objects at once."""
+        first = lane.ring.sent_seq + 1  # unsent frames follow the sent ones, in order
+        frames = super().drop_unsent(lane, nbytes)
+        if frames and lane.tokens:
+            lane.tokens.release_between(first, first + frames - 1)
+        return frames
 
     def settle(self, reason: str | None) -> list[Callable[[], None]]:
         """Account for the frames still held, and let go of their Ray objects."""
@@ -342,6 +353,13 @@ class RayListener(LaneListener):
         for lane in self.lanes:
             lane.tokens.release_all()
         return calls
+
+    def _settle_items(self, items: list[Any], reason: str | None) -> list[Callable[[], None]]:
+        # Dead letters are decoded now, while their Ray objects are still held;
+        # on_dead_letter runs later, after the lock.
+        if reason is not None:
+            items = [self.decoded(item) for item in items]
+        return super()._settle_items(items, reason)
 
     # -- lifecycle -------------------------------------------------------------------
 

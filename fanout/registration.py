@@ -19,7 +19,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from fanout._logs import error_log
@@ -37,9 +37,11 @@ class ListenerContext:
     """What a listener may use of its distributor.
 
     The distributor builds one and hands it to each listener it creates; it
-    alone sets the flags. ``pump`` feeds process lanes' pipes; ``ray_cluster``
-    is the Ray cluster handle the distributor's Ray listeners share (made by the
-    first one that starts, detached by the distributor's stop).
+    alone sets the flags (``started``, ``stopping``, ``producer_synced``).
+    ``pump`` feeds process lanes' pipes; ``ray_cluster`` and ``ray_store`` are
+    what the distributor's Ray listeners share (the Ray cluster handle, and the
+    big buffers put into Ray's object store), made by the first Ray listener
+    that needs them; the distributor's stop detaches the cluster.
     """
 
     def __init__(
@@ -97,7 +99,7 @@ class Registration:
     executor = "?"
 
     thread: threading.Thread | None = None  # one that runs handlers or feeds them
-    lanes: list[Any] = []  # what start() waits for: each has first_start, start_error
+    lanes: Sequence[Any] = ()  # what start() waits for: each has first_start, start_error
 
     def __init__(self, ctx: ListenerContext, opts: ListenerOptions) -> None:
         self.ctx = ctx
@@ -330,24 +332,25 @@ class Registration:
             functools.partial(self.dead_letter_item, item, reason, quiet=True) for item in items
         ]
 
-    def decoded(self, payload: bytes | bytearray) -> Notification | RawFrame:
-        """The notification ``payload`` holds, or a ``RawFrame`` saying why not."""
-        try:
-            return self.ctx.codec.decode(payload)[0]
-        except Exception as exc:
-            return RawFrame(bytes(payload), f"cannot be decoded: {exc!r}")
-
     def dead_letter_item(self, item: Any, reason: str, quiet: bool = False) -> None:
         """Report ``item`` (a notification or an encoded payload) as dead-lettered.
 
         ``quiet``: call ``on_dead_letter`` only (the caller logged a summary).
         """
-        if isinstance(item, (bytes, bytearray)):
-            item = self.decoded(item)
+        item = self.decoded(item)
         if quiet:
             self._callback(self.on_dead_letter, item, reason)
         else:
             self.report_dead_letter(item, reason)
+
+    def decoded(self, item: Any) -> Any:
+        """``item`` as a notification: a payload decoded (a ``RawFrame`` if it cannot be)."""
+        if isinstance(item, (bytes, bytearray)):
+            try:
+                return self.ctx.codec.decode(item)[0]
+            except Exception as exc:
+                return RawFrame(bytes(item), f"cannot be decoded: {exc!r}")
+        return item
 
     def stats(self) -> ListenerStats:
         """Return a snapshot of this listener's counters.

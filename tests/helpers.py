@@ -386,11 +386,13 @@ class BufferProbe(fanout.Handler):
     """Record, per call, what a big buffer looked like to the handler (JSON lines).
 
     ``obj``: ``{"name": str, "data": array or bytes}``, plus the steering keys
-    ``started`` (a file to create when the call begins) and ``gate`` (wait for it).
+    ``started`` (a file to create when the call begins), ``gate`` (wait for it,
+    unless ``obey_gate`` is False) and ``raise``.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], obey_gate: bool = True) -> None:
         self.path = str(path)
+        self.obey_gate = obey_gate
 
     def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
         import json
@@ -399,9 +401,11 @@ class BufferProbe(fanout.Handler):
 
         if "started" in obj:
             open(obj["started"], "a").close()
-        if "gate" in obj:
+        if "gate" in obj and self.obey_gate:
             while not os.path.exists(obj["gate"]):
                 time.sleep(0.005)
+        if obj.get("raise"):
+            raise ValueError(f"asked to raise by {obj['name']}")
         data = obj["data"]
         rec: dict[str, Any] = {"name": obj["name"], "pid": os.getpid()}
         rec["type"] = type(data).__name__

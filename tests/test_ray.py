@@ -662,7 +662,8 @@ def test_a_restarted_actor_gets_the_same_big_buffer(rdist, tmp_path: Path) -> No
     (rec,) = read_probes(tmp_path / "p")
     assert rec["pid"] != pid and rec["sum"] == float(data.sum())
     s = assert_accounted(reg)
-    assert (s.delivered, s.restarts) == (1, 1)
+    # (a call the restarted actor refused as stale may count a second restart)
+    assert s.delivered == 1 and s.restarts >= 1
     assert d.ctx.ray_store.held() == 0
 
 
@@ -682,3 +683,82 @@ def test_stop_without_drain_lets_go_of_every_big_buffer(rdist, tmp_path: Path) -
     s = assert_accounted(reg)
     assert s.dropped + s.delivered == 5
     assert store.held() == 0
+
+
+def test_a_drop_on_one_ray_listener_leaves_the_buffer_to_the_others(rdist, tmp_path: Path) -> None:
+    import numpy as np
+
+    d = rdist()
+    gate = tmp_path / "gate"
+    full = d.add_listener(
+        BufferProbe(str(tmp_path / "full")),
+        executor="ray",
+        name="full",
+        max_pending_bytes=1024,
+        overflow="drop_newest",
+    )
+    free = d.add_listener(
+        BufferProbe(str(tmp_path / "free"), obey_gate=False), executor="ray", name="free"
+    )
+    d.start()
+    n = 300
+    for i in range(n):  # the gated listeners fill up and drop; the free one gets all
+        d.distribute(fanout.Add({"name": f"b{i}", "data": np.full(1 << 14, i), "gate": str(gate)}))
+    store = d.ctx.ray_store
+    # What the bounded listeners dropped is let go at once: only frames some ring
+    # still holds (at most ~1 KiB of references each) keep their buffer.
+    assert wait_for(lambda: free.stats().delivered == n, 120)
+    held = [len(lane.tokens) for r in (full, free) for lane in r.lanes]  # type: ignore[attr-defined]
+    assert store.held() < 120, (store.held(), held)
+    gate.touch()
+    assert d.stop(drain=True, timeout=120) is True
+    got = read_probes(tmp_path / "free")
+    assert sorted(r["sum"] for r in got) == sorted(float(i * (1 << 14)) for i in range(n))
+    for reg in (full,):
+        s = assert_accounted(reg)
+        assert s.dropped > 0 and s.delivered == len(read_probes(tmp_path / reg.name))
+    assert store.held() == 0
+
+
+def test_errors_and_dead_letters_show_this_distributors_buffer(rdist, tmp_path: Path) -> None:
+    import numpy as np
+
+    other = rdist()  # another distributor's buffers, under the same tokens if shared
+    other.add_listener(BufferProbe(str(tmp_path / "other")), executor="ray")
+    other.start()
+    other.distribute(fanout.Add({"name": "zeros", "data": np.zeros(1 << 14)}))
+    errors: list[Any] = []
+    dead: list[Any] = []
+    d = rdist()
+    d.add_listener(
+        BufferProbe(str(tmp_path / "p")),
+        executor="ray",
+        on_error=lambda r, n, text: errors.append(n),
+        on_dead_letter=lambda r, n, why: dead.append(n),
+    )
+    d.start()
+    ones = np.ones(1 << 14)
+    d.distribute(fanout.Add({"name": "raises", "data": ones, "raise": True}))
+    gate = tmp_path / "gate"
+    d.distribute(fanout.Add({"name": "stuck", "data": ones * 2, "gate": str(gate)}))
+    d.distribute(fanout.Add({"name": "behind", "data": ones * 3}))
+    assert wait_for(lambda: errors, 60)
+    assert d.stop(drain=True, timeout=1) is False  # "stuck" never returns
+    assert errors[0].obj["name"] == "raises" and float(errors[0].obj["data"].sum()) == 1 << 14
+    assert [n.obj["name"] for n in dead] == ["stuck", "behind"][: len(dead)] and dead
+    for n in dead:  # decoded before the stop let go of the buffers
+        assert float(n.obj["data"].sum()) > 1 << 14
+    assert d.ctx.ray_store.held() == 0
+
+
+def test_an_initial_list_of_big_buffers_on_a_running_distributor(rdist, tmp_path: Path) -> None:
+    import numpy as np
+
+    d = rdist()
+    d.start()
+    items = [{"name": f"i{k}", "data": np.full(1 << 14, k)} for k in range(3)]
+    reg = d.add_listener(BufferProbe(str(tmp_path / "p")), executor="ray", initial_list=items)
+    assert d.stop(drain=True) is True
+    assert sorted(r["name"] for r in read_probes(tmp_path / "p")) == ["i0", "i1", "i2"]
+    assert assert_accounted(reg).delivered == 3
+    assert d.ctx.ray_store.held() == 0

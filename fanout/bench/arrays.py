@@ -54,7 +54,7 @@ import numpy as np
 import fanout
 from fanout.bench.contenders import Contender, _read_result, _ready
 from fanout.bench.scenarios import MAX_COUNT, SESSION_S, Case, Metric
-from fanout.listener import F_SETPIPE_SZ, PIPE_SIZE
+from fanout.process_listener import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.worker import FdArg
 
 __all__ = [

@@ -105,7 +105,11 @@ def build_parser() -> argparse.ArgumentParser:
         + _listing("contenders (--contender NAME)", {c.name: c for c in CONTENDERS}),
     )
     bench.add_argument("--quick", action="store_true", help="a short run (about a minute)")
-    bench.add_argument("--json", metavar="PATH", help="write every raw figure and the machine")
+    bench.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write every raw figure, and a description of the machine, as JSON",
+    )
     bench.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     bench.add_argument(
         "--markdown", metavar="PATH", help="write the figures as a markdown table ('-': stdout)"
@@ -115,8 +119,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="measure nothing: show a run saved with --json (table, --plot, --markdown)",
     )
-    bench.add_argument("--listeners", type=_positive_ints, help="listener counts, e.g. 1,4")
-    bench.add_argument("--workers", type=_positive_ints, help="workers per listener, e.g. 1,2")
+    bench.add_argument(
+        "--listeners", type=_positive_ints, help="listener counts (default 1,4; --quick: 2)"
+    )
+    bench.add_argument(
+        "--workers", type=_positive_ints, help="workers per listener (default 1,2; --quick: 1)"
+    )
     bench.add_argument(
         "--payload",
         action="append",
@@ -125,8 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--work-us", type=_non_negative_float, help="handler work (us) in 'cpu'; 0 allowed"
     )
-    bench.add_argument("--duration", type=_positive_float, help="seconds per measured round")
-    bench.add_argument("--rounds", type=_positive_int, help="measured rounds per figure")
+    bench.add_argument(
+        "--duration",
+        type=_positive_float,
+        help="seconds per measured round (default 0.5; --quick: 0.05)",
+    )
+    bench.add_argument(
+        "--rounds", type=_positive_int, help="measured rounds per figure (default 5; --quick: 3)"
+    )
     bench.add_argument(
         "--scenario",
         action="append",

@@ -57,14 +57,23 @@ LISTENER_KINDS: dict[str, type[Registration]] = {
     "thread": ThreadListener,
     "ray": RayListener,
 }
-# Started, not yet stopped: stopped at interpreter exit if the program forgot to.
+# Not yet stopped: stopped at interpreter exit if the program forgot to, saying
+# what that lost (a forgotten start() or stop() must not lose notifications silently).
 _running: weakref.WeakSet[Distributor] = weakref.WeakSet()
 
 
 @atexit.register
 def _stop_at_exit() -> None:
     for d in list(_running):
-        d.stop(drain=False)
+        if d.stop(drain=False):
+            continue
+        never = "" if d.started else ", as start() was never called"
+        log.warning(
+            "the program exits without stop(): %s%s. Call stop(drain=True) before "
+            "exiting, or use `with Distributor() as d:`",
+            d.describe_losses(),
+            never,
+        )
 
 
 def effective_resync(requested: float, check: float) -> float:
@@ -216,6 +225,7 @@ class Distributor:
         self._pump_thread: threading.Thread | None = None
         self.supervisor = Supervisor(self.ctx, self.lock, self.supervised_lanes)
         self.ctx.wake_supervisor = self.supervisor.wake
+        _running.add(self)
 
     def _make_arena(self, max_bytes: Any, min_bytes: Any) -> Arena | None:
         """The shared-memory arena, or None (disabled, or a codec that cannot use it)."""
@@ -777,7 +787,6 @@ class Distributor:
             self._pump_thread.start()
             self.supervisor.start()
             self.ctx.started = True  # from here on, stop() cleans up whatever started
-            _running.add(self)
             try:
                 for reg in self._listeners:
                     reg.start()
@@ -1032,12 +1041,20 @@ class Distributor:
             log.exception("stop() failed while leaving a with block that raised")
             return
         if not complete:
-            lost = ", ".join(
-                f"{name!r}: {dead} dead-lettered, {dropped} dropped"
-                for name, dead, dropped in self._stop_losses
-            )
             log.warning(
                 "leaving the with block: not every notification was delivered (%s); "
                 "see each listener's stats() and on_dead_letter",
-                lost,
+                self.describe_losses(),
             )
+
+    def describe_losses(self) -> str:
+        """Say what the last ``stop()`` dropped or dead-lettered, per listener.
+
+        Returns:
+            ``'name': N dead-lettered, M dropped`` for each listener that lost
+            notifications, comma-separated; empty if none did.
+        """
+        return ", ".join(
+            f"listener {name!r}: {dead} dead-lettered, {dropped} dropped"
+            for name, dead, dropped in self._stop_losses
+        )

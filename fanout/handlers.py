@@ -211,6 +211,8 @@ def pickle_for_workers(handler: Any) -> bytes:
             f"handler {handler!r:.80} uses {names}, defined in __main__, but this "
             f"__main__ has no file (stdin, python -c, a REPL or a notebook), so worker "
             f"processes cannot import it. Define it in a module the workers can import "
-            f"(a .py file), or pass executor='thread' to run it in this process"
+            f"(a .py file), or pass executor='thread' to run it in this process "
+            f"(without workers=, handler_timeout= and max_pending_bytes=, which "
+            f"only processes take)"
         )
     return buf.getvalue()

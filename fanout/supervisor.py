@@ -318,7 +318,9 @@ class Supervisor(threading.Thread):
                 # retrying cannot fix that. start() / add_listener raise it.
                 lane.start_error = lane.fatal_text or (
                     f"worker exited with code {code} before it was ready (its "
-                    f"traceback, if any, went to stderr)"
+                    f"traceback, if any, went to stderr). Workers import the main "
+                    f"script: if it builds and starts the Distributor at module "
+                    f'level, put that under `if __name__ == "__main__":`'
                 )
                 lane.exited.set()
                 return

@@ -43,7 +43,7 @@ try:
     from rich.text import Text
 except ImportError as exc:  # the extra is not installed
     raise ImportError(
-        f"fanout top needs rich and prometheus_client ({exc.name} is missing): "
+        f"this command needs rich and prometheus_client ({exc.name} is missing): "
         f"pip install '{DISTRIBUTION}[top]'"
     ) from exc
 

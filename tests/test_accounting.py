@@ -129,9 +129,20 @@ def test_thread_executor_works_from_a_fileless_main():
     assert proc.stdout.split() == ["handled", "2", "done"]
 
 
-def _readme_example() -> str:
+def _readme_example(index: int = 0) -> str:
     text = README_EXAMPLE.read_text()
-    return text.split("```python\n", 1)[1].split("```", 1)[0]
+    return text.split("```python\n")[1 + index].split("```", 1)[0]
+
+
+def test_readme_schema_example_runs_as_a_file(tmp_path):
+    pytest.importorskip("msgspec")
+    script = tmp_path / "schema_example.py"
+    script.write_text(_readme_example(1))
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=90, cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "web-1 is now Running"
 
 
 def test_readme_example_runs_as_a_file(tmp_path):
@@ -659,3 +670,79 @@ def test_a_draining_stop_refuses_new_notifications_so_it_ends(make_dist, tmp_pat
     assert s.dropped == s.dead_lettered == 0 and sent <= s.received <= sent + 1
     with pytest.raises(fanout.DistributorStopped):
         d.add_listener(Noop())
+
+
+# -- a forgotten start() or stop() is said at exit ----------------------------------------
+
+FORGETFUL_SCRIPT = """
+import sys
+import fanout
+from helpers import Recorder
+
+if __name__ == "__main__":
+    d = fanout.Distributor()
+    d.add_listener(Recorder(sys.argv[1]), name="slow")
+    if sys.argv[2] == "start":
+        d.start()
+    for i in range(100):
+        d.distribute(fanout.Add({"metadata": {"name": f"o{i}"}, "sleep": 0.05}))
+    print("exiting")
+"""
+
+
+@pytest.mark.parametrize("forgot", ["stop", "start"])
+def test_exiting_without_stop_says_what_was_lost(tmp_path, forgot):
+    script = tmp_path / "forgetful.py"
+    script.write_text(FORGETFUL_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    env.pop("PYTHONSAFEPATH", None)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(script),
+            str(tmp_path / "calls"),
+            "start" if forgot == "stop" else "",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=90,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "exiting"
+    assert "the program exits without stop(): listener 'slow':" in proc.stderr
+    if forgot == "stop":
+        assert " dropped" in proc.stderr and "never called" not in proc.stderr
+    else:
+        assert "100 dead-lettered, 0 dropped, as start() was never called" in proc.stderr
+    assert "Call stop(drain=True) before exiting" in proc.stderr
+
+
+UNGUARDED_SCRIPT = """
+import sys
+import fanout
+from helpers import Noop
+
+d = fanout.Distributor(start_method=sys.argv[1])
+d.add_listener(Noop())
+try:
+    d.start()
+except fanout.WorkerStartError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.parametrize("start_method", ["forkserver", "spawn"])
+def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path, start_method):
+    script = tmp_path / "unguarded.py"
+    script.write_text(UNGUARDED_SCRIPT)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    env.pop("PYTHONSAFEPATH", None)
+    proc = subprocess.run(
+        [sys.executable, str(script), start_method],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=90,
+    )
+    assert 'put that under `if __name__ == "__main__":`' in proc.stdout, proc.stdout + proc.stderr

@@ -229,14 +229,17 @@ class TokenLog:
         with self._lock:
             return [t for seq, tokens in self._log if first <= seq <= last for t in tokens]
 
-    def release_between(self, first: int, last: int) -> None:
-        """Let go of the frames ``first..last`` (dropped before they were sent)."""
+    def release_missing(self, held: set[int], upto: int) -> None:
+        """Let go of the frames up to ``upto`` the ring no longer ``held`` (dropped)."""
         done: list[int] = []
         with self._lock:
-            keep = [(s, t) for s, t in self._log if not first <= s <= last]
-            if len(keep) != len(self._log):
-                done = [x for s, t in self._log if first <= s <= last for x in t]
-                self._log = collections.deque(keep)
+            keep: collections.deque[tuple[int, tuple[int, ...]]] = collections.deque()
+            for seq, tokens in self._log:
+                if seq <= upto and seq not in held:
+                    done.extend(tokens)
+                else:
+                    keep.append((seq, tokens))
+            self._log = keep
         if done:
             self.store.release(tuple(done))
 

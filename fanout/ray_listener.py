@@ -341,10 +341,10 @@ class RayListener(LaneListener):
 
     def drop_unsent(self, lane: Any, nbytes: int) -> int:
         """Drop the oldest unsent frames, and let go of their Ray objects at once."""
-        first = lane.ring.sent_seq + 1  # unsent frames follow the sent ones, in order
+        last = lane.ring.last_seq  # (the frame being put has its entry already)
         frames = super().drop_unsent(lane, nbytes)
         if frames and lane.tokens:
-            lane.tokens.release_between(first, first + frames - 1)
+            lane.tokens.release_missing(set(lane.ring.seqs()), last)
         return frames
 
     def settle(self, reason: str | None) -> list[Callable[[], None]]:

@@ -697,6 +697,13 @@ def test_a_drop_on_one_ray_listener_leaves_the_buffer_to_the_others(rdist, tmp_p
         max_pending_bytes=1024,
         overflow="drop_newest",
     )
+    oldest = d.add_listener(
+        BufferProbe(str(tmp_path / "oldest")),
+        executor="ray",
+        name="oldest",
+        max_pending_bytes=1024,
+        overflow="drop_oldest",
+    )
     free = d.add_listener(
         BufferProbe(str(tmp_path / "free"), obey_gate=False), executor="ray", name="free"
     )
@@ -708,13 +715,13 @@ def test_a_drop_on_one_ray_listener_leaves_the_buffer_to_the_others(rdist, tmp_p
     # What the bounded listeners dropped is let go at once: only frames some ring
     # still holds (at most ~1 KiB of references each) keep their buffer.
     assert wait_for(lambda: free.stats().delivered == n, 120)
-    held = [len(lane.tokens) for r in (full, free) for lane in r.lanes]  # type: ignore[attr-defined]
+    held = [len(lane.tokens) for r in (full, oldest, free) for lane in r.lanes]  # type: ignore[attr-defined]
     assert store.held() < 120, (store.held(), held)
     gate.touch()
     assert d.stop(drain=True, timeout=120) is True
     got = read_probes(tmp_path / "free")
     assert sorted(r["sum"] for r in got) == sorted(float(i * (1 << 14)) for i in range(n))
-    for reg in (full,):
+    for reg in (full, oldest):
         s = assert_accounted(reg)
         assert s.dropped > 0 and s.delivered == len(read_probes(tmp_path / reg.name))
     assert store.held() == 0

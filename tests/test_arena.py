@@ -504,7 +504,6 @@ def test_a_sigkill_storm_loses_nothing_and_leaks_no_arena_space(make_dist, tmp_p
     d = make_dist(max_shared_bytes=4 * 1024 * KIB)
     reg = d.add_listener(Digester(str(out), delay=0.005), workers=2, max_attempts=1000)
     d.start()
-    count = 150
     killed: set[int] = set()
     storm_over = threading.Event()
 
@@ -519,10 +518,17 @@ def test_a_sigkill_storm_loses_nothing_and_leaks_no_arena_space(make_dist, tmp_p
 
     killer = threading.Thread(target=storm, name="sigkill-storm")
     killer.start()
+    count = 0
+    deadline = time.monotonic() + 90
     try:
-        for i in range(count):  # 256 KiB each: the 4 MiB arena fills and waits
-            d.distribute(fanout.Add({"i": i, "data": np.full(32 * KIB, i, dtype=np.float64)}))
-            if i % 10 == 9:
+        # At least 150 arrays, and on until the storm killed 5 workers (a loaded
+        # machine starts workers slowly), 256 KiB each: the 4 MiB arena fills and waits.
+        while count < 150 or (len(killed) < 5 and time.monotonic() < deadline):
+            d.distribute(
+                fanout.Add({"i": count, "data": np.full(32 * KIB, count, dtype=np.float64)})
+            )
+            count += 1
+            if count % 10 == 0:
                 time.sleep(0.05)  # spread the run so the storm overlaps all of it
     finally:
         storm_over.set()

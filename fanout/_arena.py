@@ -242,7 +242,7 @@ class Arena:
             self._give(block.offset, block.size)
 
     def _alloc(self, nbytes: int) -> _Block | None:
-        need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        need = _aligned(nbytes)
         # Free what the workers finished first, so the lowest blocks are reused: their
         # pages are already in memory and mapped in every worker (a fresh page costs a
         # fault in the producer and in each worker).
@@ -258,7 +258,7 @@ class Arena:
 
     def fits(self, nbytes: int) -> bool:
         """Tell whether a block of ``nbytes`` could be allocated now."""
-        need = max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
+        need = _aligned(nbytes)
         with self._lock:
             return any(size >= need for _, size in self._free)
 
@@ -343,12 +343,18 @@ class Arena:
         return ext
 
     def _block_for(self, nbytes: int) -> _Block:
-        if nbytes > self.size:
+        # Blocks are aligned, and one notification's blocks are all held at once:
+        # what can never fit must fail here, not wait forever for room.
+        with self._lock:
+            ours = sum(self._blocks[offset].size for offset in self._made)
+        if _aligned(nbytes) + ours > self.size:
+            more = f" with the {ours} bytes of its other buffers" if ours else ""
             raise self._fail(
                 ValueError(
-                    f"a buffer of {nbytes} bytes can never fit the shared-memory arena of "
-                    f"max_shared_bytes={self.size} bytes; nothing was distributed. Raise "
-                    f"max_shared_bytes (Distributor option) above the largest buffer"
+                    f"a buffer of {nbytes} bytes{more} can never fit the shared-memory "
+                    f"arena of max_shared_bytes={self.size} bytes (blocks are aligned to "
+                    f"{ALIGN} bytes); nothing was distributed. Raise max_shared_bytes "
+                    f"(Distributor option) above the largest notification's buffers"
                 )
             )
         block = self._alloc(nbytes)
@@ -383,6 +389,8 @@ class Arena:
     def unhold(self, blocks: Iterable[int]) -> None:
         """End the producer's own share of ``blocks`` (distribute is done with them)."""
         with self._lock:
+            if self.buf is None:  # closed by stop(): nothing is held any more
+                return
             for offset in blocks:
                 self._drop_share(offset)
 
@@ -391,6 +399,8 @@ class Arena:
     def note(self, ring: Any, seq: int, blocks: list[int]) -> None:
         """Record that ``ring`` took frame ``seq`` referring to ``blocks``."""
         with self._lock:
+            if self.buf is None:  # a distribute racing stop(): the stop settled it
+                return
             for offset in blocks:
                 self._blocks[offset].shares += 1
             records = self._records.get(ring)
@@ -428,10 +438,11 @@ class Arena:
                 if not records:
                     del self._records[held_by]
 
-    def holds(self, ring: Any) -> bool:
-        """Tell whether frames of ``ring`` still hold blocks (after a cheap reconcile)."""
-        self.reconcile()
-        return ring in self._records
+    def reconcile_dropped(self, ring: Any) -> bool:
+        """Free the shares of frames ``ring`` dropped; tell whether any block was freed."""
+        held = self._held
+        self.reconcile(exact=True, ring=ring)
+        return self._held < held
 
     def decode_copy(self, body: bytes) -> Any:
         """The producer's object for a reference: a copy, if its block is still held.
@@ -466,13 +477,22 @@ class Arena:
         self.reconcile()
         with self._lock:
             buf, self.buf = self.buf, None
+            # Every ring is settled: whatever a racing distribute still counts is gone.
             self._records.clear()
+            self._blocks.clear()
+            self._held = 0
+            self._free = [(0, self.size)]
         if buf is not None:
             try:
                 buf.close()
             except BufferError:  # a racing distribute still copies in: GC unmaps it
                 pass
         self._close_fd()
+
+
+def _aligned(nbytes: int) -> int:
+    """The size of the block ``nbytes`` take."""
+    return max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
 
 
 def _swap(obj: Any, arena: Arena) -> Any:

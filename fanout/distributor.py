@@ -98,16 +98,22 @@ class _Plan:
         self.listeners = listeners
         payloads = [r for r in listeners if r.takes_payloads]
         direct = [(r, r.direct_ring()) for r in payloads]
+        # One encode per distinct encoding the listeners need (almost always one).
+        # The direct rings all take the first one (one native call appends to them
+        # all); a direct listener needing another encoding is routed instead.
+        # ``wire[i]``: the index of routed[i]'s encoding.
+        encodes: list[Callable[[Notification, int], bytes]] = []
+        for r, ring in direct:
+            if ring is not None:
+                encodes.append(r.encoder())
+                break
+        direct = [
+            (r, ring if ring is not None and r.encoder() == encodes[0] else None)
+            for r, ring in direct
+        ]
         self.rings = tuple(ring for _, ring in direct if ring is not None)
         # (put, route and check_room differ by kind: typed Any)
         self.routed: tuple[Any, ...] = tuple(r for r, ring in direct if ring is None)
-        # One encode per distinct encoding the listeners need (almost always one);
-        # the direct rings' comes first (a direct ring takes the distributor's own
-        # encoding). ``wire[i]``: the index of routed[i]'s.
-        encodes: list[Callable[[Notification, int], bytes]] = []
-        for r, ring in direct:
-            if ring is not None and r.encoder() not in encodes:
-                encodes.append(r.encoder())
         wire = []
         for r in self.routed:
             if r.encoder() not in encodes:
@@ -289,9 +295,13 @@ class Distributor:
         assert self.arena is not None
         ring = lane.ring
         before = ring.last_seq  # one producer thread: a new last_seq is this frame's
+        dropped = reg.dropped
         reg.put(lane, payload)
         if ring.last_seq != before:
             self.arena.note(ring, ring.last_seq, payload.blocks)
+        if reg.dropped > dropped + (ring.last_seq == before):
+            # drop_oldest made room: the frames it dropped give back their shares now
+            self.arena.reconcile(exact=True, ring=ring)
 
     def _make_room(self, plan: _Plan, nbytes: int) -> None:
         """The arena has no block of ``nbytes``: apply the listeners' overflow policies.
@@ -320,10 +330,7 @@ class Distributor:
                 )
         for r in procs:
             if r.overflow == "drop_oldest":
-                r.drop_unsent_until(
-                    lambda: arena.fits(nbytes),
-                    lambda ring: arena.reconcile(exact=True, ring=ring),
-                )
+                r.drop_unsent_until(lambda: arena.fits(nbytes), arena.reconcile_dropped)
                 if arena.fits(nbytes):
                     return
         if any(r.overflow == "block" for r in procs):
@@ -671,7 +678,15 @@ class Distributor:
             if not plan.listeners:
                 return
         t_ns = time.monotonic_ns()
-        payloads = [self._encode_with(encode, plan, n, t_ns) for encode in plan.encodes]
+        payloads: list[bytes | None] = []
+        try:
+            for encode in plan.encodes:
+                payloads.append(self._encode_with(encode, plan, n, t_ns))
+        except BaseException:  # a later encoding failed: free what the arena took
+            for p in payloads:
+                if type(p) is SharedPayload and self.arena is not None:
+                    self.arena.unhold(p.blocks)
+            raise
         self._deliver(plan, n, t_ns, payloads)
 
     def _encode_with(

@@ -238,9 +238,13 @@ class LaneListener(Registration):
         return calls
 
     def drop_unsent_until(
-        self, enough: Callable[[], bool], dropped_from: Callable[[Any], None]
+        self, enough: Callable[[], bool], dropped_from: Callable[[Any], bool]
     ) -> None:
-        """Drop frames not yet sent, lane by lane, oldest first, until ``enough()``."""
+        """Drop frames not yet sent, lane by lane, oldest first, until ``enough()``.
+
+        A lane stops at the first drop that freed nothing (other listeners still
+        hold those buffers): dropping more of it would lose notifications for nothing.
+        """
         for lane in self.lanes:
             while not enough():
                 lane.ack()
@@ -248,7 +252,8 @@ class LaneListener(Registration):
                 if not frames:
                     break
                 self.dropped += frames
-                dropped_from(lane.ring)
+                if not dropped_from(lane.ring):
+                    break
 
     def never_started(self) -> bool:
         """Tell whether no worker of this listener ever became ready."""

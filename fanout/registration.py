@@ -222,8 +222,11 @@ class Registration:
 
     def encoder(self) -> Callable[[Notification, int], bytes]:
         """The encoding this listener's payloads need; listeners sharing one share the bytes."""
-        if self.maps_shared_memory and self.ctx.shared_encode is not None:
-            return self.ctx.shared_encode
+        # A schema decodes fields by their declared type (a bytes field refuses a
+        # reference), so schema listeners get big buffers inline.
+        if self.maps_shared_memory and self.opts.schema is None:
+            if self.ctx.shared_encode is not None:
+                return self.ctx.shared_encode
         return self.ctx.encode
 
     def direct_ring(self) -> Any:
@@ -231,12 +234,13 @@ class Registration:
         return None
 
     def drop_unsent_until(
-        self, enough: Callable[[], bool], dropped_from: Callable[[Any], None]
+        self, enough: Callable[[], bool], dropped_from: Callable[[Any], bool]
     ) -> None:
         """Drop queued payloads not yet sent, oldest first, until ``enough()``.
 
         For a full shared-memory arena under ``overflow="drop_oldest"``; each drop
-        is counted in ``dropped`` and reported as ``dropped_from(ring)``.
+        is counted in ``dropped`` and reported as ``dropped_from(ring)``, which
+        tells whether it freed anything.
         """
 
     def queue_initial(self, adds: list[Add], t_ns: int) -> None:

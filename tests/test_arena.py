@@ -30,6 +30,18 @@ from fanout._arena import Arena
 KIB = 1024
 PAGE = mmap.PAGESIZE
 
+try:
+    import msgspec
+
+    class Blob(msgspec.Struct):
+        """A schema with a bytes field (module-level: workers import it)."""
+
+        i: int
+        data: bytes
+
+except ImportError:  # schema= needs msgspec
+    Blob = None  # type: ignore[assignment,misc]
+
 
 def digest(x: Any) -> str:
     """What identifies an array or buffer: type, dtype, shape, order and bytes."""
@@ -586,3 +598,58 @@ def test_on_error_and_poison_dead_letters_carry_the_array_after_its_block_is_reu
     assert d.stop(drain=True, timeout=30)
     assert [digest(n.obj["data"]) for n in errors] == [digest(bad)]
     assert [digest(n.obj["data"]) for n in letters] == [digest(poison)]
+
+
+@pytest.mark.parametrize(
+    ("arena", "sizes"),
+    [
+        (100_000, [99_990]),  # fits raw, not once aligned to 64 bytes
+        (131_072, [80_000, 80_000]),  # each fits, both together do not
+    ],
+)
+def test_what_can_never_fit_is_refused_not_waited_for(make_dist, tmp_path, arena, sizes):
+    d = make_dist(max_shared_bytes=arena)
+    d.add_listener(Digester(str(tmp_path / "out")))
+    d.start()
+    data = [np.ones(size, dtype=np.uint8) for size in sizes]
+    never = rf"can never fit the shared-memory arena of max_shared_bytes={arena}"
+    with pytest.raises(ValueError, match=never):
+        d.distribute(fanout.Add({"i": 0, "data": data[0], "more": data[1:]}))
+    assert d.shared_stats().held_bytes == 0
+    assert d.stop(drain=True)
+
+
+def test_a_schema_listener_gets_big_bytes_inline(make_dist, tmp_path):
+    if Blob is None:
+        pytest.skip("schema= needs msgspec")
+    got: list[Any] = []
+    d = make_dist()
+    reg = d.add_listener(Digester(str(tmp_path / "plain")))
+    typed = d.add_listener(
+        fanout.FuncHandler(), schema=Blob, on_dead_letter=lambda r, n, why: got.append(why)
+    )
+    d.start()
+    blob = bytes(range(256)) * 512  # 128 KiB
+    d.distribute(fanout.Add({"i": 0, "data": blob}))
+    assert d.stop(drain=True)
+    assert got == []
+    assert assert_accounted(typed).delivered == 1 and assert_accounted(reg).delivered == 1
+
+
+def test_frames_dropped_by_max_pending_bytes_give_their_blocks_back_at_once(make_dist, tmp_path):
+    gate = tmp_path / "gate"
+    d = make_dist()
+    reg = d.add_listener(
+        Digester(str(tmp_path / "out"), str(gate)), max_pending_bytes=1024, overflow="drop_oldest"
+    )
+    d.start()
+    for i in range(40):
+        d.distribute(fanout.Add({"i": i, "data": np.full(8 * KIB, i, dtype=np.float64)}))
+    held = d.shared_stats().blocks
+    pending = reg.stats().pending
+    assert reg.stats().dropped > 0
+    # One block per frame a ring still holds, or its worker is in: none for dropped ones.
+    assert held <= pending + 1, (held, pending)
+    gate.touch()
+    assert d.stop(drain=True)
+    assert d.shared_stats().held_bytes == 0

@@ -146,10 +146,12 @@ def test_bad_url_is_refused_by_the_parser(no_leaks):
 
 
 # Make the pty (stdin) the controlling terminal of the new session, then run the
-# command: so Ctrl-C typed on it sends SIGINT, as in a real terminal.
+# command: so Ctrl-C typed on it sends SIGINT, as in a real terminal. SIGINT gets its
+# default action back first: a suite started in the background by a shell without job
+# control (`.ci/run &`) inherits it ignored, and so would the command.
 CONTROLLING_TTY = (
-    "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
-    "os.execv(sys.argv[1], sys.argv[1:])"
+    "import fcntl, os, signal, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+    "signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
 )
 
 

@@ -31,10 +31,14 @@ def listeners(request):
     return request.param
 
 
-@pytest.fixture
-def producer_only(listeners):
-    """A started distributor whose pump is stopped: nothing drains, nothing competes."""
-    d = fanout.Distributor()
+@pytest.fixture(params=["arena", "no-arena"])
+def producer_only(listeners, request):
+    """A started distributor whose pump is stopped: nothing drains, nothing competes.
+
+    With the shared-memory arena (the default) and without (``max_shared_bytes=0``):
+    the difference is what the arena's check for big buffers costs small objects.
+    """
+    d = fanout.Distributor(max_shared_bytes=0 if request.param == "no-arena" else None)
     regs = [d.add_listener(fanout.Handler()) for _ in range(listeners)]
     d.start()
     for reg in regs:

@@ -39,6 +39,7 @@ from typing import Any
 import msgpack
 
 from fanout._isolation import mmap_shared
+from fanout.notifications import Add, Delete, Update
 
 __all__ = [
     "DEFAULT_SHARED_MIN_BYTES",
@@ -46,6 +47,7 @@ __all__ = [
     "SharedStats",
     "default_max_shared_bytes",
     "map_worker_view",
+    "swap_buffers",
 ]
 
 # Below this a payload is cheaper inline: a block costs an allocation, a share per
@@ -277,7 +279,7 @@ class Arena:
             payload = self._encode(n, t_ns)
             if not self._made and len(payload) < self.min_bytes:
                 return payload  # the usual case: no big buffer, nothing to undo
-            swapped = self._swap_buffers(n) if len(payload) >= self.min_bytes else None
+            swapped = swap_buffers(n, self.share) if len(payload) >= self.min_bytes else None
             if swapped is not None:
                 payload = self._encode(swapped, t_ns)  # arrays: the same blocks again
         except BaseException as exc:
@@ -298,7 +300,7 @@ class Arena:
         """The reference that replaces ``obj`` in the frame, or None to send it inline.
 
         Called by the arena's own codec for numpy arrays and, through
-        ``_swap_buffers``, for big bytes-like objects, in the producer's thread.
+        ``swap_buffers``, for big bytes-like objects, in the producer's thread.
         """
         import numpy as np
 
@@ -370,21 +372,6 @@ class Arena:
     def _fail(self, exc: BaseException) -> BaseException:
         self._error = exc  # the codec may wrap it; encode() re-raises this one
         return exc
-
-    def _swap_buffers(self, n: Any) -> Any:
-        """``n`` with its big bytes-like objects replaced by references; None if none."""
-        from fanout.notifications import Add, Delete, Update
-
-        if type(n) is Update:
-            if n.old is n.new:
-                new = _swap(n.new, self)
-                return None if new is n.new else Update(new, new)
-            old, new = _swap(n.old, self), _swap(n.new, self)
-            return None if old is n.old and new is n.new else Update(old, new)
-        obj = _swap(n.obj, self)
-        if obj is n.obj:
-            return None
-        return Add(obj, n.is_in_initial_list) if type(n) is Add else Delete(obj)
 
     def unhold(self, blocks: Iterable[int]) -> None:
         """End the producer's own share of ``blocks`` (distribute is done with them)."""
@@ -495,23 +482,47 @@ def _aligned(nbytes: int) -> int:
     return max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
 
 
-def _swap(obj: Any, arena: Arena) -> Any:
-    """``obj`` with big bytes-like values replaced by references (``obj`` if none)."""
+def swap_buffers(n: Any, share: Callable[[Any], Any], arrays: bool = False) -> Any:
+    """``n`` with its big buffers replaced by ``share(buffer)``; None if none was.
+
+    Buffers are ``bytes``, ``bytearray`` and ``memoryview`` values, and numpy arrays
+    too with ``arrays`` (the arena's codec shares arrays itself, as it meets them);
+    ``share`` returns the reference, or None to leave the buffer inline.
+    """
+    if type(n) is Update:
+        if n.old is n.new:
+            new = _swap(n.new, share, arrays)
+            return None if new is n.new else Update(new, new)
+        old, new = _swap(n.old, share, arrays), _swap(n.new, share, arrays)
+        return None if old is n.old and new is n.new else Update(old, new)
+    obj = _swap(n.obj, share, arrays)
+    if obj is n.obj:
+        return None
+    return Add(obj, n.is_in_initial_list) if type(n) is Add else Delete(obj)
+
+
+def _swap(obj: Any, share: Callable[[Any], Any], arrays: bool) -> Any:
+    """``obj`` with big buffers replaced by ``share(buffer)`` (``obj`` if none was)."""
     cls = type(obj)
-    if cls is bytes or cls is bytearray or cls is memoryview:
-        ext = arena.share(obj)
+    if (
+        cls is bytes
+        or cls is bytearray
+        or cls is memoryview
+        or (arrays and cls.__module__ == "numpy" and cls.__name__ == "ndarray")
+    ):
+        ext = share(obj)
         return obj if ext is None else ext
     if cls is dict:
         out = None
         for k, v in obj.items():
-            w = _swap(v, arena)
+            w = _swap(v, share, arrays)
             if w is not v:
                 if out is None:
                     out = dict(obj)
                 out[k] = w
         return obj if out is None else out
     if cls is list or cls is tuple:
-        items = [_swap(v, arena) for v in obj]
+        items = [_swap(v, share, arrays) for v in obj]
         if all(w is v for w, v in zip(items, obj, strict=True)):
             return obj
         return items

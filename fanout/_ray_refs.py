@@ -25,8 +25,9 @@ from typing import Any
 
 import msgpack
 
+from fanout._arena import swap_buffers
 from fanout.codec import EXT_RAY_REF
-from fanout.notifications import Add, Delete, Notification, Update
+from fanout.notifications import Notification
 
 __all__ = ["DEFAULT_RAY_MIN_BYTES", "RayPayload", "RayStore", "TokenLog", "resolve"]
 
@@ -116,7 +117,7 @@ class RayStore:
             return payload
         session: dict[int, tuple[Any, msgpack.ExtType, int]] = {}
         try:
-            swapped = _swap_notification(n, functools.partial(self._share, session))
+            swapped = swap_buffers(n, functools.partial(self._share, session), arrays=True)
             if swapped is None:
                 return payload
             out = RayPayload(self._encode(swapped, t_ns))
@@ -259,42 +260,3 @@ class TokenLog:
             self._log.clear()
         if done:
             self.store.release(tuple(done))
-
-
-def _swap_notification(n: Notification, share: Any) -> Notification | None:
-    """``n`` with its big buffers replaced by references; None if it has none."""
-    if type(n) is Update:
-        if n.old is n.new:
-            new = _swap(n.new, share)
-            return None if new is n.new else Update(new, new)
-        old, new = _swap(n.old, share), _swap(n.new, share)
-        return None if old is n.old and new is n.new else Update(old, new)
-    obj = _swap(n.obj, share)  # type: ignore[union-attr]
-    if obj is n.obj:  # type: ignore[union-attr]
-        return None
-    return Add(obj, n.is_in_initial_list) if type(n) is Add else Delete(obj)
-
-
-def _swap(obj: Any, share: Any) -> Any:
-    """``obj`` with big buffers replaced by ``share(buffer)`` (``obj`` if none was)."""
-    cls = type(obj)
-    if cls is bytes or cls is bytearray or cls is memoryview or cls.__module__ == "numpy":
-        if cls.__module__ == "numpy" and cls.__name__ != "ndarray":
-            return obj  # a numpy scalar
-        ext = share(obj)
-        return obj if ext is None else ext
-    if cls is dict:
-        out = None
-        for k, v in obj.items():
-            w = _swap(v, share)
-            if w is not v:
-                if out is None:
-                    out = dict(obj)
-                out[k] = w
-        return obj if out is None else out
-    if cls is list or cls is tuple:
-        items = [_swap(v, share) for v in obj]
-        if all(w is v for w, v in zip(items, obj, strict=True)):
-            return obj
-        return items
-    return obj

@@ -52,7 +52,7 @@ import msgpack
 import numpy as np
 
 import fanout
-from fanout.bench.contenders import Contender, _read_result, _ready
+from fanout.bench.contenders import Contender, _read_result, _ready, reap
 from fanout.bench.scenarios import MAX_COUNT, SESSION_S, Case, Metric
 from fanout.process_listener import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.worker import FdArg
@@ -211,11 +211,7 @@ class _Baseline(Contender):
     def close(self) -> None:
         """Kill and reap every consumer left, close every fd (after a failure too)."""
         self._close_outs()
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-            p.close()
+        reap(self.procs)
         self.procs = []
         for fd in self.results:
             os.close(fd)

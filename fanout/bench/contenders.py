@@ -78,6 +78,15 @@ class _Tally:
         os.close(fd)
 
 
+def reap(procs: list[Any]) -> None:
+    """Kill the consumer processes still alive, then wait for and release each one."""
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+        p.join(5)
+        p.close()
+
+
 def _ready(fd: int) -> None:
     os.write(fd, b"R")
 
@@ -196,11 +205,7 @@ class _ProcessSession(Contender):
             self.flush()
 
     def close(self) -> None:
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-            p.close()
+        reap(self.procs)
         self.procs = []
         for fd in self.result_fds:
             os.close(fd)

@@ -29,7 +29,7 @@ import msgspec
 
 import fanout
 from fanout._protocol import NBUCKETS
-from fanout.bench.contenders import FanoutProcess
+from fanout.bench.contenders import FanoutProcess, reap
 from fanout.bench.payloads import load_payload
 from fanout.distributor import CodecName
 from fanout.process_listener import F_SETPIPE_SZ, PIPE_SIZE
@@ -217,11 +217,7 @@ class PipeMsgpack(_Session):
         for fd in self.fds + self.results:
             os.close(fd)
         self.fds, self.results = [], []
-        for p in self.procs:
-            if p.is_alive():
-                p.kill()
-            p.join(5)
-            p.close()
+        reap(self.procs)
         self.procs = []
 
 

@@ -230,12 +230,20 @@ class LaneListener(Registration):
             lane.ring.close()
             lane.ack()
             items: list[Any] = lane.ring.take_all()
-            if reason is not None and self.maps_shared_memory and self.ctx.arena is not None:
-                # Decoded now, while their shared-memory blocks are held: the
-                # on_dead_letter calls come after the stop freed the arena.
+            if reason is not None and self.payloads_refer_out():
+                # Decoded now, while the buffers they refer to are held: the
+                # on_dead_letter calls come after the stop let go of them.
                 items = [self.decoded(item) for item in items]
             calls += self._settle_items(items, reason)
         return calls
+
+    def payloads_refer_out(self) -> bool:
+        """Tell whether payloads may refer to buffers kept outside the frames.
+
+        Those buffers go once the frames are settled, so dead letters are decoded
+        first. Here: blocks of the distributor's shared-memory arena.
+        """
+        return self.maps_shared_memory and self.ctx.arena is not None
 
     def drop_unsent_until(
         self, enough: Callable[[], bool], dropped_from: Callable[[Any], bool]

@@ -354,12 +354,9 @@ class RayListener(LaneListener):
             lane.tokens.release_all()
         return calls
 
-    def _settle_items(self, items: list[Any], reason: str | None) -> list[Callable[[], None]]:
-        # Dead letters are decoded now, while their Ray objects are still held;
-        # on_dead_letter runs later, after the lock.
-        if reason is not None:
-            items = [self.decoded(item) for item in items]
-        return super()._settle_items(items, reason)
+    def payloads_refer_out(self) -> bool:
+        """Payloads may refer to objects in Ray's object store (``fanout._ray_refs``)."""
+        return True
 
     # -- lifecycle -------------------------------------------------------------------
 

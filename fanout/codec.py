@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import pickle
+import sys
 import threading
 import typing
 from collections.abc import Callable, Iterator
@@ -55,6 +56,74 @@ def _unencodable(obj: Any) -> TypeError:
     )
 
 
+# MessagePack's packer refuses objects nested deeper than about 1000 levels; a
+# decoder needs a recursion limit above that to read everything the packer wrote
+# (msgspec follows Python's, 1000 by default), so workers raise theirs to this.
+DECODE_RECURSION_LIMIT = 3000
+
+
+def decode_deep_enough() -> None:
+    """Let this process decode whatever the packer accepted (workers call it once)."""
+    if sys.getrecursionlimit() < DECODE_RECURSION_LIMIT:
+        sys.setrecursionlimit(DECODE_RECURSION_LIMIT)
+
+
+def encode_failure(exc: BaseException) -> TypeError:
+    """The ``TypeError`` ``distribute`` raises for what a packer refused (``exc``)."""
+    if isinstance(exc, BufferError):
+        return TypeError(
+            f"cannot encode a non-contiguous buffer ({exc}): pass bytes(view), or a "
+            f"numpy array (copied to contiguous once)"
+        )
+    if isinstance(exc, RecursionError) or "recursion limit" in str(exc):
+        return TypeError(
+            "cannot encode notification: its object is nested too deep for MessagePack "
+            "(the limit is about 1000 levels of lists and dicts); flatten it, or send "
+            "the deep part as a str or bytes"
+        )
+    return TypeError(f"cannot encode notification: {exc}")
+
+
+def dtype_to_wire(dt: Any) -> Any:
+    """A numpy dtype as plain MessagePack values that ``dtype_from_wire`` rebuilds exactly.
+
+    A plain dtype is its ``str`` (``"<f8"``); a structured one (``"|V12"`` as a
+    ``str``, its fields lost) is a map of names, formats (recursively), offsets,
+    itemsize, alignment and titles; a subarray field is ``[base, shape]``.
+    """
+    if dt.fields is None:
+        if dt.subdtype is not None:
+            base, shape = dt.subdtype
+            return [dtype_to_wire(base), list(shape)]
+        return dt.str
+    names = list(dt.names)
+    fields = [dt.fields[name] for name in names]
+    wire = {
+        "names": names,
+        "formats": [dtype_to_wire(f[0]) for f in fields],
+        "offsets": [f[1] for f in fields],
+        "itemsize": dt.itemsize,
+        "aligned": dt.isalignedstruct,
+    }
+    if any(len(f) > 2 for f in fields):
+        wire["titles"] = [f[2] if len(f) > 2 else None for f in fields]
+    return wire
+
+
+def dtype_from_wire(wire: Any) -> Any:
+    """The numpy dtype ``dtype_to_wire`` described."""
+    import numpy as np
+
+    if type(wire) is str:
+        return np.dtype(wire)
+    if type(wire) is list:
+        return np.dtype((dtype_from_wire(wire[0]), tuple(wire[1])))
+    spec = dict(wire)
+    aligned = spec.pop("aligned", False)
+    spec["formats"] = [dtype_from_wire(f) for f in spec["formats"]]
+    return np.dtype(spec, align=aligned)
+
+
 def _builtin_to_ext(obj: Any) -> Any:
     """Return ``(code, bytes)`` for a type fanout encodes itself, or None."""
     if isinstance(obj, _dt.datetime):
@@ -71,7 +140,8 @@ def _builtin_to_ext(obj: Any) -> Any:
                     "numbers, bools or fixed-size strings travel as raw bytes"
                 )
             arr = np.ascontiguousarray(obj)  # (a 0-d array comes back 1-d: keep obj's shape)
-            body = msgpack.packb([arr.dtype.str, list(obj.shape), arr.data], use_bin_type=True)
+            dtype = dtype_to_wire(arr.dtype)
+            body = msgpack.packb([dtype, list(obj.shape), arr.data], use_bin_type=True)
             return EXT_NDARRAY, body
     return None
 
@@ -81,7 +151,7 @@ def _builtin_from_ext(code: int, data: bytes) -> Any:
         import numpy as np
 
         dtype, shape, raw = msgpack.unpackb(data, raw=False)
-        return np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape)
+        return np.frombuffer(raw, dtype=dtype_from_wire(dtype)).reshape(shape)
     if code == EXT_DATETIME:
         return _dt.datetime.fromisoformat(data.decode())
     if code == EXT_DATE:
@@ -340,6 +410,7 @@ class Codec:
         Returns:
             A function ``payload -> [kind, t_ns, a, b]``.
         """
+        decode_deep_enough()
         if schema is None:
             return self.unpack
         return typed_decoder(schema, self._msgspec_ext).decode
@@ -448,8 +519,8 @@ class MsgpackCodec(Codec):
             if old is new:
                 return packer.pack([UPDATE_SAME, t_ns, new, None])
             return packer.pack([UPDATE, t_ns, old, new])
-        except (OverflowError, ValueError) as exc:
-            raise TypeError(f"cannot encode notification: {exc}") from exc
+        except (OverflowError, ValueError, BufferError) as exc:
+            raise encode_failure(exc) from exc
 
     def _packer(self) -> msgpack.Packer:
         # One Packer per thread: Packer is not thread-safe.
@@ -480,8 +551,8 @@ class MsgpackCodec(Codec):
             return packer.pack(obj)
         except TypeError:
             raise
-        except (OverflowError, ValueError) as exc:
-            raise TypeError(f"cannot encode notification: {exc}") from exc
+        except (OverflowError, ValueError, BufferError) as exc:
+            raise encode_failure(exc) from exc
 
     def unpack(self, data: Any) -> Any:
         """Deserialize what ``pack`` made.
@@ -523,6 +594,7 @@ class MsgpackCodec(Codec):
         Returns:
             A function ``payload -> [kind, t_ns, a, b]``.
         """
+        decode_deep_enough()
         if schema is not None or type(self).unpack is not MsgpackCodec.unpack:
             return super().unpacker(schema)
         try:
@@ -591,6 +663,7 @@ class MsgspecCodec(Codec):
         Returns:
             A function ``payload -> [kind, t_ns, a, b]``.
         """
+        decode_deep_enough()
         if schema is None and type(self).unpack is MsgspecCodec.unpack:
             return self._dec.decode  # the decoder itself: no wrapper call per frame
         return super().unpacker(schema)
@@ -612,8 +685,14 @@ class MsgspecCodec(Codec):
             return self._enc.encode(obj)
         except TypeError:
             raise
-        except (OverflowError, ValueError, self._msgspec.EncodeError) as exc:
-            raise TypeError(f"cannot encode notification: {exc}") from exc
+        except (
+            OverflowError,
+            ValueError,
+            BufferError,
+            RecursionError,
+            self._msgspec.EncodeError,
+        ) as exc:
+            raise encode_failure(exc) from exc
 
     def unpack(self, data: Any) -> Any:
         """Deserialize what ``pack`` made.

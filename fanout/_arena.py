@@ -12,6 +12,14 @@ Who may write: the producer maps the memfd writable, then seals it
 it, and a read-only mapping cannot be ``mprotect``-ed to writable. Workers get the
 descriptor only to map it, and close it before the handler is loaded.
 
+Who may hold how much: each listener taking the arena's encoding has a share of
+it, ``max_shared_bytes // listeners``, counted in the bytes of the blocks its rings'
+frames refer to. A lane whose listener is at its share gets the notification
+inline instead (``SharedPayload.inline``): its own ring grows, as an unbounded ring
+does, and no other listener waits or drops for it. A notification whose blocks do
+not fit the arena (full, or fragmented) travels inline too: ``distribute`` never
+waits for the arena, so it can never wait for it forever. docs/design.md says why.
+
 When a block is freed: each lane whose ring took a frame referring to it holds one
 share, noted as ``(ring, seq)``. A share ends when the ring no longer holds that frame:
 acked (``acked_seq`` passed it; a drop of frames not yet sent and ``take_all`` move
@@ -29,7 +37,6 @@ import fcntl
 import mmap
 import os
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -44,6 +51,7 @@ from fanout.notifications import Add, Delete, Update
 __all__ = [
     "DEFAULT_SHARED_MIN_BYTES",
     "Arena",
+    "SharedPayload",
     "SharedStats",
     "default_max_shared_bytes",
     "map_worker_view",
@@ -81,8 +89,10 @@ class SharedStats:
         blocks: Blocks held.
         shared: Buffers copied into the arena so far.
         shared_bytes: Their bytes.
-        waits: Times ``distribute`` found the arena full and applied the overflow
-            policies.
+        spilled: Times big buffers went inline instead: a lane whose listener was
+            at its share took a notification inline, or no listener had room or no
+            block was free for a buffer.
+        share_bytes: Each listener's share of the arena.
     """
 
     max_bytes: int
@@ -90,21 +100,47 @@ class SharedStats:
     blocks: int
     shared: int
     shared_bytes: int
-    waits: int
-
-
-class NoRoom(Exception):
-    """The arena has no room and every target's policy says drop the notification."""
-
-
-def _no_room(plan: Any, nbytes: int) -> None:
-    raise NoRoom(f"the shared-memory arena has no room for {nbytes} bytes")
+    spilled: int = 0
+    share_bytes: int = 0
 
 
 class SharedPayload(bytes):
-    """An encoded payload whose frame refers to arena blocks (``blocks``)."""
+    """An encoded payload whose frame refers to arena blocks.
+
+    ``blocks``: their offsets; ``nbytes``: their bytes (aligned), what a lane taking
+    this frame holds of the arena; ``inline()``: the same notification with every
+    buffer inline, for lanes at their share (encoded once, on first use).
+    """
 
     blocks: list[int]
+    nbytes: int
+    _inline: Callable[[], bytes]
+    _spilled: bytes | None = None
+
+    def inline(self) -> bytes:
+        """The notification encoded without the arena (encoded once, then kept)."""
+        if self._spilled is None:
+            self._spilled = self._inline()
+        return self._spilled
+
+
+class _Encoding:
+    """What one ``Arena.encode`` call made: per call, so producer threads never mix."""
+
+    __slots__ = ("error", "made", "refs", "room", "used")
+
+    def __init__(self) -> None:
+        self.made: list[int] = []  # block offsets, in the order made
+        self.used = 0  # their bytes
+        self.room = -1  # bytes the encode may take: the largest room a listener has
+        # id(buffer) -> (buffer, reference or None): a buffer met twice takes one
+        # block (and the object stays alive, so its id stays unique).
+        self.refs: dict[int, tuple[Any, Any]] = {}
+        self.error: BaseException | None = None  # to re-raise if the codec wraps it
+
+    def fail(self, exc: BaseException) -> BaseException:
+        self.error = exc
+        return exc
 
 
 class _Block:
@@ -137,13 +173,24 @@ def _read_view(body: bytes, view: memoryview, copy: bool) -> Any:
     raw = view[offset : offset + length]
     if kind == KIND_BYTES:
         return bytes(raw)
-    import numpy as np
+    from fanout.codec import dtype_from_wire
 
-    arr = np.frombuffer(raw, dtype=np.dtype(dtype)).reshape(shape, order="F" if fortran else "C")
+    arr = _frombuffer(raw, dtype_from_wire(dtype), shape, fortran)
     if copy:
         arr = arr.copy(order="K")
         arr.flags.writeable = False
     return arr
+
+
+def _frombuffer(raw: Any, dtype: Any, shape: Any, fortran: bool) -> Any:
+    """An array of ``dtype`` and ``shape`` over the buffer ``raw`` (no copy)."""
+    import numpy as np
+
+    count = 1
+    for dim in shape:
+        count *= dim
+    arr = np.frombuffer(raw, dtype=dtype, count=count)
+    return arr.reshape(shape, order="F" if fortran else "C")
 
 
 def decode_worker(body: bytes) -> Any:
@@ -160,7 +207,8 @@ class Arena:
     """A bounded memfd holding the big buffers of the notifications in flight.
 
     Owned by one ``Distributor``: it allocates, notes which lane holds which block,
-    and frees a block once no ring holds a frame that refers to it.
+    keeps each listener within its share, and frees a block once no ring holds a
+    frame that refers to it. ``encode`` may run in any number of threads at once.
 
     Args:
         size: Bytes of shared memory (``max_shared_bytes``).
@@ -190,24 +238,25 @@ class Arena:
         self._blocks: dict[int, _Block] = {}
         self._held = 0
         self._serial = 0
+        # Per ring: the frames referring to blocks, by sequence number, and the
+        # bytes of arena the ring holds (its frames' blocks, and claims of frames
+        # being appended).
         self._records: dict[Any, deque[tuple[int, tuple[int, ...]]]] = {}
-        # The encode running (only ever in the producer's thread): blocks it made,
-        # buffers it shared (a buffer met twice takes one block), an error to re-raise.
-        self._made: list[int] = []
-        self._refs: dict[int, tuple[Any, msgpack.ExtType]] = {}
-        self._error: BaseException | None = None
-        self._target: Any = None
-        # Whom a distribute addresses, and what to do when the arena is full: the
-        # distributor sets both (``make_room(plan, nbytes)`` returns once a block of
-        # ``nbytes`` fits, or raises).
-        self.plan: Any = None
-        self.make_room: Callable[[Any, int], None] = _no_room
+        self._ring_bytes: dict[Any, int] = {}
+        # The listeners taking the arena's encoding, as the rings of each, and the
+        # share of each (``set_takers``). None: no distributor says (one share).
+        self._takers: tuple[tuple[Any, ...], ...] | None = None
+        self.share_bytes = size
+        # The encode running in this thread (``share`` is called back by the codec).
+        self._local = threading.local()
+        # Lanes at their share get the notification encoded without the arena.
+        self.inline_encode: Callable[[Any, int], bytes] = codec.encode
         # Its own copy of the codec: only its encodes put buffers here, never the
         # distributor's (initial lists, Ray listeners) nor decoding.
         self.codec = codec
         codec._shares = self
         self._encode = codec.encode
-        self.shared = self.shared_bytes = self.waits = 0
+        self.shared = self.shared_bytes = self.spilled = 0
 
     # -- allocation (lock held) ----------------------------------------------------
 
@@ -235,20 +284,18 @@ class Arena:
             del free[i]
         free.insert(i, (off, size))
 
-    def _drop_share(self, offset: int) -> None:
+    def _drop_share(self, offset: int) -> int:
+        """End one share of a block; return its size."""
         block = self._blocks[offset]
         block.shares -= 1
         if block.shares == 0:
             del self._blocks[offset]
             self._held -= block.size
             self._give(block.offset, block.size)
+        return block.size
 
     def _alloc(self, nbytes: int) -> _Block | None:
         need = _aligned(nbytes)
-        # Free what the workers finished first, so the lowest blocks are reused: their
-        # pages are already in memory and mapped in every worker (a fresh page costs a
-        # fault in the producer and in each worker).
-        self.reconcile()
         with self._lock:
             off = self._take(need)
             if off < 0:
@@ -264,114 +311,181 @@ class Arena:
         with self._lock:
             return any(size >= need for _, size in self._free)
 
-    # -- encoding (the producer's thread) ------------------------------------------
+    # -- shares ---------------------------------------------------------------------
 
-    def encode(self, n: Any, t_ns: int, plan: Any = None) -> bytes:
-        """Encode ``n`` with big buffers moved into the arena.
+    def set_takers(self, takers: Iterable[tuple[Any, ...]]) -> None:
+        """Say which listeners take the arena's encoding (the rings of each).
+
+        Each gets an equal share: ``size // len(takers)``. A listener holding more
+        than a new, smaller share takes no block until it is back within it.
+        """
+        with self._lock:
+            self._takers = tuple(takers)
+            self.share_bytes = self.size // max(1, len(self._takers))
+
+    def _held_by(self, rings: tuple[Any, ...]) -> int:
+        ring_bytes = self._ring_bytes
+        return sum(ring_bytes.get(r, 0) for r in rings)
+
+    def room(self) -> int:
+        """The most bytes of new blocks some listener could still take (after freeing)."""
+        self.reconcile()
+        with self._lock:
+            if self._takers is None:
+                return self.share_bytes - self._held
+            return max((self.share_bytes - self._held_by(t) for t in self._takers), default=0)
+
+    def claim(self, ring: Any, rings: tuple[Any, ...], nbytes: int) -> bool:
+        """Count ``nbytes`` against ``ring`` if its listener (``rings``) stays in its share.
+
+        Called before ``ring`` takes a frame of a ``SharedPayload``; False: the lane
+        gets ``inline()`` instead. A claim not followed by ``note`` is ``unclaim``-ed.
+        """
+        with self._lock:
+            if self.buf is None or self._held_by(rings) + nbytes > self.share_bytes:
+                self.spilled += 1
+                return False
+            self._ring_bytes[ring] = self._ring_bytes.get(ring, 0) + nbytes
+            return True
+
+    def unclaim(self, ring: Any, nbytes: int) -> None:
+        """Give back a claim whose frame the ring did not take."""
+        with self._lock:
+            self._uncount(ring, nbytes)
+
+    def _uncount(self, ring: Any, nbytes: int) -> None:
+        left = self._ring_bytes.get(ring, 0) - nbytes
+        if left > 0:
+            self._ring_bytes[ring] = left
+        else:
+            self._ring_bytes.pop(ring, None)
+
+    def ring_bytes(self, ring: Any) -> int:
+        """Bytes of the arena ``ring``'s frames refer to (after freeing what it let go)."""
+        if ring not in self._ring_bytes:
+            return 0
+        self.reconcile(exact=True, ring=ring)
+        return self._ring_bytes.get(ring, 0)
+
+    # -- encoding (any producer thread) --------------------------------------------
+
+    def encode(self, n: Any, t_ns: int) -> bytes:
+        """Encode ``n`` with big buffers moved into the arena, as room allows.
 
         Returns plain ``bytes`` when nothing went into the arena, else a
-        ``SharedPayload`` whose ``blocks`` the caller passes to ``note`` for every
-        ring that took it and to ``unhold`` once done. ``plan`` (default
-        ``self.plan``) is handed to ``make_room`` when the arena is full.
+        ``SharedPayload``: the caller ``claim``-s and ``note``-s it for every ring
+        that takes it, gives the others ``inline()``, and calls ``unhold`` once done.
         """
-        self._target = plan
+        local = self._local
+        enc = local.enc = _Encoding()
         try:
             payload = self._encode(n, t_ns)
-            if not self._made and len(payload) < self.min_bytes:
+            if not enc.made and len(payload) < self.min_bytes:
                 return payload  # the usual case: no big buffer, nothing to undo
             swapped = swap_buffers(n, self.share) if len(payload) >= self.min_bytes else None
             if swapped is not None:
                 payload = self._encode(swapped, t_ns)  # arrays: the same blocks again
         except BaseException as exc:
-            made, self._made, self._refs = self._made, [], {}
-            self.unhold(made)
-            error, self._error = self._error, None
-            if error is not None and error is not exc:
-                raise error from None  # the codec wrapped it (ValueError -> TypeError)
+            self.unhold(enc.made)
+            if enc.error is not None and enc.error is not exc:
+                raise enc.error from None  # the codec wrapped it (ValueError -> TypeError)
             raise
-        made, self._made, self._refs = self._made, [], {}
-        if not made:
+        finally:
+            local.enc = None
+        if not enc.made:
             return payload
         out = SharedPayload(payload)
-        out.blocks = made
+        out.blocks = enc.made
+        out.nbytes = enc.used
+        inline = self.inline_encode
+        out._inline = lambda: inline(n, t_ns)
         return out
 
     def share(self, obj: Any) -> msgpack.ExtType | None:
         """The reference that replaces ``obj`` in the frame, or None to send it inline.
 
         Called by the arena's own codec for numpy arrays and, through
-        ``swap_buffers``, for big bytes-like objects, in the producer's thread.
+        ``swap_buffers``, for big bytes-like objects, in the encoding thread.
         """
+        enc: _Encoding | None = getattr(self._local, "enc", None)
+        if enc is None:
+            return None
         import numpy as np
 
         if isinstance(obj, np.ndarray):
-            if obj.nbytes < self.min_bytes or obj.dtype.hasobject or obj.dtype.fields:
+            if obj.nbytes < self.min_bytes or obj.dtype.hasobject:
                 return None
             fortran = obj.ndim > 1 and obj.flags.f_contiguous and not obj.flags.c_contiguous
-            kind, nbytes, dtype, shape = KIND_ARRAY, obj.nbytes, obj.dtype.str, list(obj.shape)
+            kind, nbytes, shape = KIND_ARRAY, obj.nbytes, list(obj.shape)
+            from fanout.codec import dtype_to_wire
+
+            dtype = dtype_to_wire(obj.dtype)
         else:
             view = memoryview(obj)
             if view.nbytes < self.min_bytes or not view.c_contiguous:
-                return None  # (a strided memoryview cannot be encoded at all)
+                return None  # (the codec refuses a strided memoryview with a TypeError)
             fortran, kind, nbytes, dtype, shape = False, KIND_BYTES, view.nbytes, None, None
-        seen = self._refs.get(id(obj))
+        seen = enc.refs.get(id(obj))
         if seen is not None:
             return seen[1]  # the same buffer twice in one notification: one block
-        block = self._block_for(nbytes)
-        self._made.append(block.offset)
-        buf = self.buf
-        if buf is None:
-            from fanout.errors import DistributorStopped
-
-            raise self._fail(
-                DistributorStopped("distribute() after stop(): build a new Distributor")
-            )
-        if kind == KIND_BYTES:
-            buf[block.offset : block.offset + nbytes] = view.cast("B")
-        else:
-            # One copy, straight into the block: a strided array becomes contiguous here.
-            dest = np.ndarray(
-                obj.shape, obj.dtype, buf, block.offset, order="F" if fortran else "C"
-            )
-            np.copyto(dest, obj, casting="no")
-            del dest
-        self.shared += 1
-        self.shared_bytes += nbytes
+        block = self._block_for(enc, nbytes)
+        if block is None:
+            with self._lock:
+                self.spilled += 1
+            enc.refs[id(obj)] = (obj, None)
+            return None
+        self._copy_in(enc, block, obj, kind, nbytes, fortran)
         body = msgpack.packb([kind, block.offset, nbytes, block.serial, dtype, shape, fortran])
         from fanout.codec import EXT_SHARED
 
         ext = msgpack.ExtType(EXT_SHARED, body)
-        self._refs[id(obj)] = (obj, ext)  # obj kept alive: its id stays unique
+        enc.refs[id(obj)] = (obj, ext)
         return ext
 
-    def _block_for(self, nbytes: int) -> _Block:
-        # Blocks are aligned, and one notification's blocks are all held at once:
-        # what can never fit must fail here, not wait forever for room.
-        with self._lock:
-            ours = sum(self._blocks[offset].size for offset in self._made)
-        if _aligned(nbytes) + ours > self.size:
-            more = f" with the {ours} bytes of its other buffers" if ours else ""
-            raise self._fail(
-                ValueError(
-                    f"a buffer of {nbytes} bytes{more} can never fit the shared-memory "
-                    f"arena of max_shared_bytes={self.size} bytes (blocks are aligned to "
-                    f"{ALIGN} bytes); nothing was distributed. Raise max_shared_bytes "
-                    f"(Distributor option) above the largest notification's buffers"
-                )
-            )
+    def _block_for(self, enc: _Encoding, nbytes: int) -> _Block | None:
+        """A block for ``nbytes`` if some listener has room for it and one is free."""
+        if enc.room < 0:
+            enc.room = self.room()  # once per encode: it frees what the workers finished
+        if enc.used + _aligned(nbytes) > enc.room:
+            return None
         block = self._alloc(nbytes)
-        while block is None:
-            self.waits += 1
-            try:
-                self.make_room(self.plan if self._target is None else self._target, nbytes)
-            except BaseException as exc:
-                raise self._fail(exc) from None
-            block = self._alloc(nbytes)
+        if block is not None:
+            enc.made.append(block.offset)
+            enc.used += block.size
         return block
 
-    def _fail(self, exc: BaseException) -> BaseException:
-        self._error = exc  # the codec may wrap it; encode() re-raises this one
-        return exc
+    def _copy_in(
+        self, enc: _Encoding, block: _Block, obj: Any, kind: int, nbytes: int, fortran: bool
+    ) -> None:
+        """Copy ``obj`` into ``block``, holding a buffer export so ``close`` cannot unmap it.
+
+        (An array over the mmap itself takes no export: ``mmap.close`` would unmap
+        the memory under a copy running without the GIL.)
+        """
+        with self._lock:
+            buf = self.buf
+            if buf is None:
+                from fanout.errors import DistributorStopped
+
+                raise enc.fail(
+                    DistributorStopped("distribute() after stop(): build a new Distributor")
+                )
+            dest = memoryview(buf)[block.offset : block.offset + nbytes]
+        try:
+            if kind == KIND_BYTES:
+                dest[:] = memoryview(obj).cast("B")
+            else:
+                import numpy as np
+
+                # One copy, straight into the block: a strided array becomes contiguous.
+                arr = _frombuffer(dest, obj.dtype, obj.shape, fortran)
+                np.copyto(arr, obj, casting="no")
+                del arr
+        finally:
+            dest.release()
+        with self._lock:
+            self.shared += 1
+            self.shared_bytes += nbytes
 
     def unhold(self, blocks: Iterable[int]) -> None:
         """End the producer's own share of ``blocks`` (distribute is done with them)."""
@@ -381,10 +495,10 @@ class Arena:
             for offset in blocks:
                 self._drop_share(offset)
 
-    # -- shares ---------------------------------------------------------------------
+    # -- the rings' shares ------------------------------------------------------------
 
     def note(self, ring: Any, seq: int, blocks: list[int]) -> None:
-        """Record that ``ring`` took frame ``seq`` referring to ``blocks``."""
+        """Record that ``ring`` took frame ``seq`` referring to ``blocks`` (claimed)."""
         with self._lock:
             if self.buf is None:  # a distribute racing stop(): the stop settled it
                 return
@@ -393,7 +507,18 @@ class Arena:
             records = self._records.get(ring)
             if records is None:
                 records = self._records[ring] = deque()
-            records.append((seq, tuple(blocks)))
+            if records and records[-1][0] > seq:  # another producer thread noted first
+                kept = sorted([*records, (seq, tuple(blocks))])
+                records.clear()
+                records.extend(kept)
+            else:
+                records.append((seq, tuple(blocks)))
+
+    def _free_record(self, ring: Any, blocks: tuple[int, ...]) -> None:
+        freed = 0
+        for offset in blocks:
+            freed += self._drop_share(offset)
+        self._uncount(ring, freed)
 
     def reconcile(self, exact: bool = False, ring: Any = None) -> None:
         """Free the shares of frames no ring holds any more (of ``ring`` alone if given).
@@ -403,15 +528,16 @@ class Arena:
         of frames not yet sent) by asking the ring for the sequence numbers it holds.
         """
         with self._lock:
-            items = list(self._records.items())
-            if ring is not None:
-                items = [(r, q) for r, q in items if r is ring]
+            if ring is None:
+                items = list(self._records.items())
+            else:
+                mine = self._records.get(ring)
+                items = [] if mine is None else [(ring, mine)]
             for held_by, records in items:
                 held_by.ack_from_source()  # the pump acks only when it sends
                 acked = held_by.acked_seq
                 while records and records[0][0] <= acked:
-                    for offset in records.popleft()[1]:
-                        self._drop_share(offset)
+                    self._free_record(held_by, records.popleft()[1])
                 if exact and records:
                     held = set(held_by.seqs())
                     kept: deque[tuple[int, tuple[int, ...]]] = deque()
@@ -419,8 +545,7 @@ class Arena:
                         if seq in held:
                             kept.append((seq, blocks))
                         else:
-                            for offset in blocks:
-                                self._drop_share(offset)
+                            self._free_record(held_by, blocks)
                     records = self._records[held_by] = kept
                 if not records:
                     del self._records[held_by]
@@ -456,16 +581,22 @@ class Arena:
             blocks=len(self._blocks),
             shared=self.shared,
             shared_bytes=self.shared_bytes,
-            waits=self.waits,
+            spilled=self.spilled,
+            share_bytes=self.share_bytes,
         )
 
     def close(self) -> None:
-        """Unmap and close (every worker has exited; the rings are settled)."""
+        """Unmap and close (every worker has exited; the rings are settled).
+
+        A copy still running in another thread holds a buffer export: the mapping
+        then stays until that copy lets go of it (garbage collection unmaps it).
+        """
         self.reconcile()
         with self._lock:
             buf, self.buf = self.buf, None
             # Every ring is settled: whatever a racing distribute still counts is gone.
             self._records.clear()
+            self._ring_bytes.clear()
             self._blocks.clear()
             self._held = 0
             self._free = [(0, self.size)]
@@ -527,14 +658,3 @@ def _swap(obj: Any, share: Callable[[Any], Any], arrays: bool) -> Any:
             return obj
         return items
     return obj
-
-
-def wait_for(predicate: Callable[[], bool], give_up: Callable[[], bool]) -> bool:
-    """Poll ``predicate`` with a growing nap until true (True) or ``give_up()`` (False)."""
-    delay = 50e-6
-    while not predicate():
-        if give_up():
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.005)
-    return True

@@ -21,15 +21,14 @@ from typing import Any, Literal
 from fanout._arena import (
     DEFAULT_SHARED_MIN_BYTES,
     Arena,
-    NoRoom,
     SharedPayload,
     SharedStats,
     default_max_shared_bytes,
-    wait_for,
 )
+from fanout._arena_feed import append_rings, put_lane
 from fanout._impl import Pump, append_all
 from fanout.codec import Codec, MsgpackCodec, get_codec
-from fanout.errors import DistributorStopped, ListenerFull, RingClosed, WorkerStartError
+from fanout.errors import DistributorStopped, WorkerStartError
 from fanout.notifications import NOTIFICATION_TYPES, Add, Notification
 from fanout.options import check_period, listener_options
 from fanout.process_listener import Lane, ProcessListener
@@ -142,8 +141,9 @@ class Distributor:
     ``with Distributor() as d:`` starts on enter and ``stop(drain=True)`` on exit
     (``stop(drain=False)`` if the block raised); leaving a block whose stop lost
     notifications logs a warning naming the listeners and counts.
-    Thread safety: ``distribute`` is meant for one producer thread; the other
-    methods may be called from any thread.
+    Thread safety: every method may be called from any thread, ``distribute``
+    from several at once; notifications of one key keep their order for each
+    producing thread.
 
     Args:
         resync_check_period: Seconds between the producer's resync checks
@@ -215,8 +215,6 @@ class Distributor:
         self._listeners: tuple[Registration, ...] = ()
         # Swapped whole, so distribute() reads one consistent plan without the lock.
         self._plan = _Plan(())
-        if self.arena is not None:
-            self.arena.plan = self._plan
         self._stopped_listeners: tuple[Registration, ...] = ()
         # (name, dead-lettered, dropped) of each listener the last stop() lost from.
         self._stop_losses: list[tuple[str, int, int]] = []
@@ -246,11 +244,12 @@ class Distributor:
         if size == 0 or type(self.codec) is not MsgpackCodec:
             return None
         arena = Arena(size, max(1, min_bytes), pickle.loads(pickle.dumps(self.codec)))
-        arena.make_room = self._make_room
         # A private copy that decodes references in the producer (dead letters,
         # errors): a codec instance passed to two distributors gets one arena each.
+        # It encodes inline for the lanes at their share of the arena.
         codec: MsgpackCodec = pickle.loads(pickle.dumps(self.codec))
         codec._arena = arena
+        arena.inline_encode = codec.encode
         self.codec = codec
         return arena
 
@@ -263,90 +262,8 @@ class Distributor:
             nothing is held.
         """
         if self.arena is None:
-            return SharedStats(0, 0, 0, 0, 0, 0)
+            return SharedStats(0, 0, 0, 0, 0)
         return self.arena.stats()
-
-    def _sharers(self, plan: _Plan) -> list[Registration]:
-        """The listeners of ``plan`` that take the arena's encoding."""
-        return [
-            r for r in plan.listeners if r.takes_payloads and r.encoder() == self._shared_encode
-        ]
-
-    def _append_rings(self, rings: tuple[Any, ...], payload: bytes | None) -> None:
-        """Append ``payload`` to every open ring, noting the arena shares it takes."""
-        if type(payload) is not SharedPayload:
-            if payload is not None:
-                append_all(rings, payload)
-            return
-        assert self.arena is not None
-        for ring in rings:
-            try:
-                seq = ring.append(payload)
-            except RingClosed:
-                continue
-            self.arena.note(ring, seq, payload.blocks)
-
-    def _put(self, reg: Any, lane: Any, payload: bytes | None) -> None:
-        """``reg.put(lane, payload)``, noting the arena share if the lane took it."""
-        if type(payload) is not SharedPayload:
-            if payload is not None:
-                reg.put(lane, payload)
-            return
-        assert self.arena is not None
-        ring = lane.ring
-        before = ring.last_seq  # one producer thread: a new last_seq is this frame's
-        dropped = reg.dropped
-        reg.put(lane, payload)
-        if ring.last_seq != before:
-            self.arena.note(ring, ring.last_seq, payload.blocks)
-        if reg.dropped > dropped + (ring.last_seq == before):
-            # drop_oldest made room: the frames it dropped give back their shares now
-            self.arena.reconcile(exact=True, ring=ring)
-
-    def _make_room(self, plan: _Plan, nbytes: int) -> None:
-        """The arena has no block of ``nbytes``: apply the listeners' overflow policies.
-
-        ``"error"`` raises ``ListenerFull``; ``"drop_oldest"`` drops frames not yet
-        sent, oldest first; ``"block"`` waits for the workers; otherwise (or when a
-        stop begins) ``NoRoom``: the notification is dropped for the process listeners.
-        """
-        arena = self.arena
-        assert arena is not None
-        arena.reconcile()
-        if arena.fits(nbytes):
-            return
-        procs = self._sharers(plan)
-        full = (
-            f"the shared-memory arena is full: a buffer of {nbytes} bytes needs room and "
-            f"{arena.stats().held_bytes} of max_shared_bytes={arena.size} bytes are held "
-            f"by notifications not yet handled; nothing was distributed"
-        )
-        for r in procs:
-            if r.overflow == "error":
-                raise ListenerFull(
-                    f"listener {r.name!r}: {full}. Let the handlers catch up, raise "
-                    f"max_shared_bytes, or use overflow='block', 'drop_oldest' or "
-                    f"'drop_newest'"
-                )
-        for r in procs:
-            if r.overflow == "drop_oldest":
-                r.drop_unsent_until(lambda: arena.fits(nbytes), arena.reconcile_dropped)
-                if arena.fits(nbytes):
-                    return
-        if any(r.overflow == "block" for r in procs):
-            if not self.started:
-                raise ListenerFull(
-                    f"{full}, and nothing drains until start(). Call start() first, or "
-                    f"raise max_shared_bytes"
-                )
-
-            def room() -> bool:
-                arena.reconcile()
-                return arena.fits(nbytes)
-
-            if wait_for(room, lambda: self.stopping or not self.accepting):
-                return
-        raise NoRoom(full)
 
     def __reduce__(self) -> Any:
         raise TypeError(
@@ -567,8 +484,12 @@ class Distributor:
         """Swap in a new listener snapshot for ``distribute`` (lock held)."""
         self._listeners = listeners
         self._plan = _Plan(listeners, self.started and not self.stopping)
-        if self.arena is not None:  # whose policies a full arena applies, by default
-            self.arena.plan = self._plan
+        if self.arena is not None:  # who shares the arena
+            self.arena.set_takers(
+                tuple(lane.ring for lane in r.lanes)
+                for r in listeners
+                if r.takes_payloads and r.encoder() == self._shared_encode
+            )
 
     def _discard(self, reg: Registration) -> None:
         """Close a listener that is gone for good (lock held)."""
@@ -657,10 +578,7 @@ class Distributor:
         plan = self._plan
         if plan.fast and not sync:  # the common case, kept short
             t_ns = time.monotonic_ns()
-            try:
-                payload: bytes | None = plan.encodes[0](n, t_ns)
-            except NoRoom:
-                payload = None
+            payload: bytes = plan.encodes[0](n, t_ns)
             if type(payload) is bytes:
                 if append_all(plan.rings, payload) < len(plan.rings):
                     self._check_not_stopped()  # a ring was closed under us
@@ -678,10 +596,10 @@ class Distributor:
             if not plan.listeners:
                 return
         t_ns = time.monotonic_ns()
-        payloads: list[bytes | None] = []
+        payloads: list[bytes] = []
         try:
             for encode in plan.encodes:
-                payloads.append(self._encode_with(encode, plan, n, t_ns))
+                payloads.append(encode(n, t_ns))
         except BaseException:  # a later encoding failed: free what the arena took
             for p in payloads:
                 if type(p) is SharedPayload and self.arena is not None:
@@ -689,33 +607,15 @@ class Distributor:
             raise
         self._deliver(plan, n, t_ns, payloads)
 
-    def _encode_with(
-        self, encode: Callable[[Notification, int], bytes], plan: _Plan, n: Notification, t_ns: int
-    ) -> bytes | None:
-        """``encode(n)``; None when the arena had no room and its takers drop ``n``."""
-        arena = self.arena
-        if encode is not self._shared_encode or arena is None:
-            return encode(n, t_ns)
-        try:
-            return arena.encode(n, t_ns, plan)
-        except NoRoom:
-            return None
-
-    def _deliver(
-        self, plan: _Plan, n: Notification, t_ns: int, payloads: list[bytes | None]
-    ) -> None:
+    def _deliver(self, plan: _Plan, n: Notification, t_ns: int, payloads: list[bytes]) -> None:
         """Queue ``n``, encoded once per encoding (``payloads``), for ``plan``'s listeners.
 
-        A payload None: the arena had no room and its takers' policies drop ``n``
-        (counted). A ``SharedPayload``'s blocks get one share per ring that takes it,
-        and lose the producer's own when this returns.
+        A ``SharedPayload``'s blocks get one share per ring that takes it (the
+        others take it inline: ``fanout._arena_feed``), and lose the producer's own
+        when this returns.
         """
         shared = [p for p in payloads if type(p) is SharedPayload]
         try:
-            if None in payloads:
-                for reg in self._sharers(plan):
-                    reg.dropped += 1
-                    reg.unqueued += 1
             routed = plan.routed
             lanes: list[Any] = []
             if routed:
@@ -724,12 +624,12 @@ class Distributor:
                 # before any listener got anything.
                 lanes = [r.route(n) for r in routed]
                 for r, lane, i in zip(routed, lanes, plan.wire, strict=True):
-                    if payloads[i] is not None and r.max_pending_bytes is not None:
+                    if r.max_pending_bytes is not None:
                         r.check_room(lane, payloads[i])
             if plan.rings:
-                self._append_rings(plan.rings, payloads[0])
+                append_rings(self.arena, plan.rings, payloads[0])
             for r, lane, i in zip(routed, lanes, plan.wire, strict=True):
-                self._put(r, lane, payloads[i])
+                put_lane(self.arena, r, lane, payloads[i])
             if plan.puts:
                 item = (n, t_ns)
                 for put in plan.puts:

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from fanout._arena import SharedPayload
 from fanout._impl import FrameRing
 from fanout._protocol import HEADER_SIZE
 from fanout.errors import ListenerFull, RingClosed, RingFull
@@ -26,6 +27,12 @@ from fanout.registration import ListenerContext, Registration
 __all__ = ["LaneListener", "default_key", "lane_ring"]
 
 RING_INITIAL_BYTES = 64 * 1024
+DROPS = ("drop_newest", "drop_oldest")
+
+
+def _real_bytes(payload: bytes) -> int:
+    """The bytes a lane holds for ``payload``: its frame, and the arena blocks it refers to."""
+    return len(payload) + HEADER_SIZE + (payload.nbytes if type(payload) is SharedPayload else 0)
 
 
 def default_key(n: Notification) -> Hashable | None:
@@ -76,12 +83,29 @@ class LaneListener(Registration):
             return lanes[self.rr % len(lanes)]
         return lanes[hash(key) % len(lanes)]
 
+    def arena_bytes(self, lane: Any) -> int:
+        """Bytes of the shared-memory arena ``lane``'s frames refer to (0 without one)."""
+        arena = self.ctx.arena
+        return 0 if arena is None else arena.ring_bytes(lane.ring)
+
+    def pending_bytes(self, lane: Any) -> int:
+        """The bytes ``lane`` holds: its ring's, and the arena blocks its frames refer to."""
+        return int(lane.ring.nbytes) + self.arena_bytes(lane)
+
+    def _room(self, lane: Any, need: int) -> bool:
+        """Tell whether ``need`` more bytes keep ``lane`` within ``max_pending_bytes``."""
+        bound = self.max_pending_bytes
+        return bound is None or self.pending_bytes(lane) + need <= bound
+
     def check_room(self, lane: Any, payload: bytes) -> None:
-        """Raise ``ListenerFull`` if ``payload`` cannot go to ``lane`` (before any put)."""
-        need = len(payload) + HEADER_SIZE
+        """Raise ``ListenerFull`` if ``payload`` cannot go to ``lane`` (before any put).
+
+        The bound counts real bytes: a shared payload's arena blocks too.
+        """
+        need = _real_bytes(payload)
         bound = self.max_pending_bytes
         assert bound is not None
-        if need > bound:
+        if need > bound and self.overflow not in DROPS:
             raise ListenerFull(
                 f"listener {self.name!r}: a notification of {need} bytes can never fit "
                 f"max_pending_bytes={bound}; nothing was distributed. Raise "
@@ -90,70 +114,87 @@ class LaneListener(Registration):
         waits_for_start = self.overflow == "block" and not self.ctx.started
         if self.overflow != "error" and not waits_for_start:
             return
-        ring = lane.ring
-        if ring.nbytes + need > bound:
+        if not self._room(lane, need):
             lane.ack()
-            if ring.nbytes + need > bound and waits_for_start:
+            held = self.pending_bytes(lane)
+            if held + need > bound and waits_for_start:
                 # No worker runs before start(): "block" would wait for start()
                 # itself, which distribute must never do.
                 raise ListenerFull(
                     f"listener {self.name!r} lane {lane.index} is full before start(): "
-                    f"{ring.nbytes} of max_pending_bytes={bound} bytes queued, and "
+                    f"{held} of max_pending_bytes={bound} bytes queued, and "
                     f"nothing drains until start(); nothing was distributed. Call "
                     f"start() first, or raise max_pending_bytes"
                 )
-            if ring.nbytes + need > bound:
+            if held + need > bound:
                 raise ListenerFull(
-                    f"listener {self.name!r} lane {lane.index} is full: {ring.nbytes} of "
+                    f"listener {self.name!r} lane {lane.index} is full: {held} of "
                     f"max_pending_bytes={bound} bytes pending; nothing was distributed. "
                     f"Let the handler catch up, raise max_pending_bytes, or use "
                     f"overflow='block', 'drop_oldest' or 'drop_newest'"
                 )
 
-    def put(self, lane: Any, payload: bytes) -> None:
+    def put(self, lane: Any, payload: bytes) -> int:
         """Append an encoded notification to ``lane``, applying the overflow policy.
 
-        A closed lane (listener removed or stopping) takes nothing: the caller
-        checks whether the distributor is stopping.
+        A bounded lane counts the arena bytes its frames refer to (a shared
+        payload's are claimed before the put). A closed lane (listener removed or
+        stopping) takes nothing: the caller checks whether the distributor is
+        stopping.
+
+        Returns:
+            The frame's sequence number, or 0 if the lane did not take it.
         """
         try:
-            lane.ring.append(payload)  # the pump acks what the worker finished
+            if self.max_pending_bytes is None or self._room(lane, len(payload) + HEADER_SIZE):
+                return int(lane.ring.append(payload))  # the pump acks what the worker finished
         except RingFull:
-            self._put_full(lane, payload)
-        except RingClosed:
             pass
+        except RingClosed:
+            return 0
+        return self._put_full(lane, payload)
 
-    def _put_full(self, lane: Any, payload: bytes) -> None:
+    def _append_in_bound(self, lane: Any, payload: bytes) -> int:
+        """Append if ``payload`` fits the bound now; 0 if not (or the ring closed)."""
+        if not self._room(lane, len(payload) + HEADER_SIZE):
+            return 0
+        try:
+            return int(lane.ring.append(payload))
+        except (RingFull, RingClosed):
+            return 0
+
+    def _put_full(self, lane: Any, payload: bytes) -> int:
         ring = lane.ring
         lane.ack()
-        try:
-            ring.append(payload)
-            return
-        except (RingFull, RingClosed):
-            if ring.closed:
-                return
+        seq = self._append_in_bound(lane, payload)
+        if seq or ring.closed:
+            return seq
         policy = self.overflow
-        if policy == "drop_newest":
-            self.dropped += 1
-            self.unqueued += 1
-        elif policy == "drop_oldest":
-            bound = self.max_pending_bytes
-            assert bound is not None
-            # max(0): acks may have made room since the append failed (the pump,
-            # or a Ray listener's sender, frees frames concurrently).
-            need = max(0, ring.nbytes + len(payload) + HEADER_SIZE - bound)
-            self.dropped += self.drop_unsent(lane, need)
-            try:
-                ring.append(payload)
-            except RingFull:  # frames in flight fill the bound: the newest goes
+        assert self.max_pending_bytes is not None
+        if _real_bytes(payload) > self.max_pending_bytes:  # never fits: drop only it
+            policy = "drop_newest"
+        if policy == "drop_oldest":
+            # Frame by frame: a dropped frame may give back arena blocks as well.
+            arena = self.ctx.arena
+            while not self._room(lane, len(payload) + HEADER_SIZE):
+                frames = self.drop_unsent(lane, 1)
+                if not frames:
+                    break
+                self.dropped += frames
+                if arena is not None:
+                    arena.reconcile_dropped(ring)
+            seq = self._append_in_bound(lane, payload)
+            if not seq and not ring.closed:  # frames in flight fill the bound
                 self.dropped += 1
                 self.unqueued += 1
-            except RingClosed:
-                pass
-        elif policy == "error":  # check_room passed, then the ring filled: a race
+            return seq
+        if policy == "error":  # check_room passed, then the ring filled: a race
             raise ListenerFull(f"listener {self.name!r} lane {lane.index} is full")
-        else:
-            self._put_blocking(lane, payload)
+        if policy == "block":
+            return self._put_blocking(lane, payload)
+        self.dropped += 1  # drop_newest
+        self.unqueued += 1
+        return 0
 
     def drop_unsent(self, lane: Any, nbytes: int) -> int:
         """Drop the oldest frames of ``lane`` not yet sent, for ``nbytes`` of room.
@@ -164,24 +205,20 @@ class LaneListener(Registration):
         frames, _ = lane.ring.drop_unsent(nbytes)
         return int(frames)
 
-    def _put_blocking(self, lane: Any, payload: bytes) -> None:
+    def _put_blocking(self, lane: Any, payload: bytes) -> int:
         """Wait for room (backpressure); give up only when the listener goes away."""
         delay = 50e-6
         while True:
             if self.removed or self.ctx.stopping:
                 self.dropped += 1
                 self.unqueued += 1
-                return
+                return 0
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
             lane.ack()
-            try:
-                lane.ring.append(payload)
-                return
-            except RingFull:
-                continue
-            except RingClosed:
-                return
+            seq = self._append_in_bound(lane, payload)
+            if seq or lane.ring.closed:
+                return seq
 
     def queue_initial(self, adds: list[Add], t_ns: int) -> None:
         """Queue the initial list and remember, per lane, where it ends.
@@ -244,24 +281,6 @@ class LaneListener(Registration):
         first. Here: blocks of the distributor's shared-memory arena.
         """
         return self.maps_shared_memory and self.ctx.arena is not None
-
-    def drop_unsent_until(
-        self, enough: Callable[[], bool], dropped_from: Callable[[Any], bool]
-    ) -> None:
-        """Drop frames not yet sent, lane by lane, oldest first, until ``enough()``.
-
-        A lane stops at the first drop that freed nothing (other listeners still
-        hold those buffers): dropping more of it would lose notifications for nothing.
-        """
-        for lane in self.lanes:
-            while not enough():
-                lane.ack()
-                frames, _ = lane.ring.drop_unsent(1)
-                if not frames:
-                    break
-                self.dropped += frames
-                if not dropped_from(lane.ring):
-                    break
 
     def never_started(self) -> bool:
         """Tell whether no worker of this listener ever became ready."""

@@ -175,7 +175,7 @@ class ProcessListener(LaneListener):
         for lane in self.lanes:
             lane.ack()
             pending += len(lane.ring)
-            pending_bytes += lane.ring.nbytes
+            pending_bytes += self.pending_bytes(lane)  # arena blocks included
             capacity += lane.ring.capacity
         return {
             "received": self.received(),

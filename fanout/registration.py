@@ -233,16 +233,6 @@ class Registration:
         """The one ring every payload goes to as is, or None (route and ``put`` instead)."""
         return None
 
-    def drop_unsent_until(
-        self, enough: Callable[[], bool], dropped_from: Callable[[Any], bool]
-    ) -> None:
-        """Drop queued payloads not yet sent, oldest first, until ``enough()``.
-
-        For a full shared-memory arena under ``overflow="drop_oldest"``; each drop
-        is counted in ``dropped`` and reported as ``dropped_from(ring)``, which
-        tells whether it freed anything.
-        """
-
     def queue_initial(self, adds: list[Add], t_ns: int) -> None:
         """Queue the initial list before anything live (distributor lock held).
 

@@ -338,15 +338,17 @@ def test_initial_lists_travel_inline_and_hold_no_block(make_dist, tmp_path):
     assert d.stop(drain=True, timeout=30)
 
 
-def test_a_buffer_larger_than_the_arena_is_refused_naming_both_sizes(make_dist, tmp_path):
+def test_a_buffer_larger_than_the_arena_travels_inline(make_dist, tmp_path):
     out = tmp_path / "out"
     d = make_dist(max_shared_bytes=256 * KIB)
     reg = d.add_listener(Digester(str(out)))
     d.start()
-    with pytest.raises(ValueError, match=r"buffer of 400000 bytes .*max_shared_bytes=262144"):
-        d.distribute(fanout.Add({"i": 0, "data": np.zeros(50000)}))
-    assert reg.stats().received == 0
-    assert d.shared_stats().held_bytes == 0
+    arr = np.arange(50000, dtype=np.float64)  # 400,000 bytes
+    d.distribute(fanout.Add({"i": 0, "data": arr}))
+    assert d.shared_stats().shared == 0 and d.shared_stats().spilled == 1
+    assert d.stop(drain=True, timeout=30)
+    assert lines(out)[0].split("\t")[1] == digest(arr)
+    assert assert_accounted(reg).delivered == 1
 
 
 def test_options_are_checked_and_zero_disables_the_arena(make_dist, tmp_path):
@@ -381,98 +383,125 @@ def test_a_worker_killed_mid_handler_gets_the_same_block_again(make_dist, tmp_pa
     assert d.shared_stats().held_bytes == 0
 
 
-# -- a full arena: the listener's overflow policy ----------------------------------------
-
-
-def _full_arena(
-    make_dist: Any, tmp_path: Path, overflow: str, blocks: int = 2, **opts: Any
-) -> Any:
-    """A gated listener and an arena with room for exactly ``blocks`` 100 KiB arrays."""
-    out, gate = tmp_path / "out", tmp_path / "gate"
-    d = make_dist(max_shared_bytes=blocks * 100 * KIB)
-    reg = d.add_listener(Digester(str(out), str(gate)), overflow=overflow, **opts)
-    d.start()
-    return d, reg, out, gate
+# -- shares of the arena: a listener at its share never paces another --------------------
 
 
 def arr_no(i: int) -> np.ndarray:
     return np.full(100 * KIB, i % 256, dtype=np.uint8)
 
 
-def test_full_arena_error_raises_listener_full_and_delivers_nothing_of_it(make_dist, tmp_path):
-    d, reg, out, gate = _full_arena(make_dist, tmp_path, "error")
-    for i in range(2):
-        d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
-    with pytest.raises(fanout.ListenerFull, match="shared-memory arena is full"):
-        d.distribute(fanout.Add({"i": 2, "data": arr_no(2)}))
+def _beside_a_stalled_one(make_dist: Any, tmp_path: Path, blocks: int = 4, **slow: Any) -> Any:
+    """A fast listener and a gated (stalled) one sharing an arena of ``blocks`` 100 KiB blocks."""
+    fast_out, slow_out, gate = tmp_path / "fast", tmp_path / "slow", tmp_path / "gate"
+    d = make_dist(max_shared_bytes=blocks * 100 * KIB)
+    fast = d.add_listener(Digester(str(fast_out)), name="fast")
+    stalled = d.add_listener(Digester(str(slow_out), str(gate)), name="stalled", **slow)
+    d.start()
+    return d, fast, stalled, fast_out, slow_out, gate
+
+
+def distribute_in_thread(d: Any, notes: list[Any]) -> threading.Thread:
+    """Distribute ``notes`` from a thread of their own (a wait would show as a hang)."""
+
+    def run() -> None:
+        for n in notes:
+            d.distribute(n)
+
+    t = threading.Thread(target=run, name="producer")
+    t.start()
+    return t
+
+
+def test_an_unbounded_listener_at_its_share_takes_the_rest_inline_and_paces_nobody(
+    make_dist, tmp_path
+):
+    d, fast, stalled, fast_out, slow_out, gate = _beside_a_stalled_one(make_dist, tmp_path)
+    share = d.shared_stats().share_bytes
+    assert share == 2 * 100 * KIB  # an equal share each
+    count = 20
+    t = distribute_in_thread(d, [fanout.Add({"i": i, "data": arr_no(i)}) for i in range(count)])
+    # Neither the producer nor the fast listener waits for the stalled one.
+    assert wait_for(lambda: len(lines(fast_out)) == count, 60)
+    t.join(60)
+    assert not t.is_alive()
+    held = d.arena.ring_bytes(stalled.lanes[0].ring)
+    assert 0 < held <= share  # never more than its share of the arena
+    assert d.shared_stats().spilled >= count - 2  # the rest went into its own ring
+    # What it holds counts in its pending bytes: the arrays, not the references.
+    assert stalled.stats().pending_bytes >= count * 100 * KIB
     gate.touch()
-    assert wait_for(lambda: len(lines(out)) == 2)
-    assert wait_for(lambda: d.shared_stats().held_bytes == 0)
-    d.distribute(fanout.Add({"i": 3, "data": arr_no(3)}))  # room again
-    assert d.stop(drain=True, timeout=30)
-    assert [line.split("\t")[0] for line in lines(out)] == ["0", "1", "3"]
-    assert assert_accounted(reg).received == 3
-
-
-def test_full_arena_drop_newest_drops_and_counts(make_dist, tmp_path):
-    d, reg, out, gate = _full_arena(make_dist, tmp_path, "drop_newest")
-    for i in range(4):
-        d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
-    assert reg.stats().dropped == 2
-    gate.touch()
-    assert d.stop(drain=True, timeout=30)
-    assert [line.split("\t")[0] for line in lines(out)] == ["0", "1"]
-    s = assert_accounted(reg)
-    assert (s.received, s.delivered, s.dropped) == (4, 2, 2)
-
-
-def test_full_arena_drop_oldest_drops_frames_not_yet_sent(make_dist, tmp_path):
-    # A small bound caps what is in flight (two frames of 56 bytes), so later
-    # frames wait, and an arena of four blocks always has one of them to drop.
-    d, reg, out, gate = _full_arena(
-        make_dist, tmp_path, "drop_oldest", blocks=4, max_pending_bytes=200
-    )
-    for i in range(12):
-        d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
-        if i == 1:  # both written to the worker's pipe: in flight from here on
-            assert wait_for(lambda: reg.lanes[0].ring.sent_seq == 2)
-    assert reg.stats().dropped >= 8
-    gate.touch()
-    assert d.stop(drain=True, timeout=30)
-    got = [line.split("\t")[0] for line in lines(out)]
-    assert got[-1] == "11", got  # the newest is kept: older ones made room
-    assert got[:2] == ["0", "1"], got  # those in flight are never dropped
-    s = assert_accounted(reg)
-    assert s.delivered == len(got) and s.received == 12
+    assert d.stop(drain=True, timeout=60)
+    want = {i: digest(arr_no(i)) for i in range(count)}
+    for out in (fast_out, slow_out):
+        got = {int(i): dg for i, dg, _ in (line.split("\t") for line in lines(out))}
+        assert got == want
+    assert assert_accounted(stalled).delivered == count
+    assert assert_accounted(fast).delivered == count
     assert d.shared_stats().held_bytes == 0
 
 
-def test_full_arena_block_waits_for_the_handler(make_dist, tmp_path):
-    d, _, out, gate = _full_arena(make_dist, tmp_path, "block")
+@pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
+def test_a_bounded_listener_drops_for_itself_alone_counting_real_bytes(
+    make_dist, tmp_path, overflow
+):
+    bound = 250 * KIB  # two arrays and their frames, not three
+    d, fast, stalled, fast_out, _, gate = _beside_a_stalled_one(
+        make_dist, tmp_path, max_pending_bytes=bound, overflow=overflow
+    )
+    count = 20
+    t = distribute_in_thread(d, [fanout.Add({"i": i, "data": arr_no(i)}) for i in range(count)])
+    assert wait_for(lambda: len(lines(fast_out)) == count, 60)
+    t.join(60)
+    assert not t.is_alive()
+    s = stalled.stats()
+    assert 100 * KIB < s.pending_bytes <= bound  # real bytes, within the bound
+    assert s.dropped >= count - 3
+    gate.touch()
+    assert d.stop(drain=True, timeout=60)
+    assert assert_accounted(fast).delivered == count
+    s = assert_accounted(stalled)
+    assert s.received == count and s.delivered + s.dropped == count
+    assert d.shared_stats().held_bytes == 0
+
+
+def test_a_bounded_error_listener_refuses_when_its_real_bytes_are_full(make_dist, tmp_path):
+    d, fast, stalled, fast_out, _, gate = _beside_a_stalled_one(
+        make_dist, tmp_path, max_pending_bytes=250 * KIB, overflow="error"
+    )
     for i in range(2):
         d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
-    done = threading.Event()
-
-    def third() -> None:
+    with pytest.raises(fanout.ListenerFull, match="stalled.*is full"):
         d.distribute(fanout.Add({"i": 2, "data": arr_no(2)}))
-        done.set()
-
-    t = threading.Thread(target=third)
-    t.start()
-    assert wait_for(lambda: d.shared_stats().waits >= 1)  # it found the arena full
-    assert not done.is_set()  # and waits: nothing was handled, nothing was freed
+    assert fast.stats().received == 2  # no listener got any part of it
     gate.touch()
-    assert done.wait(30)
-    t.join()
+    assert wait_for(lambda: stalled.stats().pending_bytes == 0)
+    d.distribute(fanout.Add({"i": 3, "data": arr_no(3)}))  # room again
     assert d.stop(drain=True, timeout=30)
-    assert [line.split("\t")[0] for line in lines(out)] == ["0", "1", "2"]
-    assert d.shared_stats().waits >= 1
+    assert assert_accounted(stalled).received == 3
 
 
-def test_full_arena_before_start_raises_instead_of_blocking(make_dist, tmp_path):
+def test_a_bounded_block_listener_waits_for_its_own_handler(make_dist, tmp_path):
+    d, _, stalled, _, slow_out, gate = _beside_a_stalled_one(
+        make_dist, tmp_path, max_pending_bytes=250 * KIB, overflow="block"
+    )
+    for i in range(2):
+        d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
+    t = distribute_in_thread(d, [fanout.Add({"i": 2, "data": arr_no(2)})])
+    t.join(0.5)
+    assert t.is_alive()  # it waits: nothing was handled, nothing was freed
+    gate.touch()
+    t.join(60)
+    assert not t.is_alive()
+    assert d.stop(drain=True, timeout=30)
+    assert [line.split("\t")[0] for line in lines(slow_out)] == ["0", "1", "2"]
+
+
+def test_a_full_bounded_block_listener_before_start_raises_instead_of_blocking(
+    make_dist, tmp_path
+):
     out = tmp_path / "out"
-    d = make_dist(max_shared_bytes=200 * KIB)
-    reg = d.add_listener(Digester(str(out)))
+    d = make_dist()
+    reg = d.add_listener(Digester(str(out)), max_pending_bytes=250 * KIB)
     for i in range(2):
         d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
     with pytest.raises(fanout.ListenerFull, match="nothing drains until start"):
@@ -480,6 +509,22 @@ def test_full_arena_before_start_raises_instead_of_blocking(make_dist, tmp_path)
     d.start()
     assert d.stop(drain=True, timeout=30)
     assert assert_accounted(reg).delivered == 2
+
+
+def test_a_notification_larger_than_a_bound_is_refused_or_dropped_by_policy(make_dist, tmp_path):
+    d = make_dist()
+    strict = d.add_listener(Digester(str(tmp_path / "a")), max_pending_bytes=64 * KIB)
+    d.start()
+    with pytest.raises(fanout.ListenerFull, match="can never fit max_pending_bytes=65536"):
+        d.distribute(fanout.Add({"i": 0, "data": arr_no(0)}))
+    d.remove_listener(strict)
+    lossy = d.add_listener(
+        Digester(str(tmp_path / "b")), max_pending_bytes=64 * KIB, overflow="drop_newest"
+    )
+    d.distribute(fanout.Add({"i": 1, "data": arr_no(1)}))
+    assert d.stop(drain=True, timeout=30)
+    s = assert_accounted(lossy)
+    assert (s.received, s.dropped) == (1, 1)
 
 
 # -- hostile handlers and crashes ------------------------------------------------------
@@ -554,7 +599,6 @@ def test_a_sigkill_storm_loses_nothing_and_leaks_no_arena_space(make_dist, tmp_p
     want = {i: digest(np.full(32 * KIB, i, dtype=np.float64)) for i in range(count)}
     assert got == want
     assert d.shared_stats().held_bytes == 0
-    assert d.shared_stats().waits > 0  # the arena did fill
 
 
 def test_dead_letters_at_stop_carry_the_array(make_dist, tmp_path):
@@ -607,16 +651,37 @@ def test_on_error_and_poison_dead_letters_carry_the_array_after_its_block_is_reu
         (131_072, [80_000, 80_000]),  # each fits, both together do not
     ],
 )
-def test_what_can_never_fit_is_refused_not_waited_for(make_dist, tmp_path, arena, sizes):
+def test_what_can_never_fit_the_arena_travels_inline(make_dist, tmp_path, arena, sizes):
+    out = tmp_path / "out"
     d = make_dist(max_shared_bytes=arena)
-    d.add_listener(Digester(str(tmp_path / "out")))
+    reg = d.add_listener(Digester(str(out)))
     d.start()
     data = [np.ones(size, dtype=np.uint8) for size in sizes]
-    never = rf"can never fit the shared-memory arena of max_shared_bytes={arena}"
-    with pytest.raises(ValueError, match=never):
-        d.distribute(fanout.Add({"i": 0, "data": data[0], "more": data[1:]}))
+    d.distribute(fanout.Add({"i": 0, "data": data[0], "more": data[1:]}))
+    assert d.stop(drain=True, timeout=30)
+    assert lines(out)[0].split("\t")[1] == digest(data[0])
+    assert assert_accounted(reg).delivered == 1
     assert d.shared_stats().held_bytes == 0
-    assert d.stop(drain=True)
+
+
+def test_a_fragmented_arena_never_makes_a_notification_wait(make_dist, tmp_path):
+    # The issue's case: a 448-byte block held, then 448 + 512 bytes (960 <= 1024).
+    # The first buffer takes a block, the second finds no hole: it goes inline.
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    d = make_dist(max_shared_bytes=1024, shared_min_bytes=1)
+    reg = d.add_listener(Digester(str(out), str(gate)))
+    d.start()
+    held = np.ones(448, dtype=np.uint8)
+    d.distribute(fanout.Add({"i": 0, "data": held}))
+    a, b = np.full(448, 2, dtype=np.uint8), np.full(512, 3, dtype=np.uint8)
+    t = distribute_in_thread(d, [fanout.Add({"i": 1, "data": a, "b": b})])
+    t.join(30)
+    assert not t.is_alive()
+    gate.touch()
+    assert d.stop(drain=True, timeout=30)
+    assert [line.split("\t")[1] for line in lines(out)] == [digest(held), digest(a)]
+    assert assert_accounted(reg).delivered == 2
+    assert d.shared_stats().held_bytes == 0
 
 
 def test_a_schema_listener_gets_big_bytes_inline(make_dist, tmp_path):
@@ -640,7 +705,9 @@ def test_frames_dropped_by_max_pending_bytes_give_their_blocks_back_at_once(make
     gate = tmp_path / "gate"
     d = make_dist()
     reg = d.add_listener(
-        Digester(str(tmp_path / "out"), str(gate)), max_pending_bytes=1024, overflow="drop_oldest"
+        Digester(str(tmp_path / "out"), str(gate)),
+        max_pending_bytes=200 * KIB,
+        overflow="drop_oldest",
     )
     d.start()
     for i in range(40):
@@ -650,6 +717,7 @@ def test_frames_dropped_by_max_pending_bytes_give_their_blocks_back_at_once(make
     assert reg.stats().dropped > 0
     # One block per frame a ring still holds, or its worker is in: none for dropped ones.
     assert held <= pending + 1, (held, pending)
+    assert reg.stats().pending_bytes <= 200 * KIB
     gate.touch()
     assert d.stop(drain=True)
     assert d.shared_stats().held_bytes == 0

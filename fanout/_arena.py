@@ -474,6 +474,9 @@ class Arena:
         try:
             if kind == KIND_BYTES:
                 dest[:] = memoryview(obj).cast("B")
+            elif obj.flags.c_contiguous or fortran:
+                # Every byte, as it is: a structured dtype's padding too.
+                dest[:] = (obj.T if fortran else obj).data.cast("B")
             else:
                 import numpy as np
 

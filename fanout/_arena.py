@@ -364,7 +364,7 @@ class Arena:
         """Bytes of the arena ``ring``'s frames refer to (after freeing what it let go)."""
         if ring not in self._ring_bytes:
             return 0
-        self.reconcile(exact=True, ring=ring)
+        self.reconcile(ring=ring)  # (drops free theirs with reconcile_dropped)
         return self._ring_bytes.get(ring, 0)
 
     # -- encoding (any producer thread) --------------------------------------------

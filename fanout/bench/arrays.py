@@ -670,3 +670,133 @@ def cases(suite: Any) -> list[Case]:
                 )
             )
     return out
+
+
+# -- big arrays beside a stalled listener -----------------------------------------------------
+
+STALLED_ARRAY_BYTES = 1 << 20
+STALLED_MAX_BYTES = 384 << 20  # arrays sent per phase, at most: the stalled lane keeps them
+# By the name the table gives them: the arena's size (None: the default, an eighth
+# of the RAM) and the stalled listener's options. 64 MiB: the stalled listener
+# reaches its share (32 MiB) early in a round, and spills the rest.
+STALLED_SETTINGS: dict[str, tuple[int | None, dict[str, Any]]] = {
+    "defaults": (None, {}),
+    "defaults, 64 MiB arena": (64 << 20, {}),
+    "drop_newest, 64 MiB arena": (
+        64 << 20,
+        {"max_pending_bytes": 4 << 20, "overflow": "drop_newest"},
+    ),
+}
+FRACTION = Metric("fraction", "x alone", "higher", "healthy rate / rate alone")
+
+
+class Stalled(fanout.Handler):
+    """Blocks in its first call until ``gate`` exists (the bench opens it to stop)."""
+
+    def __init__(self, gate: str) -> None:
+        self.gate = gate
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        """Wait for the gate.
+
+        Args:
+            obj: Ignored.
+            is_in_initial_list: Ignored.
+        """
+        while not os.path.exists(self.gate):
+            time.sleep(0.01)
+
+
+class FanoutStalled:
+    """fanout, the only contender of ``stalled-arrays``: one healthy listener summing."""
+
+    name = "fanout-process"
+
+
+def _phase(d: Any, reg: Any, pool: Sequence[np.ndarray], count: int, before: int) -> float:
+    """Send ``count`` arrays; the healthy listener's arrays/s until it summed them all."""
+    t0 = time.perf_counter()
+    k = len(pool)
+    for i in range(count):
+        d.distribute(fanout.Add(pool[i % k]))
+    deadline = time.monotonic() + FINISH_TIMEOUT
+    while reg.stats().delivered < before + count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the healthy listener did not finish in {FINISH_TIMEOUT} s")
+        time.sleep(0.0005)
+    return count / (time.perf_counter() - t0)
+
+
+def stalled_round(setting: str, nbytes: int, count: int) -> dict[str, Any]:
+    """One run: the healthy listener alone, then beside a stalled one; the ratio of rates.
+
+    Both phases run in the same distributor, one after the other, so the machine's
+    load weighs on both alike. The stalled listener is added between them and
+    blocks in its first call; its settings are ``STALLED_SETTINGS[setting]``.
+
+    Returns:
+        ``fraction`` (rate beside / rate alone), both rates, and the arena's and
+        the stalled listener's figures at the end.
+    """
+    tmp = tempfile.mkdtemp(prefix="fanout-bench-stalled-")
+    gate = os.path.join(tmp, "gate")
+    path = os.path.join(tmp, "tally")
+    with open(path, "wb") as f:
+        f.write(TALLY.pack(0, 0.0))
+    pool = cached_pool(nbytes)
+    arena_bytes, opts = STALLED_SETTINGS[setting]
+    d = fanout.Distributor(max_shared_bytes=arena_bytes)
+    try:
+        healthy = d.add_listener(ArraySum(path), name="healthy")
+        d.start()
+        alone = _phase(d, healthy, pool, count, 0)
+        stalled = d.add_listener(Stalled(gate), name="stalled", **opts)
+        if not stalled.wait_ready(60):
+            raise RuntimeError("the stalled listener's worker did not start")
+        beside = _phase(d, healthy, pool, count, count)
+        s = stalled.stats()
+        arena = d.shared_stats()
+    finally:
+        open(gate, "w").close()  # let the stalled worker leave
+        d.stop(drain=False)  # its backlog is dropped, counted
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {
+        "fraction": beside / alone,
+        "alone_per_s": alone,
+        "beside_per_s": beside,
+        "arrays": count,
+        "stalled_pending_bytes": s.pending_bytes,
+        "stalled_dropped": s.dropped,
+        "spilled": arena.spilled,
+    }
+
+
+def stalled_cases(suite: Any) -> list[Case]:
+    """``stalled-arrays``: 1 MiB arrays beside a stalled listener, per stalled setting."""
+
+    def calibrate(cls: Any) -> int:
+        r = stalled_round("drop_newest, 64 MiB arena", STALLED_ARRAY_BYTES, MIN_ARRAYS * 4)
+        want = r["alone_per_s"] * suite.opts.duration
+        return int(min(STALLED_MAX_BYTES // STALLED_ARRAY_BYTES, max(MIN_ARRAYS * 4, want)))
+
+    out = []
+    for setting in STALLED_SETTINGS:
+
+        def measure(cls: Any, n: int, setting: str = setting) -> dict[str, Any]:
+            return stalled_round(setting, STALLED_ARRAY_BYTES, n)
+
+        out.append(
+            Case(
+                "stalled-arrays",
+                {"array_bytes": STALLED_ARRAY_BYTES, "stalled": setting},
+                f"big arrays ({size_text(STALLED_ARRAY_BYTES)}) beside a stalled listener "
+                f"({setting})",
+                [FRACTION],
+                [FanoutStalled],
+                measure,
+                calibrate=calibrate,
+                round_s=2 * suite.opts.duration + 1.0,
+                calibrate_s=1.0,
+            )
+        )
+    return out

@@ -13,6 +13,9 @@
 * ``arrays``: float64 arrays of 64 KiB, 1 MiB and 16 MiB to L listeners whose
   handlers sum them, in GB/s, against a pipe and a ``shared_memory`` baseline
   (``fanout.bench.arrays``).
+* ``stalled-arrays``: 1 MiB arrays to a healthy listener, alone and then beside
+  a stalled one (defaults, and ``drop_newest`` bounds), in one run: the healthy
+  listener's rate as a fraction of its rate alone (``fanout.bench.arrays``).
 * ``ray``: one listener of 2 Ray actors against Ray used directly, and recovery
   from a SIGKILLed actor (``fanout.bench.ray``). Not in the default list: it
   starts a Ray cluster (about 4 s); ``--scenario ray`` runs it.
@@ -92,6 +95,7 @@ class Options:
             "recovery",
             "schema",
             "arrays",
+            "stalled-arrays",
         ]
     )
     contenders: list[str] | None = None
@@ -729,6 +733,13 @@ def arrays(suite: Suite) -> list[Case]:
     return module.cases(suite)
 
 
+def stalled_arrays(suite: Suite) -> list[Case]:
+    """Big arrays beside a stalled listener: the healthy rate / its rate alone."""
+    from fanout.bench import arrays as module
+
+    return module.stalled_cases(suite)
+
+
 def ray(suite: Suite) -> list[Case]:
     """One listener of 2 Ray actors against Ray used directly (``fanout.bench.ray``)."""
     try:
@@ -747,6 +758,7 @@ SCENARIOS: dict[str, Callable[[Suite], list[Case]]] = {
     "recovery": recovery,
     "schema": schema,
     "arrays": arrays,
+    "stalled-arrays": stalled_arrays,
     "ray": ray,
 }
 

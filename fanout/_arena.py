@@ -474,15 +474,19 @@ class Arena:
         try:
             if kind == KIND_BYTES:
                 dest[:] = memoryview(obj).cast("B")
-            elif obj.flags.c_contiguous or fortran:
-                # Every byte, as it is: a structured dtype's padding too.
-                dest[:] = (obj.T if fortran else obj).data.cast("B")
             else:
                 import numpy as np
 
-                # One copy, straight into the block: a strided array becomes contiguous.
-                arr = _frombuffer(dest, obj.dtype, obj.shape, fortran)
-                np.copyto(arr, obj, casting="no")
+                if obj.flags.c_contiguous or fortran:
+                    # Every byte as it is (a structured dtype's padding too).
+                    raw = obj.reshape(-1, order="F" if fortran else "C").view(np.uint8)
+                    arr = np.frombuffer(dest, np.uint8)
+                    np.copyto(arr, raw)
+                    del raw
+                else:
+                    # One copy, straight into the block: a strided array becomes contiguous.
+                    arr = _frombuffer(dest, obj.dtype, obj.shape, fortran)
+                    np.copyto(arr, obj, casting="no")
                 del arr
         finally:
             dest.release()

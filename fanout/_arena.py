@@ -76,7 +76,7 @@ def default_max_shared_bytes() -> int:
         ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError):
         ram = 8 << 30
-    return max(ram // 8, 64 << 20)
+    return max(ram // 8 // mmap.PAGESIZE * mmap.PAGESIZE, 64 << 20)  # whole pages
 
 
 @dataclass(frozen=True)

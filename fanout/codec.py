@@ -118,7 +118,7 @@ def dtype_from_wire(wire: Any) -> Any:
         return np.dtype(wire)
     if type(wire) is list:
         return np.dtype((dtype_from_wire(wire[0]), tuple(wire[1])))
-    spec = dict(wire)
+    spec: Any = dict(wire)
     aligned = spec.pop("aligned", False)
     spec["formats"] = [dtype_from_wire(f) for f in spec["formats"]]
     return np.dtype(spec, align=aligned)

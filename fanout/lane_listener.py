@@ -92,7 +92,7 @@ class LaneListener(Registration):
         """The bytes ``lane`` holds: its ring's, and the arena blocks its frames refer to."""
         return int(lane.ring.nbytes) + self.arena_bytes(lane)
 
-    def _room(self, lane: Any, need: int) -> bool:
+    def _fits(self, lane: Any, need: int) -> bool:
         """Tell whether ``need`` more bytes keep ``lane`` within ``max_pending_bytes``."""
         bound = self.max_pending_bytes
         return bound is None or self.pending_bytes(lane) + need <= bound
@@ -114,7 +114,7 @@ class LaneListener(Registration):
         waits_for_start = self.overflow == "block" and not self.ctx.started
         if self.overflow != "error" and not waits_for_start:
             return
-        if not self._room(lane, need):
+        if not self._fits(lane, need):
             lane.ack()
             held = self.pending_bytes(lane)
             if held + need > bound and waits_for_start:
@@ -134,7 +134,7 @@ class LaneListener(Registration):
                     f"overflow='block', 'drop_oldest' or 'drop_newest'"
                 )
 
-    def put(self, lane: Any, payload: bytes) -> int:
+    def put(self, lane: Any, payload: bytes) -> int | None:
         """Append an encoded notification to ``lane``, applying the overflow policy.
 
         A bounded lane counts the arena bytes its frames refer to (a shared
@@ -143,10 +143,11 @@ class LaneListener(Registration):
         stopping.
 
         Returns:
-            The frame's sequence number, or 0 if the lane did not take it.
+            The frame's sequence number, or 0 if the lane did not take it (a
+            subclass whose callers need no number may return None).
         """
         try:
-            if self.max_pending_bytes is None or self._room(lane, len(payload) + HEADER_SIZE):
+            if self.max_pending_bytes is None or self._fits(lane, len(payload) + HEADER_SIZE):
                 return int(lane.ring.append(payload))  # the pump acks what the worker finished
         except RingFull:
             pass
@@ -156,7 +157,7 @@ class LaneListener(Registration):
 
     def _append_in_bound(self, lane: Any, payload: bytes) -> int:
         """Append if ``payload`` fits the bound now; 0 if not (or the ring closed)."""
-        if not self._room(lane, len(payload) + HEADER_SIZE):
+        if not self._fits(lane, len(payload) + HEADER_SIZE):
             return 0
         try:
             return int(lane.ring.append(payload))
@@ -176,7 +177,7 @@ class LaneListener(Registration):
         if policy == "drop_oldest":
             # Frame by frame: a dropped frame may give back arena blocks as well.
             arena = self.ctx.arena
-            while not self._room(lane, len(payload) + HEADER_SIZE):
+            while not self._fits(lane, len(payload) + HEADER_SIZE):
                 frames = self.drop_unsent(lane, 1)
                 if not frames:
                     break

@@ -465,12 +465,12 @@ def test_a_bounded_listener_drops_for_itself_alone_counting_real_bytes(
 
 
 def test_a_bounded_error_listener_refuses_when_its_real_bytes_are_full(make_dist, tmp_path):
-    d, fast, stalled, fast_out, _, gate = _beside_a_stalled_one(
+    d, fast, stalled, _, _, gate = _beside_a_stalled_one(
         make_dist, tmp_path, max_pending_bytes=250 * KIB, overflow="error"
     )
     for i in range(2):
         d.distribute(fanout.Add({"i": i, "data": arr_no(i)}))
-    with pytest.raises(fanout.ListenerFull, match="stalled.*is full"):
+    with pytest.raises(fanout.ListenerFull, match=r"stalled.*is full"):
         d.distribute(fanout.Add({"i": 2, "data": arr_no(2)}))
     assert fast.stats().received == 2  # no listener got any part of it
     gate.touch()
@@ -481,7 +481,7 @@ def test_a_bounded_error_listener_refuses_when_its_real_bytes_are_full(make_dist
 
 
 def test_a_bounded_block_listener_waits_for_its_own_handler(make_dist, tmp_path):
-    d, _, stalled, _, slow_out, gate = _beside_a_stalled_one(
+    d, _, _, _, slow_out, gate = _beside_a_stalled_one(
         make_dist, tmp_path, max_pending_bytes=250 * KIB, overflow="block"
     )
     for i in range(2):

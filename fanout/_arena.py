@@ -125,11 +125,15 @@ class SharedPayload(bytes):
 
 
 class _Encoding:
-    """What one ``Arena.encode`` call made: per call, so producer threads never mix."""
+    """What the ``Arena.encode`` call running in one thread made: threads never mix."""
 
     __slots__ = ("error", "made", "refs", "room", "used")
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the last encode (each thread reuses one: no allocation per call)."""
         self.made: list[int] = []  # block offsets, in the order made
         self.used = 0  # their bytes
         self.room = -1  # bytes the encode may take: the largest room a listener has
@@ -247,7 +251,8 @@ class Arena:
         # share of each (``set_takers``). None: no distributor says (one share).
         self._takers: tuple[tuple[Any, ...], ...] | None = None
         self.share_bytes = size
-        # The encode running in this thread (``share`` is called back by the codec).
+        # Per thread: the state of the encode it runs (``share`` is called back by
+        # the codec while it runs), an ``_Encoding``.
         self._local = threading.local()
         # Lanes at their share get the notification encoded without the arena.
         self.inline_encode: Callable[[Any, int], bytes] = codec.encode
@@ -376,27 +381,31 @@ class Arena:
         ``SharedPayload``: the caller ``claim``-s and ``note``-s it for every ring
         that takes it, gives the others ``inline()``, and calls ``unhold`` once done.
         """
-        local = self._local
-        enc = local.enc = _Encoding()
+        try:
+            enc: _Encoding = self._local.enc  # this thread's, clean between calls
+        except AttributeError:
+            enc = self._local.enc = _Encoding()
         try:
             payload = self._encode(n, t_ns)
-            if not enc.made and len(payload) < self.min_bytes:
+            if not enc.made and not enc.refs and len(payload) < self.min_bytes:
                 return payload  # the usual case: no big buffer, nothing to undo
             swapped = swap_buffers(n, self.share) if len(payload) >= self.min_bytes else None
             if swapped is not None:
                 payload = self._encode(swapped, t_ns)  # arrays: the same blocks again
         except BaseException as exc:
-            self.unhold(enc.made)
-            if enc.error is not None and enc.error is not exc:
-                raise enc.error from None  # the codec wrapped it (ValueError -> TypeError)
+            made, error = enc.made, enc.error
+            enc.reset()
+            self.unhold(made)
+            if error is not None and error is not exc:
+                raise error from None  # the codec wrapped it (ValueError -> TypeError)
             raise
-        finally:
-            local.enc = None
-        if not enc.made:
+        made, used = enc.made, enc.used
+        enc.reset()
+        if not made:
             return payload
         out = SharedPayload(payload)
-        out.blocks = enc.made
-        out.nbytes = enc.used
+        out.blocks = made
+        out.nbytes = used
         inline = self.inline_encode
         out._inline = lambda: inline(n, t_ns)
         return out
@@ -407,9 +416,7 @@ class Arena:
         Called by the arena's own codec for numpy arrays and, through
         ``swap_buffers``, for big bytes-like objects, in the encoding thread.
         """
-        enc: _Encoding | None = getattr(self._local, "enc", None)
-        if enc is None:
-            return None
+        enc: _Encoding = self._local.enc  # set by encode(), the only caller
         import numpy as np
 
         if isinstance(obj, np.ndarray):

@@ -56,7 +56,7 @@ def test_quick_run_reports_every_figure_with_its_spread(tmp_path, no_leaks):
     default = set(Options().scenarios)  # every scenario but the opt-in "ray"
     assert default == set(SCENARIOS) - {"ray"}
     assert {r["scenario"] for r in results} == default
-    for scenario in default - {"recovery", "schema", "arrays"}:
+    for scenario in default - {"recovery", "schema", "arrays", "stalled-arrays"}:
         seen = {r["contender"] for r in results if r["scenario"] == scenario}
         assert seen == installed, scenario
     from fanout.bench import arrays, schema  # their own contenders
@@ -65,6 +65,9 @@ def test_quick_run_reports_every_figure_with_its_spread(tmp_path, no_leaks):
     assert seen == {c.name for c in schema.CONTENDERS}
     seen = {r["contender"] for r in results if r["scenario"] == "arrays"}
     assert seen == {c.name for c in arrays.CONTENDERS}
+    stalled = [r for r in results if r["scenario"] == "stalled-arrays"]
+    assert {r["contender"] for r in stalled} == {"fanout-process"}
+    assert {r["params"]["stalled"] for r in stalled} == set(arrays.STALLED_SETTINGS)
     recovery = [r for r in results if r["scenario"] == "recovery"]
     assert {r["contender"] for r in recovery} == {"fanout-process"}
     assert {r["metric"] for r in recovery} == {"sigkill_to_handled", "cold_start"}

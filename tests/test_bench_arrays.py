@@ -195,3 +195,20 @@ def test_standalone_script_checks_the_rss_bound(tmp_path):
     # today, its copy in the shared arena tomorrow).
     proc = run("--rss-bound-mb", "0.5", "--contender", "fanout-process")
     assert proc.returncode == 1 and "OVER THE BOUND" in proc.stdout
+
+
+@pytest.mark.parametrize("setting", list(arrays.STALLED_SETTINGS))
+def test_a_stalled_round_measures_both_phases_and_holds_the_stalled_listener_to_its_bound(
+    setting, no_leaks
+):
+    r = arrays.stalled_round(setting, 1 << 20, 40)
+    assert r["fraction"] == pytest.approx(r["beside_per_s"] / r["alone_per_s"])
+    assert r["alone_per_s"] > 0 and r["beside_per_s"] > 0 and r["arrays"] == 40
+    arena, opts = arrays.STALLED_SETTINGS[setting]
+    bound = opts.get("max_pending_bytes")
+    if bound is None:  # it keeps all but the one its handler sits on, arrays included
+        assert r["stalled_pending_bytes"] >= 39 << 20 and r["stalled_dropped"] == 0
+    else:  # its real bytes stay within its bound; the rest is dropped, for it alone
+        assert r["stalled_pending_bytes"] <= bound and r["stalled_dropped"] >= 40 - 5
+    if arena == 64 << 20:  # past its share of 32 MiB it takes arrays inline
+        assert bound is not None or r["spilled"] >= 40 - 33

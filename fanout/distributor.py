@@ -158,7 +158,9 @@ class Distributor:
         max_shared_bytes: Size of the shared-memory arena through which big
             buffers reach process listeners (default: an eighth of the RAM;
             memory is used only as blocks are filled); 0 sends everything
-            inline in the frames. Only the default ``MsgpackCodec`` uses it.
+            inline in the frames. Each process listener may hold an equal share
+            of it; one at its share takes big buffers inline in its own ring.
+            Only the default ``MsgpackCodec`` uses it.
         shared_min_bytes: A numpy array, ``bytes``, ``bytearray`` or
             ``memoryview`` of at least this many bytes travels through the
             arena: copied once, read zero-copy by every worker.
@@ -371,7 +373,8 @@ class Distributor:
             initial_list: Objects delivered to this listener only, as
                 ``Add(obj, is_in_initial_list=True)``, before anything live.
             max_pending_bytes: Bound on the bytes one lane holds (process
-                listeners); None: unbounded (the ring still shrinks back).
+                listeners): its frames and the shared-memory blocks they refer
+                to; None: unbounded (the ring still shrinks back).
             overflow: What a full bounded lane does: ``"block"`` (distribute
                 waits; before ``start()`` it raises ``ListenerFull``),
                 ``"drop_oldest"``, ``"drop_newest"`` (counted in ``dropped``)

@@ -79,8 +79,9 @@ class ListenerStats:
         received: Notifications accepted for this listener, live or from its
             initial list, including those an overflow policy dropped on arrival.
         pending: Notifications accepted and not yet handled.
-        pending_bytes: Encoded bytes held for them, in flight or waiting (0 for a
-            thread listener, which holds objects).
+        pending_bytes: Bytes held for them, in flight or waiting: the encoded
+            frames and the shared-memory blocks they refer to (0 for a thread
+            listener, which holds objects).
         capacity_bytes: Bytes allocated for the listener's rings (0 for a thread
             listener).
         delivered: Handler calls that finished, returning or raising.

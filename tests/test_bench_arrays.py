@@ -203,6 +203,7 @@ def test_a_stalled_round_measures_both_phases_and_holds_the_stalled_listener_to_
 ):
     r = arrays.stalled_round(setting, 1 << 20, 40)
     assert r["fraction"] == pytest.approx(r["beside_per_s"] / r["alone_per_s"])
+    assert r["percent_of_alone"] == pytest.approx(100 * r["fraction"])
     assert r["alone_per_s"] > 0 and r["beside_per_s"] > 0 and r["arrays"] == 40
     arena, opts = arrays.STALLED_SETTINGS[setting]
     bound = opts.get("max_pending_bytes")

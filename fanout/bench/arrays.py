@@ -687,7 +687,7 @@ STALLED_SETTINGS: dict[str, tuple[int | None, dict[str, Any]]] = {
         {"max_pending_bytes": 4 << 20, "overflow": "drop_newest"},
     ),
 }
-FRACTION = Metric("fraction", "x alone", "higher", "healthy rate / rate alone")
+PERCENT = Metric("percent_of_alone", "% of alone", "higher", "healthy rate, % of alone")
 
 
 class Stalled(fanout.Handler):
@@ -735,8 +735,8 @@ def stalled_round(setting: str, nbytes: int, count: int) -> dict[str, Any]:
     blocks in its first call; its settings are ``STALLED_SETTINGS[setting]``.
 
     Returns:
-        ``fraction`` (rate beside / rate alone), both rates, and the arena's and
-        the stalled listener's figures at the end.
+        ``percent_of_alone`` and ``fraction`` (rate beside / rate alone), both
+        rates, and the arena's and the stalled listener's figures at the end.
     """
     tmp = tempfile.mkdtemp(prefix="fanout-bench-stalled-")
     gate = os.path.join(tmp, "gate")
@@ -761,6 +761,7 @@ def stalled_round(setting: str, nbytes: int, count: int) -> dict[str, Any]:
         d.stop(drain=False)  # its backlog is dropped, counted
         shutil.rmtree(tmp, ignore_errors=True)
     return {
+        "percent_of_alone": 100 * beside / alone,
         "fraction": beside / alone,
         "alone_per_s": alone,
         "beside_per_s": beside,
@@ -791,7 +792,7 @@ def stalled_cases(suite: Any) -> list[Case]:
                 {"array_bytes": STALLED_ARRAY_BYTES, "stalled": setting},
                 f"big arrays ({size_text(STALLED_ARRAY_BYTES)}) beside a stalled listener "
                 f"({setting})",
-                [FRACTION],
+                [PERCENT],
                 [FanoutStalled],
                 measure,
                 calibrate=calibrate,

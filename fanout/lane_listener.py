@@ -147,7 +147,12 @@ class LaneListener(Registration):
             subclass whose callers need no number may return None).
         """
         try:
-            if self.max_pending_bytes is None or self._fits(lane, len(payload) + HEADER_SIZE):
+            # Without arena bytes in the lane, the ring's own bound is the whole bound.
+            if (
+                self.max_pending_bytes is None
+                or not self.arena_bytes(lane)
+                or self._fits(lane, len(payload) + HEADER_SIZE)
+            ):
                 return int(lane.ring.append(payload))  # the pump acks what the worker finished
         except RingFull:
             pass

@@ -389,7 +389,7 @@ class Arena:
             payload = self._encode(n, t_ns)
             if not enc.made and not enc.refs and len(payload) < self.min_bytes:
                 return payload  # the usual case: no big buffer, nothing to undo
-            swapped = swap_buffers(n, self.share) if len(payload) >= self.min_bytes else None
+            swapped = self._swapped(n) if len(payload) >= self.min_bytes else None
             if swapped is not None:
                 payload = self._encode(swapped, t_ns)  # arrays: the same blocks again
         except BaseException as exc:
@@ -409,6 +409,17 @@ class Arena:
         inline = self.inline_encode
         out._inline = lambda: inline(n, t_ns)
         return out
+
+    def _swapped(self, n: Any) -> Any:
+        """``n`` with big bytes-like buffers shared; None if none was (or too deep).
+
+        The walk recurses: an object nested near the packer's limit (deeper than
+        Python's recursion limit allows here) keeps its buffers inline.
+        """
+        try:
+            return swap_buffers(n, self.share)
+        except RecursionError:
+            return None
 
     def share(self, obj: Any) -> msgpack.ExtType | None:
         """The reference that replaces ``obj`` in the frame, or None to send it inline.

@@ -127,12 +127,17 @@ def test_deep_nesting_the_packer_takes_reaches_the_worker_and_deeper_is_refused(
     d.start()
     # Past the default recursion limit of the workers' decoder: they raise theirs.
     d.distribute(fanout.Add(nest(1015)))
+    blob = os.urandom(100 * KIB)  # deep and big: too deep to look for big buffers
+    deep_and_big: Any = [blob]
+    for _ in range(1010):
+        deep_and_big = [deep_and_big]
+    d.distribute(fanout.Add(deep_and_big))
     with pytest.raises(TypeError, match="nested too deep"):
         d.distribute(fanout.Add(nest(1100)))
     assert d.stop(drain=True, timeout=30)
-    assert lines(out) == ["1015"]
-    assert assert_accounted(reg).received == 1 and reg.stats().dead_lettered == 0
-    assert len(seen) == 1 and assert_accounted(threaded).received == 1
+    assert lines(out) == ["1015", "1011"]
+    assert assert_accounted(reg).received == 2 and reg.stats().dead_lettered == 0
+    assert len(seen) == 2 and assert_accounted(threaded).received == 2
 
 
 @pytest.mark.parametrize("max_shared_bytes", [None, 0])

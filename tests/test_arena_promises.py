@@ -79,6 +79,7 @@ def structured() -> list[np.ndarray]:
         ),
         np.dtype([("p", [("x", "<f4"), ("y", ">f8")]), ("m", "<i2", (2, 3)), ("s", "S5")]),
         np.dtype([("outer", [("inner", [("v", "<u2")], (2,))])], align=True),
+        np.dtype({"names": ["t", "u"], "formats": ["<M8[ns]", "<U3"], "titles": ["Time", None]}),
     ]
     out = []
     for seed, dt in enumerate(dts):

@@ -140,8 +140,11 @@ def _builtin_to_ext(obj: Any) -> Any:
                     "numbers, bools or fixed-size strings travel as raw bytes"
                 )
             arr = np.ascontiguousarray(obj)  # (a 0-d array comes back 1-d: keep obj's shape)
+            # Raw bytes through a uint8 view: datetime64 (alone or in a structured
+            # dtype) has no buffer export of its own.
+            raw = memoryview(arr.reshape(-1).view(np.uint8))
             dtype = dtype_to_wire(arr.dtype)
-            body = msgpack.packb([dtype, list(obj.shape), arr.data], use_bin_type=True)
+            body = msgpack.packb([dtype, list(obj.shape), raw], use_bin_type=True)
             return EXT_NDARRAY, body
     return None
 

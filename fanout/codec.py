@@ -142,7 +142,7 @@ def _builtin_to_ext(obj: Any) -> Any:
             arr = np.ascontiguousarray(obj)  # (a 0-d array comes back 1-d: keep obj's shape)
             # Raw bytes through a uint8 view: datetime64 (alone or in a structured
             # dtype) has no buffer export of its own.
-            raw = memoryview(arr.reshape(-1).view(np.uint8))
+            raw = arr.reshape(-1).view(np.uint8).data
             dtype = dtype_to_wire(arr.dtype)
             body = msgpack.packb([dtype, list(obj.shape), raw], use_bin_type=True)
             return EXT_NDARRAY, body

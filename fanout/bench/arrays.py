@@ -713,8 +713,12 @@ class FanoutStalled:
     name = "fanout-process"
 
 
-def _phase(d: Any, reg: Any, pool: Sequence[np.ndarray], count: int, before: int) -> float:
-    """Send ``count`` arrays; the healthy listener's arrays/s until it summed them all."""
+STALLED_CHUNKS = 4  # alternations of the two distributors within one round
+
+
+def _send_and_wait(d: Any, reg: Any, pool: Sequence[np.ndarray], count: int) -> float:
+    """Send ``count`` arrays; seconds until ``reg`` (summing them) has handled them all."""
+    before = reg.stats().delivered
     t0 = time.perf_counter()
     k = len(pool)
     for i in range(count):
@@ -724,15 +728,18 @@ def _phase(d: Any, reg: Any, pool: Sequence[np.ndarray], count: int, before: int
         if time.monotonic() > deadline:
             raise TimeoutError(f"the healthy listener did not finish in {FINISH_TIMEOUT} s")
         time.sleep(0.0005)
-    return count / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 def stalled_round(setting: str, nbytes: int, count: int) -> dict[str, Any]:
-    """One run: the healthy listener alone, then beside a stalled one; the ratio of rates.
+    """One run: a healthy listener alone and one beside a stalled listener; their rates.
 
-    Both phases run in the same distributor, one after the other, so the machine's
-    load weighs on both alike. The stalled listener is added between them and
-    blocks in its first call; its settings are ``STALLED_SETTINGS[setting]``.
+    Two distributors with the same arena run side by side: one with a healthy
+    listener alone, one with a healthy listener and a stalled one (blocked in its
+    first call, with the options ``STALLED_SETTINGS[setting]``). The round feeds
+    them in turns, ``count / STALLED_CHUNKS`` arrays at a time, so that the
+    machine's other load weighs on both alike, and compares the healthy
+    listeners' rates over the whole round.
 
     Returns:
         ``percent_of_alone`` and ``fraction`` (rate beside / rate alone), both
@@ -740,26 +747,35 @@ def stalled_round(setting: str, nbytes: int, count: int) -> dict[str, Any]:
     """
     tmp = tempfile.mkdtemp(prefix="fanout-bench-stalled-")
     gate = os.path.join(tmp, "gate")
-    path = os.path.join(tmp, "tally")
-    with open(path, "wb") as f:
-        f.write(TALLY.pack(0, 0.0))
+    paths = [os.path.join(tmp, f"tally-{i}") for i in range(2)]
+    for path in paths:
+        with open(path, "wb") as f:
+            f.write(TALLY.pack(0, 0.0))
     pool = cached_pool(nbytes)
     arena_bytes, opts = STALLED_SETTINGS[setting]
-    d = fanout.Distributor(max_shared_bytes=arena_bytes)
+    alone_d = fanout.Distributor(max_shared_bytes=arena_bytes)
+    beside_d = fanout.Distributor(max_shared_bytes=arena_bytes)
     try:
-        healthy = d.add_listener(ArraySum(path), name="healthy")
-        d.start()
-        alone = _phase(d, healthy, pool, count, 0)
-        stalled = d.add_listener(Stalled(gate), name="stalled", **opts)
-        if not stalled.wait_ready(60):
-            raise RuntimeError("the stalled listener's worker did not start")
-        beside = _phase(d, healthy, pool, count, count)
+        alone_reg = alone_d.add_listener(ArraySum(paths[0]), name="healthy")
+        beside_reg = beside_d.add_listener(ArraySum(paths[1]), name="healthy")
+        stalled = beside_d.add_listener(Stalled(gate), name="stalled", **opts)
+        alone_d.start()
+        beside_d.start()
+        chunk = max(1, count // STALLED_CHUNKS)
+        sent = t_alone = t_beside = 0.0
+        while sent < count:
+            n = int(min(chunk, count - sent))
+            t_alone += _send_and_wait(alone_d, alone_reg, pool, n)
+            t_beside += _send_and_wait(beside_d, beside_reg, pool, n)
+            sent += n
         s = stalled.stats()
-        arena = d.shared_stats()
+        arena = beside_d.shared_stats()
     finally:
         open(gate, "w").close()  # let the stalled worker leave
-        d.stop(drain=False)  # its backlog is dropped, counted
+        for d in (alone_d, beside_d):
+            d.stop(drain=False)  # the stalled backlog is dropped, counted
         shutil.rmtree(tmp, ignore_errors=True)
+    alone, beside = count / t_alone, count / t_beside
     return {
         "percent_of_alone": 100 * beside / alone,
         "fraction": beside / alone,

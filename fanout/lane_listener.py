@@ -12,6 +12,7 @@ sender thread and a Ray actor (``ray_listener``). A lane has ``index``, ``ring``
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -65,6 +66,14 @@ class LaneListener(Registration):
         super().__init__(ctx, opts)
         self.rr = 0
         self.lanes: list[Any] = []
+        # Producer threads may drop for this listener at once: += is no atomic step.
+        self._count_lock = threading.Lock()
+
+    def _count_drops(self, held: int = 0, arriving: int = 0) -> None:
+        """Count ``held`` frames dropped from a ring and ``arriving`` ones never appended."""
+        with self._count_lock:
+            self.dropped += held + arriving
+            self.unqueued += arriving
 
     def make_rings(self) -> list[Any]:
         """One ring per worker, sized for the listener's bound and overflow policy."""
@@ -186,20 +195,18 @@ class LaneListener(Registration):
                 frames = self.drop_unsent(lane, 1)
                 if not frames:
                     break
-                self.dropped += frames
+                self._count_drops(held=frames)
                 if arena is not None:
                     arena.reconcile_dropped(ring)
             seq = self._append_in_bound(lane, payload)
             if not seq and not ring.closed:  # frames in flight fill the bound
-                self.dropped += 1
-                self.unqueued += 1
+                self._count_drops(arriving=1)
             return seq
         if policy == "error":  # check_room passed, then the ring filled: a race
             raise ListenerFull(f"listener {self.name!r} lane {lane.index} is full")
         if policy == "block":
             return self._put_blocking(lane, payload)
-        self.dropped += 1  # drop_newest
-        self.unqueued += 1
+        self._count_drops(arriving=1)  # drop_newest
         return 0
 
     def drop_unsent(self, lane: Any, nbytes: int) -> int:
@@ -216,8 +223,7 @@ class LaneListener(Registration):
         delay = 50e-6
         while True:
             if self.removed or self.ctx.stopping:
-                self.dropped += 1
-                self.unqueued += 1
+                self._count_drops(arriving=1)
                 return 0
             time.sleep(delay)
             delay = min(delay * 2, 0.005)

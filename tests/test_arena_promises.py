@@ -254,6 +254,35 @@ def test_distribute_from_four_threads_changes_no_byte_and_keeps_order_per_thread
     assert d.shared_stats().held_bytes == 0
 
 
+@pytest.mark.parametrize("overflow", ["drop_newest", "drop_oldest"])
+def test_drops_by_concurrent_producers_are_all_counted(make_dist, tmp_path, overflow):
+    gate = tmp_path / "gate"
+    d = make_dist()
+    reg = d.add_listener(
+        Digester(str(tmp_path / "out"), str(gate)), max_pending_bytes=300 * KIB, overflow=overflow
+    )
+    d.start()
+    start = threading.Barrier(4)
+    blob = os.urandom(70 * KIB)  # through the arena: real bytes fill the bound fast
+
+    def produce(t: int) -> None:
+        start.wait()
+        for i in range(300):
+            d.distribute(fanout.Add({"i": t * 1000 + i, "data": blob if i % 3 else b"x"}))
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert reg.stats().dropped > 0
+    gate.touch()
+    assert d.stop(drain=True, timeout=60)
+    s = assert_accounted(reg)  # received == delivered + dropped, exactly
+    assert s.received == 1200
+    assert d.shared_stats().held_bytes == 0
+
+
 # -- lifetimes --------------------------------------------------------------------------
 
 

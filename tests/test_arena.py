@@ -26,6 +26,7 @@ from helpers import assert_accounted, wait_for
 
 import fanout
 from fanout._arena import Arena
+from fanout.codec import dtype_to_wire
 
 KIB = 1024
 PAGE = mmap.PAGESIZE
@@ -44,15 +45,16 @@ except ImportError:  # schema= needs msgspec
 
 
 def digest(x: Any) -> str:
-    """What identifies an array or buffer: type, dtype, shape, order and bytes."""
+    """What identifies an array or buffer: type, dtype (all of it), shape, order and bytes."""
     if isinstance(x, np.ndarray):
         order = "F" if x.ndim > 1 and x.flags.f_contiguous and not x.flags.c_contiguous else "C"
         raw = np.ascontiguousarray(x).tobytes()
-        return f"ndarray {x.dtype.str} {x.shape} {order} {hashlib.sha256(raw).hexdigest()}"
+        dtype = dtype_to_wire(x.dtype)  # a structured one's fields, not only "|V12"
+        return f"ndarray {dtype!r} {x.shape} {order} {hashlib.sha256(raw).hexdigest()}"
     return f"{type(x).__name__} {hashlib.sha256(bytes(x)).hexdigest()}"
 
 
-def _write_line(path: str, line: str) -> None:
+def write_line(path: str, line: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         os.write(fd, (line + "\n").encode())
@@ -79,7 +81,7 @@ class Digester(fanout.Handler):
         time.sleep(self.delay)
         data = obj["data"]
         writeable = data.flags.writeable if isinstance(data, np.ndarray) else None
-        _write_line(self.path, f"{obj['i']}\t{digest(data)}\t{writeable}")
+        write_line(self.path, f"{obj['i']}\t{digest(data)}\t{writeable}")
 
 
 class KilledOnce(fanout.Handler):
@@ -89,7 +91,7 @@ class KilledOnce(fanout.Handler):
         self.path = path
 
     def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
-        _write_line(self.path, f"{os.getpid()}\t{digest(obj['data'])}")
+        write_line(self.path, f"{os.getpid()}\t{digest(obj['data'])}")
         marker = self.path + ".killed"
         try:
             os.close(os.open(marker, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
@@ -120,9 +122,9 @@ class Hostile(fanout.Handler):
         try:
             attack()
         except Exception as exc:
-            _write_line(self.path, f"{what}\trefused\t{type(exc).__name__}")
+            write_line(self.path, f"{what}\trefused\t{type(exc).__name__}")
         else:
-            _write_line(self.path, f"{what}\tSUCCEEDED")
+            write_line(self.path, f"{what}\tSUCCEEDED")
 
     def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
         data = obj["data"]

@@ -8,7 +8,6 @@ notification is lost, no byte changed, no block leaked and no listener paced ano
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import signal
@@ -19,11 +18,10 @@ from typing import Any
 import numpy as np
 import pytest
 from helpers import assert_accounted, wait_for
-from test_arena import Digester, digest, lines
+from test_arena import Digester, digest, lines, write_line
 
 import fanout
 from fanout._arena import Arena
-from fanout.codec import dtype_to_wire
 
 KIB = 1024
 
@@ -33,27 +31,6 @@ def nest(depth: int) -> Any:
     for _ in range(depth):
         x = [x]
     return x
-
-
-def full_digest(x: np.ndarray) -> str:
-    """Digest that tells structured dtypes apart (``dtype.str`` is only ``|V12``)."""
-    raw = np.ascontiguousarray(x).tobytes()
-    return f"{dtype_to_wire(x.dtype)!r} {x.shape} {hashlib.sha256(raw).hexdigest()}"
-
-
-class DtypeDigester(fanout.Handler):
-    """Records ``index <tab> full digest`` of ``obj["data"]``."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
-        line = f"{obj['i']}\t{full_digest(obj['data'])}\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
 
 
 class Depth(fanout.Handler):
@@ -94,14 +71,14 @@ def test_structured_dtypes_arrive_exactly(make_dist, tmp_path, start_method, thr
     out = tmp_path / "out"
     min_bytes = 1 if through == "arena" else 1 << 30
     d = make_dist(start_method=start_method, shared_min_bytes=min_bytes)
-    d.add_listener(DtypeDigester(str(out)))
+    d.add_listener(Digester(str(out)))
     d.start()
     arrays = structured()
     for i, arr in enumerate(arrays):
         d.distribute(fanout.Add({"i": i, "data": arr}))
     assert wait_for(lambda: len(lines(out)) == len(arrays))
-    got = dict(line.split("\t") for line in lines(out))
-    assert got == {str(i): full_digest(arr) for i, arr in enumerate(arrays)}
+    got = {i: dg for i, dg, _ in (line.split("\t") for line in lines(out))}
+    assert got == {str(i): digest(arr) for i, arr in enumerate(arrays)}
     assert d.shared_stats().shared == (len(arrays) if through == "arena" else 0)
     assert d.stop(drain=True, timeout=30)
 
@@ -113,7 +90,7 @@ def test_the_producer_decodes_structured_dtypes_exactly():
         n, _ = codec.decode(codec.encode(fanout.Add({"data": arr}), 0))
         assert n.obj["data"].dtype == arr.dtype
         assert n.obj["data"].dtype.isalignedstruct == arr.dtype.isalignedstruct
-        assert full_digest(n.obj["data"]) == full_digest(arr)
+        assert digest(n.obj["data"]) == digest(arr)
 
 
 def test_deep_nesting_the_packer_takes_reaches_the_worker_and_deeper_is_refused(
@@ -202,12 +179,7 @@ class Ordered(fanout.Handler):
         self.path = path
 
     def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
-        line = f"{obj['t']}\t{obj['i']}\t{digest(obj['data'])}\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
+        write_line(self.path, f"{obj['t']}\t{obj['i']}\t{digest(obj['data'])}")
 
 
 def test_distribute_from_four_threads_changes_no_byte_and_keeps_order_per_thread(
@@ -344,27 +316,6 @@ def test_stop_racing_distribute_of_big_arrays_never_crashes(make_dist, tmp_path)
 # -- a randomised run: sizes, speeds, kills, stops ---------------------------------------
 
 
-class Recorder(fanout.Handler):
-    """Records ``index <tab> digest`` of ``obj["data"]``, sleeping ``delay`` first."""
-
-    def __init__(self, path: str, delay: float, gate: str | None = None) -> None:
-        self.path, self.delay, self.gate = path, delay, gate
-
-    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
-        if self.gate is not None:
-            while not os.path.exists(self.gate):
-                time.sleep(0.002)
-        time.sleep(self.delay)
-        data = obj["data"]
-        dg = full_digest(data) if isinstance(data, np.ndarray) else digest(data)
-        line = f"{obj['i']}\t{dg}\n"
-        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, line.encode())
-        finally:
-            os.close(fd)
-
-
 def _payload(rng: random.Random, i: int) -> Any:
     size = rng.choice([0, 10, 4 * KIB, 60 * KIB, 100 * KIB, 300 * KIB])
     kind = rng.choice(["f8", "u1", "struct", "bytes"])
@@ -405,15 +356,12 @@ def test_random_sizes_speeds_kills_and_stops_keep_every_promise(make_dist, tmp_p
         out = tmp_path / spec["name"]
         spec["out"] = out
         regs[spec["name"]] = d.add_listener(
-            Recorder(str(out), spec["delay"], spec.get("gate")), name=spec["name"], **spec["opts"]
+            Digester(str(out), spec.get("gate"), spec["delay"]), name=spec["name"], **spec["opts"]
         )
     d.start()
     count = 60
     sent = [{"i": i, "data": _payload(rng, i)} for i in range(count)]
-    want = {
-        i: full_digest(n["data"]) if isinstance(n["data"], np.ndarray) else digest(n["data"])
-        for i, n in enumerate(sent)
-    }
+    want = {i: digest(n["data"]) for i, n in enumerate(sent)}
     kill_at = rng.randrange(10, count - 10)
     stop_early = rng.random() < 0.5
 
@@ -436,7 +384,7 @@ def test_random_sizes_speeds_kills_and_stops_keep_every_promise(make_dist, tmp_p
         s = assert_accounted(regs[spec["name"]])  # no lost notification
         assert s.received == count and s.dead_lettered == 0
         got = [line.split("\t") for line in lines(spec["out"])]
-        assert all(want[int(i)] == dg for i, dg in got), spec["name"]  # no changed byte
+        assert all(want[int(i)] == dg for i, dg, _ in got), spec["name"]  # no changed byte
         if spec["name"] != "bounded" and not stop_early:
-            assert {int(i) for i, _ in got} == set(range(count)), spec["name"]
+            assert {int(i) for i, _, _ in got} == set(range(count)), spec["name"]
     assert d.shared_stats().held_bytes == 0 and d.shared_stats().blocks == 0  # no leak

@@ -21,12 +21,14 @@ not fit the arena (full, or fragmented) travels inline too: ``distribute`` never
 waits for the arena, so it can never wait for it forever. docs/design.md says why.
 
 When a block is freed: each lane whose ring took a frame referring to it holds one
-share, noted as ``(ring, seq)``. A share ends when the ring no longer holds that frame:
+reference to it (``_Block.shares``, a count; not to be confused with a listener's
+share of the arena), noted as ``(ring, seq)``. It ends when the ring no longer holds
+that frame:
 acked (``acked_seq`` passed it; a drop of frames not yet sent and ``take_all`` move
 ``acked_seq`` past them too, eventually or at once) or dropped (``seqs()`` no longer
-lists it). A rewind keeps the frames, so it keeps the shares: a restarted worker reads
-the same block. While ``distribute`` runs, the producer holds one share of its own, so
-a block no lane took is freed when it returns.
+lists it). A rewind keeps the frames, so it keeps the references: a restarted worker
+reads the same block. While ``distribute`` runs, the producer holds one reference of
+its own, so a block no lane took is freed when it returns.
 """
 
 from __future__ import annotations

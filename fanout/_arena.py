@@ -264,6 +264,7 @@ class Arena:
         codec._shares = self
         self._encode = codec.encode
         self.shared = self.shared_bytes = self.spilled = 0
+        self._events = 0  # big buffers met by any encode: see encode()
 
     # -- allocation (lock held) ----------------------------------------------------
 
@@ -383,24 +384,27 @@ class Arena:
         ``SharedPayload``: the caller ``claim``-s and ``note``-s it for every ring
         that takes it, gives the others ``inline()``, and calls ``unhold`` once done.
         """
-        try:
-            enc: _Encoding = self._local.enc  # this thread's, clean between calls
-        except AttributeError:
-            enc = self._local.enc = _Encoding()
+        # Unchanged: no thread met a big buffer meanwhile, so this call has no
+        # state to look at or undo (the usual case, kept to one attribute read).
+        events = self._events
         try:
             payload = self._encode(n, t_ns)
-            if not enc.made and not enc.refs and len(payload) < self.min_bytes:
-                return payload  # the usual case: no big buffer, nothing to undo
+            if self._events == events and len(payload) < self.min_bytes:
+                return payload
             swapped = self._swapped(n) if len(payload) >= self.min_bytes else None
             if swapped is not None:
                 payload = self._encode(swapped, t_ns)  # arrays: the same blocks again
         except BaseException as exc:
+            if self._events == events:
+                raise
+            enc = self._encoding()
             made, error = enc.made, enc.error
             enc.reset()
             self.unhold(made)
             if error is not None and error is not exc:
                 raise error from None  # the codec wrapped it (ValueError -> TypeError)
             raise
+        enc = self._encoding()
         made, used = enc.made, enc.used
         enc.reset()
         if not made:
@@ -411,6 +415,14 @@ class Arena:
         inline = self.inline_encode
         out._inline = lambda: inline(n, t_ns)
         return out
+
+    def _encoding(self) -> _Encoding:
+        """This thread's encode state (clean between calls)."""
+        try:
+            enc: _Encoding = self._local.enc
+        except AttributeError:
+            enc = self._local.enc = _Encoding()
+        return enc
 
     def _swapped(self, n: Any) -> Any:
         """``n`` with big bytes-like buffers shared; None if none was (or too deep).
@@ -429,7 +441,6 @@ class Arena:
         Called by the arena's own codec for numpy arrays and, through
         ``swap_buffers``, for big bytes-like objects, in the encoding thread.
         """
-        enc: _Encoding = self._local.enc  # set by encode(), the only caller
         import numpy as np
 
         if isinstance(obj, np.ndarray):
@@ -445,6 +456,9 @@ class Arena:
             if view.nbytes < self.min_bytes or not view.c_contiguous:
                 return None  # (the codec refuses a strided memoryview with a TypeError)
             fortran, kind, nbytes, dtype, shape = False, KIND_BYTES, view.nbytes, None, None
+        enc = self._encoding()
+        with self._lock:
+            self._events += 1  # under the lock: no increment is lost, encode() sees it
         seen = enc.refs.get(id(obj))
         if seen is not None:
             return seen[1]  # the same buffer twice in one notification: one block

@@ -20,8 +20,13 @@ from fanout.bench import instructions
 ROOT = Path(__file__).resolve().parents[1]
 NO_VALGRIND = instructions.available()
 CASES = {
-    "distribute": {"small L=1", "small L=4"},
-    "frame": {"small py"} | ({"small native"} if instructions._native_worker() else set()),
+    "distribute": {"small L=1", "small L=4", "small L=1 msgspec"},
+    "frame": {"small py"}
+    | (
+        {"small native", "small native msgpack"}
+        if instructions._native_worker()
+        else {"small py msgpack"}
+    ),
 }
 
 

@@ -6,9 +6,11 @@ child Python under ``valgrind --tool=callgrind`` and reads the counts back:
 
 * ``distribute``: a started ``Distributor`` whose pump is stopped, so only the
   producer's own work runs (encode once, one ring append per listener), for the
-  small object and the Pod, with 1 and 4 process listeners;
+  small object and the Pod, with 1 and 4 process listeners, and with one listener
+  and ``codec="msgspec"``;
 * a worker frame: the worker's read + decode + dispatch loop (``serve``) over a
-  file of frames, into a no-op handler, for the native loop and its pure-Python twin.
+  file of frames, into a no-op handler, for the native loop and its pure-Python
+  twin, and decoding with the ``msgpack`` package instead of msgspec.
 
 Only the measured loop is counted: the child asks callgrind (client requests,
 the same ``xchg rbx, rbx`` sequence ``<valgrind/callgrind.h>`` emits, run from an
@@ -133,8 +135,14 @@ def _distribute_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
         payload = load_payload(name)
         notes = [fanout.Update(*payload.pair(i)) for i in range(n)]
         cg.count(f"distribute-baseline {name}", empty(notes))
-        for listeners in (1, 4):
-            d = fanout.Distributor()
+        # The default codec with 1 and 4 listeners; codec="msgspec" with one, to
+        # show what encoding with msgspec by default would buy.
+        for listeners, codec, suffix in (
+            (1, "msgpack", ""),
+            (4, "msgpack", ""),
+            (1, "msgspec", " msgspec"),
+        ):
+            d = fanout.Distributor(codec=codec)
             regs = [d.add_listener(fanout.Handler()) for _ in range(listeners)]
             d.start()
             try:
@@ -142,7 +150,7 @@ def _distribute_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
                     reg.wait_ready(600)
                 d.pump.stop()
                 loop = distributing(d, notes)
-                for label in (None, f"distribute {name} L={listeners}"):
+                for label in (None, f"distribute {name} L={listeners}{suffix}"):
                     if label is None:
                         loop()  # warm-up: rings grown, caches filled
                     else:
@@ -186,11 +194,13 @@ def _frame_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
     if native is not None:
         serves.insert(0, ("native", native))
     codec = fanout.MsgpackCodec()
-    unpack = codec.unpacker()
     handler = fanout.Handler()
     slot = memoryview(bytearray(8 * SLOT_WORDS)).cast("Q")
+    decode = codec.unpacker()  # what workers use: msgspec
 
-    def serving(serve: Callable[..., Any], path: str) -> Callable[[], None]:
+    def serving(
+        serve: Callable[..., Any], path: str, unpack: Callable[[Any], Any] = decode
+    ) -> Callable[[], None]:
         def loop() -> None:
             fd = os.open(path, os.O_RDONLY)
             try:
@@ -214,6 +224,10 @@ def _frame_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
                 for impl, serve in serves:
                     serving(serve, path)()  # warm-up
                     cg.count(f"frame {name} {impl}", serving(serve, path))
+                # Decoding with the msgpack package instead of msgspec, as workers
+                # did when msgspec was not installed.
+                impl, serve = serves[0]
+                cg.count(f"frame {name} {impl} msgpack", serving(serve, path, codec.unpack))
             finally:
                 os.unlink(path)
     finally:
@@ -342,7 +356,7 @@ def table(result: dict[str, Any]) -> str:
     ]
     for what in ("distribute", "frame"):
         for case, value in result[what].items():
-            lines.append(f"  {what:<10} {case:<16} {value:>12,.1f}")
+            lines.append(f"  {what:<10} {case:<22} {value:>12,.1f}")
     return "\n".join(lines)
 
 

@@ -137,11 +137,12 @@ def _distribute_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
         cg.count(f"distribute-baseline {name}", empty(notes))
         # The default codec with 1 and 4 listeners; codec="msgspec" with one, to
         # show what encoding with msgspec by default would buy.
-        for listeners, codec, suffix in (
+        cases: tuple[tuple[int, Any, str], ...] = (
             (1, "msgpack", ""),
             (4, "msgpack", ""),
             (1, "msgspec", " msgspec"),
-        ):
+        )
+        for listeners, codec, suffix in cases:
             d = fanout.Distributor(codec=codec)
             regs = [d.add_listener(fanout.Handler()) for _ in range(listeners)]
             d.start()

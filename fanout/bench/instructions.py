@@ -241,12 +241,14 @@ def _unexpected(seq: int, payload: bytes, *exc: Any) -> None:
     raise RuntimeError(f"frame {seq} failed in the instruction count: {exc!r}")
 
 
-def _child(n: int, payloads: Sequence[str]) -> None:
+def _child(n: int, payloads: Sequence[str], only: str | None) -> None:
     import fanout
 
     cg = _Callgrind()
-    _frame_cases(cg, n, payloads)
-    _distribute_cases(cg, n, payloads)
+    if only in (None, "frame"):
+        _frame_cases(cg, n, payloads)
+    if only in (None, "distribute"):
+        _distribute_cases(cg, n, payloads)
     print(json.dumps({"native": fanout.NATIVE}))
 
 
@@ -269,13 +271,13 @@ def _read_dumps(directory: str) -> dict[str, int]:
 
 
 def _per_iteration(counts: dict[str, int], n: int) -> dict[str, Any]:
-    out: dict[str, Any] = {"distribute": {}, "frame": {}}
+    out: dict[str, Any] = {}
     for label, total in sorted(counts.items()):
         what, _, rest = label.partition(" ")
         if what not in ("distribute", "frame"):
             continue
         base = counts[f"{what}-baseline {rest.split()[0 if what == 'distribute' else 1]}"]
-        out[what][rest] = round((total - base) / n, 1)
+        out.setdefault(what, {})[rest] = round((total - base) / n, 1)
     return out
 
 
@@ -283,6 +285,7 @@ def measure(
     iterations: int = DEFAULT_ITERATIONS,
     payloads: Sequence[str] = ("small", "pod"),
     native: bool | None = None,
+    only: str | None = None,
 ) -> dict[str, Any]:
     """Count instructions per ``distribute`` and per worker frame under callgrind.
 
@@ -294,6 +297,7 @@ def measure(
             (``FANOUT_NO_EXTENSIONS`` unset) or the pure-Python twins; None:
             as this process's environment says. (Frames are counted on both
             loops whenever the native one is built.)
+        only: ``"distribute"`` or ``"frame"`` to count only those; None: both.
 
     Returns:
         ``{"distribute": {"small L=1": 1234.5, ...}, "frame": {"small native": ...},
@@ -305,6 +309,8 @@ def measure(
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
+    if only not in (None, "distribute", "frame"):
+        raise ValueError(f"only must be 'distribute', 'frame' or None, got {only!r}")
     why = available()
     if why is not None:
         return {"error": why}
@@ -327,6 +333,7 @@ def measure(
             "--iterations",
             str(iterations),
             *(arg for p in payloads for arg in ("--payload", p)),
+            *(("--only", only) if only else ()),
         ]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -356,7 +363,7 @@ def table(result: dict[str, Any]) -> str:
         f"instructions per call ({impl}, {result['iterations']} iterations, {result['valgrind']}):"
     ]
     for what in ("distribute", "frame"):
-        for case, value in result[what].items():
+        for case, value in result.get(what, {}).items():
             lines.append(f"  {what:<10} {case:<22} {value:>12,.1f}")
     return "\n".join(lines)
 
@@ -372,13 +379,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-extensions", action="store_true", help="distribute with the pure-Python twins"
     )
+    parser.add_argument("--only", choices=["distribute", "frame"], help="count only these")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     payloads = args.payload or ["small", "pod"]
     if args.child:
-        _child(args.iterations, payloads)
+        _child(args.iterations, payloads, args.only)
         return 0
-    result = measure(args.iterations, payloads, native=False if args.no_extensions else None)
+    native = False if args.no_extensions else None
+    result = measure(args.iterations, payloads, native=native, only=args.only)
     print(table(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -82,3 +82,24 @@ def test_without_valgrind_it_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_iterations_must_be_positive() -> None:
     with pytest.raises(ValueError, match="iterations must be >= 1, got 0"):
         instructions.measure(0)
+
+
+def test_bench_json_carries_the_counts_or_why_not(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``fanout bench --instructions``: the JSON says valgrind is missing, and so
+    does the table, shown again from the saved JSON."""
+    from fanout import cli
+
+    monkeypatch.setattr(instructions.shutil, "which", lambda name: None)
+    out = tmp_path / "run.json"
+    args = ["bench", "--scenario", "throughput", "--contender", "fanout-thread"]
+    args += ["--payload", "small", "--listeners", "1", "--rounds", "1", "--duration", "0.02"]
+    assert cli.main([*args, "--json", str(out), "--instructions"]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["instructions"] == {
+        "error": "valgrind not installed (Debian/Ubuntu: apt-get install valgrind)"
+    }
+    assert "instruction counts: valgrind not installed" in capsys.readouterr().out
+    assert cli.main(["bench", "--from-json", str(out)]) == 0
+    assert "instruction counts: valgrind not installed" in capsys.readouterr().out

@@ -55,6 +55,27 @@ def _unencodable(obj: Any) -> TypeError:
     )
 
 
+def _int_out_of_range(obj: Any) -> int | None:
+    """The first integer in ``obj`` that MessagePack cannot carry, or None.
+
+    Only on an encode's error path: msgspec names no value when it refuses one.
+    """
+    cls = type(obj)
+    if cls is int:
+        return obj if not -(2**63) <= obj < 2**64 else None
+    if cls is dict:
+        items: Any = (x for pair in obj.items() for x in pair)
+    elif cls in (list, tuple):
+        items = obj
+    else:
+        return None
+    for item in items:
+        found = _int_out_of_range(item)
+        if found is not None:
+            return found
+    return None
+
+
 def _builtin_to_ext(obj: Any) -> Any:
     """Return ``(code, bytes)`` for a type fanout encodes itself, or None."""
     if isinstance(obj, _dt.datetime):
@@ -588,6 +609,9 @@ class MsgspecCodec(Codec):
         except TypeError:
             raise
         except (OverflowError, ValueError, self._msgspec.EncodeError) as exc:
+            big = _int_out_of_range(obj)  # said as MsgpackCodec says it
+            if big is not None:
+                raise _unencodable(big) from exc
             raise TypeError(f"cannot encode notification: {exc}") from exc
 
     def unpack(self, data: Any) -> Any:

@@ -51,18 +51,21 @@ def check_size(name: str, value: Any, *, allow_none: bool = False) -> int | None
 
 def frame_length(frame: Any) -> int:
     """Return the payload length of a bytes-like ``frame``, or raise."""
-    try:
-        view = memoryview(frame)
-    except TypeError:
-        raise TypeError(
-            f"frame must be a bytes-like object (bytes, bytearray, memoryview), "
-            f"not {type(frame).__name__}"
-        ) from None
-    with view:
-        n = view.nbytes
-        contiguous = view.c_contiguous
-    if not contiguous:
-        raise TypeError("frame must be a contiguous bytes-like object; copy it with bytes()")
+    if type(frame) is bytes:  # what encoders make: contiguous, no view needed
+        n = len(frame)
+    else:
+        try:
+            view = memoryview(frame)
+        except TypeError:
+            raise TypeError(
+                f"frame must be a bytes-like object (bytes, bytearray, memoryview), "
+                f"not {type(frame).__name__}"
+            ) from None
+        with view:
+            n = view.nbytes
+            contiguous = view.c_contiguous
+        if not contiguous:
+            raise TypeError("frame must be a contiguous bytes-like object; copy it with bytes()")
     if n == 0:
         raise ValueError("frame is empty; a frame must hold at least one byte")
     if n > MAX_PAYLOAD:

@@ -120,6 +120,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="measure nothing: show a run saved with --json (table, --plot, --markdown)",
     )
     bench.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions per distribute and per worker frame under "
+        "valgrind's callgrind (about a minute more; needs valgrind)",
+    )
+    bench.add_argument(
         "--listeners", type=_positive_ints, help="listener counts (default 1,4; --quick: 2)"
     )
     bench.add_argument(
@@ -204,6 +210,15 @@ def bench(args: argparse.Namespace) -> int:
         progress.line("interrupted: showing what was measured so far")
     progress.done()
     doc = report.document(suite, dataclasses.asdict(opts), info)
+    if args.instructions:
+        from fanout.bench import instructions
+
+        progress.status("counting instructions under callgrind")
+        try:
+            doc["instructions"] = instructions.measure(native=info["fanout_native"])
+        except RuntimeError as exc:  # recorded as such: never a figure made up
+            doc["instructions"] = {"error": str(exc)}
+        progress.done()
     print(f"({time.monotonic() - started:.0f} s)\n")
     if args.json:
         report.to_json(doc, args.json)
@@ -254,6 +269,10 @@ def _show(doc: dict[str, Any], args: argparse.Namespace) -> int:
     from fanout.bench import report
 
     print(report.table(doc))
+    if "instructions" in doc:
+        from fanout.bench.instructions import table
+
+        print("\n" + table(doc["instructions"]))
     if args.json and not args.from_json:
         print(f"raw figures: {args.json}")
     if args.markdown == "-":

@@ -27,9 +27,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import msgpack
+import msgspec
 
 from fanout._protocol import ADD, DELETE, UPDATE, UPDATE_SAME
-from fanout._version import DISTRIBUTION
 from fanout.notifications import Add, Delete, Notification, Update
 
 __all__ = ["Codec", "MsgpackCodec", "MsgspecCodec", "get_codec"]
@@ -124,6 +124,27 @@ def dtype_from_wire(wire: Any) -> Any:
     return np.dtype(spec, align=aligned)
 
 
+def _int_out_of_range(obj: Any) -> int | None:
+    """The first integer in ``obj`` that MessagePack cannot carry, or None.
+
+    Only on an encode's error path: msgspec names no value when it refuses one.
+    """
+    cls = type(obj)
+    if cls is int:
+        return obj if not -(2**63) <= obj < 2**64 else None
+    if cls is dict:
+        items: Any = (x for pair in obj.items() for x in pair)
+    elif cls in (list, tuple):
+        items = obj
+    else:
+        return None
+    for item in items:
+        found = _int_out_of_range(item)
+        if found is not None:
+            return found
+    return None
+
+
 def _builtin_to_ext(obj: Any) -> Any:
     """Return ``(code, bytes)`` for a type fanout encodes itself, or None."""
     if isinstance(obj, _dt.datetime):
@@ -195,24 +216,12 @@ def _to_wire(n: Notification) -> tuple[int, Any, Any]:
     )
 
 
-def _msgspec_for_schema() -> Any:
-    try:
-        import msgspec
-    except ImportError:
-        raise ImportError(
-            f"schema= needs the msgspec package: pip install '{DISTRIBUTION}[schema]' "
-            "(or pip install msgspec)"
-        ) from None
-    return msgspec
-
-
 def typed_decoder(schema: Any, ext_hook: Callable[[int, memoryview], Any] | None) -> Any:
     """A msgspec ``Decoder`` of whole payloads whose objects come out as ``schema``.
 
     One decoder per payload, not per object: the fourth item is the new object
     of an update, the flag of an add, or nothing, hence the union.
     """
-    msgspec = _msgspec_for_schema()
     union: Any = typing.Union
     payload: Any = tuple[int, int, schema, union[schema, bool, None]]
     return msgspec.msgpack.Decoder(payload, ext_hook=ext_hook)
@@ -236,7 +245,6 @@ def check_schema(schema: Any, codec: Codec, in_process: bool) -> bytes | None:
 
     Returns the pickled schema for a process listener, None for a thread one.
     """
-    msgspec = _msgspec_for_schema()
     try:
         msgspec.msgpack.Decoder(schema)  # msgspec's own words about the type itself
         typed_decoder(schema, None)
@@ -308,7 +316,7 @@ def describe_misfit(schema: Any, payload: bytes, exc: BaseException) -> str | No
 
 def schema_converter(schema: Any) -> Callable[[Any], Any]:
     """``obj -> schema instance`` for thread listeners (``msgspec.convert``)."""
-    convert = _msgspec_for_schema().convert
+    convert = msgspec.convert
 
     def to_schema(obj: Any) -> Any:
         return convert(obj, schema)
@@ -589,7 +597,7 @@ class MsgpackCodec(Codec):
 
         Untyped, msgspec reads this codec's MessagePack about twice as fast as
         ``msgpack`` and builds the same objects (the same hooks make extension
-        values), so workers use it when it is installed and ``unpack`` is ours.
+        values), so workers use it whenever ``unpack`` is ours.
 
         Args:
             schema: A type msgspec decodes into, or None for plain objects.
@@ -600,35 +608,23 @@ class MsgpackCodec(Codec):
         decode_deep_enough()
         if schema is not None or type(self).unpack is not MsgpackCodec.unpack:
             return super().unpacker(schema)
-        try:
-            import msgspec
-        except ImportError:
-            return self.unpack
         return msgspec.msgpack.Decoder(ext_hook=self._msgspec_ext).decode
 
 
 class MsgspecCodec(Codec):
-    """MessagePack through ``msgspec`` (faster decoding; ``pip install msgspec``).
+    """MessagePack through ``msgspec``: the same wire, encoded and decoded faster.
 
-    The wire format is MessagePack, as with ``MsgpackCodec``. msgspec's own
-    conventions apply: a naive ``datetime`` or a ``date`` arrives as ISO 8601
-    text; tz-aware datetimes, numpy arrays and everything else round-trip.
-
-    Raises:
-        ImportError: The ``msgspec`` package is not installed.
+    The wire format is MessagePack, byte for byte what ``MsgpackCodec`` writes
+    (tests/test_codec_parity.py), except for datetimes and dates, which msgspec
+    encodes itself: a naive ``datetime`` or a ``date`` arrives as ISO 8601 text,
+    a tz-aware datetime as a MessagePack timestamp; numpy arrays and everything
+    else round-trip.
     """
 
     name = "msgspec"
     msgpack_wire = True
 
     def __init__(self) -> None:
-        try:
-            import msgspec
-        except ImportError:
-            raise ImportError(
-                "codec='msgspec' needs the msgspec package: pip install msgspec "
-                f"(or pip install '{DISTRIBUTION}[bench]')"
-            ) from None
         self._msgspec = msgspec
         self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._dec = msgspec.msgpack.Decoder(ext_hook=self._ext_hook)
@@ -695,6 +691,13 @@ class MsgspecCodec(Codec):
             RecursionError,
             self._msgspec.EncodeError,
         ) as exc:
+            if not isinstance(exc, (BufferError, RecursionError)):
+                try:
+                    big = _int_out_of_range(obj)  # said as MsgpackCodec says it
+                except RecursionError:
+                    big = None
+                if big is not None:
+                    raise _unencodable(big) from exc
             raise encode_failure(exc) from exc
 
     def unpack(self, data: Any) -> Any:
@@ -721,7 +724,6 @@ def get_codec(spec: Any) -> Codec:
     Raises:
         TypeError: ``spec`` is a codec that does not survive pickling.
         ValueError: ``spec`` is neither a known name nor a codec.
-        ImportError: ``"msgspec"`` was asked for and is not installed.
     """
     if isinstance(spec, Codec):
         try:  # every worker gets a pickled copy: fail here, not in the workers

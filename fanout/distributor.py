@@ -414,8 +414,7 @@ class Distributor:
                 take (``workers``, ``handler_timeout``, ``max_pending_bytes``
                 with ``executor="thread"``; ``ray_options`` without
                 ``executor="ray"``, or a Ray option unknown or owned by fanout).
-            ImportError: ``schema`` without msgspec installed, or
-                ``executor="ray"`` without Ray installed.
+            ImportError: ``executor="ray"`` without Ray installed.
             ListenerFull: The initial list cannot fit ``max_pending_bytes``.
             WorkerStartError: The distributor runs and the listener's first
                 worker could not build its handler (the listener is removed).

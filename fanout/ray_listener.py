@@ -267,7 +267,8 @@ class RayLane:
                 break
         if not count:
             return None
-        data = bytes(taken[:pos])
+        with memoryview(taken) as view:  # one copy, not a slice and then its bytes
+            data = bytes(view[:pos])
         del taken[:pos]
         return data, first, last, count
 

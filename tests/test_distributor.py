@@ -451,21 +451,6 @@ def test_msgpack_codec_round_trips_naive_datetime_and_date(make_dist, tmp_path):
     assert read_dumps(path) == [("add", sent, False)]
 
 
-def test_msgspec_codec_missing_gives_install_hint(monkeypatch):
-    import builtins
-
-    real_import = builtins.__import__
-
-    def no_msgspec(name, *args, **kwargs):
-        if name == "msgspec":
-            raise ImportError("No module named 'msgspec'")
-        return real_import(name, *args, **kwargs)
-
-    monkeypatch.setattr(builtins, "__import__", no_msgspec)
-    with pytest.raises(ImportError, match="pip install msgspec"):
-        fanout.Distributor(codec="msgspec")
-
-
 # -- bad input ----------------------------------------------------------------------------------
 
 

@@ -492,27 +492,6 @@ def test_schema_from_fileless_main_refused():
     assert out.endswith("thread ok\n")
 
 
-def test_missing_msgspec_names_the_extra():
-    out = _run_script(
-        """
-        import sys
-        sys.modules["msgspec"] = None  # as if not installed
-        import fanout
-        from fanout.codec import MsgpackCodec
-
-        try:
-            fanout.Distributor().add_listener(fanout.Handler(), schema=dict)
-        except ImportError as exc:
-            print(exc)
-        # The untyped worker decode falls back to msgpack.
-        codec = MsgpackCodec()
-        print(codec.unpacker() == codec.unpack)
-        """
-    )
-    assert "pip install 'fanout-informer[schema]'" in out
-    assert out.endswith("True\n")
-
-
 # -- the worker loop twins ----------------------------------------------------------------
 
 

@@ -718,11 +718,8 @@ def recovery(suite: Suite) -> list[Case]:
 
 def schema(suite: Suite) -> list[Case]:
     """Pods to 4 listeners whose handlers read five fields (``fanout.bench.schema``)."""
-    try:
-        from fanout.bench import schema as module
-    except ImportError as exc:  # msgspec is not installed
-        suite.skipped["schema"] = f"needs msgspec ({exc})"
-        return []
+    from fanout.bench import schema as module
+
     return module.cases(suite)
 
 

@@ -33,6 +33,7 @@ from fanout._protocol import (
     MSG_FATAL,
     MSG_READY,
     MSG_UNDECODABLE,
+    MSG_WORKER,
     PID,
     RETURN_HEADER,
     START_NS,
@@ -226,13 +227,24 @@ class Supervisor(threading.Thread):
                 return
             pos = end
             self._on_message(lane, kind, msg, calls)
+            if lane.rbuf is not buf:  # it was garbage: the worker is being killed
+                return
         del buf[:pos]
 
     def _on_message(
         self, lane: Lane, kind: Any, msg: dict[str, Any], calls: list[Callable[[], None]]
     ) -> None:
         listener = lane.listener
-        if kind == MSG_READY:
+        proc = lane.proc
+        if proc is not None and not proc.pid and kind != MSG_FATAL:
+            # The warden names its worker first, before any handler code runs.
+            pid = msg.get("pid")
+            if kind != MSG_WORKER or not isinstance(pid, int) or not proc.set_worker(pid):
+                self._garbage(lane, f"{msg!r} where the warden names its worker", calls)
+            return
+        if kind == MSG_WORKER:
+            self._garbage(lane, "a second worker pid", calls)
+        elif kind == MSG_READY:
             lane.ready = lane.ever_ready = True
             lane.first_start = False
             lane.start_failures = 0
@@ -447,6 +459,7 @@ class Supervisor(threading.Thread):
                     if not self.ctx.stopping:
                         self._respawn(lane, calls)
                 continue
+            proc.follow_up(now)
             if not lane.kill_reason and not lane.closing:
                 corrupt = self._corrupt_slot(lane)
                 if corrupt:

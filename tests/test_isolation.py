@@ -19,7 +19,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from helpers import Recorder, _return_pipe_fd, obj, read_calls, wait_calls, wait_for
 
 import fanout
@@ -187,25 +186,15 @@ def test_garbage_in_slot_and_return_pipe_reaches_no_other_listener(
     _attack(make_dist, tmp_path, start_method, "scribble_slot_and_pipe", caplog)
 
 
-def _parent_is_forkserver(start_method: str) -> None:
-    if start_method == "spawn":
-        pytest.skip(
-            "under spawn a worker's parent is the producer itself: killing or stopping "
-            "it is the producer's death, tested in test_orphans.py"
-        )
-
-
 def test_a_handler_killing_its_parent_restarts_nobody_else(
     make_dist, tmp_path, start_method, caplog
 ):
-    _parent_is_forkserver(start_method)
     _attack(make_dist, tmp_path, start_method, "kill_parent", caplog)
 
 
 def test_a_handler_freezing_its_parent_does_not_stall_worker_starts(
     make_dist, tmp_path, start_method, caplog
 ):
-    _parent_is_forkserver(start_method)
     _attack(make_dist, tmp_path, start_method, "stop_parent", caplog)
 
 

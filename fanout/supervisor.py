@@ -27,7 +27,9 @@ import msgpack
 from fanout._logs import error_log
 from fanout._protocol import (
     DONE,
+    ERRORS,
     EXIT_START_FAILED,
+    HANDLED,
     MAX_RETURN_MESSAGE,
     MSG_ERROR,
     MSG_FATAL,
@@ -245,6 +247,9 @@ class Supervisor(threading.Thread):
         if kind == MSG_WORKER:
             self._garbage(lane, "a second worker pid", calls)
         elif kind == MSG_READY:
+            if lane.ready:
+                self._garbage(lane, "a second ready message", calls)
+                return
             lane.ready = lane.ever_ready = True
             lane.first_start = False
             lane.start_failures = 0
@@ -260,6 +265,14 @@ class Supervisor(threading.Thread):
             calls.append(lambda: listener.report_error(n, text))
         elif kind == MSG_UNDECODABLE:
             seq = msg.get("seq")
+            # Only a frame this worker was sent, and has started.
+            if not (
+                isinstance(seq, int)
+                and lane.done_at_spawn < seq <= min(int(lane.slot[STARTED]), lane.ring.last_seq)
+            ):
+                self._garbage(lane, f"an undecodable report for frame {seq!r}", calls)
+                return
+            lane.undecodable_since_spawn += 1
             # A worker that died between reporting a frame and marking it done
             # reports it again when it is resent: count it once.
             if isinstance(seq, int):
@@ -379,6 +392,7 @@ class Supervisor(threading.Thread):
         # The pump is detached: sent_seq is final, and no frame past it ran.
         sent = ring.sent_seq
         if lane.corrupt:
+            lane.distrust_counts()
             # Trust no "done" it wrote: resend all that was not acked. Charge the
             # attempt to the frame it said it started if that is plausible, else
             # to the first frame held, so a handler that keeps corrupting its
@@ -439,10 +453,23 @@ class Supervisor(threading.Thread):
     def _corrupt_slot(lane: Lane) -> str | None:
         """Say what is impossible in a worker's progress slot, if anything."""
         slot = lane.slot
+        # Counters first, DONE after: a call finishing in between errs on the safe side.
+        handled = int(slot[HANDLED]) - lane.handled_at_spawn
+        errors = int(slot[ERRORS]) - lane.errors_at_spawn
         done, started = int(slot[DONE]), int(slot[STARTED])
         last = lane.ring.last_seq  # read after the slot: appends only raise it
         if done > last or started > last:
             return f"done={done} started={started} beyond the last frame appended, {last}"
+        # Every finished frame is one call or one undecodable report, never more;
+        # one call may be counted a moment before its frame is marked done.
+        finished = done - lane.done_at_spawn
+        if handled < 0 or errors < 0 or errors > handled + 1:
+            return f"{handled} calls and {errors} errors since the worker started"
+        if handled + lane.undecodable_since_spawn > finished + 1:
+            return (
+                f"{handled} calls and {lane.undecodable_since_spawn} undecodable frames "
+                f"for {finished} frames finished"
+            )
         pid = int(slot[PID])
         if lane.ready and lane.proc is not None and pid not in (0, lane.proc.pid):
             return f"pid word {pid} is not the worker's pid {lane.proc.pid}"

@@ -131,11 +131,12 @@ def _end_like(status: int) -> None:
         sig = os.WTERMSIG(status)
         try:
             resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # the worker's core, not ours
-            signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
-            os.kill(os.getpid(), sig)
         except (OSError, ValueError):
             pass
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):
+            signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        os.kill(os.getpid(), sig)
         os._exit(128 + sig)  # a signal whose default action does not end a process
     os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 1)
 

@@ -38,6 +38,8 @@ import weakref
 from multiprocessing import connection, forkserver, resource_tracker
 from typing import Any
 
+from fanout._warden import private_resident
+
 __all__ = [
     "WorkerProcess",
     "before_start",
@@ -280,6 +282,10 @@ class WorkerProcess:
     def terminate(self) -> None:
         """Send the worker SIGTERM."""
         self._signal(signal.SIGTERM)
+
+    def private_bytes(self) -> int:
+        """Private resident bytes of the worker and all it started (``private_resident``)."""
+        return private_resident(self.warden_pid) if self.pid and not self._dead else 0
 
     def follow_up(self, now: float) -> None:
         """Wake a warden whose worker ended; kill it ``WARDEN_GRACE`` seconds later.

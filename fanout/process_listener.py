@@ -240,6 +240,7 @@ class Lane:
         self.handled_at_spawn = 0
         self.errors_at_spawn = 0
         self.undecodable_since_spawn = 0
+        self.memory_check_at = 0.0  # when the worker's memory_limit is checked next
         self.exited = threading.Event()
 
     def __repr__(self) -> str:

@@ -56,6 +56,7 @@ MAX_BACKOFF = 5.0  # between restarts of a worker that dies while starting
 FIRST_BACKOFF = 0.1
 ACK_TICK = 0.1  # how often held frames are released when nothing else happens
 CHECK_TICK = 0.5  # how often running workers' progress slots are checked
+MEMORY_TICK = 0.25  # how often a memory_limit is checked: a crossing is seen within a second
 
 
 def _close_fds(fds: tuple[int, ...]) -> None:
@@ -190,6 +191,8 @@ class Supervisor(threading.Thread):
                 sooner(lane.close_deadline - now)
             if listener.handler_timeout is not None:
                 sooner(min(listener.handler_timeout / 4, 0.1))
+            if listener.opts.memory_limit is not None:
+                sooner(lane.memory_check_at - now)
             if len(lane.ring):
                 sooner(ACK_TICK)
             sooner(CHECK_TICK)  # the progress-slot sanity check
@@ -494,6 +497,16 @@ class Supervisor(threading.Thread):
                     lane.kill_reason = f"worker corrupted its progress slot ({corrupt})"
                     text = f"listener {listener.name!r} lane {lane.index}: {lane.kill_reason}"
                     calls.append(functools.partial(listener.report_error, None, text))
+                    proc.kill()
+                    continue
+            limit = listener.opts.memory_limit
+            if limit is not None and now >= lane.memory_check_at and not lane.kill_reason:
+                lane.memory_check_at = now + MEMORY_TICK
+                used = proc.private_bytes()
+                if used > limit:
+                    lane.kill_reason = (
+                        f"memory_limit={limit} bytes exceeded ({used} bytes private resident)"
+                    )
                     proc.kill()
                     continue
             lane.ack()

@@ -432,3 +432,63 @@ def test_the_warden_reports_its_worker_first(make_dist, tmp_path, start_method):
     assert warden is not None and warden.pid != os.getpid()
     assert psutil.Process(os.getpid()) in warden.parents()
     assert d.stop(drain=True, timeout=30) is True
+
+
+LIMIT = 64 << 20
+HOG = 160 << 20
+
+
+class Hog(Recorder):
+    """On ``{"hog": "self"}`` holds 160 MiB, on ``{"hog": "child"}`` starts a process
+    that does; then sleeps far longer than any test waits."""
+
+    def _steer(self, o: Any) -> None:
+        if isinstance(o, dict) and o.get("hog") == "self":
+            held = b"x" * HOG
+            time.sleep(1000)
+            del held
+        elif isinstance(o, dict) and o.get("hog") == "child":
+            code = f"import time; held = b'x' * {HOG}; time.sleep(1000)"
+            child = subprocess.Popen([sys.executable, "-c", code])
+            _note(o["log"], child.pid)
+            time.sleep(1000)
+        super()._steer(o)
+
+
+@pytest.mark.parametrize("where", ["self", "child"])
+def test_a_worker_past_its_memory_limit_is_killed_and_its_item_dead_lettered(
+    make_dist, tmp_path, start_method, started, where
+):
+    calls = tmp_path / "calls"
+    dead: list[str] = []
+    d = make_dist(start_method=start_method)
+    reg = d.add_listener(
+        Hog(calls),
+        memory_limit=LIMIT,
+        max_attempts=2,
+        on_dead_letter=lambda r, n, why: dead.append(why),
+    )
+    d.start()
+    assert reg.wait_ready(30)
+    d.distribute(fanout.Add(obj("hog", hog=where, log=str(started))))
+    d.distribute(fanout.Add(obj("after")))
+    assert wait_for(lambda: dead, 60), reg.stats()
+    assert f"memory_limit={LIMIT} bytes exceeded" in dead[0], dead
+    assert "2 times" in dead[0], dead
+    assert [c.name for c in wait_calls(calls, 1)] == ["after"]
+    s = reg.stats()
+    assert (s.dead_lettered, s.restarts) == (1, 2), s
+    assert wait_for(lambda: not _survivors(started), GONE_WITHIN), _survivors(started)
+    assert d.stop(drain=True, timeout=30) is True
+
+
+def test_memory_limit_is_checked_at_add_listener(make_dist, tmp_path):
+    d = make_dist()
+    for bad in ("64M", 1.5e8, True):
+        with pytest.raises(TypeError, match="memory_limit must be an int"):
+            d.add_listener(Recorder(tmp_path / "c"), memory_limit=bad)
+    with pytest.raises(ValueError, match="memory_limit must be at least 16777216 bytes"):
+        d.add_listener(Recorder(tmp_path / "c"), memory_limit=1 << 20)
+    with pytest.raises(ValueError, match="memory_limit needs executor='process'"):
+        d.add_listener(Recorder(tmp_path / "c"), executor="thread", memory_limit=LIMIT)
+    assert d.listeners == ()

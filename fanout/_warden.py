@@ -32,6 +32,7 @@ from typing import Any
 from fanout._protocol import EXIT_ORPHANED, MSG_FATAL, MSG_WORKER, send_message
 
 __all__ = [
+    "MEMORY_TICK",
     "OOM_SCORE_BOOST",
     "become_warden",
     "children",
@@ -42,6 +43,7 @@ __all__ = [
 
 PR_SET_PDEATHSIG = 1
 PR_SET_CHILD_SUBREAPER = 36
+MEMORY_TICK = 0.25  # how often a memory_limit is checked: a crossing is seen within a second
 # Added to a worker's oom_score_adj (capped at 1000): under memory pressure the kernel
 # kills a worker, whose lane restarts, before the producer, which holds every lane.
 OOM_SCORE_BOOST = 500
@@ -113,16 +115,17 @@ def _children_by_scan(pid: int) -> list[int]:
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
-def private_resident(warden: int) -> int:
-    """Bytes of private resident memory (``RssAnon``) of everything under ``warden``.
+def private_resident(root: int, *, with_root: bool = False) -> int:
+    """Bytes of private resident memory (``RssAnon``) of every process under ``root``.
 
-    The worker and every process it started (orphans come back to the warden), the
-    warden itself excluded. Read from ``/proc/PID/statm`` (resident minus shared
-    pages): a few small reads per process. Pages a fork still shares with its
-    parent count once per process holding them.
+    For a warden: the worker and every process it started (orphans come back to
+    the warden), the warden itself excluded (``with_root`` counts ``root`` too).
+    Read from ``/proc/PID/statm`` (resident minus shared pages): a few small reads
+    per process. Pages a fork still shares with its parent count once per process
+    holding them.
     """
     total = 0
-    todo = children(warden)
+    todo = [root] if with_root else children(root)
     seen = set()
     while todo:
         pid = todo.pop()

@@ -41,6 +41,7 @@ from fanout._protocol import (
     START_NS,
     STARTED,
 )
+from fanout._warden import MEMORY_TICK
 from fanout.notifications import RawFrame
 
 if TYPE_CHECKING:
@@ -56,7 +57,6 @@ MAX_BACKOFF = 5.0  # between restarts of a worker that dies while starting
 FIRST_BACKOFF = 0.1
 ACK_TICK = 0.1  # how often held frames are released when nothing else happens
 CHECK_TICK = 0.5  # how often running workers' progress slots are checked
-MEMORY_TICK = 0.25  # how often a memory_limit is checked: a crossing is seen within a second
 
 
 def _close_fds(fds: tuple[int, ...]) -> None:

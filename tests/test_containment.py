@@ -444,7 +444,7 @@ class Hog(Recorder):
 
     def _steer(self, o: Any) -> None:
         if isinstance(o, dict) and o.get("hog") == "self":
-            held = b"x" * HOG
+            held = b"x" * o.get("size", HOG)
             time.sleep(1000)
             del held
         elif isinstance(o, dict) and o.get("hog") == "child":

@@ -179,10 +179,16 @@ class WorkerProcess:
             return False
         pidfd = _pidfd_open(pid)
         # Opened first, checked after: the pidfd names the process the check saw.
-        if _ppid(pid) != self.warden_pid:
+        # No parent at all: the worker already ended and its warden reaped it (a
+        # handler that could not be built); the message is the warden's all the same.
+        ppid = _ppid(pid)
+        if ppid not in (self.warden_pid, 0):
             if pidfd >= 0:
                 os.close(pidfd)
             return False
+        if ppid == 0 and pidfd >= 0:
+            os.close(pidfd)
+            pidfd = -1
         self.pid = pid
         self._worker_pidfd = pidfd
         return True

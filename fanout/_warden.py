@@ -205,14 +205,12 @@ def become_warden(lifeline: int, ret_fd: int, worker_only: tuple[int, ...]) -> N
         subreaper = False
     raise_oom_score()
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
-    signal.signal(signal.SIGTERM, _on_term)
     try:
         pid = os.fork()
     except OSError as exc:
         send_message(ret_fd, {"t": MSG_FATAL, "text": f"the warden could not fork: {exc!r}"})
         os._exit(EXIT_WARDEN_FAILED)
     if pid == 0:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
         _prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != warden:  # the warden died before the line above
             os._exit(EXIT_ORPHANED)
@@ -234,16 +232,18 @@ def become_warden(lifeline: int, ret_fd: int, worker_only: tuple[int, ...]) -> N
     except OSError:
         pass  # the producer is gone: the lifeline says so below
     os.close(ret_fd)
-    os.close(go_w)
-    status = _watch(pid, lifeline)
+    status = _watch(pid, lifeline, go_w)
     kill_subtree()
     if status is None:
         os._exit(EXIT_ORPHANED)
     _end_like(status)
 
 
-def _watch(pid: int, lifeline: int) -> int | None:
-    """Wait for the worker's end (its wait status) or the producer's (None)."""
+def _watch(pid: int, lifeline: int, go: int) -> int | None:
+    """Let the worker go (close ``go``), then wait for its end or the producer's.
+
+    Returns the worker's wait status, or None when the producer died.
+    """
     try:
         pidfd = os.pidfd_open(pid)
     except (AttributeError, OSError):
@@ -252,7 +252,11 @@ def _watch(pid: int, lifeline: int) -> int | None:
     poller.register(lifeline, select.POLLIN)
     if pidfd >= 0:
         poller.register(pidfd, select.POLLIN)
+    # Until here SIGTERM simply ends the warden, and the worker with it (its death
+    # signal): no handler code has run. From here on it means "clean up, then end".
+    signal.signal(signal.SIGTERM, _on_term)
     try:
+        os.close(go)
         while True:
             try:
                 ready = poller.poll(None if pidfd >= 0 else 100)

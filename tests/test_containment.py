@@ -184,9 +184,7 @@ def test_what_a_crashed_worker_started_ends_with_it(make_dist, tmp_path, start_m
     assert d.stop(drain=True, timeout=30) is True
 
 
-def test_a_handler_killing_its_warden_ends_its_own_worker_only(
-    make_dist, tmp_path, start_method
-):
+def test_a_handler_killing_its_warden_ends_its_own_worker_only(make_dist, tmp_path, start_method):
     """Under both start methods, the worker's parent is its warden, never the producer."""
     calls = tmp_path / "calls"
     d = make_dist(start_method=start_method)

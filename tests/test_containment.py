@@ -250,6 +250,27 @@ def worker_loop(request, monkeypatch):
     return request.param
 
 
+class LoopNamer(fanout.Handler):
+    """Writes the module of the frame loop its worker runs to ``path``."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        Path(self.path).write_text(fanout._impl.serve.__module__)
+
+
+def test_the_worker_loop_fixture_picks_the_loop(make_dist, tmp_path, worker_loop):
+    d = make_dist(start_method="spawn" if worker_loop == "spawn" else "forkserver")
+    d.add_listener(LoopNamer(str(tmp_path / "loop")))
+    d.start()
+    d.distribute(fanout.Add(obj("a")))
+    assert wait_for((tmp_path / "loop").exists, 30)
+    expected = "fanout._worker_py" if worker_loop == "spawn" else "fanout._worker"
+    assert (tmp_path / "loop").read_text() == expected
+    assert d.stop(drain=True, timeout=30) is True
+
+
 def test_a_forked_copy_of_a_worker_reads_nothing(make_dist, tmp_path, worker_loop):
     calls = tmp_path / "calls"
     start_method = "spawn" if worker_loop == "spawn" else "forkserver"
@@ -313,7 +334,9 @@ class MessageForger(Recorder):
     """On ``{"forge": kind}`` writes a well-formed return-pipe message of that kind."""
 
     def _steer(self, o: Any) -> None:
-        if isinstance(o, dict) and o.get("forge") in ("undecodable", "ready", "worker"):
+        forge = o.get("forge") if isinstance(o, dict) else None
+        if forge in ("undecodable", "ready", "worker") and not os.path.exists(o["marker"]):
+            Path(o["marker"]).touch()  # once: a retry must not lie again
             from helpers import _return_pipe_fd
 
             from fanout._protocol import send_message
@@ -336,7 +359,7 @@ def test_a_forged_message_restarts_the_worker(make_dist, tmp_path, kind):
     )
     d.start()
     assert reg.wait_ready(30)
-    d.distribute(fanout.Add(obj("forger", forge=kind)))
+    d.distribute(fanout.Add(obj("forger", forge=kind, marker=str(tmp_path / "forged"))))
     assert wait_for(lambda: reg.stats().restarts == 1, 30), reg.stats()
     for i in range(5):
         d.distribute(fanout.Add(obj(f"o{i}", i)))

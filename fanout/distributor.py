@@ -486,8 +486,9 @@ class Distributor:
                 worker of a process or Ray listener may hold, what it started
                 included; past it the worker is killed within a second and
                 restarted, and its notification counts an attempt (dead-lettered
-                after ``max_attempts``, naming ``memory_limit``). At least
-                ``MIN_MEMORY_LIMIT`` (16 MiB); None: no limit.
+                after ``max_attempts``, naming ``memory_limit``). At least 16
+                MiB, and leave room: a fresh worker holds about 25 MiB. None:
+                no limit.
 
         Returns:
             The listener's ``Registration``: pass it to ``remove_listener``,

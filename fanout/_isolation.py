@@ -2,11 +2,12 @@
 
 Producer side:
 
-* ``WorkerProcess`` wraps a started ``multiprocessing.Process``. Its death is seen on a
-  pidfd (Linux), so it does not depend on the forkserver: under the forkserver start
-  method the worker is the forkserver's child, and the status pipe multiprocessing
-  watches closes, for every worker at once, when a handler kills or freezes its parent.
-  Signals go through the pidfd too, so they cannot hit a recycled pid.
+* ``WorkerProcess`` wraps a started ``multiprocessing.Process``: the worker's warden
+  (``fanout._warden``), which forks the worker proper. Its death is seen on a pidfd
+  (Linux), so it does not depend on the forkserver: under the forkserver start method
+  the warden is the forkserver's child, and the status pipe multiprocessing watches
+  closes, for every worker at once, when a handler kills or freezes the forkserver.
+  Signals go to the worker through its own pidfd, so they cannot hit a recycled pid.
 * ``before_start`` replaces a frozen (SIGSTOPped) forkserver before a worker start would
   wait on it forever; a dead one multiprocessing replaces itself.
 

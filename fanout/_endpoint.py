@@ -13,6 +13,7 @@ its request and take its answer. Each answer closes its connection.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import selectors
 import socket
@@ -22,6 +23,8 @@ from collections.abc import Callable
 from typing import Any
 
 __all__ = ["BACKLOG", "Endpoint"]
+
+log = logging.getLogger("fanout")
 
 BACKLOG = 64  # connections the kernel queues before this thread accepts them
 MAX_REQUEST = 8192  # bytes of request line and headers; more is refused
@@ -219,5 +222,9 @@ class Endpoint(threading.Thread):
         method = request.split(b" ", 1)[0]
         if method not in (b"GET", b"HEAD"):
             return _answer("405 Method Not Allowed", b"", "text/plain", False)
-        body, content_type = self._render()
+        try:
+            body, content_type = self._render()
+        except Exception:  # a failing collector fails this scrape, not the endpoint
+            log.exception("fanout metrics: collecting failed")
+            return _answer("500 Internal Server Error", b"", "text/plain", False)
         return _answer("200 OK", body, content_type, method == b"HEAD")

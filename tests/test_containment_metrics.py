@@ -172,3 +172,19 @@ def test_idle_connections_leave_the_distributor_its_fds(tmp_path, no_leaks):
         if producer.poll() is None:
             producer.kill()
             producer.communicate()
+
+
+def test_a_failing_collector_fails_the_scrape_not_the_endpoint(make_dist, monkeypatch, caplog):
+    import urllib.error
+
+    import fanout.metrics
+
+    d = make_dist()
+    with serve(d, 0) as server:
+        real = fanout.metrics.PrometheusCollector.collect
+        monkeypatch.setattr(fanout.metrics.PrometheusCollector, "collect", lambda self: 1 / 0)
+        with pytest.raises(urllib.error.HTTPError, match="500"):
+            _get(server.url)
+        assert "collecting failed" in caplog.text
+        monkeypatch.setattr(fanout.metrics.PrometheusCollector, "collect", real)
+        assert b"fanout_received_total" in _get(server.url)

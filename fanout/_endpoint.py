@@ -5,15 +5,18 @@ forever: a few hundred idle sockets cost hundreds of threads and descriptors, an
 take the last descriptors the distributor needs to start workers. Here one thread
 serves every connection from a selector. At most ``max_connections`` are open; when
 one more arrives, the oldest connection that has not sent a whole request yet is
-closed for it (a scrape finishing its answer is never cut), so idle or slow clients
-cannot lock scrapers out. A connection gets ``idle_timeout`` seconds in all to send
-its request and take its answer. Each answer closes its connection.
+closed for it (a scrape finishing its answer is never cut, and a connection gets
+``EVICT_AGE`` to send its request), so idle or slow clients cannot lock scrapers out.
+With no connection to close, new ones wait in the kernel's backlog. A connection gets
+``idle_timeout`` seconds in all to send its request and take its answer. Each answer
+closes its connection.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import os
 import selectors
 import socket
@@ -29,14 +32,16 @@ log = logging.getLogger("fanout")
 BACKLOG = 64  # connections the kernel queues before this thread accepts them
 MAX_REQUEST = 8192  # bytes of request line and headers; more is refused
 ACCEPT_PAUSE = 0.1  # after EMFILE/ENFILE with nothing to close: accept again after this
+EVICT_AGE = 0.25  # a connection this young is not closed to make room for a newer one
 
 
 class _Conn:
-    __slots__ = ("deadline", "inbuf", "out", "sock")
+    __slots__ = ("deadline", "inbuf", "out", "since", "sock")
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, since: float, idle: float) -> None:
         self.sock = sock
-        self.deadline = deadline
+        self.since = since
+        self.deadline = since + idle
         self.inbuf = bytearray()
         self.out: memoryview | None = None  # the answer, once the request is whole
 
@@ -70,7 +75,7 @@ class Endpoint(threading.Thread):
         try:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self._sock.bind((addr, port))
-            self._sock.listen(min(BACKLOG, max(max_connections, 1)))
+            self._sock.listen(BACKLOG)
             self._sock.setblocking(False)
             self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         except BaseException:
@@ -83,6 +88,7 @@ class Endpoint(threading.Thread):
         self._idle = idle_timeout
         self._conns: dict[int, _Conn] = {}  # by fd, oldest first
         self._closing = False
+        self._listening = False
         self._accept_paused_until = 0.0
         self.evicted = 0  # connections closed early to make room (for tests and stats)
 
@@ -112,7 +118,7 @@ class Endpoint(threading.Thread):
     def run(self) -> None:
         sel = selectors.DefaultSelector()
         try:
-            sel.register(self._sock, selectors.EVENT_READ, None)
+            self._listen(sel, True)
             sel.register(self._wake_r, selectors.EVENT_READ, "wake")
             self._loop(sel)
         finally:
@@ -120,68 +126,89 @@ class Endpoint(threading.Thread):
             self._cleanup()
 
     def _loop(self, sel: selectors.BaseSelector) -> None:
-        listening = True
         while not self._closing:
             now = time.monotonic()
-            if not listening and now >= self._accept_paused_until:
-                sel.register(self._sock, selectors.EVENT_READ, None)
-                listening = True
-            timeout = self._next_deadline(now)
-            for key, _ in sel.select(timeout):
+            if not self._listening and now >= self._accept_paused_until:
+                self._listen(sel, True)
+            for key, _ in sel.select(self._next_deadline(now)):
                 if key.data == "wake":
                     continue
                 if key.data is None:
-                    if not self._accept(sel):
-                        sel.unregister(self._sock)
-                        listening = False
+                    self._accept(sel)
                     continue
                 conn = self._conns.get(key.fd)
                 if conn is not None:
                     self._serve(sel, conn)
             self._expire(sel, time.monotonic())
 
+    def _listen(self, sel: selectors.BaseSelector, on: bool) -> None:
+        if on and not self._listening:
+            sel.register(self._sock, selectors.EVENT_READ, None)
+        elif not on and self._listening:
+            sel.unregister(self._sock)
+        self._listening = on
+
     def _next_deadline(self, now: float) -> float | None:
         deadlines = [c.deadline for c in self._conns.values()]
-        if self._accept_paused_until > now:
+        if not self._listening and self._accept_paused_until < math.inf:
             deadlines.append(self._accept_paused_until)
         return max(0.0, min(deadlines) - now) if deadlines else None
 
-    def _accept(self, sel: selectors.BaseSelector) -> bool:
-        """Take every queued connection; False to pause accepting (no fds to spare)."""
+    def _accept(self, sel: selectors.BaseSelector) -> None:
+        """Take every queued connection while there is room, or pause accepting.
+
+        Paused, new connections wait in the kernel's backlog (no descriptor here)
+        until a connection closes, or one becomes old enough to be evicted.
+        """
         while True:
-            if len(self._conns) >= self._max and not self._evict(sel):
-                return True  # all busy answering: new ones wait in the backlog
+            now = time.monotonic()
+            if len(self._conns) >= self._max and not self._evict(sel, now):
+                return
             try:
                 sock, _ = self._sock.accept()
             except BlockingIOError:
-                return True
+                return
             except OSError as exc:
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    if self._evict(sel):
+                    if self._evict(sel, now):
                         continue
-                    self._accept_paused_until = time.monotonic() + ACCEPT_PAUSE
-                    return False
+                    self._pause(sel, now + ACCEPT_PAUSE)
+                    return
                 if exc.errno in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
                     continue
                 raise
             sock.setblocking(False)
-            conn = _Conn(sock, time.monotonic() + self._idle)
-            self._conns[sock.fileno()] = conn
+            self._conns[sock.fileno()] = _Conn(sock, now, self._idle)
             sel.register(sock, selectors.EVENT_READ, "conn")
 
-    def _evict(self, sel: selectors.BaseSelector) -> bool:
-        """Close the oldest connection still sending its request; False if none is."""
+    def _pause(self, sel: selectors.BaseSelector, until: float) -> None:
+        self._accept_paused_until = until
+        self._listen(sel, False)
+
+    def _evict(self, sel: selectors.BaseSelector, now: float) -> bool:
+        """Close the oldest connection still sending its request, to make room.
+
+        Only one at least ``EVICT_AGE`` old: a scraper gets that long to send its
+        request, however fast others connect. False (and accepting paused) if
+        there is none.
+        """
         for conn in self._conns.values():
             if conn.out is None:
+                if now - conn.since < EVICT_AGE:
+                    self._pause(sel, conn.since + EVICT_AGE)
+                    return False
                 self._drop(sel, conn)
                 self.evicted += 1
                 return True
+        self._pause(sel, math.inf)  # all answering: the first to finish resumes
         return False
 
     def _drop(self, sel: selectors.BaseSelector, conn: _Conn) -> None:
         del self._conns[conn.sock.fileno()]
         sel.unregister(conn.sock)
         conn.sock.close()
+        if not self._listening and self._accept_paused_until == math.inf:
+            self._listen(sel, True)  # room again
 
     def _expire(self, sel: selectors.BaseSelector, now: float) -> None:
         for conn in [c for c in self._conns.values() if c.deadline <= now]:

@@ -16,6 +16,7 @@ pump_impl: Any = _pump_py
 ring_impl: Any = _ring_py
 serve: Any = None
 watch_lifeline: Any = None
+guard_forks: Any = None
 
 if os.environ.get("FANOUT_NO_EXTENSIONS", "") not in ("", "0"):
     IMPORT_ERROR = "FANOUT_NO_EXTENSIONS is set"
@@ -26,10 +27,10 @@ else:
         IMPORT_ERROR = f"native extensions unavailable: {exc}"
     else:
         pump_impl, ring_impl, serve = _pump, _ring, _worker.serve
-        watch_lifeline = _worker.watch_lifeline
+        watch_lifeline, guard_forks = _worker.watch_lifeline, _worker.guard_forks
 
 if serve is None:
-    from fanout._worker_py import serve, watch_lifeline
+    from fanout._worker_py import guard_forks, serve, watch_lifeline
 
 NATIVE: bool = ring_impl is not _ring_py
 if TYPE_CHECKING:
@@ -52,6 +53,7 @@ __all__ = [
     "Pump",
     "Ring",
     "append_all",
+    "guard_forks",
     "serve",
     "watch_lifeline",
 ]

@@ -2,11 +2,12 @@
 
 Producer side:
 
-* ``WorkerProcess`` wraps a started ``multiprocessing.Process``. Its death is seen on a
-  pidfd (Linux), so it does not depend on the forkserver: under the forkserver start
-  method the worker is the forkserver's child, and the status pipe multiprocessing
-  watches closes, for every worker at once, when a handler kills or freezes its parent.
-  Signals go through the pidfd too, so they cannot hit a recycled pid.
+* ``WorkerProcess`` wraps a started ``multiprocessing.Process``: the worker's warden
+  (``fanout._warden``), which forks the worker proper. Its death is seen on a pidfd
+  (Linux), so it does not depend on the forkserver: under the forkserver start method
+  the warden is the forkserver's child, and the status pipe multiprocessing watches
+  closes, for every worker at once, when a handler kills or freezes the forkserver.
+  Signals go to the worker through its own pidfd, so they cannot hit a recycled pid.
 * ``before_start`` replaces a frozen (SIGSTOPped) forkserver before a worker start would
   wait on it forever; a dead one multiprocessing replaces itself.
 
@@ -38,6 +39,8 @@ import weakref
 from multiprocessing import connection, forkserver, resource_tracker
 from typing import Any
 
+from fanout._warden import private_resident
+
 __all__ = [
     "WorkerProcess",
     "before_start",
@@ -50,6 +53,9 @@ __all__ = [
 STATUS_WAIT = 1.0  # a live forkserver reports a child's exit status within this
 FROZEN_CHECK = 0.05  # a status this late: see whether the forkserver is frozen
 FORKSERVER_EXIT_WAIT = 1.0  # a SIGKILLed forkserver is gone within this
+# A warden cleans up within this of its worker's SIGKILL, or is killed itself (a
+# handler kept it stopped): what the worker started may then outlive it.
+WARDEN_GRACE = 2.0
 
 
 def slot_stride(slot_bytes: int) -> int:
@@ -123,8 +129,25 @@ def before_start(start_method: str) -> None:
         _replace_frozen_forkserver()
 
 
+def _ppid(pid: int) -> int:
+    """The parent pid of ``pid`` from /proc (0 when unknown)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return 0
+    fields = stat[stat.rfind(b")") + 2 :].split()
+    return int(fields[1]) if len(fields) > 1 else 0
+
+
 class WorkerProcess:
-    """A started worker ``multiprocessing.Process``, watched and signalled by pidfd.
+    """A started worker: its warden (the ``multiprocessing.Process``) and the worker.
+
+    The warden (``fanout._warden``) forks the worker that runs the handler, names it
+    on the return pipe (``set_worker``), and ends, the way the worker ended, once
+    it and everything it started are gone. The warden is watched (``sentinel``,
+    ``join``, ``exitcode``) by pidfd; signals go to the worker, by pidfd too, so they
+    cannot hit a recycled pid, and the warden is left to clean up after it.
 
     It answers the calls the supervisor makes on a process (``sentinel``, ``join``,
     ``exitcode``, ``kill``, ``terminate``, ``close``). ``exitcode`` stays None when the
@@ -135,18 +158,41 @@ class WorkerProcess:
 
     def __init__(self, proc: Any, start_method: str) -> None:
         self.proc = proc
-        self.pid: int = proc.pid
+        self.warden_pid: int = proc.pid
+        self.pid = 0  # the worker's, once the warden named it
         self.name: str = proc.name
         self._forkserver = start_method == "forkserver"
-        self._pidfd = _pidfd_open(self.pid)
+        self._pidfd = _pidfd_open(self.warden_pid)
         if self._pidfd >= 0:  # closed by close(), or when collected without one
             self._close_pidfd = weakref.finalize(self, os.close, self._pidfd)
             self._close_pidfd.atexit = False  # at exit, stop() closes it, after using it
+        self._worker_pidfd = -1
+        self._ended_at = 0.0  # when the worker was sent SIGKILL or seen ended
         self._dead = False
         self._code: int | None = None
 
     def __repr__(self) -> str:
-        return f"<WorkerProcess {self.name} pid={self.pid}>"
+        return f"<WorkerProcess {self.name} warden={self.warden_pid} pid={self.pid}>"
+
+    def set_worker(self, pid: int) -> bool:
+        """Take the warden's word for its worker's pid; False if it cannot be so."""
+        if self.pid or self._dead or pid <= 0:
+            return False
+        pidfd = _pidfd_open(pid)
+        # Opened first, checked after: the pidfd names the process the check saw.
+        # No parent at all: the worker already ended and its warden reaped it (a
+        # handler that could not be built); the message is the warden's all the same.
+        ppid = _ppid(pid)
+        if ppid not in (self.warden_pid, 0):
+            if pidfd >= 0:
+                os.close(pidfd)
+            return False
+        if ppid == 0 and pidfd >= 0:
+            os.close(pidfd)
+            pidfd = -1
+        self.pid = pid
+        self._worker_pidfd = pidfd
+        return True
 
     @property
     def sentinel(self) -> int:
@@ -195,12 +241,14 @@ class WorkerProcess:
         # Past the status the pipe is at end-of-file: the Process can now be closed.
         proc.join(STATUS_WAIT)
 
-    def _signal(self, sig: signal.Signals) -> None:
+    def _signal_warden(self, sig: signal.Signals) -> None:
         if self._pidfd < 0:  # multiprocessing's own, which skips a reaped process
             if sig == signal.SIGKILL:
                 self.proc.kill()
-            else:
+            elif sig == signal.SIGTERM:
                 self.proc.terminate()
+            elif self.proc.exitcode is None:
+                os.kill(self.warden_pid, sig)
             return
         if self._dead:
             return
@@ -209,19 +257,63 @@ class WorkerProcess:
         except ProcessLookupError:
             pass  # already ended
 
+    def _signal(self, sig: signal.Signals) -> None:
+        """Signal the worker; the warden itself while it has not named one."""
+        if not self.pid:
+            # Nothing of the handler's runs yet: the warden, on SIGTERM, or the
+            # worker, on its parent's death, ends the rest.
+            self._signal_warden(sig)
+            return
+        if self._dead:
+            return
+        try:
+            if self._worker_pidfd >= 0:
+                signal.pidfd_send_signal(self._worker_pidfd, sig)
+            elif _ppid(self.pid) == self.warden_pid:  # no pidfds: check, then signal
+                os.kill(self.pid, sig)
+        except ProcessLookupError:
+            pass  # already ended
+        # A frozen warden could not see its worker end, nor clean up after it.
+        self._signal_warden(signal.SIGCONT)
+
     def kill(self) -> None:
-        """Send SIGKILL (to this very process: a pidfd never names a recycled pid)."""
+        """Send the worker SIGKILL (a pidfd never names a recycled pid).
+
+        Its warden then kills what it started, and ends. A warden still there
+        ``WARDEN_GRACE`` seconds later is killed by ``follow_up``.
+        """
         self._signal(signal.SIGKILL)
+        if not self._ended_at:
+            self._ended_at = time.monotonic()
 
     def terminate(self) -> None:
-        """Send SIGTERM."""
+        """Send the worker SIGTERM."""
         self._signal(signal.SIGTERM)
 
+    def private_bytes(self) -> int:
+        """Private resident bytes of the worker and all it started (``private_resident``)."""
+        return private_resident(self.warden_pid) if self.pid and not self._dead else 0
+
+    def follow_up(self, now: float) -> None:
+        """Wake a warden whose worker ended; kill it ``WARDEN_GRACE`` seconds later.
+
+        A handler may have stopped its warden (SIGSTOP) before its worker ended.
+        """
+        if not self._ended_at and self._worker_pidfd >= 0:
+            if connection.wait([self._worker_pidfd], 0):
+                self._ended_at = now
+                self._signal_warden(signal.SIGCONT)
+        if self._ended_at and now - self._ended_at > WARDEN_GRACE:
+            self._signal_warden(signal.SIGKILL)
+
     def close(self) -> None:
-        """Free the pidfd and the Process's pipes (the worker has ended)."""
+        """Free the pidfds and the Process's pipes (the worker has ended)."""
         if self._pidfd >= 0:
             self._close_pidfd()
             self._pidfd = -1
+        if self._worker_pidfd >= 0:
+            os.close(self._worker_pidfd)
+            self._worker_pidfd = -1
         try:
             self.proc.close()
         except ValueError:

@@ -46,6 +46,7 @@ __all__ = [
     "MSG_FATAL",
     "MSG_READY",
     "MSG_UNDECODABLE",
+    "MSG_WORKER",
     "NBUCKETS",
     "PID",
     "RETURN_HEADER",
@@ -100,6 +101,7 @@ SLOT_BYTES = SLOT_WORDS * 8
 
 RETURN_HEADER = struct.Struct("<I")
 MAX_RETURN_MESSAGE = 16 * 1024 * 1024
+MSG_WORKER = "worker"  # from the warden, first: {"t", "pid", "subreaper"}
 MSG_READY = "ready"  # the handler is built: {"t", "pid"}
 MSG_FATAL = "fatal"  # the handler cannot be built: {"t", "text"}, then EXIT_START_FAILED
 MSG_ERROR = "error"  # a handler call raised: {"t", "seq", "text", "payload"}

@@ -35,6 +35,7 @@ from typing import Any
 
 from fanout._protocol import ADD, HEADER, UPDATE, UPDATE_SAME, wire_shape_error
 from fanout._ray_refs import use_batch_refs
+from fanout._warden import MEMORY_TICK, private_resident
 from fanout.codec import Codec, describe_misfit
 from fanout.handlers import build_handler
 
@@ -69,6 +70,8 @@ class LaneActor:
         schema_blob: The listener's schema type, pickled, or None.
         handler_timeout: Seconds one handler call may run before this actor
             kills itself (Ray then restarts it); None: no limit.
+        memory_limit: Bytes of private resident memory this actor and what it
+            started may hold before it kills itself; None: no limit.
     """
 
     def __init__(
@@ -78,6 +81,7 @@ class LaneActor:
         codec_blob: bytes,
         schema_blob: bytes | None,
         handler_timeout: float | None,
+        memory_limit: int | None = None,
     ) -> None:
         codec: Codec = pickle.loads(codec_blob)
         self.schema = None if schema_blob is None else pickle.loads(schema_blob)
@@ -98,21 +102,33 @@ class LaneActor:
         self.progress = memoryview(self.map).cast("Q")
         # A call the predecessor died in is not running here.
         self.progress[STARTED] = self.progress[DONE]
-        if handler_timeout is not None:
+        if handler_timeout is not None or memory_limit is not None:
             threading.Thread(
-                target=self._watchdog, args=(handler_timeout,), name="fanout-watchdog", daemon=True
+                target=self._watchdog,
+                args=(handler_timeout, memory_limit),
+                name="fanout-watchdog",
+                daemon=True,
             ).start()
 
-    def _watchdog(self, timeout: float) -> None:
-        """Kill this actor when one handler call outlives ``timeout``.
+    def _watchdog(self, timeout: float | None, memory_limit: int | None) -> None:
+        """Kill this actor when one handler call outlives ``timeout``, or it grows
+        past ``memory_limit`` (``fanout._warden.private_resident``, every ``MEMORY_TICK``).
 
         A thread cannot stop a Python call, so the process goes: Ray restarts the
         actor and the producer resends, counting one attempt for the frame.
         """
         progress = self.progress
         running, since = 0, 0.0
+        me = os.getpid()
+        next_check = 0.0
         while True:
             time.sleep(WATCHDOG_TICK)
+            if memory_limit is not None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + MEMORY_TICK
+                if private_resident(me, with_root=True) > memory_limit:
+                    os.kill(me, signal.SIGKILL)
+            if timeout is None:
+                continue
             started = progress[STARTED]
             if started <= progress[DONE]:  # between calls
                 running = 0

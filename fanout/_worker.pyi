@@ -1,7 +1,7 @@
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["NATIVE", "serve", "watch_lifeline"]
+__all__ = ["NATIVE", "guard_forks", "serve", "watch_lifeline"]
 
 NATIVE: bool
 
@@ -15,3 +15,4 @@ def serve(
     chunk: int = 1048576,
 ) -> None: ...
 def watch_lifeline(fd: int) -> None: ...
+def guard_forks(data_fd: int, ret_fd: int) -> None: ...

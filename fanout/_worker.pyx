@@ -9,7 +9,7 @@ from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport EINTR, errno
 from libc.stdint cimport int64_t, intptr_t, uint64_t
 from libc.string cimport memmove
-from posix.unistd cimport _exit, read
+from posix.unistd cimport _exit, close, read
 
 from operator import index as _index
 
@@ -33,7 +33,7 @@ from fanout._protocol import (
     wire_shape_error,
 )
 
-__all__ = ["NATIVE", "serve", "watch_lifeline"]
+__all__ = ["NATIVE", "guard_forks", "serve", "watch_lifeline"]
 
 NATIVE = True
 
@@ -107,6 +107,43 @@ def watch_lifeline(int fd):
     pthread_detach(thread)
 
 
+cdef extern from "<pthread.h>" nogil:
+    int pthread_atfork(void (*prepare)() noexcept nogil, void (*parent)() noexcept nogil,
+                       void (*child)() noexcept nogil)
+
+
+cdef int _guarded[2]
+cdef int _nguarded = 0
+cdef bint _hooked = False
+cdef volatile bint _forked = False
+
+
+cdef void _in_forked_copy() noexcept nogil:
+    # Runs in the child of every fork() (os.fork included), before any Python.
+    global _forked
+    cdef int i
+    _forked = True
+    for i in range(_nguarded):
+        close(_guarded[i])
+
+
+def guard_forks(int data_fd, int ret_fd):
+    """Close the worker's pipes in every forked copy; ``serve`` there then ends it.
+
+    Twin of ``fanout._worker_py.guard_forks``. Hooks ``fork()`` itself
+    (``pthread_atfork``), so a fork from C code is caught too.
+    """
+    global _hooked, _nguarded
+    _guarded[0] = data_fd
+    _guarded[1] = ret_fd
+    _nguarded = 2
+    if not _hooked:
+        rc = pthread_atfork(NULL, NULL, _in_forked_copy)
+        if rc:
+            raise os_error(rc, "cannot hook fork()")
+        _hooked = True
+
+
 def serve(int fd, slot, unpack, handler, on_error, on_bad_frame,
           Py_ssize_t chunk=1 << 20):
     """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
@@ -128,6 +165,8 @@ def serve(int fd, slot, unpack, handler, on_error, on_bad_frame,
     on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
     try:
         while True:
+            if _forked:
+                _exit(0)
             with nogil:  # buf is ours alone; read() blocks until the pump writes
                 n = read(fd, buf + have, cap - have)
                 while n < 0 and errno == EINTR:
@@ -197,11 +236,15 @@ def serve(int fd, slot, unpack, handler, on_error, on_bad_frame,
                     else:
                         on_delete(a)
                 except Exception:
+                    if _forked:  # a copy the handler forked: the worker reports
+                        _exit(0)
                     # The call is over: stop the handler_timeout clock before a
                     # report that may wait on a full return pipe.
                     words[START_NS] = 0
                     words[ERRORS] += 1
                     on_error(seq, payload)
+                if _forked:  # a copy the handler forked: its call is not the worker's
+                    _exit(0)
                 words[HANDLED] += 1
                 words[START_NS] = 0
                 words[DONE] = seq

@@ -34,10 +34,33 @@ from fanout._protocol import (
 )
 from fanout.stats import bucket_of
 
-__all__ = ["NATIVE", "serve", "watch_lifeline"]
+__all__ = ["NATIVE", "guard_forks", "serve", "watch_lifeline"]
 
 NATIVE = False
 READ_CHUNK = 1 << 20
+_guarded: list[int] = []  # the worker's pipes, closed in any forked copy
+_forked = False  # this process is a forked copy of the worker
+
+
+def _in_forked_copy() -> None:
+    global _forked
+    _forked = True
+    for fd in _guarded:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def guard_forks(data_fd: int, ret_fd: int) -> None:
+    """Close ``fds`` in every forked copy of this process; ``serve`` there then ends it.
+
+    Twin of ``fanout._worker.guard_forks`` (which hooks ``fork()`` itself; this hooks
+    ``os.fork``).
+    """
+    if not _guarded:
+        os.register_at_fork(after_in_child=_in_forked_copy)
+    _guarded[:] = [data_fd, ret_fd]
 
 
 def serve(
@@ -74,6 +97,8 @@ def serve(
     pending = bytearray()  # the start of a frame split across reads
     need = 0  # bytes that frame needs in all (header included), once known
     while True:
+        if _forked:
+            os._exit(0)
         try:
             got = os.read(fd, max(chunk, need - len(pending)))
         except OSError as exc:  # said as the native loop says it
@@ -135,11 +160,15 @@ def serve(
                 else:
                     on_delete(a)
             except Exception:
+                if _forked:  # a copy the handler forked: the worker reports, not it
+                    os._exit(0)
                 # The call is over: stop the handler_timeout clock before a report
                 # that may wait on a full return pipe.
                 slot[start_ns_w] = 0
                 slot[ERRORS] += 1
                 on_error(seq, payload)
+            if _forked:  # a copy the handler forked: its call is not the worker's
+                os._exit(0)
             slot[handled_w] += 1
             slot[start_ns_w] = 0
             slot[done_w] = seq

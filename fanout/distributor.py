@@ -343,6 +343,7 @@ class Distributor:
         on_dead_letter: Callable[[Registration, Notification | None, str], Any] | None = None,
         schema: Any = None,
         ray_options: dict[str, Any] | None = None,
+        memory_limit: int | None = None,
     ) -> Registration:
         """Register a handler as a new listener; on a running distributor it starts at once.
 
@@ -401,6 +402,13 @@ class Distributor:
                 here. fanout sets ``max_restarts=-1`` and no task retries
                 itself, so those and the options that would break per-key
                 order are refused. Only with ``executor="ray"``.
+            memory_limit: Bytes of private resident memory (``RssAnon``) a
+                worker of a process or Ray listener may hold, what it started
+                included; past it the worker is killed within a second and
+                restarted, and its notification counts an attempt (dead-lettered
+                after ``max_attempts``, naming ``memory_limit``). At least 16
+                MiB, and leave room: a fresh worker holds about 25 MiB. None:
+                no limit.
 
         Returns:
             The listener's ``Registration``: pass it to ``remove_listener``,
@@ -411,8 +419,8 @@ class Distributor:
                 pickled (or serialised by Ray), a handler or schema defined in a
                 file-less ``__main__``, or a schema msgspec cannot decode into.
             ValueError: An option out of range, or one the executor cannot
-                take (``workers``, ``handler_timeout``, ``max_pending_bytes``
-                with ``executor="thread"``; ``ray_options`` without
+                take (``workers``, ``handler_timeout``, ``max_pending_bytes``,
+                ``memory_limit`` with ``executor="thread"``; ``ray_options`` without
                 ``executor="ray"``, or a Ray option unknown or owned by fanout).
             ImportError: ``executor="ray"`` without Ray installed.
             ListenerFull: The initial list cannot fit ``max_pending_bytes``.
@@ -436,6 +444,7 @@ class Distributor:
             on_dead_letter,
             schema,
             ray_options,
+            memory_limit,
         )
         items = list(initial_list) if initial_list is not None else []
         with self.lock:

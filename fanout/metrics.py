@@ -21,15 +21,14 @@ Needs the ``prometheus`` extra: ``pip install 'fanout-informer[prometheus]'``.
 
 from __future__ import annotations
 
-import threading
 import weakref
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from fanout._version import DISTRIBUTION
 
 try:
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
     from prometheus_client.core import (
         CounterMetricFamily,
         GaugeMetricFamily,
@@ -44,7 +43,9 @@ except ImportError as exc:  # the extra is not installed
         "(or pip install prometheus_client)"
     ) from exc
 
+from fanout._endpoint import Endpoint
 from fanout._protocol import NBUCKETS
+from fanout.options import check_period
 from fanout.stats import bucket_value
 
 if TYPE_CHECKING:
@@ -52,7 +53,15 @@ if TYPE_CHECKING:
     from fanout.registration import Registration
     from fanout.stats import ListenerStats
 
-__all__ = ["LATENCY_BOUNDS", "MetricsServer", "PrometheusCollector", "latency_buckets", "serve"]
+__all__ = [
+    "IDLE_TIMEOUT",
+    "LATENCY_BOUNDS",
+    "MAX_CONNECTIONS",
+    "MetricsServer",
+    "PrometheusCollector",
+    "latency_buckets",
+    "serve",
+]
 
 LABEL = "listener"
 
@@ -206,6 +215,10 @@ class PrometheusCollector(Collector):
         return families
 
 
+MAX_CONNECTIONS = 16  # open at once; the oldest idle one makes room for a new one
+IDLE_TIMEOUT = 10.0  # seconds a connection has to send its request and take the answer
+
+
 class MetricsServer:
     """A running metrics endpoint, as ``serve`` returns it; close it when done.
 
@@ -216,27 +229,23 @@ class MetricsServer:
         registry: the ``CollectorRegistry`` it serves (only fanout's collector).
     """
 
-    def __init__(self, server: Any, thread: threading.Thread, registry: CollectorRegistry) -> None:
-        self._server = server
-        self._thread = thread
+    def __init__(self, endpoint: Endpoint, registry: CollectorRegistry) -> None:
+        self._endpoint: Endpoint | None = endpoint
         self.registry = registry
-        self.addr: str = server.server_address[0]
-        self.port: int = server.server_address[1]
+        self.addr: str = endpoint.address[0]
+        self.port: int = endpoint.address[1]
         host = f"[{self.addr}]" if ":" in self.addr else self.addr
         self.url = f"http://{host}:{self.port}/metrics"
 
     def __repr__(self) -> str:
-        state = "closed" if self._server is None else "serving"
+        state = "closed" if self._endpoint is None else "serving"
         return f"<MetricsServer {self.url} {state}>"
 
     def close(self) -> None:
-        """Stop serving, close the socket and join the server thread (idempotent)."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        server.shutdown()
-        server.server_close()
-        self._thread.join()
+        """Stop serving, close every socket and join the server thread (idempotent)."""
+        endpoint, self._endpoint = self._endpoint, None
+        if endpoint is not None:
+            endpoint.close()
 
     def __enter__(self) -> MetricsServer:
         return self
@@ -245,35 +254,64 @@ class MetricsServer:
         self.close()
 
 
-def serve(distributor: Distributor, port: int, addr: str = "127.0.0.1") -> MetricsServer:
-    """Serve the distributor's metrics over HTTP, in a background thread.
+def serve(
+    distributor: Distributor,
+    port: int,
+    addr: str = "127.0.0.1",
+    *,
+    max_connections: int = MAX_CONNECTIONS,
+    idle_timeout: float = IDLE_TIMEOUT,
+) -> MetricsServer:
+    """Serve the distributor's metrics over HTTP, from one background thread.
 
     The endpoint has its own registry holding only a ``PrometheusCollector`` of
-    ``distributor``; any path answers (``/metrics`` by convention). It listens
-    on the loopback address unless told otherwise: the metrics name your
-    listeners, so expose them on purpose.
+    ``distributor``; any path answers ``GET`` and ``HEAD`` (``/metrics`` by
+    convention). It listens on the loopback address unless told otherwise: the
+    metrics name your listeners, so expose them on purpose.
+
+    It costs one thread and at most ``max_connections`` + 3 descriptors however
+    many clients connect: one thread serves every connection from a selector;
+    when one more connection arrives, the oldest one that has not sent a whole
+    request is closed for it, so idle or slow clients cannot lock scrapers out,
+    nor take the descriptors the distributor needs to start workers. Each answer
+    closes its connection.
 
     Args:
         distributor: the ``fanout.Distributor`` to report on.
         port: TCP port; 0 lets the system pick a free one (see ``.port``).
         addr: address to listen on; ``"0.0.0.0"`` for every interface.
+        max_connections: connections open at once (at least 1).
+        idle_timeout: seconds a connection has, in all, to send its request and
+            take its answer before it is closed (a number > 0).
 
     Returns:
         A ``MetricsServer``; call ``close()`` (or use it in a ``with`` block)
         to stop it.
 
     Raises:
-        TypeError: ``distributor`` is not a ``fanout.Distributor``, or ``port``
-            is not an int.
-        ValueError: ``port`` is outside 0..65535.
+        TypeError: ``distributor`` is not a ``fanout.Distributor``, or ``port``,
+            ``max_connections`` or ``idle_timeout`` is not a number of the right kind.
+        ValueError: ``port`` is outside 0..65535, ``max_connections`` < 1 or
+            ``idle_timeout`` not a finite number > 0.
         OSError: the address cannot be bound (in use, or not this machine's).
     """
     if isinstance(port, bool) or not isinstance(port, int):
         raise TypeError(f"port must be an int, not {port!r}")
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be in 0..65535 (0: any free port), got {port}")
+    if isinstance(max_connections, bool) or not isinstance(max_connections, int):
+        raise TypeError(f"max_connections must be an int, not {max_connections!r}")
+    if max_connections < 1:
+        raise ValueError(f"max_connections must be >= 1, got {max_connections}")
+    idle = check_period("idle_timeout", idle_timeout)
+    if not idle:
+        raise ValueError("idle_timeout must be > 0 seconds, got 0")
     registry = CollectorRegistry(auto_describe=True)
     registry.register(PrometheusCollector(distributor))
-    server, thread = start_http_server(port, addr=addr, registry=registry)
-    thread.name = f"fanout-metrics-{server.server_address[1]}"
-    return MetricsServer(server, thread, registry)
+
+    def render() -> tuple[bytes, str]:
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+
+    endpoint = Endpoint(addr, port, render, max_connections, idle)
+    endpoint.start()
+    return MetricsServer(endpoint, registry)

@@ -16,11 +16,21 @@ from fanout._protocol import HEADER_SIZE
 from fanout.codec import Codec, check_schema
 from fanout.handlers import pickle_for_workers, resolve_handler
 
-__all__ = ["EXECUTORS", "OVERFLOW_POLICIES", "ListenerOptions", "check_period", "listener_options"]
+__all__ = [
+    "EXECUTORS",
+    "MIN_MEMORY_LIMIT",
+    "OVERFLOW_POLICIES",
+    "ListenerOptions",
+    "check_period",
+    "listener_options",
+]
 
 EXECUTORS = ("process", "thread", "ray")
 OVERFLOW_POLICIES = ("block", "drop_oldest", "drop_newest", "error")
 _names = itertools.count(1)
+# Below this a worker cannot even build its handler (a Python process alone holds
+# several MiB of private memory): the limit would kill every start.
+MIN_MEMORY_LIMIT = 16 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +58,7 @@ class ListenerOptions:
     schema_blob: bytes | None = None
     handler_blob: bytes = b""
     ray_options: dict[str, Any] | None = None
+    memory_limit: int | None = None
 
 
 def check_period(name: str, value: Any, *, allow_none: bool = False) -> float | None:
@@ -84,6 +95,7 @@ def listener_options(
     on_dead_letter: Any,
     schema: Any = None,
     ray_options: Any = None,
+    memory_limit: Any = None,
 ) -> ListenerOptions:
     """Check every option of ``add_listener``; raise naming the bad one."""
     if executor not in EXECUTORS:
@@ -114,6 +126,14 @@ def listener_options(
                 f"max_pending_bytes must exceed the {HEADER_SIZE}-byte frame header "
                 f"(in practice: room for many notifications), got {max_pending_bytes}"
             )
+    if memory_limit is not None:
+        if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
+            raise TypeError(f"memory_limit must be an int (bytes) or None, not {memory_limit!r}")
+        if memory_limit < MIN_MEMORY_LIMIT:
+            raise ValueError(
+                f"memory_limit must be at least {MIN_MEMORY_LIMIT} bytes (16 MiB: a worker "
+                f"needs that much to start), got {memory_limit}"
+            )
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(
             f"overflow must be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, got {overflow!r}"
@@ -136,6 +156,7 @@ def listener_options(
             ("workers", workers != 1, "a thread listener runs one thread"),
             ("handler_timeout", timeout is not None, "a thread cannot be stopped"),
             ("max_pending_bytes", max_pending_bytes is not None, "it passes objects, not bytes"),
+            ("memory_limit", memory_limit is not None, "a thread shares this process's memory"),
         ):
             if value:
                 raise ValueError(
@@ -167,4 +188,5 @@ def listener_options(
         schema_blob=schema_blob,
         handler_blob=handler_blob,
         ray_options=ray_options,
+        memory_limit=memory_limit,
     )

@@ -182,8 +182,8 @@ class ProcessListener(LaneListener):
             "pending": pending,
             "pending_bytes": pending_bytes,
             "capacity_bytes": capacity,
-            "delivered": int(self.slots[:, HANDLED].sum()),
-            "errors": int(self.slots[:, ERRORS].sum()),
+            "delivered": sum(lane.counts()[0] for lane in self.lanes),
+            "errors": sum(lane.counts()[1] for lane in self.lanes),
         }
 
     def ready(self) -> bool:
@@ -235,6 +235,12 @@ class Lane:
         self.start_failures = 0  # deaths in a row before the worker said ready
         self.idle_deaths = 0  # deaths in a row that finished no frame
         self.done_at_spawn = 0
+        # The slot's counters when the worker started, and frames it reported
+        # undecodable since: what it claims later must square with its DONE word.
+        self.handled_at_spawn = 0
+        self.errors_at_spawn = 0
+        self.undecodable_since_spawn = 0
+        self.memory_check_at = 0.0  # when the worker's memory_limit is checked next
         self.exited = threading.Event()
 
     def __repr__(self) -> str:
@@ -243,6 +249,22 @@ class Lane:
     def ack(self) -> None:
         """Free ring frames the worker has finished (read from its progress slot)."""
         self.ring.ack_from_source()
+
+    def counts(self) -> tuple[int, int]:
+        """Handler calls finished and failed, as the slot says, within what was sent.
+
+        A worker writes its slot and may lie there; no lane reports more calls than
+        frames were ever appended to it, nor more failures than calls.
+        """
+        handled = min(int(self.slot[HANDLED]), self.ring.last_seq)
+        return handled, min(int(self.slot[ERRORS]), handled)
+
+    def distrust_counts(self) -> None:
+        """Put back counters a dead worker corrupted: at most one call per frame acked."""
+        cap = self.handled_at_spawn + max(0, self.ring.acked_seq - self.done_at_spawn)
+        handled = min(max(int(self.slot[HANDLED]), self.handled_at_spawn), cap)
+        self.slot[HANDLED] = handled
+        self.slot[ERRORS] = min(max(int(self.slot[ERRORS]), self.errors_at_spawn), handled)
 
     def spawn(self) -> None:
         """Start a worker for this lane and attach its pipe to the pump."""
@@ -310,6 +332,9 @@ class Lane:
         self.kill_at = 0.0
         self.respawn_at = 0.0
         self.done_at_spawn = self.ring.acked_seq
+        self.handled_at_spawn = int(self.slot[HANDLED])
+        self.errors_at_spawn = int(self.slot[ERRORS])
+        self.undecodable_since_spawn = 0
         self.ring.rewind()
         ctx.pump.add(self, self.ring, w)
 

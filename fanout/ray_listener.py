@@ -380,6 +380,7 @@ class RayListener(LaneListener):
                 ctx.codec_blob,
                 self.opts.schema_blob,
                 self.handler_timeout,
+                self.opts.memory_limit,
             )
             lane.ready_ref = lane.actor.ready.remote()
             self._actor_ids.append(lane.actor._actor_id.hex())
@@ -650,9 +651,12 @@ class RayListener(LaneListener):
                 del lane.attempts[seq]
                 lane.ring.ack(seq)
                 self.dead_lettered += 1
+                causes = [f"ran past handler_timeout={self.handler_timeout}"]
+                if self.opts.memory_limit is not None:
+                    causes.append(f"grew past memory_limit={self.opts.memory_limit} bytes")
                 reason = (
-                    f"its handler call ended its Ray actor (died, or ran past "
-                    f"handler_timeout={self.handler_timeout}) {tries} times: {type(exc).__name__}"
+                    f"its handler call ended its Ray actor (died, {', or '.join(causes)}) "
+                    f"{tries} times: {type(exc).__name__}"
                 )
                 payload = batch.data[HEADER_SIZE:]
                 calls.append(lambda: self.dead_letter_item(payload, reason))

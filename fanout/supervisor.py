@@ -27,17 +27,21 @@ import msgpack
 from fanout._logs import error_log
 from fanout._protocol import (
     DONE,
+    ERRORS,
     EXIT_START_FAILED,
+    HANDLED,
     MAX_RETURN_MESSAGE,
     MSG_ERROR,
     MSG_FATAL,
     MSG_READY,
     MSG_UNDECODABLE,
+    MSG_WORKER,
     PID,
     RETURN_HEADER,
     START_NS,
     STARTED,
 )
+from fanout._warden import MEMORY_TICK
 from fanout.notifications import RawFrame
 
 if TYPE_CHECKING:
@@ -187,6 +191,8 @@ class Supervisor(threading.Thread):
                 sooner(lane.close_deadline - now)
             if listener.handler_timeout is not None:
                 sooner(min(listener.handler_timeout / 4, 0.1))
+            if listener.opts.memory_limit is not None:
+                sooner(lane.memory_check_at - now)
             if len(lane.ring):
                 sooner(ACK_TICK)
             sooner(CHECK_TICK)  # the progress-slot sanity check
@@ -226,13 +232,27 @@ class Supervisor(threading.Thread):
                 return
             pos = end
             self._on_message(lane, kind, msg, calls)
+            if lane.rbuf is not buf:  # it was garbage: the worker is being killed
+                return
         del buf[:pos]
 
     def _on_message(
         self, lane: Lane, kind: Any, msg: dict[str, Any], calls: list[Callable[[], None]]
     ) -> None:
         listener = lane.listener
-        if kind == MSG_READY:
+        proc = lane.proc
+        if proc is not None and not proc.pid and kind != MSG_FATAL:
+            # The warden names its worker first, before any handler code runs.
+            pid = msg.get("pid")
+            if kind != MSG_WORKER or not isinstance(pid, int) or not proc.set_worker(pid):
+                self._garbage(lane, f"{msg!r} where the warden names its worker", calls)
+            return
+        if kind == MSG_WORKER:
+            self._garbage(lane, "a second worker pid", calls)
+        elif kind == MSG_READY:
+            if lane.ready:
+                self._garbage(lane, "a second ready message", calls)
+                return
             lane.ready = lane.ever_ready = True
             lane.first_start = False
             lane.start_failures = 0
@@ -248,6 +268,14 @@ class Supervisor(threading.Thread):
             calls.append(lambda: listener.report_error(n, text))
         elif kind == MSG_UNDECODABLE:
             seq = msg.get("seq")
+            # Only a frame this worker was sent, and has started.
+            if not (
+                isinstance(seq, int)
+                and lane.done_at_spawn < seq <= min(int(lane.slot[STARTED]), lane.ring.last_seq)
+            ):
+                self._garbage(lane, f"an undecodable report for frame {seq!r}", calls)
+                return
+            lane.undecodable_since_spawn += 1
             # A worker that died between reporting a frame and marking it done
             # reports it again when it is resent: count it once.
             if isinstance(seq, int):
@@ -367,6 +395,7 @@ class Supervisor(threading.Thread):
         # The pump is detached: sent_seq is final, and no frame past it ran.
         sent = ring.sent_seq
         if lane.corrupt:
+            lane.distrust_counts()
             # Trust no "done" it wrote: resend all that was not acked. Charge the
             # attempt to the frame it said it started if that is plausible, else
             # to the first frame held, so a handler that keeps corrupting its
@@ -427,10 +456,23 @@ class Supervisor(threading.Thread):
     def _corrupt_slot(lane: Lane) -> str | None:
         """Say what is impossible in a worker's progress slot, if anything."""
         slot = lane.slot
+        # Counters first, DONE after: a call finishing in between errs on the safe side.
+        handled = int(slot[HANDLED]) - lane.handled_at_spawn
+        errors = int(slot[ERRORS]) - lane.errors_at_spawn
         done, started = int(slot[DONE]), int(slot[STARTED])
         last = lane.ring.last_seq  # read after the slot: appends only raise it
         if done > last or started > last:
             return f"done={done} started={started} beyond the last frame appended, {last}"
+        # Every finished frame is one call or one undecodable report, never more;
+        # one call may be counted a moment before its frame is marked done.
+        finished = done - lane.done_at_spawn
+        if handled < 0 or errors < 0 or errors > handled + 1:
+            return f"{handled} calls and {errors} errors since the worker started"
+        if handled + lane.undecodable_since_spawn > finished + 1:
+            return (
+                f"{handled} calls and {lane.undecodable_since_spawn} undecodable frames "
+                f"for {finished} frames finished"
+            )
         pid = int(slot[PID])
         if lane.ready and lane.proc is not None and pid not in (0, lane.proc.pid):
             return f"pid word {pid} is not the worker's pid {lane.proc.pid}"
@@ -447,6 +489,7 @@ class Supervisor(threading.Thread):
                     if not self.ctx.stopping:
                         self._respawn(lane, calls)
                 continue
+            proc.follow_up(now)
             if not lane.kill_reason and not lane.closing:
                 corrupt = self._corrupt_slot(lane)
                 if corrupt:
@@ -454,6 +497,16 @@ class Supervisor(threading.Thread):
                     lane.kill_reason = f"worker corrupted its progress slot ({corrupt})"
                     text = f"listener {listener.name!r} lane {lane.index}: {lane.kill_reason}"
                     calls.append(functools.partial(listener.report_error, None, text))
+                    proc.kill()
+                    continue
+            limit = listener.opts.memory_limit
+            if limit is not None and now >= lane.memory_check_at and not lane.kill_reason:
+                lane.memory_check_at = now + MEMORY_TICK
+                used = proc.private_bytes()
+                if used > limit:
+                    lane.kill_reason = (
+                        f"memory_limit={limit} bytes exceeded ({used} bytes private resident)"
+                    )
                     proc.kill()
                     continue
             lane.ack()

@@ -31,6 +31,7 @@ from fanout._protocol import (
     SLOT_BYTES,
     send_message,
 )
+from fanout._warden import become_warden
 from fanout.codec import Codec, describe_misfit
 from fanout.handlers import build_handler
 
@@ -113,11 +114,16 @@ def worker_main(
     """Entry point of a worker process."""
     # Ctrl-C in a terminal reaches the whole process group: the parent decides.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from fanout._impl import serve, watch_lifeline  # native unless FANOUT_NO_EXTENSIONS
+    # native unless FANOUT_NO_EXTENSIONS
+    from fanout._impl import guard_forks, serve, watch_lifeline
 
     # multiprocessing's pipe for parent_process(): its write end is in the producer
     # alone, whoever forked this worker. At its hang-up the worker ends, even mid-call.
     lifeline = multiprocessing.parent_process().sentinel  # type: ignore[union-attr]
+    # This process stays behind as the warden of everything the handler starts;
+    # the handler runs in a child, from the next line on.
+    worker_only = (data_fd, shm_fd) if arena_fd < 0 else (data_fd, shm_fd, arena_fd)
+    become_warden(lifeline, ret_fd, worker_only)
     watch_lifeline(lifeline)
     slot = map_slot(shm_fd, spec.slot_offset, SLOT_BYTES)  # this lane's slot, no other
     os.close(shm_fd)
@@ -127,6 +133,8 @@ def worker_main(
         os.close(arena_fd)
     # Before any handler code runs: what it cannot hold, it cannot scribble on.
     close_inherited({data_fd, ret_fd, lifeline})
+    for fd in (data_fd, ret_fd, lifeline):  # nothing the handler runs holds them
+        os.set_inheritable(fd, False)
     slot[PID] = os.getpid()
     try:
         # Unpickled here, not by multiprocessing, so a failure is reported.
@@ -164,6 +172,9 @@ def worker_main(
             payload = payload[:MAX_RAW_ECHO]
         send_message(ret_fd, {"t": MSG_UNDECODABLE, "seq": seq, "text": text, "payload": payload})
 
+    # A forked copy of this worker (a handler that forks and returns in both) loses
+    # the pipes at once and leaves when its call returns: one reader per pipe.
+    guard_forks(data_fd, ret_fd)
     serve(data_fd, slot, unpack, handler, on_error, on_bad_frame)
     # Everything was handled (EOF) or the parent asked to stop: leave at once,
     # without running handlers' atexit hooks twice or flushing inherited buffers.

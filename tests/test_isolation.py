@@ -19,11 +19,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import pytest
 from helpers import Recorder, _return_pipe_fd, obj, read_calls, wait_calls, wait_for
 
 import fanout
-from fanout._protocol import SLOT_BYTES
+from fanout._protocol import HANDLED, SLOT_BYTES, send_message
 
 EXIT_AFTER_ATTACK = 9
 SCRIBBLE_BYTES = 64 * 1024
@@ -66,7 +65,10 @@ class Hostile(Recorder):
 
     def _steer(self, o: Any) -> None:
         if isinstance(o, dict) and "attack" in o and _first_time(o["marker"]):
+            pid = os.getpid()
             getattr(self, "_" + o["attack"])()
+            if os.getpid() != pid:  # a forked copy carries on
+                return
             os._exit(EXIT_AFTER_ATTACK)
         super()._steer(o)
 
@@ -86,6 +88,17 @@ class Hostile(Recorder):
 
     def _stop_parent(self) -> None:
         os.kill(os.getppid(), signal.SIGSTOP)
+
+    def _forge_counts(self) -> None:
+        # Well-formed lies: a million calls more, and a frame it was never sent.
+        _find_local("slot")[HANDLED] += 1_000_000
+        msg = {"t": "undecodable", "seq": 10**9, "text": "forged", "payload": b""}
+        send_message(_return_pipe_fd(), msg)
+
+    def _fork_and_return(self) -> None:
+        # A second copy of the worker, back in its loop while the first exits.
+        if os.fork() == 0:
+            return
 
     def _scribble_slot_and_pipe(self) -> None:
         slot = _find_local("slot")
@@ -187,25 +200,25 @@ def test_garbage_in_slot_and_return_pipe_reaches_no_other_listener(
     _attack(make_dist, tmp_path, start_method, "scribble_slot_and_pipe", caplog)
 
 
-def _parent_is_forkserver(start_method: str) -> None:
-    if start_method == "spawn":
-        pytest.skip(
-            "under spawn a worker's parent is the producer itself: killing or stopping "
-            "it is the producer's death, tested in test_orphans.py"
-        )
+def test_forged_counts_reach_no_other_listener(make_dist, tmp_path, start_method, caplog):
+    _attack(make_dist, tmp_path, start_method, "forge_counts", caplog)
+
+
+def test_a_forked_copy_of_a_worker_reaches_no_other_listener(
+    make_dist, tmp_path, start_method, caplog
+):
+    _attack(make_dist, tmp_path, start_method, "fork_and_return", caplog)
 
 
 def test_a_handler_killing_its_parent_restarts_nobody_else(
     make_dist, tmp_path, start_method, caplog
 ):
-    _parent_is_forkserver(start_method)
     _attack(make_dist, tmp_path, start_method, "kill_parent", caplog)
 
 
 def test_a_handler_freezing_its_parent_does_not_stall_worker_starts(
     make_dist, tmp_path, start_method, caplog
 ):
-    _parent_is_forkserver(start_method)
     _attack(make_dist, tmp_path, start_method, "stop_parent", caplog)
 
 

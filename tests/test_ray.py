@@ -769,3 +769,28 @@ def test_an_initial_list_of_big_buffers_on_a_running_distributor(rdist, tmp_path
     assert sorted(r["name"] for r in read_probes(tmp_path / "p")) == ["i0", "i1", "i2"]
     assert assert_accounted(reg).delivered == 3
     assert d.ctx.ray_store.held() == 0
+
+
+def test_memory_limit_kills_and_dead_letters(rdist, tmp_path: Path) -> None:
+    from test_containment import Hog
+
+    limit = 512 << 20  # a Ray worker alone holds far more than a fanout worker
+    path = tmp_path / "calls"
+    dead: list[Any] = []
+    d = rdist()
+    reg = d.add_listener(
+        Hog(str(path)),
+        executor="ray",
+        memory_limit=limit,
+        max_attempts=2,
+        on_dead_letter=lambda r, n, why: dead.append((n, why)),
+    )
+    d.start()
+    d.distribute(fanout.Add(obj("before")))
+    d.distribute(fanout.Add(obj("hog", hog="self", size=768 << 20)))
+    d.distribute(fanout.Add(obj("after")))
+    assert d.stop(drain=True, timeout=120) is True
+    assert [c.name for c in read_calls(path)] == ["before", "after"]
+    assert [n.obj["metadata"]["name"] for n, _ in dead] == ["hog"]
+    assert f"memory_limit={limit} bytes" in dead[0][1]
+    assert assert_accounted(reg).dead_lettered == 1

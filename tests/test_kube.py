@@ -1,0 +1,469 @@
+"""fanout.kube.Informer against the loopback API server (tests/kube_server.py)."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+kubernetes = pytest.importorskip("kubernetes", reason="pip install 'fanout-informer[kube]'")
+
+import fanout  # noqa: E402
+from fanout.kube import Informer, Store  # noqa: E402
+from tests.helpers import wait_for  # noqa: E402
+from tests.kube_server import KubeServer  # noqa: E402
+
+FAST = {"min_backoff": 0.01, "max_backoff": 0.05}
+
+
+@pytest.fixture
+def kube(no_leaks):
+    server = KubeServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def api(kube):
+    client = kubernetes.client.ApiClient(kubernetes.client.Configuration(host=kube.url))
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def informers():
+    """Informers stopped after the test, before the server and the client go."""
+    made: list[Informer] = []
+    yield made.append
+    for inf in made:
+        assert inf.stop(timeout=10), f"{inf!r} did not stop"
+
+
+class Log(fanout.Handler):
+    """A thread-listener handler keeping (kind, name, detail) per call."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.calls: list[tuple[str, str, Any]] = []
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        self._put(("add", _name(obj), is_in_initial_list))
+
+    def on_update(self, old: Any, new: Any) -> None:
+        self._put(("update", _name(new), (_spec(old), _spec(new))))
+
+    def on_delete(self, obj: Any) -> None:
+        self._put(("delete", _name(obj), _spec(obj)))
+
+    def _put(self, call: tuple[str, str, Any]) -> None:
+        with self.lock:
+            self.calls.append(call)
+
+    def snapshot(self) -> list[tuple[str, str, Any]]:
+        with self.lock:
+            return list(self.calls)
+
+    def wait(self, count: int, timeout: float = 30.0) -> list[tuple[str, str, Any]]:
+        assert wait_for(lambda: len(self.calls) >= count, timeout), (
+            f"wanted {count} calls, got {self.snapshot()}"
+        )
+        return self.snapshot()
+
+
+def _name(obj: Any) -> str:
+    return obj["metadata"]["name"]
+
+
+def _spec(obj: Any) -> Any:
+    return obj.get("spec")
+
+
+def _setup(make_dist, api, informers, resource="pods", **kwargs):
+    d = make_dist()
+    log = Log()
+    reg = d.add_listener(log, executor="thread")
+    d.start()
+    opts = {**FAST, **kwargs}
+    inf = Informer(d, resource, api_client=api, **opts)
+    informers(inf)
+    return d, reg, log, inf
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["paged", "streaming"])
+def test_list_then_watch_delivers_every_change_in_order(
+    kube, api, informers, make_dist, streaming
+):
+    for name in "abcde":
+        kube.create("pods", name, spec={"v": 0})
+    _, reg, log, inf = _setup(make_dist, api, informers, page_size=2, streaming=streaming)
+    inf.start()
+    assert inf.wait_synced(10)
+    assert reg.wait_synced(10)
+    calls = log.wait(5)
+    assert sorted(calls) == [("add", n, True) for n in "abcde"]
+    assert sorted(inf.store.keys()) == [f"default/{n}" for n in "abcde"]
+    # Items of a list carry no kind; the informer fills it in, as watch events have it.
+    assert inf.store.get("default/a")["kind"] == "Pod"
+    if streaming:
+        assert kube.lists() == []
+        assert kube.watches()[0]["sendInitialEvents"] == "true"
+    else:
+        pages = kube.lists()
+        assert [p.get("limit") for p in pages] == ["2", "2", "2"]
+        assert "continue" not in pages[0] and all("continue" in p for p in pages[1:])
+    kube.create("pods", "f", spec={"v": 0})
+    kube.update("pods", "a", spec={"v": 1})
+    kube.delete("pods", "b")
+    calls = log.wait(8)[5:]
+    assert calls == [
+        ("add", "f", False),
+        ("update", "a", ({"v": 0}, {"v": 1})),
+        ("delete", "b", {"v": 0}),
+    ]
+    assert "default/b" not in inf.store
+    assert inf.store.get("default/a")["spec"] == {"v": 1}
+    stats = inf.stats()
+    assert (stats.synced, stats.lists, stats.events, stats.store_size) == (True, 1, 3, 5)
+    assert stats.resource_version == str(kube.rv)
+
+
+def test_watch_starts_from_the_list_version(kube, api, informers, make_dist):
+    kube.create("pods", "a")
+    inf = _setup(make_dist, api, informers, streaming=False)[3]
+    inf.start()
+    assert inf.wait_synced(10)
+    assert wait_for(lambda: kube.watches(), 10)
+    watch = kube.watches()[0]
+    assert watch["resourceVersion"] == str(kube.rv)
+    assert watch["allowWatchBookmarks"] == "true"
+    assert watch["watch"] == "true"
+
+
+def test_streaming_list_falls_back_to_list_and_watch_for_good(kube, api, informers, make_dist):
+    kube.streaming = False
+    for name in "ab":
+        kube.create("pods", name)
+    _, _, log, inf = _setup(make_dist, api, informers)
+    inf.start()
+    assert inf.wait_synced(10)
+    assert sorted(log.wait(2)) == [("add", "a", True), ("add", "b", True)]
+    # Refused once (422), then paged lists, and a relist does not ask again.
+    kube.answer_gone(1)
+    kube.drop_watches()
+    assert wait_for(lambda: inf.stats().relists == 1 and len(kube.lists()) == 2, 10)
+    streaming = [w for w in kube.watches() if w.get("sendInitialEvents")]
+    assert len(streaming) == 1
+    assert inf.stats().errors == 0
+
+
+def test_a_dropped_watch_resumes_from_the_last_version_without_repeats(
+    kube, api, informers, make_dist
+):
+    kube.create("pods", "a", spec={"v": 0})
+    _, _, log, inf = _setup(make_dist, api, informers)
+    inf.start()
+    assert inf.wait_synced(10)
+    kube.update("pods", "a", spec={"v": 1})
+    log.wait(2)
+    seen = inf.stats().resource_version
+    kube.set_silent(True)  # the next changes happen while no watch can carry them
+    kube.drop_watches()
+    kube.update("pods", "a", spec={"v": 2})
+    kube.create("pods", "b")
+    kube.set_silent(False)
+    calls = log.wait(4)
+    assert calls[1:] == [
+        ("update", "a", ({"v": 0}, {"v": 1})),
+        ("update", "a", ({"v": 1}, {"v": 2})),
+        ("add", "b", False),
+    ]
+    resumed = [w["resourceVersion"] for w in kube.watches() if "resourceVersion" in w]
+    assert seen in resumed, kube.requests
+    stats = inf.stats()
+    assert stats.relists == 0 and stats.gone == 0 and stats.watch_restarts >= 1
+
+
+def test_bookmarks_move_the_resume_version(kube, api, informers, make_dist):
+    kube.create("pods", "a", namespace="watched")
+    d = make_dist()
+    d.start()
+    inf = Informer(d, "pods", api_client=api, namespace="watched", **FAST)
+    informers(inf)
+    inf.start()
+    assert inf.wait_synced(10)
+    # Changes elsewhere move the server's version; only a bookmark tells this watch.
+    for i in range(5):
+        kube.create("pods", f"other-{i}", namespace="elsewhere")
+    kube.send_bookmarks()
+    assert wait_for(lambda: inf.stats().resource_version == str(kube.rv), 10)
+    assert inf.stats().bookmarks >= 1
+    kube.drop_watches()
+    assert wait_for(lambda: kube.watches()[-1].get("resourceVersion") == str(kube.rv), 10)
+    assert inf.stats().events == 0 and len(inf.store) == 1
+
+
+def test_410_relist_reconciles_against_the_store(kube, api, informers, make_dist):
+    for name in "abc":
+        kube.create("pods", name, spec={"v": 0})
+    _, _, log, inf = _setup(make_dist, api, informers, streaming=False)
+    inf.start()
+    assert inf.wait_synced(10)
+    log.wait(3)
+    kube.set_silent(True)
+    kube.delete("pods", "a")
+    kube.update("pods", "b", spec={"v": 1})
+    kube.create("pods", "d", spec={"v": 0})
+    kube.compact()  # the watch's version is gone now
+    kube.drop_watches()
+    kube.set_silent(False)
+    calls = log.wait(6)
+    assert sorted(calls[3:]) == [
+        ("add", "d", False),
+        ("delete", "a", {"v": 0}),  # the last state the informer knew
+        ("update", "b", ({"v": 0}, {"v": 1})),
+    ]
+    assert wait_for(lambda: inf.stats().relists == 1)
+    stats = inf.stats()
+    assert stats.gone == 1 and stats.relists == 1
+    assert sorted(inf.store.keys()) == ["default/b", "default/c", "default/d"]
+    # Nothing that did not change was delivered again; the new watch is live.
+    kube.update("pods", "c", spec={"v": 1})
+    assert log.wait(7)[6] == ("update", "c", ({"v": 0}, {"v": 1}))
+
+
+def test_410_storm_delivers_each_change_once(kube, api, informers, make_dist):
+    for name in "abc":
+        kube.create("pods", name, spec={"v": 0})
+    _, _, log, inf = _setup(make_dist, api, informers)
+    inf.start()
+    assert inf.wait_synced(10)
+    log.wait(3)
+    kube.answer_gone(25)
+    kube.drop_watches()
+    for v in range(1, 6):
+        kube.update("pods", "a", spec={"v": v})
+    kube.delete("pods", "c")
+    assert wait_for(lambda: kube.gone_watches == 0 and inf.stats().gone >= 25, 30)
+    kube.create("pods", "z")
+    calls = log.wait(3 + 2)
+    assert wait_for(lambda: ("add", "z", False) in log.snapshot(), 10)
+    calls = log.snapshot()[3:]
+    # However the updates to a were split between watches and relists, they came
+    # in order, ending at v=5, and c's deletion and b (unchanged) only as due.
+    a_updates = [c[2] for c in calls if c[1] == "a"]
+    assert a_updates[-1][1] == {"v": 5}
+    assert all(old["v"] < new["v"] for old, new in a_updates)
+    assert [c[1] for c in calls].count("c") == 1 and ("b" not in [c[1] for c in calls])
+    assert sorted(inf.store.keys()) == ["default/a", "default/b", "default/z"]
+    assert inf.stats().relists >= 25
+
+
+def test_a_silent_watch_is_restarted(kube, api, informers, make_dist):
+    _, _, log, inf = _setup(make_dist, api, informers, silence_timeout=0.3)
+    inf.start()
+    assert inf.wait_synced(10)
+    kube.set_silent(True)
+    assert wait_for(lambda: inf.stats().silent_watches >= 2, 20)
+    kube.set_silent(False)
+    kube.create("pods", "late")
+    assert log.wait(1) == [("add", "late", False)]
+
+
+def test_server_timeout_ends_a_watch_and_it_resumes(kube, api, informers, make_dist):
+    _, _, log, inf = _setup(make_dist, api, informers, watch_timeout=1, streaming=False)
+    inf.start()
+    assert inf.wait_synced(10)
+    assert wait_for(lambda: len(kube.watches()) >= 3, 20)
+    assert {w["timeoutSeconds"] for w in kube.watches()} == {"1"}
+    kube.create("pods", "a")
+    assert log.wait(1) == [("add", "a", False)]
+    stats = inf.stats()
+    assert stats.errors == 0 and stats.relists == 0 and stats.watch_restarts >= 2
+
+
+def test_expired_continue_token_means_listing_again(kube, api, informers, make_dist):
+    for i in range(7):
+        kube.create("pods", f"p{i}")
+    kube.expire_continue_tokens(next_requests=1)
+    _, _, log, inf = _setup(make_dist, api, informers, page_size=3, streaming=False)
+    inf.start()
+    assert inf.wait_synced(10)
+    calls = log.wait(7)
+    # Page one was applied before the token expired; the second list did not repeat it.
+    assert sorted(calls) == [("add", f"p{i}", True) for i in range(7)]
+    stats = inf.stats()
+    assert (stats.gone, stats.list_restarts, stats.lists) == (1, 1, 1)
+    assert [p.get("continue", "") != "" for p in kube.lists()] == [False, True, False, True, True]
+
+
+def test_stop_mid_list_ends_at_once_and_marks_nothing_synced(kube, api, informers, make_dist):
+    kube.create_many("pods", 50)
+    kube.stall_lists.set()
+    _, reg, _, inf = _setup(make_dist, api, informers, page_size=10, streaming=False)
+    inf.start()
+    assert kube.list_stalled.wait(10)
+    assert inf.stop(timeout=5)
+    assert not inf.has_synced() and not reg.has_synced()
+    assert not inf.wait_synced(0.1)
+    kube.stall_lists.clear()
+
+
+def test_stop_during_a_watch_is_prompt_and_idempotent(kube, api, informers, make_dist):
+    _, _, _, inf = _setup(make_dist, api, informers)
+    inf.start()
+    assert inf.wait_synced(10)
+    assert wait_for(lambda: kube.watches(), 10)
+    assert inf.stop(timeout=5)
+    assert inf.stop(timeout=5)
+    with pytest.raises(RuntimeError, match="once"):
+        inf.start()
+
+
+def test_cluster_scoped_and_custom_resources(kube, api, informers, make_dist):
+    kube.create("namespaces", "prod", namespace=None)
+    kube.create("widgets", "w1", namespace="team-a")
+    d = make_dist()
+    d.start()
+    ns = Informer(d, "namespaces", api_client=api, **FAST)
+    widgets = Informer(
+        d, "widgets", api_client=api, group="example.com", namespace="team-a", **FAST
+    )
+    for inf in (ns, widgets):
+        informers(inf)
+        inf.start()
+        assert inf.wait_synced(10)
+    assert ns.store.keys() == ["prod"]
+    assert ns.store.by_index("namespace", "") == [ns.store.get("prod")]
+    assert widgets.store.keys() == ["team-a/w1"]
+    assert widgets.store.get("team-a/w1")["kind"] == "Widget"
+    paths = {p for verb, p, _ in kube.requests}
+    assert paths == {"namespaces", "widgets"}
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["paged", "streaming"])
+def test_label_selector_objects_leaving_it_are_deleted(kube, api, informers, make_dist, streaming):
+    kube.create("pods", "web", labels={"app": "web"})
+    kube.create("pods", "db", labels={"app": "db"})
+    _, _, log, inf = _setup(
+        make_dist, api, informers, label_selector="app=web", streaming=streaming
+    )
+    inf.start()
+    assert inf.wait_synced(10)
+    assert log.wait(1) == [("add", "web", True)]
+    kube.update("pods", "web", labels={"app": "other"})
+    kube.update("pods", "db", labels={"app": "web"})
+    assert log.wait(3)[1:] == [("delete", "web", {}), ("add", "db", False)]
+    assert inf.store.keys() == ["default/db"]
+    for q in kube.requests:
+        assert q[2]["labelSelector"] == "app=web"
+
+
+def test_field_selector_is_passed(kube, api, informers, make_dist):
+    kube.create("pods", "one")
+    kube.create("pods", "two")
+    _, _, log, inf = _setup(make_dist, api, informers, field_selector="metadata.name=two")
+    inf.start()
+    assert inf.wait_synced(10)
+    assert log.wait(1) == [("add", "two", True)]
+
+
+def test_transform_runs_before_store_and_distributor(kube, api, informers, make_dist):
+    kube.create("pods", "a", spec={"big": "x" * 1000, "keep": 1})
+
+    def slim(obj: Any) -> Any:
+        return {"metadata": obj["metadata"], "spec": {"keep": obj["spec"]["keep"]}}
+
+    _, _, log, inf = _setup(make_dist, api, informers, transform=slim)
+    inf.start()
+    assert inf.wait_synced(10)
+    log.wait(1)
+    assert inf.store.get("default/a")["spec"] == {"keep": 1}
+    kube.update("pods", "a", spec={"big": "y", "keep": 2})
+    kube.delete("pods", "a")
+    assert log.wait(3)[1:] == [
+        ("update", "a", ({"keep": 1}, {"keep": 2})),
+        ("delete", "a", {"keep": 2}),
+    ]
+
+
+def test_a_raising_transform_ends_the_informer_with_its_error(kube, api, informers, make_dist):
+    kube.create("pods", "a")
+
+    def broken(obj: Any) -> Any:
+        raise KeyError("nope")
+
+    _, _, _, inf = _setup(make_dist, api, informers, transform=broken)
+    inf.start()
+    assert not inf.wait_synced(10)
+    assert isinstance(inf.error, KeyError)
+    assert "transform raised KeyError" in inf.stats().last_error
+
+
+def test_informer_ends_when_the_distributor_stops(kube, api, informers, make_dist):
+    d, _, _, inf = _setup(make_dist, api, informers)
+    inf.start()
+    assert inf.wait_synced(10)
+    d.stop()
+    kube.create("pods", "a")
+    assert wait_for(lambda: isinstance(inf.error, fanout.DistributorStopped), 10)
+
+
+def test_store_indexers(kube, api, informers, make_dist):
+    kube.create("pods", "a", namespace="n1", spec={"node": "x"})
+    kube.create("pods", "b", namespace="n2", spec={"node": "x"})
+    kube.create("pods", "c", namespace="n2", spec={"node": "y"})
+    d = make_dist()
+    d.start()
+    inf = Informer(
+        d, "pods", api_client=api, indexers={"node": lambda o: [o["spec"]["node"]]}, **FAST
+    )
+    informers(inf)
+    inf.start()
+    assert inf.wait_synced(10)
+    assert sorted(_name(o) for o in inf.store.by_index("node", "x")) == ["a", "b"]
+    assert sorted(inf.store.index_keys("namespace", "n2")) == ["n2/b", "n2/c"]
+    kube.update("pods", "a", namespace="n1", spec={"node": "y"})
+    assert wait_for(lambda: sorted(inf.store.index_keys("node", "y")) == ["n1/a", "n2/c"], 10)
+    kube.delete("pods", "c", namespace="n2")
+    assert wait_for(lambda: inf.store.index_keys("node", "y") == ["n1/a"], 10)
+    assert inf.store.by_index("namespace", "n9") == []
+    with pytest.raises(KeyError, match="no index named 'zone'"):
+        inf.store.by_index("zone", "a")
+
+
+def test_store_refuses_bad_indexers():
+    with pytest.raises(ValueError, match="built in"):
+        Store({"namespace": lambda o: []})
+    with pytest.raises(TypeError, match="must be a function"):
+        Store({"x": 3})  # type: ignore[dict-item]
+    store = Store({"bad": lambda o: "abc"})
+    with pytest.raises(TypeError, match="iterable of strings"):
+        store.put("ns/a", {}, "1")
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"resource": ""}, ValueError, "resource"),
+        ({"resource": "pods/log"}, ValueError, "resource"),
+        ({"namespace": ""}, ValueError, "namespace"),
+        ({"page_size": 0}, ValueError, "page_size"),
+        ({"watch_timeout": 0}, ValueError, "watch_timeout"),
+        ({"silence_timeout": -1}, ValueError, "silence_timeout"),
+        ({"transform": 3}, TypeError, "transform"),
+        ({"api_client": "http://x"}, TypeError, "ApiClient"),
+        ({"label_selector": ["a"]}, TypeError, "label_selector"),
+        ({"min_backoff": 2, "max_backoff": 1}, ValueError, "max_backoff"),
+    ],
+)
+def test_bad_arguments_are_refused_at_construction(make_dist, kwargs, error, match):
+    d = make_dist()
+    args = {"resource": "pods", "api_client": None, **kwargs}
+    with pytest.raises(error, match=match):
+        Informer(d, **args)
+
+
+def test_distributor_must_be_a_distributor():
+    with pytest.raises(TypeError, match=r"fanout\.Distributor"):
+        Informer(object(), "pods")  # type: ignore[arg-type]

@@ -167,6 +167,7 @@ class KubeServer:
         self.silent = False
         self.gone_watches = 0
         self.expire_continues = 0
+        self._failing = {"list": [0, 500], "watch": [0, 500]}
         self.stall_lists = threading.Event()
         self.list_stalled = threading.Event()
         self._drops = 0
@@ -302,6 +303,24 @@ class KubeServer:
         """Answer the next ``watches`` watch requests with a 410 ERROR event."""
         with self.cond:
             self.gone_watches += watches
+
+    def fail_lists(self, count: int, code: int) -> None:
+        """Answer the next ``count`` list requests with ``code`` (a Status body)."""
+        with self.cond:
+            self._failing["list"] = [count, code]
+
+    def fail_watches(self, count: int, code: int) -> None:
+        """Answer the next ``count`` watch requests with an ERROR event of ``code``."""
+        with self.cond:
+            self._failing["watch"] = [count, code]
+
+    def _failure(self, verb: str) -> int:
+        with self.cond:
+            count, code = self._failing[verb]
+            if count <= 0:
+                return 0
+            self._failing[verb][0] -= 1
+            return code
 
     def watches(self) -> list[dict[str, str]]:
         """The queries of every watch request so far."""
@@ -443,6 +462,9 @@ class _Handler(BaseHTTPRequestHandler):
             if watch:
                 self._watch(r, namespace, q)
                 return
+            code = kube._failure("list")
+            if code:
+                raise _Fail(code, "Injected", f"injected failure {code}")
             doc = kube.list(r, namespace, q)
         except _Fail as fail:
             self._send_json(fail.status["code"], fail.status)
@@ -497,6 +519,7 @@ class _Handler(BaseHTTPRequestHandler):
         rv_text = q.get("resourceVersion")
         encode = msgspec.json.encode
         lines: list[bytes] = []
+        failure = kube._failure("watch")
         with kube.cond:
             gone = kube.gone_watches > 0
             if gone:
@@ -518,6 +541,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json")
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
+        if failure:
+            status = _status(failure, "Injected", f"injected failure {failure}")
+            self._chunk(encode({"type": "ERROR", "object": status}) + b"\n")
+            self._end()
+            return
         if gone:
             status = _status(
                 410, "Expired", f"too old resource version: {rv_text} ({kube.compacted})"

@@ -28,7 +28,7 @@ except ImportError as exc:  # the extra is not installed
         f"'{DISTRIBUTION}[kube]' (or pip install kubernetes msgspec)"
     ) from exc
 
-__all__ = ["ApiError", "Request", "default_api_client", "resource_path"]
+__all__ = ["ApiError", "Request", "close_api_client", "default_api_client", "resource_path"]
 
 # The auth scheme of every Kubernetes endpoint in the client's OpenAPI spec;
 # naming it makes the client add the token (refreshed by exec plugins first).
@@ -60,6 +60,21 @@ def default_api_client() -> Any:
                 f"in-cluster: {cluster_error}. Pass api_client= (a kubernetes.client.ApiClient)"
             ) from cluster_error
         return k8s_client.ApiClient(configuration)
+
+
+def close_api_client(api_client: Any) -> None:
+    """Close an ``ApiClient`` and every connection it keeps.
+
+    ``ApiClient.close()`` clears urllib3's pool manager, which (urllib3 2)
+    forgets its pools without closing them: their sockets stay open until the
+    garbage collector finds them. Close each pool first.
+    """
+    pools = api_client.rest_client.pool_manager.pools
+    for key in pools.keys():
+        pool = pools.get(key)
+        if pool is not None:
+            pool.close()
+    api_client.close()
 
 
 def resource_path(group: str, version: str, resource: str, namespace: str | None) -> str:

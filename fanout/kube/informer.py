@@ -33,6 +33,7 @@ from fanout.errors import DistributorStopped
 from fanout.kube._client import (
     ApiError,
     Request,
+    close_api_client,
     default_api_client,
     resource_path,
     status_error,
@@ -476,7 +477,7 @@ class Informer:
         finally:
             self._ended.set()
             if self._owns_client and self._api_client is not None:
-                self._api_client.close()
+                close_api_client(self._api_client)
 
     def _note(self, text: str, level: int = logging.INFO) -> None:
         self._last_error = text

@@ -163,6 +163,7 @@ class KubeServer:
         self.snapshots: dict[int, Snapshot] = {}
         self._snapshot_ids = itertools.count(1)
         self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.authorizations: list[str] = []
         # Fault switches.
         self.silent = False
         self.gone_watches = 0
@@ -202,7 +203,9 @@ class KubeServer:
             del self.objects[resource][key]
         else:
             self.objects[resource][key] = obj
-        self.history.append(Event(self.rv, resource, kind, _copy(obj), old))
+        # Stored objects are never changed in place (writes replace them), so
+        # the history may share them.
+        self.history.append(Event(self.rv, resource, kind, obj, old))
         self.cond.notify_all()
 
     def create(
@@ -459,6 +462,7 @@ class _Handler(BaseHTTPRequestHandler):
             r, namespace = kube._route(url.path)
             with kube.cond:
                 kube.requests.append(("watch" if watch else "list", r.plural, dict(q.raw)))
+                kube.authorizations.append(self.headers.get("Authorization", ""))
             if watch:
                 self._watch(r, namespace, q)
                 return

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("kubernetes", reason="pip install 'fanout-informer[kube]'")
 
-from tests.helpers import wait_for  # noqa: E402
-from tests.kube_server import KubeServer  # noqa: E402
+from tests.helpers import wait_for
+from tests.kube_server import KubeServer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "informer.py"

@@ -441,7 +441,7 @@ def test_store_refuses_bad_indexers():
         Store({"x": 3})  # type: ignore[dict-item]
     store = Store({"bad": lambda o: "abc"})
     with pytest.raises(TypeError, match="iterable of strings"):
-        store.put("ns/a", {}, "1")
+        store._put("ns/a", {}, "1")
 
 
 @pytest.mark.parametrize(

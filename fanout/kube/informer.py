@@ -167,7 +167,7 @@ class _Sync:
         inf = self.informer
         for key in inf.store.keys():
             if key not in self.seen:
-                inf._send(Delete(inf.store.pop(key)))
+                inf._send(Delete(inf.store._pop(key)))
 
 
 _ABSENT = object()
@@ -360,7 +360,11 @@ class Informer:
         return self
 
     def has_synced(self) -> bool:
-        """Return True once the first list is in the store and ``mark_synced`` was called."""
+        """Say whether the first list is in the store and ``mark_synced`` was called.
+
+        Returns:
+            True once the informer has synced; it stays true.
+        """
         return self._synced.is_set()
 
     def wait_synced(self, timeout: float | None = None) -> bool:
@@ -417,7 +421,11 @@ class Informer:
         return not thread.is_alive()
 
     def stats(self) -> InformerStats:
-        """Return a snapshot of the informer's counters (see ``InformerStats``)."""
+        """Read the informer's counters.
+
+        Returns:
+            A snapshot (``InformerStats``); reading it changes nothing.
+        """
         rv_at = self._rv_at
         return InformerStats(
             resource=self.resource,
@@ -614,7 +622,7 @@ class Informer:
         key, version = _meta(obj)
         store = self.store
         if kind == "DELETED":
-            store.pop(key)
+            store._pop(key)
             self._send(Delete(self._apply_transform(obj)))
         elif kind in ("ADDED", "MODIFIED"):
             old = store.get(key, _ABSENT)
@@ -672,7 +680,7 @@ class Informer:
         """Transform ``obj``, store it under ``key``, and return what was stored."""
         new = self._apply_transform(obj)
         try:
-            self.store.put(key, new, version)
+            self.store._put(key, new, version)
         except Exception as exc:
             raise _Fatal(f"an indexer raised {type(exc).__name__} for {key!r}: {exc}") from exc
         return new

@@ -78,25 +78,52 @@ class Store:
         return key in self._items
 
     def get(self, key: str, default: Any = None) -> Any:
-        """Return the object stored under ``key`` (``namespace/name``), else ``default``."""
+        """Look an object up by key.
+
+        Args:
+            key: ``namespace/name``, or ``name`` for a cluster-scoped object.
+            default: what to return when nothing is stored under ``key``.
+
+        Returns:
+            The stored object (after the informer's ``transform``), else ``default``.
+        """
         return self._items.get(key, default)
 
     def list(self) -> builtins.list[Any]:
-        """Return every stored object (a new list; the order is unspecified)."""
+        """List the stored objects.
+
+        Returns:
+            A new list of every stored object, in no particular order.
+        """
         with self._lock:
             return list(self._items.values())
 
     def keys(self) -> builtins.list[str]:
-        """Return every key (a new list; the order is unspecified)."""
+        """List the keys.
+
+        Returns:
+            A new list of every key, in no particular order.
+        """
         with self._lock:
             return list(self._items)
 
     def index_names(self) -> builtins.list[str]:
-        """Return the names of the indexes, the built-in ``namespace`` one first."""
+        """Name the indexes.
+
+        Returns:
+            The index names, the built-in ``namespace`` first.
+        """
         return list(self._indices)
 
     def index_keys(self, index: str, value: str) -> builtins.list[str]:
-        """Return the keys of the objects that ``index`` files under ``value``.
+        """Look keys up in an index.
+
+        Args:
+            index: the index's name (``namespace``, or one of ``indexers``).
+            value: the index value, e.g. a namespace's name.
+
+        Returns:
+            The keys of the objects that ``index`` files under ``value``.
 
         Raises:
             KeyError: no index has that name.
@@ -105,7 +132,14 @@ class Store:
             return list(self._index(index).get(value, ()))
 
     def by_index(self, index: str, value: str) -> builtins.list[Any]:
-        """Return the objects that ``index`` files under ``value`` (client-go ``ByIndex``).
+        """Look objects up in an index (client-go ``ByIndex``).
+
+        Args:
+            index: the index's name (``namespace``, or one of ``indexers``).
+            value: the index value, e.g. a namespace's name.
+
+        Returns:
+            The objects that ``index`` files under ``value`` (a new list).
 
         Raises:
             KeyError: no index has that name.
@@ -124,12 +158,19 @@ class Store:
             ) from None
 
     def version(self, key: str) -> str | None:
-        """Return the resourceVersion of the object stored under ``key``, else None."""
+        """Look an object's resourceVersion up.
+
+        Args:
+            key: ``namespace/name``, or ``name`` for a cluster-scoped object.
+
+        Returns:
+            The resourceVersion of the object stored under ``key``, else None.
+        """
         return self._versions.get(key)
 
     # The writer side: only the informer's thread calls these.
 
-    def put(self, key: str, obj: Any, version: str) -> None:
+    def _put(self, key: str, obj: Any, version: str) -> None:
         """Store ``obj`` under ``key`` and re-file it in every index."""
         values = self._index_values(key, obj)
         with self._lock:
@@ -138,7 +179,7 @@ class Store:
             for name, new in values.items():
                 self._refile(name, key, new)
 
-    def pop(self, key: str) -> Any:
+    def _pop(self, key: str) -> Any:
         """Remove ``key`` and return what was stored under it (None if nothing)."""
         with self._lock:
             self._versions.pop(key, None)

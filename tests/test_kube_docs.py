@@ -10,8 +10,8 @@ import pytest
 
 pytest.importorskip("kubernetes", reason="pip install 'fanout-informer[kube]'")
 
-from fanout.kube import Informer, InformerStats, Store  # noqa: E402
-from tests.test_docstrings import _sections  # noqa: E402
+from fanout.kube import Informer, InformerStats, Store
+from tests.test_docstrings import _sections
 
 
 def _api() -> list[tuple[str, Callable[..., Any], str]]:

@@ -9,11 +9,12 @@ import pytest
 
 kubernetes = pytest.importorskip("kubernetes", reason="pip install 'fanout-informer[kube]'")
 
+from helpers import Recorder, wait_calls, wait_for  # noqa: E402
+from kube_server import KubeServer  # noqa: E402
+
 import fanout  # noqa: E402
 from fanout.kube import ApiError, Informer, Store  # noqa: E402
 from fanout.kube._client import Request, close_api_client  # noqa: E402
-from tests.helpers import Recorder, wait_calls, wait_for  # noqa: E402
-from tests.kube_server import KubeServer  # noqa: E402
 
 FAST = {"min_backoff": 0.01, "max_backoff": 0.05}
 
@@ -596,3 +597,44 @@ def test_server_answers_410_to_a_list_at_a_compacted_version(kube, api):
     assert info.value.code == 410
     doc = Request(api, "/api/v1/pods", [("resourceVersion", "0")], None).read_json()
     assert [i["metadata"]["name"] for i in doc["items"]] == ["a", "b"]
+
+
+def test_prometheus_collector_reads_the_informer_stats(kube, api, informers, make_dist):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from fanout.kube.metrics import COUNTERS, InformerCollector
+    from fanout.metrics import serve
+
+    kube.create("pods", "a")
+    d = make_dist()
+    d.start()
+    pods = Informer(d, "pods", api_client=api, **FAST)
+    prod = Informer(d, "pods", api_client=api, namespace="prod", **FAST)
+    also = Informer(d, "pods", api_client=api, label_selector="x=y", **FAST)
+    for inf in (pods, prod, also):
+        informers(inf)
+        inf.start()
+        assert inf.wait_synced(10)
+    kube.create("pods", "b")
+    assert wait_for(lambda: pods.stats().events == 1, 10)
+    with serve(d, 0) as server:
+        server.registry.register(InformerCollector(pods, prod, also))
+        import urllib.request
+
+        with urllib.request.urlopen(server.url, timeout=10) as response:
+            text = response.read().decode()
+    figures: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if "informer" in s.labels:
+                figures.setdefault(s.labels["informer"], {})[s.name] = s.value
+    assert set(figures) == {"/api/v1/pods", "/api/v1/namespaces/prod/pods", "/api/v1/pods#2"}
+    got = figures["/api/v1/pods"]
+    stats = pods.stats()
+    for name, _, field in COUNTERS:
+        assert got[f"{name}_total"] == getattr(stats, field), name
+    assert got["fanout_kube_store_objects"] == 2
+    assert got["fanout_kube_synced"] == 1
+    assert 0 <= got["fanout_kube_resource_version_age_seconds"] < 60
+    with pytest.raises(TypeError, match="Informer objects"):
+        InformerCollector(d)  # type: ignore[arg-type]

@@ -10,13 +10,15 @@ import pytest
 
 pytest.importorskip("kubernetes", reason="pip install 'fanout-informer[kube]'")
 
+from test_docstrings import _sections
+
 from fanout.kube import Informer, InformerStats, Store
-from tests.test_docstrings import _sections
+from fanout.kube.metrics import InformerCollector
 
 
 def _api() -> list[tuple[str, Callable[..., Any], str]]:
     out = []
-    for cls in (Informer, Store):
+    for cls in (Informer, Store, InformerCollector):
         out.append((f"{cls.__qualname__}()", cls.__init__, cls.__doc__ or ""))
         for name, member in vars(cls).items():
             if not name.startswith("_") and inspect.isfunction(member):

@@ -11,8 +11,8 @@ import pytest
 
 pytest.importorskip("kubernetes", reason="pip install 'fanout-informer[kube]'")
 
-from tests.helpers import wait_for
-from tests.kube_server import KubeServer
+from helpers import wait_for
+from kube_server import KubeServer
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "informer.py"

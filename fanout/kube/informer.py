@@ -327,6 +327,11 @@ class Informer:
             0,
         )
 
+    @property
+    def path(self) -> str:
+        """The collection's URL path, e.g. ``/api/v1/namespaces/prod/pods``."""
+        return self._path
+
     def __repr__(self) -> str:
         state = "synced" if self.has_synced() else "syncing"
         if self._ended.is_set():

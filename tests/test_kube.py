@@ -9,7 +9,7 @@ import pytest
 
 kubernetes = pytest.importorskip("kubernetes", reason="pip install 'fanout-informer[kube]'")
 
-from helpers import Recorder, wait_calls, wait_for  # noqa: E402
+from helpers import FakeClock, Recorder, wait_calls, wait_for  # noqa: E402
 from kube_server import KubeServer  # noqa: E402
 
 import fanout  # noqa: E402
@@ -638,3 +638,30 @@ def test_prometheus_collector_reads_the_informer_stats(kube, api, informers, mak
     assert 0 <= got["fanout_kube_resource_version_age_seconds"] < 60
     with pytest.raises(TypeError, match="Informer objects"):
         InformerCollector(d)  # type: ignore[arg-type]
+
+
+def test_resync_sends_the_store_to_due_listeners_only(kube, api, informers, make_dist):
+    kube.create("pods", "a", spec={"v": 0})
+    kube.create("pods", "b", spec={"v": 0})
+    clock = FakeClock()
+    d = make_dist(resync_check_period=1.0, clock=clock)
+    due, never = Log(), Log()
+    d.add_listener(due, executor="thread", resync_period=5.0)
+    d.add_listener(never, executor="thread", resync_period=0)
+    d.start()
+    inf = Informer(d, "pods", api_client=api, **FAST)
+    informers(inf)
+    inf.start()
+    assert inf.wait_synced(10)
+    assert len(due.wait(2)) == 2
+    clock.now += 5.0
+    calls = due.wait(4)
+    assert sorted(calls[2:]) == [
+        ("update", "a", ({"v": 0}, {"v": 0})),
+        ("update", "b", ({"v": 0}, {"v": 0})),
+    ]
+    assert inf.stats().resyncs == 1
+    # A live change after the resync reaches both, newer than what the resync sent.
+    kube.update("pods", "a", spec={"v": 1})
+    assert due.wait(5)[4] == ("update", "a", ({"v": 0}, {"v": 1}))
+    assert never.wait(3)[2] == ("update", "a", ({"v": 0}, {"v": 1}))

@@ -81,6 +81,7 @@ class InformerStats:
         events: watch events delivered (ADDED, MODIFIED, DELETED; not bookmarks).
         bookmarks: bookmarks received.
         errors: failed requests (each retried after a backoff).
+        resyncs: times the store was sent to listeners whose resync was due.
         resource_version: the last resourceVersion seen ("" before the first).
         resource_version_age: seconds since the last resourceVersion arrived
             (an event, a bookmark or a list); ``None`` before the first.
@@ -99,6 +100,7 @@ class InformerStats:
     events: int
     bookmarks: int
     errors: int
+    resyncs: int
     resource_version: str
     resource_version_age: float | None
     last_error: str
@@ -156,18 +158,21 @@ class _Sync:
         store = inf.store
         if key in store and store.version(key) == version:
             return
-        old = store.get(key, _ABSENT)
-        new = inf._stored(key, obj, version)
-        if old is _ABSENT:
-            inf._send(Add(new, not inf._synced.is_set()))
-        else:
-            inf._send(Update(old, new))
+        new = inf._apply_transform(obj)
+        with inf._delivering:
+            old = store.get(key, _ABSENT)
+            inf._put(key, new, version)
+            if old is _ABSENT:
+                inf._send(Add(new, not inf._synced.is_set()))
+            else:
+                inf._send(Update(old, new))
 
     def finish(self) -> None:
         inf = self.informer
         for key in inf.store.keys():
             if key not in self.seen:
-                inf._send(Delete(inf.store._pop(key)))
+                with inf._delivering:
+                    inf._send(Delete(inf.store._pop(key)))
 
 
 _ABSENT = object()
@@ -306,6 +311,11 @@ class Informer:
         self._synced = threading.Event()
         self._ended = threading.Event()
         self._request: Request | None = None
+        # Held while the store changes and the change is distributed, and while a
+        # resync sends an object: a resync never sends an object older than one
+        # already distributed for the same key.
+        self._delivering = threading.Lock()
+        self._resyncer: threading.Thread | None = None
         self._need_list = True
         self._watched = False
         self.error: BaseException | None = None
@@ -323,6 +333,7 @@ class Informer:
                 "events",
                 "bookmarks",
                 "errors",
+                "resyncs",
             ),
             0,
         )
@@ -361,7 +372,11 @@ class Informer:
             self._thread = threading.Thread(
                 target=self._run, name=f"fanout-kube-{self.resource}", daemon=True
             )
+            self._resyncer = threading.Thread(
+                target=self._resync_loop, name=f"fanout-kube-{self.resource}-resync", daemon=True
+            )
             self._thread.start()
+            self._resyncer.start()
         return self
 
     def has_synced(self) -> bool:
@@ -412,18 +427,20 @@ class Informer:
         """
         self._stopping.set()
         with self._lock:
-            thread, request = self._thread, self._request
+            thread, resyncer, request = self._thread, self._resyncer, self._request
         if request is not None:
             request.abort()
-        if thread is None:
+        if thread is None or resyncer is None:
             self._ended.set()
             return True
-        if thread is threading.current_thread():
+        if threading.current_thread() in (thread, resyncer):
             raise RuntimeError(
                 "Informer.stop() called on the informer's own thread; call it from another one"
             )
+        deadline = None if timeout is None else time.monotonic() + timeout
         thread.join(timeout)
-        return not thread.is_alive()
+        resyncer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return not thread.is_alive() and not resyncer.is_alive()
 
     def stats(self) -> InformerStats:
         """Read the informer's counters.
@@ -491,6 +508,35 @@ class Informer:
             self._ended.set()
             if self._owns_client and self._api_client is not None:
                 close_api_client(self._api_client)
+
+    def _resync_loop(self) -> None:
+        """Every check period, send the store to the listeners whose resync is due.
+
+        client-go's resync: ``Update(obj, obj)`` with ``sync=True`` for every
+        stored object, so only the due listeners get them. The period is the
+        distributor's ``resync_check_period`` (0: no resync).
+        """
+        d = self._distributor
+        while not self._stopping.wait(d.resync_check_period or 1.0):
+            if not d.resync_check_period or not self._synced.is_set():
+                continue
+            if self._ended.is_set():
+                return
+            try:
+                if not d.should_resync():
+                    continue
+                self._counts["resyncs"] += 1
+                for key in self.store.keys():
+                    with self._delivering:
+                        obj = self.store.get(key, _ABSENT)
+                        if obj is not _ABSENT:
+                            self._send(Update(obj, obj), sync=True)
+                    if self._stopping.is_set():
+                        return
+            except _Fatal as exc:
+                if not isinstance(exc.__cause__, DistributorStopped):
+                    log.error("informer %s: resync failed: %s", self._path, exc)
+                return
 
     def _note(self, text: str, level: int = logging.INFO) -> None:
         self._last_error = text
@@ -626,15 +672,17 @@ class Informer:
             return sync
         key, version = _meta(obj)
         store = self.store
-        if kind == "DELETED":
-            store._pop(key)
-            self._send(Delete(self._apply_transform(obj)))
-        elif kind in ("ADDED", "MODIFIED"):
-            old = store.get(key, _ABSENT)
-            new = self._stored(key, obj, version)
-            self._send(Add(new) if old is _ABSENT else Update(old, new))
-        else:
+        if kind not in ("ADDED", "MODIFIED", "DELETED"):
             raise ApiError(500, "BadEvent", f"watch event of unknown type {kind!r}")
+        new = self._apply_transform(obj)
+        with self._delivering:
+            if kind == "DELETED":
+                store._pop(key)
+                self._send(Delete(new))
+            else:
+                old = store.get(key, _ABSENT)
+                self._put(key, new, version)
+                self._send(Add(new) if old is _ABSENT else Update(old, new))
         self._counts["events"] += 1
         self._set_rv(version)
         self._backoff.reset()
@@ -681,18 +729,15 @@ class Informer:
         except Exception as exc:
             raise _Fatal(f"transform raised {type(exc).__name__}: {exc}") from exc
 
-    def _stored(self, key: str, obj: Any, version: str) -> Any:
-        """Transform ``obj``, store it under ``key``, and return what was stored."""
-        new = self._apply_transform(obj)
+    def _put(self, key: str, obj: Any, version: str) -> None:
         try:
-            self.store._put(key, new, version)
+            self.store._put(key, obj, version)
         except Exception as exc:
             raise _Fatal(f"an indexer raised {type(exc).__name__} for {key!r}: {exc}") from exc
-        return new
 
-    def _send(self, n: Notification) -> None:
+    def _send(self, n: Notification, sync: bool = False) -> None:
         try:
-            self._distributor.distribute(n)
+            self._distributor.distribute(n, sync=sync)
         except DistributorStopped as exc:
             raise _Fatal("the distributor stopped") from exc
         except Exception as exc:

@@ -56,6 +56,7 @@ COUNTERS = (
     ("fanout_kube_events", "Watch events applied (ADDED, MODIFIED, DELETED).", "events"),
     ("fanout_kube_bookmarks", "Watch bookmarks received.", "bookmarks"),
     ("fanout_kube_errors", "Failed requests, each retried after a backoff.", "errors"),
+    ("fanout_kube_resyncs", "Times the store was sent to listeners due a resync.", "resyncs"),
 )
 GAUGES = (
     ("fanout_kube_store_objects", "Objects in the informer's store.", "store_size"),

@@ -665,3 +665,44 @@ def test_resync_sends_the_store_to_due_listeners_only(kube, api, informers, make
     kube.update("pods", "a", spec={"v": 1})
     assert due.wait(5)[4] == ("update", "a", ({"v": 0}, {"v": 1}))
     assert never.wait(3)[2] == ("update", "a", ({"v": 0}, {"v": 1}))
+
+
+def test_fanout_top_shows_the_informers(kube, api, informers, make_dist):
+    import io
+
+    from fanout import top
+    from fanout.kube.metrics import InformerCollector
+    from fanout.metrics import serve
+
+    kube.create("pods", "a")
+    d = make_dist()
+    d.add_listener(Log(), executor="thread", name="printer")
+    d.start()
+    inf = Informer(d, "pods", api_client=api, **FAST)
+    informers(inf)
+    inf.start()
+    assert inf.wait_synced(10)
+    with serve(d, 0) as server:
+        server.registry.register(InformerCollector(inf))
+        before = top.scrape(server.url)
+        kube.create("pods", "b")
+        kube.create("pods", "c")
+        assert wait_for(lambda: inf.stats().events == 2, 10)
+        now = top.scrape(server.url)
+        out = io.StringIO()
+        assert top.once(server.url, 0.05, out) == 0
+    (row,) = top.informer_rows(before, now)
+    assert row.informer == "/api/v1/pods"
+    assert row.events_rate is not None and row.events_rate > 0
+    assert (row.figures.store, row.figures.synced, row.figures.errors) == (3, 1, 0)
+    text = out.getvalue()
+    assert "printer" in text
+    header, line = text.splitlines()[-2:]
+    assert header.split()[:3] == ["informer", "events/s", "store"]
+    assert line.split()[0] == "/api/v1/pods" and line.split()[2] == "3"
+    # The live view draws the same rows below the listeners' table.
+    from rich.console import Console
+
+    screen = io.StringIO()
+    Console(file=screen, width=200).print(top._view(server.url, before, now, "status"))
+    assert "informers" in screen.getvalue() and "/api/v1/pods" in screen.getvalue()

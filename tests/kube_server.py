@@ -168,6 +168,7 @@ class KubeServer:
         self.silent = False
         self.gone_watches = 0
         self.expire_continues = 0
+        self._garbage: list[Any] = [0, b""]
         self._failing = {"list": [0, 500], "watch": [0, 500]}
         self.stall_lists = threading.Event()
         self.list_stalled = threading.Event()
@@ -301,6 +302,11 @@ class KubeServer:
         with self.cond:
             self.silent = silent
             self.cond.notify_all()
+
+    def garble_watches(self, watches: int, line: bytes = b"{not json") -> None:
+        """Start the next ``watches`` watch streams with ``line``, then carry on normally."""
+        with self.cond:
+            self._garbage = [watches, line]
 
     def answer_gone(self, watches: int) -> None:
         """Answer the next ``watches`` watch requests with a 410 ERROR event."""
@@ -525,6 +531,8 @@ class _Handler(BaseHTTPRequestHandler):
         lines: list[bytes] = []
         failure = kube._failure("watch")
         with kube.cond:
+            garbage = kube._garbage[1] if kube._garbage[0] > 0 else b""
+            kube._garbage[0] -= bool(garbage)
             gone = kube.gone_watches > 0
             if gone:
                 kube.gone_watches -= 1
@@ -557,6 +565,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._chunk(encode({"type": "ERROR", "object": status}) + b"\n")
             self._end()
             return
+        if garbage:
+            self._chunk(garbage + b"\n")
         interval = kube.bookmark_interval
         next_mark = time.monotonic() + interval if interval else float("inf")
         # Every event up to seen_rv has been considered for this watch.

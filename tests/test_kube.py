@@ -706,3 +706,30 @@ def test_fanout_top_shows_the_informers(kube, api, informers, make_dist):
     screen = io.StringIO()
     Console(file=screen, width=200).print(top._view(server.url, before, now, "status"))
     assert "informers" in screen.getvalue() and "/api/v1/pods" in screen.getvalue()
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b'{"type": "BOOKMARK", "object": {"metadata": "x"}}',
+        b'{"type": "WHATEVER", "object": {"metadata": {"name": "a"}}}',
+        b'{"type": "ADDED", "object": {"metadata": {}}}',
+    ],
+    ids=["not-json", "not-an-event", "bad-bookmark", "unknown-type", "no-name"],
+)
+def test_a_garbled_watch_line_restarts_the_watch_from_the_last_version(
+    kube, api, informers, make_dist, line
+):
+    kube.create("pods", "a")
+    kube.garble_watches(1, line)  # the first watch after the list
+    _, _, log, inf = _setup(make_dist, api, informers, streaming=False)
+    inf.start()
+    assert inf.wait_synced(10)
+    assert wait_for(lambda: inf.stats().errors == 1 and len(kube.watches()) == 2, 10)
+    assert kube.watches()[1]["resourceVersion"] == kube.watches()[0]["resourceVersion"]
+    kube.create("pods", "b")
+    assert log.wait(2) == [("add", "a", True), ("add", "b", False)]
+    stats = inf.stats()
+    assert stats.relists == 0 and inf.error is None

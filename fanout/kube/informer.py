@@ -504,6 +504,10 @@ class Informer:
             else:
                 log.error("informer %s ends: %s", self._path, exc)
                 self._last_error = str(exc)
+        except Exception as exc:  # a bug, or a server answer nothing above expects
+            self.error = exc
+            self._last_error = f"{type(exc).__name__}: {exc}"
+            log.exception("informer %s ends on an unexpected error", self._path)
         finally:
             self._ended.set()
             if self._owns_client and self._api_client is not None:
@@ -549,7 +553,9 @@ class Informer:
                 self._watch(initial=True)
                 return
             except ApiError as exc:
-                if not 400 <= exc.code < 500 or exc.code in (GONE, 429):
+                # A 4xx before the list is done is the server refusing the request;
+                # after it, the error is the watch's, and is retried as such.
+                if not 400 <= exc.code < 500 or exc.code in (GONE, 429) or not self._need_list:
                     raise
                 self._streaming = False
                 log.info(
@@ -658,7 +664,9 @@ class Informer:
         obj = event["object"]
         if kind == "BOOKMARK":
             self._counts["bookmarks"] += 1
-            meta = obj.get("metadata") or {}
+            meta = obj.get("metadata")
+            if not isinstance(meta, dict):
+                raise ApiError(500, "BadEvent", f"bookmark without metadata: {str(obj)[:200]}")
             self._set_rv(str(meta.get("resourceVersion") or self._rv))
             self._backoff.reset()
             if sync is not None and (meta.get("annotations") or {}).get(INITIAL_EVENTS_END):

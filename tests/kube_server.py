@@ -171,6 +171,7 @@ class KubeServer:
         self._garbage: list[Any] = [0, b""]
         self._failing = {"list": [0, 500], "watch": [0, 500]}
         self.stall_lists = threading.Event()
+        self.stall_list_headers = threading.Event()
         self.list_stalled = threading.Event()
         self._drops = 0
         self._bookmarks = 0
@@ -344,6 +345,7 @@ class KubeServer:
         with self.cond:
             self._closing = True
             self.stall_lists.clear()
+            self.stall_list_headers.clear()
             self.cond.notify_all()
         self.httpd.shutdown()
         with self._conns_lock:
@@ -472,6 +474,8 @@ class _Handler(BaseHTTPRequestHandler):
             if watch:
                 self._watch(r, namespace, q)
                 return
+            while kube.stall_list_headers.is_set() and not kube._closing:
+                time.sleep(0.01)
             code = kube._failure("list")
             if code:
                 raise _Fail(code, "Injected", f"injected failure {code}")

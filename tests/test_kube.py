@@ -733,3 +733,17 @@ def test_a_garbled_watch_line_restarts_the_watch_from_the_last_version(
     assert log.wait(2) == [("add", "a", True), ("add", "b", False)]
     stats = inf.stats()
     assert stats.relists == 0 and inf.error is None
+
+
+def test_stop_while_a_list_waits_for_its_answer_ends_within_the_read_timeout(
+    kube, api, informers, make_dist
+):
+    kube.stall_list_headers.set()
+    _, _, _, inf = _setup(make_dist, api, informers, streaming=False, silence_timeout=0.5)
+    inf.start()
+    assert wait_for(lambda: kube.lists(), 10)
+    # Nothing can wake a request still waiting for the status line but its read
+    # timeout, which is silence_timeout.
+    assert inf.stop(timeout=10)
+    assert not inf.has_synced()
+    kube.stall_list_headers.clear()

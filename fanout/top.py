@@ -285,6 +285,16 @@ def _window(now: Figures, before: Figures | None) -> list[tuple[float, float]]:
     return [(le, c - b) for (le, c), (_, b) in zip(now.buckets, before.buckets, strict=True)]
 
 
+def _per_second(new: float, old: float | None, dt: float) -> float | None:
+    """A counter's rate between two scrapes; None without the earlier one.
+
+    A counter that went down belongs to a replaced listener (or informer): no rate.
+    """
+    if old is None or dt <= 0 or new < old:
+        return None
+    return (new - old) / dt
+
+
 def rows(before: Sample | None, now: Sample) -> list[Row]:
     """Turn one scrape, and the one before it if any, into table rows.
 
@@ -300,11 +310,8 @@ def rows(before: Sample | None, now: Sample) -> list[Row]:
         fig = now.listeners[name]
         old = before.listeners.get(name) if before is not None else None
         dt = now.at - before.at if before is not None else 0.0
-        recv = dlvr = None
-        if old is not None and dt > 0:
-            # A counter that went down means the listener was replaced: no rate.
-            recv = (fig.received - old.received) / dt if fig.received >= old.received else None
-            dlvr = (fig.delivered - old.delivered) / dt if fig.delivered >= old.delivered else None
+        recv = _per_second(fig.received, None if old is None else old.received, dt)
+        dlvr = _per_second(fig.delivered, None if old is None else old.delivered, dt)
         window = _window(fig, old)
         out.append(
             Row(
@@ -340,9 +347,7 @@ def informer_rows(before: Sample | None, now: Sample) -> list[InformerRow]:
         fig = now.informers[name]
         old = before.informers.get(name) if before is not None else None
         dt = now.at - before.at if before is not None else 0.0
-        rate = None
-        if old is not None and dt > 0 and fig.events >= old.events:
-            rate = (fig.events - old.events) / dt
+        rate = _per_second(fig.events, None if old is None else old.events, dt)
         out.append(InformerRow(name, rate, fig))
     return out
 

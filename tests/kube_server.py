@@ -36,11 +36,13 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
 import msgspec
+
+from fanout.bench.kube import LoopbackServer
 
 INITIAL_EVENTS_END = "k8s.io/initial-events-end"
 
@@ -177,18 +179,10 @@ class KubeServer:
         self._bookmarks = 0
         self._closing = False
         self._uids = itertools.count(1)
-        self._conns: set[socket.socket] = set()
-        self._conns_lock = threading.Lock()
 
-        server = self
-        handler = type("Handler", (_Handler,), {"kube": server})
-        self.httpd = _HTTPServer(("127.0.0.1", 0), handler)
-        self.httpd.kube = self
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="kube-server"
-        )
-        self._thread.start()
+        handler = type("Handler", (_Handler,), {"kube": self})
+        self.httpd = LoopbackServer(handler)
+        self.url = self.httpd.url
 
     def add_resource(self, r: Resource) -> None:
         self.resources[r.plural] = r
@@ -347,15 +341,7 @@ class KubeServer:
             self.stall_lists.clear()
             self.stall_list_headers.clear()
             self.cond.notify_all()
-        self.httpd.shutdown()
-        with self._conns_lock:
-            for conn in self._conns:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        self.httpd.server_close()  # joins the request threads
-        self._thread.join()
+        self.httpd.close()
 
     def __enter__(self) -> KubeServer:
         return self
@@ -436,22 +422,6 @@ class _Fail(Exception):
     def __init__(self, code: int, reason: str, message: str) -> None:
         super().__init__(message)
         self.status = _status(code, reason, message)
-
-
-class _HTTPServer(ThreadingHTTPServer):
-    daemon_threads = False  # server_close() joins them: no thread outlives a test
-    block_on_close = True
-    kube: KubeServer
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self.kube._conns_lock:
-            self.kube._conns.add(request)
-        super().process_request(request, client_address)
-
-    def shutdown_request(self, request: Any) -> None:
-        with self.kube._conns_lock:
-            self.kube._conns.discard(request)
-        super().shutdown_request(request)
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -32,7 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 import fanout
 from fanout._version import DISTRIBUTION
 
-__all__ = ["CONTENDERS", "WatchServer", "cases", "measure"]
+__all__ = ["CONTENDERS", "LoopbackServer", "WatchServer", "cases", "measure"]
 
 VARIANTS = 256
 LINES_PER_CHUNK = 64
@@ -50,14 +50,58 @@ def _pod_lines() -> list[bytes]:
     return lines
 
 
+class LoopbackServer(ThreadingHTTPServer):
+    """A threaded HTTP server on 127.0.0.1 that serves from its own thread until closed.
+
+    ``close()`` ends every connection, idle keep-alive ones included, and joins
+    every thread it started: nothing outlives it.
+
+    Args:
+        handler: the ``BaseHTTPRequestHandler`` subclass answering requests.
+    """
+
+    daemon_threads = False  # server_close() joins them
+    block_on_close = True
+
+    def __init__(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        super().__init__(("127.0.0.1", 0), handler)
+        self.url = f"http://127.0.0.1:{self.server_address[1]}"
+        self._conns: set[socket.socket] = set()
+        self._conns_lock = threading.Lock()
+        self._thread = threading.Thread(
+            target=self.serve_forever, kwargs={"poll_interval": 0.05}, name="loopback-http"
+        )
+        self._thread.start()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conns_lock:
+            self._conns.add(request)
+        super().process_request(request, client_address)
+
+    def shutdown_request(self, request: Any) -> None:
+        with self._conns_lock:
+            self._conns.discard(request)
+        super().shutdown_request(request)
+
+    def close(self) -> None:
+        """Stop serving, cut every connection, and join the threads."""
+        self.shutdown()
+        with self._conns_lock:
+            for conn in self._conns:
+                try:
+                    conn.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass  # already closed by its client
+        self.server_close()
+        self._thread.join()
+
+
 class WatchServer:
     """A loopback server answering a Pod list (empty) and Pod watches of ``n`` events each."""
 
     def __init__(self, n: int) -> None:
         self.lines = _pod_lines()
         self.n = n
-        self._conns: set[socket.socket] = set()
-        self._lock = threading.Lock()
         bench = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -90,26 +134,8 @@ class WatchServer:
                 except OSError:
                     self.close_connection = True
 
-        class Server(ThreadingHTTPServer):
-            daemon_threads = False
-            block_on_close = True
-
-            def process_request(self, request: Any, client_address: Any) -> None:
-                with bench._lock:
-                    bench._conns.add(request)
-                super().process_request(request, client_address)
-
-            def shutdown_request(self, request: Any) -> None:
-                with bench._lock:
-                    bench._conns.discard(request)
-                super().shutdown_request(request)
-
-        self.httpd = Server(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self._thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+        self.httpd = LoopbackServer(Handler)
+        self.url = self.httpd.url
 
     def api_client(self) -> Any:
         from kubernetes import client
@@ -117,15 +143,7 @@ class WatchServer:
         return client.ApiClient(client.Configuration(host=self.url))
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        with self._lock:
-            for conn in self._conns:
-                try:
-                    conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-        self.httpd.server_close()
-        self._thread.join()
+        self.httpd.close()
 
 
 class _Count(fanout.Handler):

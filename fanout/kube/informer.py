@@ -16,12 +16,13 @@ is finished by the next one without repeating what did not change.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -573,14 +574,8 @@ class Informer:
             query: list[tuple[str, Any]] = [("limit", self._page_size), *self._selectors]
             if cont:
                 query.append(("continue", cont))
-            try:
+            with self._in_flight():
                 doc = self._open(query).read_json()
-            except ApiError as exc:
-                if exc.code == GONE:
-                    raise _Gone(exc) from exc
-                raise
-            finally:
-                self._request_done()
             if self._stopping.is_set():
                 return
             items = doc.get("items") or ()
@@ -622,39 +617,38 @@ class Informer:
         silence = self._silence
         last = time.monotonic()
         said = False
-        try:
-            request = self._open(query)
-            buffer = bytearray()
-            for chunk in request.chunks():
-                buffer += chunk
-                start = 0
-                while (end := buffer.find(b"\n", start)) >= 0:
-                    if end > start:
-                        sync = self._event(self._decode(memoryview(buffer)[start:end]), sync)
-                        last = time.monotonic()
-                        said = True
-                    start = end + 1
-                if start:
-                    del buffer[:start]
-                if time.monotonic() - last > silence:
-                    raise _Silent(f"no event or bookmark for {silence:g} s; watching again")
+        with self._in_flight():
+            try:
+                request = self._open(query)
+                buffer = bytearray()
+                for chunk in request.chunks():
+                    buffer += chunk
+                    start = 0
+                    while (end := buffer.find(b"\n", start)) >= 0:
+                        if end > start:
+                            sync = self._event(self._decode(memoryview(buffer)[start:end]), sync)
+                            last = time.monotonic()
+                            said = True
+                        start = end + 1
+                    if start:
+                        del buffer[:start]
+                    if time.monotonic() - last > silence:
+                        raise _Silent(f"no event or bookmark for {silence:g} s; watching again")
+                    if self._stopping.is_set():
+                        return said
+                if sync is not None:
+                    raise ApiError(
+                        0, "StreamEnded", "streaming list ended before its last bookmark"
+                    )
+                return said
+            except (OSError, _HTTPError, http.client.HTTPException) as exc:
                 if self._stopping.is_set():
                     return said
-            if sync is not None:
-                raise ApiError(0, "StreamEnded", "streaming list ended before its last bookmark")
-            return said
-        except (OSError, _HTTPError, http.client.HTTPException) as exc:
-            if self._stopping.is_set():
-                return said
-            if time.monotonic() - last >= silence:
-                raise _Silent(f"no event or bookmark for {silence:g} s; watching again") from exc
-            raise
-        except ApiError as exc:
-            if exc.code == GONE:
-                raise _Gone(exc) from exc
-            raise
-        finally:
-            self._request_done()
+                if time.monotonic() - last >= silence:
+                    raise _Silent(
+                        f"no event or bookmark for {silence:g} s; watching again"
+                    ) from exc
+                raise
 
     def _event(self, event: Any, sync: _Sync | None) -> _Sync | None:
         """Apply one watch event; return the streaming list's sync while it lasts."""
@@ -705,6 +699,18 @@ class Informer:
         if self._stopping.is_set():
             request.abort()
         return request
+
+    @contextlib.contextmanager
+    def _in_flight(self) -> Iterator[None]:
+        """Around one request: a 410 means listing again; the request is released after."""
+        try:
+            yield
+        except ApiError as exc:
+            if exc.code == GONE:
+                raise _Gone(exc) from exc
+            raise
+        finally:
+            self._request_done()
 
     def _request_done(self) -> None:
         with self._lock:

@@ -9,7 +9,7 @@ import pytest
 
 kubernetes = pytest.importorskip("kubernetes", reason="pip install 'fanout-informer[kube]'")
 
-from helpers import FakeClock, Recorder, wait_calls, wait_for  # noqa: E402
+from helpers import FakeClock, Noop, Recorder, wait_calls, wait_for  # noqa: E402
 from kube_server import KubeServer  # noqa: E402
 
 import fanout  # noqa: E402
@@ -747,3 +747,50 @@ def test_stop_while_a_list_waits_for_its_answer_ends_within_the_read_timeout(
     assert inf.stop(timeout=10)
     assert not inf.has_synced()
     kube.stall_list_headers.clear()
+
+
+class StopsTheInformer(fanout.Handler):
+    """A careless handler: stops the informer that feeds it, from the listener's thread."""
+
+    def __init__(self) -> None:
+        self.informer: Informer | None = None
+        self.stopped: list[bool] = []
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        if self.informer is not None and not self.stopped:
+            self.stopped.append(self.informer.stop(timeout=10))
+
+
+def test_a_handler_may_stop_the_informer(kube, api, informers, make_dist):
+    kube.create_many("pods", 200)
+    d = make_dist()
+    handler = StopsTheInformer()
+    d.add_listener(handler, executor="thread")
+    d.start()
+    inf = Informer(d, "pods", api_client=api, page_size=10, **FAST)
+    handler.informer = inf
+    informers(inf)
+    inf.start()
+    assert wait_for(lambda: handler.stopped, 10)
+    assert handler.stopped == [True]
+
+
+def test_a_key_function_stopping_the_informer_ends_it_with_the_error(
+    kube, api, informers, make_dist
+):
+    kube.create("pods", "a")
+    d = make_dist()
+    holder: list[Informer] = []
+
+    def key(obj: Any) -> Any:
+        holder[0].stop()  # runs on the informer's thread, inside distribute
+        return "k"
+
+    d.add_listener(Noop(), workers=2, key=key)  # keys route a process listener's lanes
+    d.start()
+    inf = Informer(d, "pods", api_client=api, **FAST)
+    holder.append(inf)
+    informers(inf)
+    inf.start()
+    assert wait_for(lambda: inf.error is not None, 10)
+    assert isinstance(inf.error, RuntimeError) and "own thread" in str(inf.error)

@@ -27,7 +27,7 @@ clusters:
 users:
 - name: tester
   user:
-    token: example-token
+{user}
 contexts:
 - name: loopback
   context:
@@ -44,10 +44,35 @@ def kube(no_leaks):
     server.close()
 
 
-@pytest.mark.parametrize("workers", [0, 2], ids=["thread", "processes"])
-def test_example_prints_the_list_then_changes(kube, tmp_path, workers):
+TOKEN_USER = "    token: example-token"
+# An exec credential plugin, as cloud providers ship them: the client runs it
+# and sends the token it prints.
+EXEC_USER = """\
+    exec:
+      apiVersion: client.authentication.k8s.io/v1beta1
+      command: {python}
+      args: [{script}]
+      interactiveMode: Never"""
+EXEC_PLUGIN = """\
+import json
+print(json.dumps({"apiVersion": "client.authentication.k8s.io/v1beta1",
+                  "kind": "ExecCredential", "status": {"token": "exec-token"}}))
+"""
+
+
+@pytest.mark.parametrize(
+    ("workers", "auth"),
+    [(0, "token"), (2, "token"), (0, "exec")],
+    ids=["thread", "processes", "exec-plugin"],
+)
+def test_example_prints_the_list_then_changes(kube, tmp_path, workers, auth):
     config = tmp_path / "kubeconfig"
-    config.write_text(KUBECONFIG.format(url=kube.url))
+    user = TOKEN_USER
+    if auth == "exec":
+        plugin = tmp_path / "plugin.py"
+        plugin.write_text(EXEC_PLUGIN)
+        user = EXEC_USER.format(python=sys.executable, script=plugin)
+    config.write_text(KUBECONFIG.format(url=kube.url, user=user))
     kube.create("pods", "a", namespace="prod")
     kube.create("pods", "b", namespace="prod")
     kube.create("pods", "c", namespace="dev")
@@ -74,5 +99,6 @@ def test_example_prints_the_list_then_changes(kube, tmp_path, workers):
     changes = [line.split(" rv=")[0] for line in lines if line.startswith(("UPDATE", "DELETE"))]
     # Two keys: with two workers their order may differ (per-key order holds).
     assert sorted(changes) == ["DELETE prod/b", "UPDATE prod/a"]
-    # The token came from the kubeconfig, through the client.
-    assert set(kube.authorizations) == {"Bearer example-token"}
+    # The token came from the kubeconfig (or its exec plugin), through the client.
+    token = "exec-token" if auth == "exec" else "example-token"
+    assert set(kube.authorizations) == {f"Bearer {token}"}

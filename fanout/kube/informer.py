@@ -4,7 +4,8 @@ client-go splits this into a Reflector, a DeltaFIFO and a sharedIndexInformer;
 with one consumer (the distributor) the FIFO adds nothing, so one thread does it
 all in order: decode a line, update the store, distribute the notification.
 Per-key order follows: every notification for an object leaves in the order
-the API server sent its changes.
+the API server sent its changes. A second thread only re-sends the store for
+resync, each object under the lock the first holds while it changes one.
 
 Reconciliation (a relist, or a streaming list) offers each listed object: an
 object the store does not hold becomes an ``Add``, one whose resourceVersion
@@ -182,7 +183,8 @@ _ABSENT = object()
 class Informer:
     """client-go's reflector and indexed store for one resource, feeding a Distributor.
 
-    ``start()`` lists the resource (paged), delivers each object as
+    ``start()`` lists the resource (as a streaming list where the server
+    offers one, else paged), delivers each object as
     ``Add(obj, is_in_initial_list=True)``, calls ``distributor.mark_synced()``,
     then watches from the list's resourceVersion: ADDED, MODIFIED and DELETED
     become ``Add``, ``Update(old, new)`` (``old`` from the store) and
@@ -190,6 +192,8 @@ class Informer:
     bookmarks included; "410 Gone" means a relist reconciled against the
     store; a silent watch is restarted. Failed requests are retried with
     jittered exponential backoff. Objects are plain dicts, decoded by msgspec.
+    Listeners with a ``resync_period`` get the store again as
+    ``Update(obj, obj)`` when due (client-go's resync).
 
     Args:
         distributor: the ``fanout.Distributor`` to feed; starting and stopping

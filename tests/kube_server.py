@@ -229,17 +229,22 @@ class KubeServer:
         """Create ``count`` objects named ``obj-<i>`` in one go (one lock, one notify)."""
         r = self.resources[resource]
         with self.cond:
+            objects, history = self.objects[resource], self.history
             for i in range(count):
+                self.rv += 1
                 meta = {"name": f"obj-{i}", "uid": f"uid-{next(self._uids)}"}
                 if r.namespaced:
                     meta["namespace"] = namespace
+                meta["resourceVersion"] = str(self.rv)
                 obj = {
                     "kind": r.kind,
                     "apiVersion": r.api_version,
                     "metadata": meta,
                     "spec": {"i": i, "containers": [{"name": "c", "image": "img:1"}]},
                 }
-                self._write(resource, "ADDED", obj)
+                objects[_key(obj)] = obj
+                history.append(Event(self.rv, resource, "ADDED", obj))
+            self.cond.notify_all()
 
     def update(
         self,

@@ -206,10 +206,11 @@ def test_bookmarks_move_the_resume_version(kube, api, informers, make_dist):
     assert inf.stats().events == 0 and len(inf.store) == 1
 
 
-def test_410_relist_reconciles_against_the_store(kube, api, informers, make_dist):
+@pytest.mark.parametrize("streaming", [False, True], ids=["paged", "streaming"])
+def test_410_relist_reconciles_against_the_store(kube, api, informers, make_dist, streaming):
     for name in "abc":
         kube.create("pods", name, spec={"v": 0})
-    _, _, log, inf = _setup(make_dist, api, informers, streaming=False)
+    _, _, log, inf = _setup(make_dist, api, informers, streaming=streaming)
     inf.start()
     assert inf.wait_synced(10)
     log.wait(3)

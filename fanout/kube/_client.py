@@ -14,11 +14,10 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
-import msgspec
-
 from fanout._version import DISTRIBUTION
 
 try:
+    import msgspec
     from kubernetes import client as k8s_client
     from kubernetes import config as k8s_config
     from kubernetes.client.exceptions import ApiException

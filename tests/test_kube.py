@@ -795,3 +795,18 @@ def test_a_key_function_stopping_the_informer_ends_it_with_the_error(
     inf.start()
     assert wait_for(lambda: inf.error is not None, 10)
     assert isinstance(inf.error, RuntimeError) and "own thread" in str(inf.error)
+
+
+def test_a_watch_left_behind_by_a_compaction_gets_410_and_relists(kube, api, informers, make_dist):
+    kube.create("pods", "a")
+    _, _, log, inf = _setup(make_dist, api, informers)
+    inf.start()
+    assert inf.wait_synced(10)
+    kube.set_silent(True)  # the open watch falls behind...
+    kube.create("pods", "b")
+    kube.compact()  # ...and its position is compacted away
+    kube.set_silent(False)
+    assert log.wait(2)[1] == ("add", "b", False)
+    stats = inf.stats()
+    assert (stats.gone, stats.relists, stats.errors) == (1, 1, 0)
+    assert len(kube.watches()) == 2  # the one that got 410, the streaming relist

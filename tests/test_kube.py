@@ -810,3 +810,40 @@ def test_a_watch_left_behind_by_a_compaction_gets_410_and_relists(kube, api, inf
     stats = inf.stats()
     assert (stats.gone, stats.relists, stats.errors) == (1, 1, 0)
     assert len(kube.watches()) == 2  # the one that got 410, the streaming relist
+
+
+def test_without_api_client_the_kubeconfig_is_used_and_its_client_closed(
+    kube, informers, make_dist, tmp_path, monkeypatch
+):
+    from kubernetes.config import kube_config
+
+    config = tmp_path / "kubeconfig"
+    config.write_text(
+        "apiVersion: v1\nkind: Config\ncurrent-context: c\n"
+        f"clusters: [{{name: k, cluster: {{server: '{kube.url}'}}}}]\n"
+        "users: [{name: u, user: {token: from-default-kubeconfig}}]\n"
+        "contexts: [{name: c, context: {cluster: k, user: u}}]\n"
+    )
+    before = config.read_text()
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(config))
+    kube.create("pods", "a")
+    d = make_dist()
+    d.start()
+    inf = Informer(d, "pods", **FAST)
+    informers(inf)
+    inf.start()
+    assert inf.wait_synced(10)
+    assert set(kube.authorizations) == {"Bearer from-default-kubeconfig"}
+    assert inf.stop(timeout=10)
+    assert config.read_text() == before  # the no-leak check sees its sockets closed
+
+
+def test_without_any_configuration_start_says_what_to_do(make_dist, tmp_path, monkeypatch):
+    from kubernetes.config import ConfigException, kube_config
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "none"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    inf = Informer(make_dist(), "pods")
+    with pytest.raises(ConfigException, match="Pass api_client="):
+        inf.start()
+    assert inf.stop(timeout=1)

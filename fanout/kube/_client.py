@@ -48,7 +48,9 @@ class ApiError(Exception):
 def default_api_client() -> Any:
     """Build an ``ApiClient`` from the kubeconfig, else from the in-cluster service account."""
     try:
-        return k8s_config.new_client_from_config()
+        # persist_config=False: refreshed credentials stay in memory; fanout
+        # never writes the user's kubeconfig.
+        return k8s_config.new_client_from_config(persist_config=False)
     except k8s_config.ConfigException as kube_error:
         configuration = k8s_client.Configuration()
         try:

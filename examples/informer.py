@@ -21,6 +21,15 @@ from typing import Any
 import fanout
 from fanout.kube import Informer
 
+# sys.stdout is not thread-safe: lines printed at once from the handler's thread
+# and the main thread can be lost. One lock per process keeps each line whole.
+_print_lock = threading.Lock()
+
+
+def emit(line: str, file: Any = None) -> None:
+    with _print_lock:
+        print(line, file=file or sys.stdout, flush=True)
+
 
 def describe(obj: Any) -> str:
     meta = obj["metadata"]
@@ -32,13 +41,13 @@ class Printer(fanout.Handler):
     """Print one line per notification (in a worker process with --workers)."""
 
     def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
-        print(f"ADD{' (initial)' if is_in_initial_list else ''} {describe(obj)}", flush=True)
+        emit(f"ADD{' (initial)' if is_in_initial_list else ''} {describe(obj)}")
 
     def on_update(self, old: Any, new: Any) -> None:
-        print(f"UPDATE {describe(new)}", flush=True)
+        emit(f"UPDATE {describe(new)}")
 
     def on_delete(self, obj: Any) -> None:
-        print(f"DELETE {describe(obj)}", flush=True)
+        emit(f"DELETE {describe(obj)}")
 
 
 class Counter(fanout.Handler):
@@ -115,13 +124,13 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGTERM, lambda *_: stop.set())
         with inf:
             if inf.wait_synced(timeout=60):
-                print(f"synced: {len(inf.store)} {args.resource}", flush=True)
+                emit(f"synced: {len(inf.store)} {args.resource}")
             else:
-                print(f"not synced after 60 s: {inf.stats().last_error}", file=sys.stderr)
+                emit(f"not synced after 60 s: {inf.stats().last_error}", sys.stderr)
             while not stop.is_set() and not counter.done.is_set() and not inf.error:
                 stop.wait(0.2)
         if inf.error:
-            print(f"informer ended: {inf.error}", file=sys.stderr)
+            emit(f"informer ended: {inf.error}", sys.stderr)
             return 1
     return 0
 

@@ -8,7 +8,9 @@ scrapes, so they describe the last interval; the other columns are the current
 figures (pending, workers) or totals since the listener was added (errors, dead
 letters, drops, restarts). The percentiles are interpolated within the
 endpoint's power-of-two buckets, as Prometheus' ``histogram_quantile`` does, so
-they are within a factor of two.
+they are within a factor of two. When the endpoint also serves ``fanout.kube``'s
+informer metrics, a second table shows each informer: events/s, store size, how
+long since it last heard from the API server, relists, 410s, restarts, errors.
 
 ``--once`` prints one plain-text snapshot and exits: it scrapes twice, one
 interval apart, so that its rates are real rates too.
@@ -37,7 +39,7 @@ from fanout._version import DISTRIBUTION
 
 try:
     from prometheus_client.parser import text_string_to_metric_families
-    from rich.console import Console
+    from rich.console import Console, Group
     from rich.live import Live
     from rich.table import Table
     from rich.text import Text
@@ -47,7 +49,18 @@ except ImportError as exc:  # the extra is not installed
         f"pip install '{DISTRIBUTION}[top]'"
     ) from exc
 
-__all__ = ["Figures", "Row", "Sample", "TopError", "rows", "run", "scrape"]
+__all__ = [
+    "Figures",
+    "InformerFigures",
+    "InformerRow",
+    "Row",
+    "Sample",
+    "TopError",
+    "informer_rows",
+    "rows",
+    "run",
+    "scrape",
+]
 
 SCRAPE_TIMEOUT = 5.0  # seconds an endpoint may take to answer
 TOTALS = {  # metric family name (as the parser names it) -> Figures field
@@ -62,6 +75,30 @@ TOTALS = {  # metric family name (as the parser names it) -> Figures field
     "fanout_workers": "workers",
 }
 LATENCY = "fanout_delivery_latency_seconds"
+# fanout.kube.metrics.InformerCollector's families -> InformerFigures field
+INFORMER_TOTALS = {
+    "fanout_kube_events": "events",
+    "fanout_kube_store_objects": "store",
+    "fanout_kube_resource_version_age_seconds": "rv_age",
+    "fanout_kube_synced": "synced",
+    "fanout_kube_relists": "relists",
+    "fanout_kube_gone": "gone",
+    "fanout_kube_watch_restarts": "watch_restarts",
+    "fanout_kube_silent_watches": "silent",
+    "fanout_kube_errors": "errors",
+}
+INFORMER_COLUMNS = (
+    "informer",
+    "events/s",
+    "store",
+    "rv age",
+    "synced",
+    "relists",
+    "410s",
+    "watch restarts",
+    "silent",
+    "errors",
+)
 COLUMNS = (
     "listener",
     "recv/s",
@@ -100,11 +137,37 @@ class Figures:
 
 
 @dataclass
+class InformerFigures:
+    """One informer's figures in one scrape (counters are totals)."""
+
+    events: float = 0.0
+    store: float = 0.0
+    rv_age: float = math.nan
+    synced: float = 0.0
+    relists: float = 0.0
+    gone: float = 0.0
+    watch_restarts: float = 0.0
+    silent: float = 0.0
+    errors: float = 0.0
+
+
+@dataclass
 class Sample:
     """One scrape: when it was taken (monotonic seconds) and each listener's figures."""
 
     at: float
     listeners: dict[str, Figures]
+    # Informers' figures, when the endpoint has fanout.kube's collector too.
+    informers: dict[str, InformerFigures] = field(default_factory=dict)
+
+
+@dataclass
+class InformerRow:
+    """What one line of the informers' table shows."""
+
+    informer: str
+    events_rate: float | None
+    figures: InformerFigures
 
 
 @dataclass
@@ -153,11 +216,19 @@ def scrape(url: str, timeout: float = SCRAPE_TIMEOUT) -> Sample:
         raise TopError(f"cannot read {url}: {exc or type(exc).__name__}") from None
     at = time.monotonic()
     listeners: dict[str, Figures] = {}
+    informers: dict[str, InformerFigures] = {}
     found = False
     try:
         for family in text_string_to_metric_families(body):
             name = family.name
-            if name in TOTALS:
+            if name in INFORMER_TOTALS:
+                for s in family.samples:
+                    if s.name in (name, f"{name}_total"):
+                        inf = informers.setdefault(
+                            s.labels.get("informer", "?"), InformerFigures()
+                        )
+                        setattr(inf, INFORMER_TOTALS[name], s.value)
+            elif name in TOTALS:
                 found = True
                 for s in family.samples:
                     if s.name in (name, f"{name}_total"):
@@ -177,7 +248,7 @@ def scrape(url: str, timeout: float = SCRAPE_TIMEOUT) -> Sample:
         )
     for fig in listeners.values():
         fig.buckets.sort()
-    return Sample(at, listeners)
+    return Sample(at, listeners, informers)
 
 
 def quantile(q: float, buckets: Sequence[tuple[float, float]]) -> float | None:
@@ -214,6 +285,16 @@ def _window(now: Figures, before: Figures | None) -> list[tuple[float, float]]:
     return [(le, c - b) for (le, c), (_, b) in zip(now.buckets, before.buckets, strict=True)]
 
 
+def _per_second(new: float, old: float | None, dt: float) -> float | None:
+    """A counter's rate between two scrapes; None without the earlier one.
+
+    A counter that went down belongs to a replaced listener (or informer): no rate.
+    """
+    if old is None or dt <= 0 or new < old:
+        return None
+    return (new - old) / dt
+
+
 def rows(before: Sample | None, now: Sample) -> list[Row]:
     """Turn one scrape, and the one before it if any, into table rows.
 
@@ -229,11 +310,8 @@ def rows(before: Sample | None, now: Sample) -> list[Row]:
         fig = now.listeners[name]
         old = before.listeners.get(name) if before is not None else None
         dt = now.at - before.at if before is not None else 0.0
-        recv = dlvr = None
-        if old is not None and dt > 0:
-            # A counter that went down means the listener was replaced: no rate.
-            recv = (fig.received - old.received) / dt if fig.received >= old.received else None
-            dlvr = (fig.delivered - old.delivered) / dt if fig.delivered >= old.delivered else None
+        recv = _per_second(fig.received, None if old is None else old.received, dt)
+        dlvr = _per_second(fig.delivered, None if old is None else old.delivered, dt)
         window = _window(fig, old)
         out.append(
             Row(
@@ -251,6 +329,55 @@ def rows(before: Sample | None, now: Sample) -> list[Row]:
                 workers=fig.workers,
             )
         )
+    return out
+
+
+def informer_rows(before: Sample | None, now: Sample) -> list[InformerRow]:
+    """Turn one scrape, and the one before it if any, into the informers' rows.
+
+    Args:
+        before: the previous scrape, or None (then the event rates are None).
+        now: the latest scrape.
+
+    Returns:
+        One ``InformerRow`` per informer of ``now``, sorted by name.
+    """
+    out = []
+    for name in sorted(now.informers):
+        fig = now.informers[name]
+        old = before.informers.get(name) if before is not None else None
+        dt = now.at - before.at if before is not None else 0.0
+        rate = _per_second(fig.events, None if old is None else old.events, dt)
+        out.append(InformerRow(name, rate, fig))
+    return out
+
+
+def informer_cells(row: InformerRow) -> list[str]:
+    """The text of each column of ``row``, in ``INFORMER_COLUMNS`` order."""
+    fig = row.figures
+    return [
+        row.informer,
+        _rate(row.events_rate),
+        _count(fig.store),
+        "-" if math.isnan(fig.rv_age) else _seconds(fig.rv_age),
+        "yes" if fig.synced else "no",
+        _count(fig.relists),
+        _count(fig.gone),
+        _count(fig.watch_restarts),
+        _count(fig.silent),
+        _count(fig.errors),
+    ]
+
+
+def _aligned(columns: Sequence[str], lines: list[list[str]]) -> list[str]:
+    """Align a header and its lines: the first column to the left, the rest to the right."""
+    lines = [list(columns), *lines]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(columns))]
+    out = []
+    for line in lines:
+        first = line[0].ljust(widths[0])
+        rest = (cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True))
+        out.append("  ".join([first, *rest]).rstrip())
     return out
 
 
@@ -304,16 +431,33 @@ def cells(row: Row) -> list[str]:
 
 def plain(table_rows: list[Row]) -> str:
     """Format rows as an aligned plain-text table (for ``--once`` and pipes)."""
-    lines = [list(COLUMNS), *(cells(r) for r in table_rows)]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(COLUMNS))]
-    out = []
-    for line in lines:
-        first = line[0].ljust(widths[0])
-        rest = (cell.rjust(width) for cell, width in zip(line[1:], widths[1:], strict=True))
-        out.append("  ".join([first, *rest]).rstrip())
+    out = _aligned(COLUMNS, [cells(r) for r in table_rows])
     if not table_rows:
         out.append("(no listeners)")
     return "\n".join(out)
+
+
+def _informer_table(table_rows: list[InformerRow]) -> Table:
+    table = Table(title="informers")
+    for i, name in enumerate(INFORMER_COLUMNS):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=True)
+    for row in table_rows:
+        texts = informer_cells(row)
+        styles = [""] * len(texts)
+        if not row.figures.synced:
+            styles[4] = "yellow"
+        if row.figures.errors:
+            styles[9] = "bold red"
+        table.add_row(*(Text(c, style=s) for c, s in zip(texts, styles, strict=True)))
+    return table
+
+
+def _view(url: str, before: Sample | None, now: Sample, status: str) -> Table | Group:
+    """The listeners' table, with the informers' below it when the endpoint has any."""
+    listeners = _table(url, rows(before, now), status)
+    if not now.informers:
+        return listeners
+    return Group(listeners, _informer_table(informer_rows(before, now)))
 
 
 def _table(url: str, table_rows: list[Row], status: str) -> Table:
@@ -380,7 +524,7 @@ def live(url: str, interval: float, console: Console, keys: IO[str]) -> int:
     status = f"every {interval:g} s; rates and percentiles over the last interval. q quits"
     with (
         _keys(keys) as key_fd,
-        Live(_table(url, rows(None, before), status), console=console, auto_refresh=False) as view,
+        Live(_view(url, None, before, status), console=console, auto_refresh=False) as view,
     ):
         try:
             while "q" not in _wait_key(key_fd, interval).lower():
@@ -388,9 +532,9 @@ def live(url: str, interval: float, console: Console, keys: IO[str]) -> int:
                     now = scrape(url)
                 except TopError as exc:
                     failed = f"[{time.strftime('%H:%M:%S')}] {exc}; retrying"
-                    view.update(_table(url, rows(None, before), failed), refresh=True)
+                    view.update(_view(url, None, before, failed), refresh=True)
                     continue
-                view.update(_table(url, rows(before, now), status), refresh=True)
+                view.update(_view(url, before, now, status), refresh=True)
                 before = now
         except KeyboardInterrupt:
             pass
@@ -404,6 +548,9 @@ def once(url: str, interval: float, out: IO[str]) -> int:
     now = scrape(url)
     out.write(f"fanout top {url}: rates and percentiles over {now.at - before.at:.1f} s\n")
     out.write(plain(rows(before, now)) + "\n")
+    if now.informers:
+        lines = [informer_cells(r) for r in informer_rows(before, now)]
+        out.write("\n" + "\n".join(_aligned(INFORMER_COLUMNS, lines)) + "\n")
     return 0
 
 

@@ -53,8 +53,8 @@ def test_quick_run_reports_every_figure_with_its_spread(tmp_path, no_leaks):
     for name in {c.name for c in CONTENDERS} - installed:
         assert doc["skipped"][name]  # listed with the reason
     results = doc["results"]
-    default = set(Options().scenarios)  # every scenario but the opt-in "ray"
-    assert default == set(SCENARIOS) - {"ray"}
+    default = set(Options().scenarios)  # every scenario but the opt-in "ray" and "kube"
+    assert default == set(SCENARIOS) - {"ray", "kube"}
     assert {r["scenario"] for r in results} == default
     for scenario in default - {"recovery", "schema", "arrays", "stalled-arrays"}:
         seen = {r["contender"] for r in results if r["scenario"] == scenario}

@@ -19,6 +19,10 @@
 * ``ray``: one listener of 2 Ray actors against Ray used directly, and recovery
   from a SIGKILLed actor (``fanout.bench.ray``). Not in the default list: it
   starts a Ray cluster (about 4 s); ``--scenario ray`` runs it.
+* ``kube``: Pod watch events from raw lines to a handler, ``fanout.kube``'s
+  informer against the official client's ``watch.Watch().stream()``
+  (``fanout.bench.kube``). Not in the default list (it needs the ``kube``
+  extra); ``--scenario kube`` runs it.
 
 A scenario turns the options into :class:`Case` objects, one per parameter set.
 Every case first calibrates each contender (sizes its batch to ``duration``
@@ -737,6 +741,13 @@ def stalled_arrays(suite: Suite) -> list[Case]:
     return module.stalled_cases(suite)
 
 
+def kube(suite: Suite) -> list[Case]:
+    """Pod watch events to a handler, fanout.kube against the client (``fanout.bench.kube``)."""
+    from fanout.bench import kube as module
+
+    return module.cases(suite)
+
+
 def ray(suite: Suite) -> list[Case]:
     """One listener of 2 Ray actors against Ray used directly (``fanout.bench.ray``)."""
     try:
@@ -756,6 +767,7 @@ SCENARIOS: dict[str, Callable[[Suite], list[Case]]] = {
     "schema": schema,
     "arrays": arrays,
     "stalled-arrays": stalled_arrays,
+    "kube": kube,
     "ray": ray,
 }
 

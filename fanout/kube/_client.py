@@ -14,17 +14,18 @@ import threading
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec  # a core dependency of fanout
+
 from fanout._version import DISTRIBUTION
 
 try:
-    import msgspec
     from kubernetes import client as k8s_client
     from kubernetes import config as k8s_config
     from kubernetes.client.exceptions import ApiException
 except ImportError as exc:  # the extra is not installed
     raise ImportError(
-        f"fanout.kube needs the Kubernetes client and msgspec: pip install "
-        f"'{DISTRIBUTION}[kube]' (or pip install kubernetes msgspec)"
+        f"fanout.kube needs the official Kubernetes client: pip install "
+        f"'{DISTRIBUTION}[kube]' (or pip install kubernetes)"
     ) from exc
 
 __all__ = ["ApiError", "Request", "close_api_client", "default_api_client", "resource_path"]

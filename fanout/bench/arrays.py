@@ -715,7 +715,7 @@ class FanoutStalled:
     name = "fanout-process"
 
 
-STALLED_CHUNKS = 4  # alternations of the two distributors within one round
+STALLED_CHUNKS = 16  # turns of each distributor within one round (4: twice the spread)
 
 
 def _send_and_wait(d: Any, reg: Any, pool: Sequence[np.ndarray], count: int) -> _Phase:
@@ -759,9 +759,10 @@ def stalled_round(setting: str, nbytes: int, count: int) -> dict[str, Any]:
     Two distributors with the same arena run side by side: one with a healthy
     listener alone, one with a healthy listener and a stalled one (blocked in its
     first call, with the options ``STALLED_SETTINGS[setting]``). The round feeds
-    them in turns, ``count / STALLED_CHUNKS`` arrays at a time, so that the
-    machine's other load weighs on both alike, and compares the healthy
-    listeners' rates over the whole round.
+    them in turns, ``count / STALLED_CHUNKS`` arrays at a time and each turn in
+    the other order, after one such turn untimed, so that the machine's other
+    load weighs on both alike, and compares the healthy listeners' rates over the
+    whole round.
 
     Returns:
         ``percent_of_alone`` and ``fraction`` (rate beside / rate alone), both
@@ -784,15 +785,21 @@ def stalled_round(setting: str, nbytes: int, count: int) -> dict[str, Any]:
         alone_d.start()
         beside_d.start()
         chunk = max(1, count // STALLED_CHUNKS)
+        pair = ((alone_d, alone_reg), (beside_d, beside_reg))
+        for d, reg in pair:  # untimed: the workers' and the arenas' first use
+            _send_and_wait(d, reg, pool, chunk)
+        phases = [_Phase(0.0, 0.0, 0), _Phase(0.0, 0.0, 0)]
         sent = 0
-        alone = beside = _Phase(0.0, 0.0, 0)
         while sent < count:
             n = min(chunk, count - sent)
-            alone = _Phase(*map(operator.add, alone, _send_and_wait(alone_d, alone_reg, pool, n)))
-            beside = _Phase(
-                *map(operator.add, beside, _send_and_wait(beside_d, beside_reg, pool, n))
-            )
+            # In turns, and each turn in the other order (ABBA): neither phase is
+            # always the one after the other.
+            order = (0, 1) if sent // chunk % 2 == 0 else (1, 0)
+            for i in order:
+                d, reg = pair[i]
+                phases[i] = _Phase(*map(operator.add, phases[i], _send_and_wait(d, reg, pool, n)))
             sent += n
+        alone, beside = phases
         s = stalled.stats()
         arena = beside_d.shared_stats()
     finally:

@@ -9,7 +9,7 @@
 cimport cython
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
-from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport EAGAIN, EINTR, errno
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcpy, memset
@@ -115,6 +115,26 @@ cdef int _relocate(fr_state* st, size_t cap) noexcept nogil:
     st.buf = buf
     st.cap = cap
     st.head = 0
+    return 0
+
+
+cdef int _grow(fr_state* st, size_t cap) noexcept nogil:
+    """Grow to cap bytes, in place when it can; -1 when out of memory; lock held.
+
+    In place is realloc: the C library remaps a large buffer rather than copy it,
+    so a long backlog (a stalled listener's big frames) costs no copy of what it
+    already holds and no new pages for it. Not while the running writev reads the
+    buffer (it may not move under it), nor when the bytes wrap around its end
+    (they must be put back in order): those move into a new buffer.
+    """
+    cdef unsigned char* buf
+    if st.sending or st.head + st.used > st.cap:
+        return _relocate(st, cap)
+    buf = <unsigned char*>PyMem_RawRealloc(st.buf, cap)
+    if buf == NULL:
+        return -1
+    st.buf = buf
+    st.cap = cap
     return 0
 
 
@@ -297,7 +317,7 @@ cdef int _put_nogil(fr_state* st, const unsigned char* data, size_t n,
             cap *= 2
         if st.bounded and cap > st.maxb:
             cap = st.maxb
-        if _relocate(st, cap) != 0:
+        if _grow(st, cap) != 0:
             pthread_mutex_unlock(&st.lock)
             return PUT_NOMEM
     seq[0] = _append_locked(st, data, n)

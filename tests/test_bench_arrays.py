@@ -205,6 +205,11 @@ def test_a_stalled_round_measures_both_phases_and_holds_the_stalled_listener_to_
     assert r["fraction"] == pytest.approx(r["beside_per_s"] / r["alone_per_s"])
     assert r["percent_of_alone"] == pytest.approx(100 * r["fraction"])
     assert r["alone_per_s"] > 0 and r["beside_per_s"] > 0 and r["arrays"] == 40
+    # The producer's own work per array in each phase, and the most the healthy
+    # rate can be with that work beside (its wall-clock time over the CPU time).
+    assert min(r["alone_cpu_ms"], r["alone_faults"], r["beside_faults"]) >= 0
+    assert r["beside_cpu_ms"] > 0
+    assert r["bound_percent"] == pytest.approx(1e5 / (r["alone_per_s"] * r["beside_cpu_ms"]))
     arena, opts = arrays.STALLED_SETTINGS[setting]
     bound = opts.get("max_pending_bytes")
     if bound is None:  # it keeps all but the one its handler sits on, arrays included

@@ -185,6 +185,39 @@ def test_growth_is_capped_at_max_bytes(ring_impl: types.ModuleType):
     assert (ring.capacity, ring.nbytes) == (300, 286)
 
 
+@pytest.mark.parametrize("layout", ["from the start", "past acked frames", "wrapped"])
+@pytest.mark.parametrize("size", [40, 1 << 20])
+def test_growth_keeps_every_frame_in_order(ring_impl: types.ModuleType, layout, size):
+    # Growth moves the buffer in place when the frames do not wrap around its end
+    # (large buffers: remapped, not copied) and into a new buffer when they do.
+    frame = size + HDR
+    ring = ring_impl.FrameRing(4 * frame, 4 * frame)
+    with Pipe(None) as (r, w):
+        if layout != "from the start":  # frame 3 stays held, 2 frames past the start
+            for seq in (1, 2, 3):
+                ring.append(payload_for(seq, size))
+            assert len(parse(send_all(ring, r, w))[0]) == 3
+            ring.ack(2)
+        # The frames that fill the buffer, then one that does not fit: held from the
+        # start; held from past its start, up to before its end; wrapped around it.
+        sizes = {
+            "from the start": [size] * 4 + [size],
+            "past acked frames": [3 * frame],
+            "wrapped": [size] * 3 + [size],
+        }[layout]
+        first = ring.last_seq + 1
+        for seq, n in enumerate(sizes[:-1], first):
+            ring.append(payload_for(seq, n))
+        assert ring.capacity == 4 * frame  # no growth yet
+        ring.append(payload_for(first + len(sizes) - 1, sizes[-1]))
+        assert ring.capacity > 4 * frame
+        frames, rest = parse(send_all(ring, r, w))
+        want = [(seq, payload_for(seq, n)) for seq, n in enumerate(sizes, first)]
+        assert (frames, rest) == (want, b"")  # what was not sent yet
+        held = [payload_for(3, size)] if layout != "from the start" else []
+        assert ring.take_all() == held + [p for _, p in want]  # and what was sent
+
+
 def test_ring_full(ring_impl: types.ModuleType):
     ring = ring_impl.FrameRing(64, max_bytes=300)
     for _ in range(2):

@@ -36,8 +36,10 @@ import functools
 import math
 import mmap
 import multiprocessing
+import operator
 import os
 import re
+import resource
 import select
 import shutil
 import struct
@@ -46,7 +48,7 @@ import threading
 import time
 from collections.abc import Sequence
 from multiprocessing.shared_memory import SharedMemory
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgpack
 import numpy as np
@@ -713,22 +715,42 @@ class FanoutStalled:
     name = "fanout-process"
 
 
-STALLED_CHUNKS = 4  # alternations of the two distributors within one round
+STALLED_CHUNKS = 16  # turns of each distributor within one round (4: twice the spread)
 
 
-def _send_and_wait(d: Any, reg: Any, pool: Sequence[np.ndarray], count: int) -> float:
-    """Send ``count`` arrays; seconds until ``reg`` (summing them) has handled them all."""
+def _send_and_wait(d: Any, reg: Any, pool: Sequence[np.ndarray], count: int) -> _Phase:
+    """Send ``count`` arrays; until ``reg`` (summing them) has handled them all, how long.
+
+    Returns the wall-clock seconds, and the producer thread's CPU seconds and page
+    faults while it distributed (the work ``distribute`` itself cost).
+    """
     before = reg.stats().delivered
     t0 = time.perf_counter()
+    cpu0, faults0 = time.thread_time(), _thread_faults()
     k = len(pool)
     for i in range(count):
         d.distribute(fanout.Add(pool[i % k]))
+    cpu, faults = time.thread_time() - cpu0, _thread_faults() - faults0
     deadline = time.monotonic() + FINISH_TIMEOUT
     while reg.stats().delivered < before + count:
         if time.monotonic() > deadline:
             raise TimeoutError(f"the healthy listener did not finish in {FINISH_TIMEOUT} s")
         time.sleep(0.0005)
-    return time.perf_counter() - t0
+    return _Phase(time.perf_counter() - t0, cpu, faults)
+
+
+class _Phase(NamedTuple):
+    """What sending some arrays took: wall seconds; producer CPU seconds, page faults."""
+
+    wall: float
+    cpu: float
+    faults: int
+
+
+def _thread_faults() -> int:
+    """Page faults (minor and major) of the calling thread so far."""
+    usage = resource.getrusage(resource.RUSAGE_THREAD)
+    return usage.ru_minflt + usage.ru_majflt
 
 
 def stalled_round(setting: str, nbytes: int, count: int) -> dict[str, Any]:
@@ -737,9 +759,10 @@ def stalled_round(setting: str, nbytes: int, count: int) -> dict[str, Any]:
     Two distributors with the same arena run side by side: one with a healthy
     listener alone, one with a healthy listener and a stalled one (blocked in its
     first call, with the options ``STALLED_SETTINGS[setting]``). The round feeds
-    them in turns, ``count / STALLED_CHUNKS`` arrays at a time, so that the
-    machine's other load weighs on both alike, and compares the healthy
-    listeners' rates over the whole round.
+    them in turns, ``count / STALLED_CHUNKS`` arrays at a time and each turn in
+    the other order, after one such turn untimed, so that the machine's other
+    load weighs on both alike, and compares the healthy listeners' rates over the
+    whole round.
 
     Returns:
         ``percent_of_alone`` and ``fraction`` (rate beside / rate alone), both
@@ -762,12 +785,21 @@ def stalled_round(setting: str, nbytes: int, count: int) -> dict[str, Any]:
         alone_d.start()
         beside_d.start()
         chunk = max(1, count // STALLED_CHUNKS)
-        sent = t_alone = t_beside = 0.0
+        pair = ((alone_d, alone_reg), (beside_d, beside_reg))
+        for d, reg in pair:  # untimed: the workers' and the arenas' first use
+            _send_and_wait(d, reg, pool, chunk)
+        phases = [_Phase(0.0, 0.0, 0), _Phase(0.0, 0.0, 0)]
+        sent = 0
         while sent < count:
-            n = int(min(chunk, count - sent))
-            t_alone += _send_and_wait(alone_d, alone_reg, pool, n)
-            t_beside += _send_and_wait(beside_d, beside_reg, pool, n)
+            n = min(chunk, count - sent)
+            # In turns, and each turn in the other order (ABBA): neither phase is
+            # always the one after the other.
+            order = (0, 1) if sent // chunk % 2 == 0 else (1, 0)
+            for i in order:
+                d, reg = pair[i]
+                phases[i] = _Phase(*map(operator.add, phases[i], _send_and_wait(d, reg, pool, n)))
             sent += n
+        alone, beside = phases
         s = stalled.stats()
         arena = beside_d.shared_stats()
     finally:
@@ -775,12 +807,21 @@ def stalled_round(setting: str, nbytes: int, count: int) -> dict[str, Any]:
         for d in (alone_d, beside_d):
             d.stop(drain=False)  # the stalled backlog is dropped, counted
         shutil.rmtree(tmp, ignore_errors=True)
-    alone, beside = count / t_alone, count / t_beside
+    rate_alone, rate_beside = count / alone.wall, count / beside.wall
     return {
-        "percent_of_alone": 100 * beside / alone,
-        "fraction": beside / alone,
-        "alone_per_s": alone,
-        "beside_per_s": beside,
+        "percent_of_alone": 100 * rate_beside / rate_alone,
+        "fraction": rate_beside / rate_alone,
+        "alone_per_s": rate_alone,
+        "beside_per_s": rate_beside,
+        # The producer's own work per array: beside a stalled listener it takes a
+        # copy into memory that listener keeps, so pages never touched before.
+        "alone_cpu_ms": 1e3 * alone.cpu / count,
+        "beside_cpu_ms": 1e3 * beside.cpu / count,
+        "alone_faults": alone.faults / count,
+        "beside_faults": beside.faults / count,
+        # The most the healthy rate can be, in % of alone, with that much producer
+        # work per array beside (a wall-clock time is at least its CPU time).
+        "bound_percent": 100 * alone.wall / max(beside.cpu, 1e-9),
         "arrays": count,
         "stalled_pending_bytes": s.pending_bytes,
         "stalled_dropped": s.dropped,

@@ -24,6 +24,7 @@ from typing import Any
 
 from fanout._logs import error_log
 from fanout.codec import Codec
+from fanout.lifecycle import State
 from fanout.notifications import Add, Notification, RawFrame
 from fanout.options import ListenerOptions
 from fanout.stats import ListenerStats, percentile
@@ -54,6 +55,7 @@ class ListenerContext:
         close_grace: float,
         wake_supervisor: Callable[[], None] = lambda: None,
         arena: Any = None,
+        listener_failed: Callable[[Registration, str], list[Callable[[], None]]] | None = None,
     ) -> None:
         self.codec = codec
         # How the distributor encodes a notification for the listeners that take
@@ -65,9 +67,15 @@ class ListenerContext:
         self.mp_context = mp_context
         self.pump = pump
         self.wake_supervisor = wake_supervisor
+        # ``(reg, why) -> calls``: a listener nobody waited for could not start;
+        # the distributor takes it out of distribution (its lock held by the caller
+        # or taken), and returns the reports to make without any lock.
+        self.listener_failed = listener_failed or (lambda reg, why: [])
         self.close_grace = close_grace  # seconds a closed worker gets to leave
-        self.started = False
-        self.stopping = False  # workers are being stopped: no restarts, no waiting
+        # The distributor's lifecycle state (``fanout.lifecycle``); only the
+        # distributor moves it, listeners read it through the properties below.
+        self.state = State.NEW
+        self.ever_started = False
         self.producer_synced = False
         self.ray_cluster: Any = None
         # The shared-memory arena (``fanout._arena.Arena``) big buffers travel
@@ -77,6 +85,16 @@ class ListenerContext:
         # without one): the encoding of listeners that map it.
         self.shared_encode: Callable[[Notification, int], bytes] | None = None
         self.ray_store: Any = None  # big buffers in Ray's object store (fanout._ray_refs)
+
+    @property
+    def started(self) -> bool:
+        """``start()`` ran (true after ``stop()`` too)."""
+        return self.ever_started
+
+    @property
+    def stopping(self) -> bool:
+        """Workers are being (or were) stopped: no restarts, nothing waits for them."""
+        return self.state in (State.CLOSING, State.STOPPED)
 
 
 class Registration:
@@ -126,6 +144,12 @@ class Registration:
         # Set by stop() for the listeners it settles itself (with its reason).
         self.stop_settles = False
         self.settled_count = 0  # notifications settle() dropped or dead-lettered
+        # Someone waits for the first start (start(), add_listener) and raises its
+        # failure; otherwise the distributor reports it (``ctx.listener_failed``).
+        self.start_awaited = True
+        # Why the listener could not start, when nobody waited for it: it is out
+        # of distribution and what it held is dead-lettered with this reason.
+        self.start_error: str | None = None
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
@@ -356,6 +380,10 @@ class Registration:
                 return RawFrame(bytes(item), f"cannot be decoded: {exc!r}")
         return item
 
+    def start_failure(self) -> str:
+        """Why what this listener holds is dead-lettered once it could not start."""
+        return f"the listener could not start: {self.start_error}"
+
     def stats(self) -> ListenerStats:
         """Return a snapshot of this listener's counters.
 
@@ -375,6 +403,7 @@ class Registration:
             latency_p50=percentile(hist, 0.5),
             latency_p99=percentile(hist, 0.99),
             latency_max=percentile(hist, 1.0),
+            start_error=self.start_error,
             **self.counters(),
         )
 

@@ -665,10 +665,13 @@ class Distributor:
             True once every worker exited; False if ``timeout`` passed first.
 
         Raises:
+            TypeError: ``timeout`` is not a number or None.
+            ValueError: A negative or infinite ``timeout``.
             RuntimeError: Called from that listener's own handler, or from an
                 ``on_error`` / ``on_dead_letter`` callback (it would wait for
                 itself); call ``remove_listener`` there.
         """
+        check_period("timeout", timeout, allow_none=True)
         current = threading.current_thread()
         if isinstance(reg, Registration) and reg.thread is not None and current is reg.thread:
             raise RuntimeError(
@@ -984,16 +987,12 @@ class Distributor:
         return complete
 
     def _own_threads(self) -> set[threading.Thread | None]:
-        """fanout's threads, and the threads of every listener a stop may wait for.
+        """fanout's threads and every listener's, removed or taken by a running stop.
 
-        The listeners a running stop took away count too: a thread handler of
-        theirs calling stop() must be refused, not left waiting for that stop.
+        A thread handler calling stop() while a stop runs must be refused, not
+        left waiting for the stop that waits for it.
         """
-        own: set[threading.Thread | None] = {self.supervisor, self._pump_thread}
-        for reg in (*self._listeners, *self._stopped_listeners, *self._closing):
-            if reg.thread is not None:
-                own.add(reg.thread)
-        return own
+        return {self.supervisor, self._pump_thread, *self.ctx.threads}
 
     def _stop_at_exit(self) -> None:
         """The exit hook's stop: bounded, and it says what the forgotten stop lost.

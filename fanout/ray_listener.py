@@ -385,6 +385,7 @@ class RayListener(LaneListener):
         self.thread = threading.Thread(
             target=self._run, name=f"fanout-ray-{self.name}", daemon=True
         )
+        self.ctx.threads.add(self.thread)
         self.thread.start()
 
     def close(self, drain: bool = False) -> None:

@@ -19,6 +19,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from fanout._logs import error_log
 from fanout.codec import Codec
 from fanout.lifecycle import State
 from fanout.notifications import Add, Notification, RawFrame
-from fanout.options import ListenerOptions
+from fanout.options import ListenerOptions, check_period
 from fanout.stats import ListenerStats, percentile
 
 __all__ = ["ListenerContext", "Registration"]
@@ -85,6 +86,10 @@ class ListenerContext:
         # without one): the encoding of listeners that map it.
         self.shared_encode: Callable[[Notification, int], bytes] | None = None
         self.ray_store: Any = None  # big buffers in Ray's object store (fanout._ray_refs)
+        # Every thread fanout started for the distributor (its own, and the
+        # listeners', removed ones too): they run handlers and callbacks, and a
+        # stop() from one of them is refused rather than left to wait for itself.
+        self.threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
     @property
     def started(self) -> bool:
@@ -181,6 +186,10 @@ class Registration:
 
         Returns:
             True when synced, False when the timeout passed first.
+
+        Raises:
+            TypeError: ``timeout`` is not a number or None.
+            ValueError: A negative or infinite ``timeout``.
         """
         return _poll(self.has_synced, timeout)
 
@@ -205,6 +214,10 @@ class Registration:
 
         Returns:
             True when ready, False when the timeout passed first.
+
+        Raises:
+            TypeError: ``timeout`` is not a number or None.
+            ValueError: A negative or infinite ``timeout``.
         """
         return _poll(self.ready, timeout)
 
@@ -430,6 +443,7 @@ class Registration:
 
 def _poll(predicate: Callable[[], bool], timeout: float | None) -> bool:
     """Poll ``predicate`` with a growing nap until true or ``timeout`` passed."""
+    check_period("timeout", timeout, allow_none=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.0005
     while not predicate():

@@ -540,3 +540,14 @@ def _stress(d: fanout.Distributor) -> None:
     for reg in every:
         assert_accounted(reg)
     assert every[2].stats().received == sent  # the thread listener was never removed
+
+
+def test_waits_check_their_timeout_before_waiting(make_dist):
+    d = make_dist()
+    reg = d.add_listener(Noop(), executor="thread")
+    for call in (reg.wait_ready, reg.wait_synced, lambda t: d.shutdown_listener(reg, t)):
+        with pytest.raises(TypeError, match="timeout must be a number"):
+            call("5")
+        with pytest.raises(ValueError, match="timeout must be a finite number"):
+            call(float("nan"))
+    assert d.is_registered(reg)  # the refused shutdown_listener removed nothing

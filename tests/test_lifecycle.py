@@ -359,8 +359,9 @@ def test_a_listener_that_cannot_start_added_from_a_callback_is_reported(
         d.distribute(fanout.Add(obj(f"p{i}")))
     assert bad.stats().received == received
     assert wait_for(lambda: bad.stats().pending == 0)
+    # counted first, then reported
+    assert wait_for(lambda: len(dead) == bad.stats().dead_lettered == received)
     assert all("could not start" in why for _, _, why in dead.snapshot())
-    assert len(dead) == bad.stats().dead_lettered == received
     assert d.stop(drain=True, timeout=60) is True
     assert_accounted(bad)
     assert assert_accounted(ok).delivered == 101

@@ -846,7 +846,7 @@ def test_a_ray_listener_that_cannot_start_added_from_a_callback_is_reported(
     s = bad.stats()
     assert "factory refuses to build the handler" in s.start_error and s.start_failed == 1
     assert "could not start" in caplog.text
-    assert len(dead) == s.dead_lettered == s.received
+    assert wait_for(lambda: len(dead) == s.dead_lettered == s.received, 60)  # counted first
     assert all("could not start" in why for why in dead)
     assert d.stop(drain=True, timeout=60) is True
     assert_accounted(bad)

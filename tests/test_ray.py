@@ -791,28 +791,41 @@ def test_callbacks_run_without_the_lock_and_may_add_and_remove(
     refused: list[str] = []
     added: list[Any] = []
 
-    def on_error(reg: Any, n: Any, text: str) -> None:
-        owned.append(("on_error", d.lock._is_owned()))
-        try:
-            d.stop()
-        except RuntimeError as exc:
-            refused.append(str(exc))
-        new = d.add_listener(Recorder(str(tmp_path / "t")), executor="thread")
-        added.append(new)
-        d.remove_listener(new)
+    def callback(kind: str) -> Any:
+        def call(reg: Any, n: Any, text: str) -> None:
+            owned.append((kind, d.lock._is_owned()))
+            try:
+                d.stop()
+            except RuntimeError as exc:
+                refused.append(str(exc))
+            new = d.add_listener(Recorder(str(tmp_path / "t")), executor="thread")
+            added.append(new)
+            d.remove_listener(new)
 
-    reg = d.add_listener(Recorder(str(tmp_path / "c")), executor="ray", on_error=on_error)
+        return call
+
+    reg = d.add_listener(
+        Recorder(str(tmp_path / "c")),
+        executor="ray",
+        schema=dict[str, Any],  # an object that does not fit is dead-lettered
+        on_error=callback("on_error"),
+        on_dead_letter=callback("on_dead_letter"),
+    )
     gone = d.add_listener(Recorder(str(tmp_path / "g")), executor="ray")
     d.start()
-    d.distribute(fanout.Add(obj("bad", **{"raise": True})))
-    assert wait_for(lambda: len(added) == 1, 60)
+    assert gone.wait_ready(60)
     ids = gone.actor_ids()  # type: ignore[attr-defined]
     d.remove_listener(gone)  # its sender kills the actors, not the caller under the lock
     assert wait_for(lambda: _actor_state(ids[0])["State"] == "DEAD", 60)
+    d.distribute(fanout.Add(obj("bad", **{"raise": True})))
+    d.distribute(fanout.Add([1, 2]))  # does not fit the schema: dead-lettered
+    assert wait_for(lambda: len(added) == 2, 60)
+    assert sorted(k for k, _ in owned if k != "kill") == ["on_dead_letter", "on_error"]
     assert d.stop(drain=True, timeout=60) is True
-    assert refused and "would wait for itself" in refused[0]
+    assert len(refused) == 2 and all("would wait for itself" in r for r in refused)
     assert [k for k, _ in owned].count("kill") >= 2 and not any(o for _, o in owned), owned
-    assert assert_accounted(reg).errors == 1
+    s = assert_accounted(reg)
+    assert (s.errors, s.dead_lettered) == (1, 1)
     assert_accounted(gone)
 
 

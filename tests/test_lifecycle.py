@@ -175,7 +175,7 @@ def test_every_callback_runs_without_the_lock_and_may_call_any_public_method(mak
 
     def callback(kind: str):
         def call(reg, n, text):
-            seen.append((kind, _owned(d)))
+            owned = _owned(d)
             reg.stats()
             try:
                 d.stop()
@@ -184,6 +184,7 @@ def test_every_callback_runs_without_the_lock_and_may_call_any_public_method(mak
             new = d.add_listener(Noop(), executor="thread")
             added.append(new)
             d.remove_listener(new)
+            seen.append((kind, owned))  # last: the test waits for it
 
         return call
 

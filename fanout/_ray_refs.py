@@ -79,7 +79,9 @@ class RayPayload(bytes):
         store = self._store
         if store is not None:
             self._store = None
-            store.release(self.tokens)
+            # No lock here: the collector may run this inside a section of this
+            # very thread that holds the store's lock.
+            store.release_later(self.tokens)
 
 
 class RayStore:
@@ -99,6 +101,8 @@ class RayStore:
         self._lock = threading.Lock()
         self._refs: dict[int, Any] = {}  # token -> ObjectRef, while something holds it
         self._holders: dict[int, int] = {}  # token -> shares (lanes, and the payload)
+        # Shares of payloads collected since, released by the next locked call.
+        self._later: collections.deque[tuple[int, ...]] = collections.deque()
         self.puts = 0  # buffers put into the object store
         self.put_bytes = 0
         _stores.add(self)
@@ -156,6 +160,7 @@ class RayStore:
         ref = self.ray.put(value)
         token = next(_tokens)  # unique in the process: a decode finds the right store
         with self._lock:
+            self._release_later_ones()
             self._refs[token] = ref
             self._holders[token] = 1  # the payload's share, until it is gone
         self.puts += 1
@@ -167,19 +172,33 @@ class RayStore:
     def hold(self, tokens: tuple[int, ...]) -> None:
         """A lane took a frame using ``tokens``."""
         with self._lock:
+            self._release_later_ones()
             for token in tokens:
                 self._holders[token] += 1
 
     def release(self, tokens: tuple[int, ...]) -> None:
         """A lane (or a payload) is done with ``tokens``."""
         with self._lock:
-            for token in tokens:
-                left = self._holders.get(token, 0) - 1
-                if left > 0:
-                    self._holders[token] = left
-                else:
-                    self._refs.pop(token, None)
-                    self._holders.pop(token, None)
+            self._release_later_ones()
+            self._release(tokens)
+
+    def release_later(self, tokens: tuple[int, ...]) -> None:
+        """``release`` without taking the lock (from ``__del__``): done by the next call."""
+        self._later.append(tokens)  # atomic: no lock needed
+
+    def _release_later_ones(self) -> None:
+        """Release what collected payloads left (lock held)."""
+        while self._later:
+            self._release(self._later.popleft())
+
+    def _release(self, tokens: tuple[int, ...]) -> None:
+        for token in tokens:
+            left = self._holders.get(token, 0) - 1
+            if left > 0:
+                self._holders[token] = left
+            else:
+                self._refs.pop(token, None)
+                self._holders.pop(token, None)
 
     def ref(self, token: int) -> Any:
         """The ``ObjectRef`` of ``token`` while something holds it, else None."""
@@ -188,11 +207,13 @@ class RayStore:
     def refs(self, tokens: Any) -> dict[int, Any]:
         """``token -> ObjectRef`` for ``tokens`` (those still held)."""
         with self._lock:
+            self._release_later_ones()
             return {t: self._refs[t] for t in tokens if t in self._refs}
 
     def held(self) -> int:
         """Buffers something still holds."""
         with self._lock:
+            self._release_later_ones()
             return len(self._refs)
 
 

@@ -9,6 +9,7 @@ alive. docs/design.md draws the picture.
 from __future__ import annotations
 
 import atexit
+import functools
 import logging
 import multiprocessing
 import pickle
@@ -29,8 +30,9 @@ from fanout._arena_feed import append_rings, put_lane
 from fanout._impl import Pump, append_all
 from fanout.codec import Codec, MsgpackCodec, get_codec
 from fanout.errors import DistributorStopped, WorkerStartError
+from fanout.lifecycle import State, require, transition
 from fanout.notifications import NOTIFICATION_TYPES, Add, Notification
-from fanout.options import check_period, listener_options
+from fanout.options import check_flag, check_period, listener_options
 from fanout.process_listener import Lane, ProcessListener
 from fanout.ray_listener import RayListener
 from fanout.registration import ListenerContext, Registration
@@ -64,15 +66,7 @@ _running: weakref.WeakSet[Distributor] = weakref.WeakSet()
 @atexit.register
 def _stop_at_exit() -> None:
     for d in list(_running):
-        if d.stop(drain=False):
-            continue
-        never = "" if d.started else ", as start() was never called"
-        log.warning(
-            "the program exits without stop(): %s%s. Call stop(drain=True) before "
-            "exiting, or use `with Distributor() as d:`",
-            d.describe_losses(),
-            never,
-        )
+        d._stop_at_exit()
 
 
 def effective_resync(requested: float, check: float) -> float:
@@ -138,12 +132,19 @@ class _Plan:
 class Distributor:
     """Fans notifications out to listeners, each in its own workers or thread.
 
-    ``with Distributor() as d:`` starts on enter and ``stop(drain=True)`` on exit
-    (``stop(drain=False)`` if the block raised); leaving a block whose stop lost
-    notifications logs a warning naming the listeners and counts.
+    ``with Distributor() as d:`` starts on enter and ``stop(drain=True)`` on exit,
+    even when the block raised an exception (what was accepted is delivered); only
+    an interruption (``KeyboardInterrupt``, ``SystemExit``) leaves with
+    ``stop(drain=False)``. Leaving a block whose stop lost notifications logs a
+    warning naming the listeners and counts.
     Thread safety: every method may be called from any thread, ``distribute``
-    from several at once; notifications of one key keep their order for each
-    producing thread.
+    from several at once (notifications of one key keep their order for each
+    producing thread), and from handlers and callbacks (``stop`` and
+    ``shutdown_listener`` refuse where they would wait for themselves).
+
+    Lifecycle: ``new -> started -> stopping -> stopped`` (``state`` tells which;
+    stopping is ``draining`` then ``closing``). Each method says which states it
+    accepts; a refusal names the state.
 
     Args:
         resync_check_period: Seconds between the producer's resync checks
@@ -220,8 +221,8 @@ class Distributor:
         self._stopped_listeners: tuple[Registration, ...] = ()
         # (name, dead-lettered, dropped) of each listener the last stop() lost from.
         self._stop_losses: list[tuple[str, int, int]] = []
-        self.stopped = False
-        self.accepting = True  # False from the first moment of stop(): nothing new
+        # Thread listeners whose running call the exit hook left behind.
+        self._abandoned: list[str] = []
         self._closing: list[Registration] = []  # removed, workers not yet reaped
         self.pump: Any = self.ctx.pump
         self._notify = self.pump.notify
@@ -231,6 +232,7 @@ class Distributor:
         self._pump_thread: threading.Thread | None = None
         self.supervisor = Supervisor(self.ctx, self.lock, self.supervised_lanes)
         self.ctx.wake_supervisor = self.supervisor.wake
+        self.ctx.listener_failed = self._listener_failed
         _running.add(self)
 
     def _make_arena(self, max_bytes: Any, min_bytes: Any) -> Arena | None:
@@ -274,8 +276,7 @@ class Distributor:
         )
 
     def __repr__(self) -> str:
-        state = "stopped" if self.stopped else "started" if self.started else "new"
-        return f"<Distributor {state} listeners={len(self._listeners)}>"
+        return f"<Distributor {self.state.value} listeners={len(self._listeners)}>"
 
     # -- introspection -------------------------------------------------------------------
 
@@ -286,7 +287,20 @@ class Distributor:
 
     @close_grace.setter
     def close_grace(self, seconds: float) -> None:
-        self.ctx.close_grace = seconds
+        grace = check_period("close_grace", seconds)
+        assert grace is not None
+        self.ctx.close_grace = grace
+
+    @property
+    def state(self) -> State:
+        """Where the distributor is in its life (``fanout.lifecycle.State``)."""
+        return self.ctx.state
+
+    def _move(self, to: State) -> None:
+        """Move the lifecycle forward to ``to`` (lock held): the one place it changes."""
+        self.ctx.state = transition(self.ctx.state, to)
+        if to is State.STARTED:
+            self.ctx.ever_started = True
 
     @property
     def started(self) -> bool:
@@ -294,8 +308,18 @@ class Distributor:
         return self.ctx.started
 
     @property
+    def stopped(self) -> bool:
+        """True once ``stop()`` finished: nothing of the distributor runs."""
+        return self.state is State.STOPPED
+
+    @property
+    def accepting(self) -> bool:
+        """True until ``stop()`` begins: notifications and listeners are taken."""
+        return self.state.accepting
+
+    @property
     def stopping(self) -> bool:
-        """True while and after ``stop()`` stops the workers."""
+        """True while and after ``stop()`` stops the workers (past any drain)."""
         return self.ctx.stopping
 
     @property
@@ -426,7 +450,11 @@ class Distributor:
             ListenerFull: The initial list cannot fit ``max_pending_bytes``.
             WorkerStartError: The distributor runs and the listener's first
                 worker could not build its handler (the listener is removed).
-            DistributorStopped: After ``stop()``.
+                From an ``on_error`` / ``on_dead_letter`` callback run by the
+                supervisor, which cannot wait for the start it performs, such a
+                failure is reported instead (see ``ListenerStats.start_error``).
+            DistributorStopped: The distributor is stopping or stopped (it
+                accepts new and started).
         """
         opts = listener_options(
             self.codec,
@@ -447,14 +475,18 @@ class Distributor:
             memory_limit,
         )
         items = list(initial_list) if initial_list is not None else []
+        # From an on_error / on_dead_letter callback (the supervisor's thread) the
+        # wait would hold up the very thread that reads "ready": skip it there, and
+        # let the supervisor report a failure as it does for any later start.
+        awaited = threading.current_thread() is not self.supervisor
         with self.lock:
-            if self.stopped or self.stopping or not self.accepting:
-                raise DistributorStopped("add_listener after stop(): build a new Distributor")
+            require("add_listener()", self.state, State.NEW, State.STARTED)
             reg = LISTENER_KINDS[opts.executor](self.ctx, opts)
             try:
                 if items:
                     reg.queue_initial([Add(obj, True) for obj in items], time.monotonic_ns())
                 if self.started:
+                    reg.start_awaited = awaited
                     reg.start()
                 self._set_resync(reg)  # last: a failure above changes no period
             except BaseException:
@@ -463,9 +495,7 @@ class Distributor:
             self._publish((*self._listeners, reg))
         self.supervisor.wake()
         self.pump.notify()
-        # From an on_error / on_dead_letter callback (the supervisor's thread) the
-        # wait would hold up the very thread that reads "ready": skip it there.
-        if self.started and threading.current_thread() is not self.supervisor:
+        if self.started and awaited:
             failure = self._first_start_failure([reg])
             if failure is not None:
                 self.shutdown_listener(reg, timeout=self.close_grace)
@@ -492,15 +522,45 @@ class Distributor:
         reg.next_resync = self.clock() + reg.resync_period
 
     def _publish(self, listeners: tuple[Registration, ...]) -> None:
-        """Swap in a new listener snapshot for ``distribute`` (lock held)."""
+        """Swap in a new listener snapshot for ``distribute`` (lock held).
+
+        A listener that could not start stays registered (its stats tell why)
+        but gets nothing more.
+        """
         self._listeners = listeners
-        self._plan = _Plan(listeners, self.started and not self.stopping)
+        live = tuple(r for r in listeners if r.start_error is None)
+        self._plan = _Plan(live, self.started and not self.stopping)
         if self.arena is not None:  # who shares the arena
             self.arena.set_takers(
                 tuple(lane.ring for lane in r.lanes)
-                for r in listeners
+                for r in live
                 if r.takes_payloads and r.encoder() == self._shared_encode
             )
+
+    def _listener_failed(self, reg: Registration, why: str) -> list[Callable[[], None]]:
+        """A listener nobody waited for could not start: never silent, never growing.
+
+        It gets nothing more (it stays registered, with ``start_error``, so stats
+        and metrics show it), its workers are asked to leave, and the caller
+        dead-letters what it holds. fanout does not retry: the same handler
+        would fail the same way. Returns the log line to write without the lock.
+        """
+        with self.lock:
+            if reg.start_error is not None or reg.removed:
+                return []
+            reg.start_error = why
+            if reg in self._listeners:
+                self._publish(self._listeners)
+            reg.close_input()
+        return [
+            functools.partial(
+                log.error,
+                "listener %r could not start, and is out of distribution (remove it "
+                "and add a fixed one; fanout does not retry): %s",
+                reg.name,
+                why,
+            )
+        ]
 
     def _discard(self, reg: Registration) -> None:
         """Close a listener that is gone for good (lock held)."""
@@ -536,10 +596,13 @@ class Distributor:
             True once every worker exited; False if ``timeout`` passed first.
 
         Raises:
+            TypeError: ``timeout`` is not a number or None.
+            ValueError: A negative or infinite ``timeout``.
             RuntimeError: Called from that listener's own handler, or from an
                 ``on_error`` / ``on_dead_letter`` callback (it would wait for
                 itself); call ``remove_listener`` there.
         """
+        check_period("timeout", timeout, allow_none=True)
         current = threading.current_thread()
         if isinstance(reg, Registration) and reg.thread is not None and current is reg.thread:
             raise RuntimeError(
@@ -632,7 +695,7 @@ class Distributor:
             if routed:
                 # Route and check room first: a key function that raises, or a
                 # bounded listener without room (overflow="error"), stops the call
-                # before any listener got anything.
+                # before any listener got anything, or counted anything.
                 lanes = [r.route(n) for r in routed]
                 for r, lane, i in zip(routed, lanes, plan.wire, strict=True):
                     if r.max_pending_bytes is not None:
@@ -655,11 +718,12 @@ class Distributor:
         self._check_not_stopped()
 
     def _check_not_stopped(self) -> None:
-        if not self.accepting or self.stopping or self.stopped:
+        state = self.state
+        if not state.accepting:
             raise DistributorStopped(
-                "distribute() after stop(): the notification was not delivered (a "
-                "stop() running at the same time accounts for any part it took); "
-                "build a new Distributor to go on"
+                f"distribute() after stop() (the distributor is {state.value}): the "
+                f"notification was not delivered (a stop() running at the same time "
+                f"accounts for any part it took); build a new Distributor to go on"
             )
 
     def should_resync(self) -> bool:
@@ -697,22 +761,23 @@ class Distributor:
         Returns:
             This distributor (so ``d = Distributor().start()`` works).
 
+        Accepts the states new (starts) and started (returns at once).
+
         Raises:
             WorkerStartError: A listener's worker could not build its handler;
                 the distributor is stopped.
-            DistributorStopped: After ``stop()``.
+            DistributorStopped: The distributor is stopping or stopped.
         """
         with self.lock:
-            if self.stopped or self.stopping or not self.accepting:
-                raise DistributorStopped("start() after stop(): build a new Distributor")
-            if self.started:
+            require("start()", self.state, State.NEW, State.STARTED)
+            if self.state is State.STARTED:
                 return self
             self._pump_thread = threading.Thread(
                 target=self.pump.run, name="fanout-pump", daemon=True
             )
             self._pump_thread.start()
             self.supervisor.start()
-            self.ctx.started = True  # from here on, stop() cleans up whatever started
+            self._move(State.STARTED)  # from here on, stop() cleans up whatever started
             try:
                 for reg in self._listeners:
                     reg.start()
@@ -790,7 +855,8 @@ class Distributor:
 
         Afterwards no worker process, thread, fd or shared memory of this
         distributor remains, and for every listener ``received == delivered +
-        dead_lettered + dropped``. A second call returns True at once.
+        dead_lettered + dropped``. Accepts every state: a second call returns
+        True at once, and a call made while another runs waits for it.
 
         Args:
             drain: False drops what is pending (counted in ``dropped``); True
@@ -807,16 +873,20 @@ class Distributor:
             True when nothing pending was dropped or dead-lettered by the stop.
 
         Raises:
+            TypeError: ``drain`` is not a bool or ``timeout`` not a number
+                (checked before anything stops).
+            ValueError: A negative or infinite ``timeout``.
             RuntimeError: Called from a handler, a callback or fanout's own
                 threads (it would wait for itself).
         """
-        current = threading.current_thread()
-        own = {self.supervisor, self._pump_thread}
-        own.update(r.thread for r in self._listeners if r.thread is not None)
-        if current in own:
+        check_flag("drain", drain)
+        check_period("timeout", timeout, allow_none=True)
+        if threading.current_thread() in self._own_threads():
             raise RuntimeError(
-                "stop() called from a handler, an on_error / on_dead_letter callback or "
-                "fanout's own threads would wait for itself; call it from another thread"
+                f"stop() called from a handler, an on_error / on_dead_letter callback or "
+                f"fanout's own threads would wait for itself (the distributor is "
+                f"{self.state.value}); call it from another thread, or call "
+                f"remove_listener() there"
             )
         with self._stop_lock:  # a second caller waits for the first to finish
             complete, calls = self._stop(drain, timeout)
@@ -826,22 +896,70 @@ class Distributor:
             call()
         return complete
 
-    def _stop(self, drain: bool, timeout: float | None) -> tuple[bool, list[Callable[[], None]]]:
+    def _own_threads(self) -> set[threading.Thread | None]:
+        """fanout's threads and every listener's, removed or taken by a running stop.
+
+        A thread handler calling stop() while a stop runs must be refused, not
+        left waiting for the stop that waits for it.
+        """
+        return {self.supervisor, self._pump_thread, *self.ctx.threads}
+
+    def _stop_at_exit(self) -> None:
+        """The exit hook's stop: bounded, and it says what the forgotten stop lost.
+
+        Every listener gets at most ``close_grace`` to leave; a thread listener's
+        running handler call cannot be killed and is not waited for.
+        """
+        grace = self.close_grace
+        if not self._stop_lock.acquire(timeout=grace):
+            log.warning(
+                "the program exits while a stop() of %r still runs after %.1f s; "
+                "leaving it behind",
+                self,
+                grace,
+            )
+            return
+        try:
+            complete, calls = self._stop(False, grace, at_exit=True)
+        finally:
+            self._stop_lock.release()
+        for call in calls:
+            call()
+        if complete and not self._abandoned:
+            return
+        never = "" if self.started else ", as start() was never called"
+        left = "; ".join(
+            f"listener {name!r}: a handler call still running in its thread was left "
+            f"behind (a thread cannot be killed)"
+            for name in self._abandoned
+        )
+        log.warning(
+            "the program exits without stop(): %s%s. Call stop(drain=True) before "
+            "exiting, or use `with Distributor() as d:`",
+            "; ".join(filter(None, (self.describe_losses(), left))),
+            never,
+        )
+
+    def _stop(
+        self, drain: bool, timeout: float | None, at_exit: bool = False
+    ) -> tuple[bool, list[Callable[[], None]]]:
         with self.lock:
-            if self.stopped:
+            state = self.state
+            if state is State.STOPPED:
                 return True, []
-            # Final: start() refuses from here on (accepting is cleared below).
             was_started = self.started
-            resumed = self.stopping  # an earlier stop() was interrupted midway
-            # Nothing new from here on: distribute, add_listener and start()
-            # refuse, so a drain ends even while a producer keeps producing.
-            self.accepting = False
-            for reg in self._listeners:
-                reg.close_input()
-        if was_started and drain and not resumed:
+            resumed = state is State.CLOSING  # an earlier stop() was interrupted midway
+            if state.accepting:
+                # Nothing new from here on: distribute, add_listener and start()
+                # refuse, so a drain ends even while a producer keeps producing.
+                self._move(State.DRAINING if was_started and drain else State.CLOSING)
+                for reg in self._listeners:
+                    reg.close_input()
+        if drain and self.state is State.DRAINING:
             self._wait_drained(timeout)
         with self.lock:
-            self.ctx.stopping = True
+            if self.state is State.DRAINING:
+                self._move(State.CLOSING)
             if not resumed:
                 self._stopped_listeners = self._listeners
                 self._publish(())
@@ -856,7 +974,7 @@ class Distributor:
                     self._closing.append(reg)
         calls: list[Callable[[], None]] = []
         if was_started:
-            calls += self._reap(listeners, timeout)
+            calls += self._reap(listeners, timeout, at_exit)
         # Every listener's queue is final now: count what is left.
         lost = 0
         self._stop_losses = []
@@ -869,14 +987,14 @@ class Distributor:
                     (reg.name, reg.dead_lettered - dead, reg.dropped - dropped)
                 )
         with self.lock:
-            self.stopped = True
+            self._move(State.STOPPED)
             for reg in self._closing:
                 reg.release()
             self._closing = []
             if self.arena is not None:  # the workers are gone and the rings settled
                 self.arena.close()
         _running.discard(self)
-        self._shutdown_threads(was_started)
+        self._shutdown_threads(was_started, self.close_grace if at_exit else None)
         if self.ctx.ray_cluster is not None:  # after the listeners: their actors are gone
             self.ctx.ray_cluster.detach()
         return lost == 0, calls
@@ -888,6 +1006,8 @@ class Distributor:
         """Why ``stop`` dead-letters what ``reg`` still holds; None: it drops it."""
         if not was_started:
             return "the distributor was stopped without ever being started"
+        if reg.start_error is not None:
+            return reg.start_failure()
         if reg.never_started():
             return "the listener's workers never started, so nothing could deliver it"
         if reg.stuck():
@@ -910,15 +1030,16 @@ class Distributor:
         return all(r.drained() for r in self._listeners)
 
     def _reap(
-        self, listeners: tuple[Registration, ...], timeout: float | None
+        self, listeners: tuple[Registration, ...], timeout: float | None, at_exit: bool = False
     ) -> list[Callable[[], None]]:
         """Wait for workers and threads to leave; kill workers past the grace.
 
         A thread cannot be killed: a thread listener's running call is waited
-        for (up to ``timeout`` if given), so that what it leaves is counted.
-        Returns the reports a fallback reap collected, to make after the lock.
+        for (up to ``timeout`` if given), so that what it leaves is counted; at
+        exit it is not waited for at all. Returns the reports a fallback reap
+        collected, to make after the lock.
         """
-        deadline = time.monotonic() + 1.0
+        deadline = time.monotonic() + min(1.0, self.close_grace)
         self.supervisor.wake()
         calls: list[Callable[[], None]] = []
         while True:
@@ -930,24 +1051,31 @@ class Distributor:
                 if now >= deadline:
                     for lane in lanes:
                         lane.kill()
-                if now >= deadline + REAP_FALLBACK or not self.supervisor.is_alive():
-                    # The supervisor should have reaped them by now: do it here.
-                    for lane in lanes:
-                        calls += self.supervisor.reap(lane)
+                fallback = now >= deadline + REAP_FALLBACK or not self.supervisor.is_alive()
+            if fallback:
+                # The supervisor should have reaped them by now: do it here.
+                for lane in lanes:
+                    calls += self.supervisor.reap(lane)
             self.supervisor.wake()
             time.sleep(0.002)
+        self._abandoned = []
         for reg in listeners:
-            if not reg.supervised_lanes():  # a thread's running call is waited for
-                reg.wait_exited(timeout)
+            if reg.supervised_lanes():
+                continue
+            if at_exit and reg.executor == "thread":
+                if not reg.wait_exited(0):
+                    self._abandoned.append(reg.name)
+                continue
+            reg.wait_exited(timeout)  # a thread's running call; a Ray sender and actors
         return calls
 
-    def _shutdown_threads(self, was_started: bool) -> None:
+    def _shutdown_threads(self, was_started: bool, timeout: float | None = None) -> None:
         self.pump.stop()
         self.supervisor.stop()
         if was_started:
             assert self._pump_thread is not None
-            self._pump_thread.join()
-            self.supervisor.join()
+            self._pump_thread.join(timeout)
+            self.supervisor.join(timeout)  # it may be running a callback
         self.pump.close()
         self.supervisor.close()
 

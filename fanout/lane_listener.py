@@ -276,15 +276,19 @@ class LaneListener(Registration):
         """
         calls: list[Callable[[], None]] = []
         for lane in self.lanes:
-            lane.ring.close()
-            lane.ack()
-            items: list[Any] = lane.ring.take_all()
-            if reason is not None and self.payloads_refer_out():
-                # Decoded now, while the buffers they refer to are held: the
-                # on_dead_letter calls come after the stop let go of them.
-                items = [self.decoded(item) for item in items]
-            calls += self._settle_items(items, reason)
+            calls += self.settle_lane(lane, reason)
         return calls
+
+    def settle_lane(self, lane: Any, reason: str | None) -> list[Callable[[], None]]:
+        """``settle`` for one lane, once nothing consumes it any more."""
+        lane.ring.close()
+        lane.ack()
+        items: list[Any] = lane.ring.take_all()
+        if reason is not None and self.payloads_refer_out():
+            # Decoded now, while the buffers they refer to are held: the
+            # on_dead_letter calls come after the stop let go of them.
+            items = [self.decoded(item) for item in items]
+        return self._settle_items(items, reason)
 
     def payloads_refer_out(self) -> bool:
         """Tell whether payloads may refer to buffers kept outside the frames.

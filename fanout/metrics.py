@@ -95,6 +95,11 @@ GAUGES = (
     ("fanout_pending_bytes", "Encoded bytes the listener's rings hold.", "pending_bytes"),
     ("fanout_ring_capacity_bytes", "Bytes the listener's rings have allocated.", "capacity_bytes"),
     ("fanout_workers", "Worker processes (or threads) the listener runs.", "workers"),
+    (
+        "fanout_start_failed",
+        "1 if the listener could not start after start() (see its start_error), else 0.",
+        "start_failed",
+    ),
 )
 LATENCY = "fanout_delivery_latency_seconds"
 LATENCY_HELP = (

@@ -21,6 +21,8 @@ __all__ = [
     "MIN_MEMORY_LIMIT",
     "OVERFLOW_POLICIES",
     "ListenerOptions",
+    "check_flag",
+    "check_name",
     "check_period",
     "listener_options",
 ]
@@ -31,6 +33,9 @@ _names = itertools.count(1)
 # Below this a worker cannot even build its handler (a Python process alone holds
 # several MiB of private memory): the limit would kill every start.
 MIN_MEMORY_LIMIT = 16 << 20
+# A name becomes part of OS object names (memfd "fanout-<name>", at most 249 bytes
+# with the prefix) and of thread and process titles.
+MAX_NAME_BYTES = 200
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +75,31 @@ def check_period(name: str, value: Any, *, allow_none: bool = False) -> float | 
     if not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number of seconds >= 0, got {value!r}")
     return float(value)
+
+
+def check_flag(name: str, value: Any) -> bool:
+    """``value`` if it is a bool, else ``TypeError`` naming ``name``."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {value!r}")
+    return value
+
+
+def check_name(name: Any) -> str:
+    """A listener name: a non-empty str of printable characters, at most 200 bytes."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, not {name!r}")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(
+            f"name must be at most {MAX_NAME_BYTES} bytes in UTF-8 (it names the "
+            f"listener's shared memory, threads and processes), got {size} bytes: "
+            f"{name[:40]!r}..."
+        )
+    if not name.isprintable():
+        raise ValueError(
+            f"name must be printable (no NUL, newline or other control character), got {name!r}"
+        )
+    return name
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -112,8 +142,8 @@ def listener_options(
     handler, is_factory = resolve_handler(handler)
     if name is None:
         name = f"listener-{next(_names)}"
-    elif not isinstance(name, str) or not name:
-        raise TypeError(f"name must be a non-empty str, not {name!r}")
+    else:
+        check_name(name)
     _check_int("workers", workers, 1)
     if key is not None and not callable(key):
         raise TypeError(f"key must be a function obj -> hashable, or None, not {key!r}")

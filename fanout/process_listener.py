@@ -48,6 +48,18 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PRODUCER_FANOUT = producer_fanout()
 
 
+def _discard_started(proc: Any) -> None:
+    """Kill and reap a worker fanout could not take charge of (it must not leak).
+
+    An error path under the distributor's lock: a SIGKILLed child is reaped at
+    once, and the wait is bounded regardless.
+    """
+    proc.kill()
+    proc.join(1.0)
+    if proc.exitcode is not None:
+        proc.close()
+
+
 class ProcessListener(LaneListener):
     """A listener whose handler runs in ``workers`` processes, one lane each."""
 
@@ -310,9 +322,13 @@ class Lane:
                 daemon=True,
             )
             proc.start()
-            # Watched by pidfd: a handler that kills or freezes the forkserver (its
-            # parent) does not make every other worker look dead.
-            proc = WorkerProcess(proc, ctx.start_method)
+            try:
+                # Watched by pidfd: a handler that kills or freezes the forkserver
+                # (its parent) does not make every other worker look dead.
+                proc = WorkerProcess(proc, ctx.start_method)
+            except BaseException:
+                _discard_started(proc)
+                raise
         except BaseException:
             for fd in (w, rr):
                 os.close(fd)

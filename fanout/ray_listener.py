@@ -387,20 +387,37 @@ class RayListener(LaneListener):
         self.thread = threading.Thread(
             target=self._run, name=f"fanout-ray-{self.name}", daemon=True
         )
+        self.ctx.threads.add(self.thread)
         self.thread.start()
 
     def close(self, drain: bool = False) -> None:
-        """Take nothing more, stop the sender and kill the actors (Ray restarts none).
+        """Take nothing more and ask the sender to leave; it kills the actors itself.
 
-        What the rings still hold is final for ``settle`` afterwards.
+        Never waits (the distributor's lock may be held): ``wait_exited`` waits
+        for the sender and the actors; what the rings hold is final for
+        ``settle`` after that.
         """
         for lane in self.lanes:
             lane.ring.close()
         self.stopping = True
         self.wake.set()
-        if self.thread is not None and self.thread is not threading.current_thread():
-            self.thread.join(STOP_WAIT)
-        self._kill_actors()
+
+    def discard(self) -> bool:
+        """Close after a removal; the sender drops what is left as it leaves."""
+        self.close()
+        thread = self.thread
+        if thread is None or not thread.is_alive():  # nothing consumes the rings
+            self.settle(None)
+        return False
+
+    def wait_exited(self, timeout: float | None) -> bool:
+        """Wait for the sender, which kills the actors as it leaves (no lock held)."""
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(STOP_WAIT + 2 * LEAVE_WAIT if timeout is None else timeout)
+        if thread is None or not thread.is_alive():
+            self._kill_actors()  # the sender failed, or never ran: left to us
+        return self.exited()
 
     def _kill_actors(self) -> None:
         """Kill every actor for good and wait until Ray reports each one dead."""
@@ -524,6 +541,21 @@ class RayListener(LaneListener):
         except BaseException:  # the listener cannot go on: say so loudly
             self.failed = True  # stuck(): stop(drain=True) does not wait for it
             log.exception("listener %r: the Ray sender thread failed", self.name)
+            return
+        self._leave()
+
+    def _leave(self) -> None:
+        """The sender's last act: kill the actors, and settle unless a stop will.
+
+        Here, not in ``close``: ``close`` may run under the distributor's lock,
+        and waiting for Ray must not.
+        """
+        self._kill_actors()
+        if self.stop_settles:
+            return  # the stop settles every listener once they all left
+        reason = self.start_failure() if self.start_error is not None else None
+        for call in self.settle(reason):
+            call()
 
     @staticmethod
     def _waiting(lane: RayLane) -> bool:
@@ -574,6 +606,9 @@ class RayListener(LaneListener):
                 lane.ready = lane.ever_ready = True
             except Exception as exc:
                 lane.start_error = f"the Ray actor of lane {lane.index} could not start:\n{exc}"
+                if not self.start_awaited:  # nobody raises it: report it, and leave
+                    calls += self.ctx.listener_failed(self, lane.start_error)
+                    self.stopping = True
             lane.first_start = False
         while lane.inflight and lane.inflight[0].ref in finished:
             batch = lane.inflight.popleft()

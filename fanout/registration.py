@@ -19,13 +19,15 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from fanout._logs import error_log
 from fanout.codec import Codec
+from fanout.lifecycle import State
 from fanout.notifications import Add, Notification, RawFrame
-from fanout.options import ListenerOptions
+from fanout.options import ListenerOptions, check_period
 from fanout.stats import ListenerStats, percentile
 
 __all__ = ["ListenerContext", "Registration"]
@@ -54,6 +56,7 @@ class ListenerContext:
         close_grace: float,
         wake_supervisor: Callable[[], None] = lambda: None,
         arena: Any = None,
+        listener_failed: Callable[[Registration, str], list[Callable[[], None]]] | None = None,
     ) -> None:
         self.codec = codec
         # How the distributor encodes a notification for the listeners that take
@@ -65,9 +68,15 @@ class ListenerContext:
         self.mp_context = mp_context
         self.pump = pump
         self.wake_supervisor = wake_supervisor
+        # ``(reg, why) -> calls``: a listener nobody waited for could not start;
+        # the distributor takes it out of distribution (its lock held by the caller
+        # or taken), and returns the reports to make without any lock.
+        self.listener_failed = listener_failed or (lambda reg, why: [])
         self.close_grace = close_grace  # seconds a closed worker gets to leave
-        self.started = False
-        self.stopping = False  # workers are being stopped: no restarts, no waiting
+        # The distributor's lifecycle state (``fanout.lifecycle``); only the
+        # distributor moves it, listeners read it through the properties below.
+        self.state = State.NEW
+        self.ever_started = False
         self.producer_synced = False
         self.ray_cluster: Any = None
         # The shared-memory arena (``fanout._arena.Arena``) big buffers travel
@@ -77,6 +86,20 @@ class ListenerContext:
         # without one): the encoding of listeners that map it.
         self.shared_encode: Callable[[Notification, int], bytes] | None = None
         self.ray_store: Any = None  # big buffers in Ray's object store (fanout._ray_refs)
+        # Every thread fanout started for the distributor (its own, and the
+        # listeners', removed ones too): they run handlers and callbacks, and a
+        # stop() from one of them is refused rather than left to wait for itself.
+        self.threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+    @property
+    def started(self) -> bool:
+        """``start()`` ran (true after ``stop()`` too)."""
+        return self.ever_started
+
+    @property
+    def stopping(self) -> bool:
+        """Workers are being (or were) stopped: no restarts, nothing waits for them."""
+        return self.state in (State.CLOSING, State.STOPPED)
 
 
 class Registration:
@@ -126,6 +149,12 @@ class Registration:
         # Set by stop() for the listeners it settles itself (with its reason).
         self.stop_settles = False
         self.settled_count = 0  # notifications settle() dropped or dead-lettered
+        # Someone waits for the first start (start(), add_listener) and raises its
+        # failure; otherwise the distributor reports it (``ctx.listener_failed``).
+        self.start_awaited = True
+        # Why the listener could not start, when nobody waited for it: it is out
+        # of distribution and what it held is dead-lettered with this reason.
+        self.start_error: str | None = None
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
@@ -157,6 +186,10 @@ class Registration:
 
         Returns:
             True when synced, False when the timeout passed first.
+
+        Raises:
+            TypeError: ``timeout`` is not a number or None.
+            ValueError: A negative or infinite ``timeout``.
         """
         return _poll(self.has_synced, timeout)
 
@@ -181,6 +214,10 @@ class Registration:
 
         Returns:
             True when ready, False when the timeout passed first.
+
+        Raises:
+            TypeError: ``timeout`` is not a number or None.
+            ValueError: A negative or infinite ``timeout``.
         """
         return _poll(self.ready, timeout)
 
@@ -346,6 +383,10 @@ class Registration:
                 return RawFrame(bytes(item), f"cannot be decoded: {exc!r}")
         return item
 
+    def start_failure(self) -> str:
+        """Why what this listener holds is dead-lettered once it could not start."""
+        return f"the listener could not start: {self.start_error}"
+
     def stats(self) -> ListenerStats:
         """Return a snapshot of this listener's counters.
 
@@ -365,6 +406,7 @@ class Registration:
             latency_p50=percentile(hist, 0.5),
             latency_p99=percentile(hist, 0.99),
             latency_max=percentile(hist, 1.0),
+            start_error=self.start_error,
             **self.counters(),
         )
 
@@ -391,6 +433,7 @@ class Registration:
 
 def _poll(predicate: Callable[[], bool], timeout: float | None) -> bool:
     """Poll ``predicate`` with a growing nap until true or ``timeout`` passed."""
+    check_period("timeout", timeout, allow_none=True)
     deadline = None if timeout is None else time.monotonic() + timeout
     delay = 0.0005
     while not predicate():

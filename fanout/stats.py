@@ -95,6 +95,11 @@ class ListenerStats:
             with 4 buckets per octave, so within about 12 % of the true value.
         latency_p99: The 99th percentile of the same, or None.
         latency_max: The largest of the same (its bucket's midpoint), or None.
+        start_error: Why the listener could not start after ``start()`` (its
+            handler could not be built, an actor could not be created) when
+            nothing waited to raise it, else None. Such a listener takes no
+            more notifications; what it held was dead-lettered with this text.
+            fanout does not retry it: remove it and add a fixed one.
     """
 
     name: str
@@ -112,3 +117,9 @@ class ListenerStats:
     latency_p50: float | None
     latency_p99: float | None
     latency_max: float | None
+    start_error: str | None = None
+
+    @property
+    def start_failed(self) -> int:
+        """1 if the listener could not start (``start_error``), else 0: for metrics."""
+        return int(self.start_error is not None)

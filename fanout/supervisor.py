@@ -118,15 +118,34 @@ class Supervisor(threading.Thread):
             self._close_pipe()
 
     def reap(self, lane: Lane) -> list[Callable[[], None]]:
-        """Reap a stopping lane's worker now (distributor lock held).
+        """Reap a stopping lane's worker now (without the distributor lock held).
 
         Returns:
             The reports its last messages asked for, to make without the lock.
         """
         calls: list[Callable[[], None]] = []
-        if lane.proc is not None:
-            self._on_exit(lane, calls)
+        proc = lane.proc
+        if proc is not None:
+            self._await_exit(proc)
+            with self.lock:
+                if lane.proc is proc:
+                    self._on_exit(lane, calls)
         return calls
+
+    @staticmethod
+    def _await_exit(proc: Any) -> None:
+        """Wait (no lock held) until a worker whose sentinel fired can be reaped.
+
+        The sentinel can turn readable (the child's fds closed) a moment before
+        the child can be reaped (seen with spawn): wait for it, briefly.
+        """
+        try:
+            proc.join(5)
+            if proc.exitcode is None:
+                proc.kill()
+                proc.join(5)
+        except ValueError:  # a stop's fallback reap closed it meanwhile
+            pass
 
     def run(self) -> None:
         while not self.stopping:
@@ -141,12 +160,12 @@ class Supervisor(threading.Thread):
         calls: list[Callable[[], None]] = []
         with self.lock:
             lanes = self.lanes()
-            watch: dict[int, tuple[Lane, str]] = {}
+            watch: dict[int, tuple[Lane, str, Any]] = {}
             for lane in lanes:
                 if lane.proc is not None:
-                    watch[lane.proc.sentinel] = (lane, "exit")
+                    watch[lane.proc.sentinel] = (lane, "exit", lane.proc)
                     if lane.rfd >= 0:
-                        watch[lane.rfd] = (lane, "msg")
+                        watch[lane.rfd] = (lane, "msg", lane.proc)
             timeout = self._timeout(lanes)
         ready = wait([self.wake_r, *watch], timeout)
         if self.wake_r in ready:
@@ -155,15 +174,18 @@ class Supervisor(threading.Thread):
                     pass
             except BlockingIOError:
                 pass
+        hits = [watch[fd] for fd in ready if isinstance(fd, int) and fd in watch]
+        for _, what, proc in hits:
+            if what == "exit":
+                self._await_exit(proc)  # no lock held: it may take a moment
         with self.lock:
             # Messages first: an exception reported just before a crash is
             # reported before the crash is handled.
-            hits = [watch[fd] for fd in ready if isinstance(fd, int) and fd in watch]
-            for lane, what in hits:
+            for lane, what, _ in hits:
                 if what == "msg" and lane.rfd >= 0:
                     self._read_messages(lane, calls)
-            for lane, what in hits:
-                if what == "exit" and lane.proc is not None:
+            for lane, what, proc in hits:
+                if what == "exit" and lane.proc is proc:
                     self._on_exit(lane, calls)
             self._tick(self.lanes(), calls)
         for call in calls:
@@ -258,14 +280,10 @@ class Supervisor(threading.Thread):
             lane.start_failures = 0
         elif kind == MSG_ERROR:
             payload = msg.get("payload")
-            n: Any = None
-            if isinstance(payload, bytes) and payload:
-                try:
-                    n = self.ctx.codec.decode(payload)[0]
-                except Exception as exc:
-                    n = RawFrame(payload, f"cannot be decoded: {exc!r}")
             text = str(msg.get("text", ""))
-            calls.append(lambda: listener.report_error(n, text))
+            # Decoded in the call, without the lock: the codec may run user code
+            # (a custom unpack, an ext_hook).
+            calls.append(functools.partial(self._report_error, listener, payload, text))
         elif kind == MSG_UNDECODABLE:
             seq = msg.get("seq")
             # Only a frame this worker was sent, and has started.
@@ -299,6 +317,16 @@ class Supervisor(threading.Thread):
                 lambda: listener.report_error(None, f"worker sent unknown message {kind!r}")
             )
 
+    def _report_error(self, listener: Any, payload: Any, text: str) -> None:
+        """Report a handler exception, decoding the frame it was handling (no lock)."""
+        n: Any = None
+        if isinstance(payload, bytes) and payload:
+            try:
+                n = self.ctx.codec.decode(payload)[0]
+            except Exception as exc:
+                n = RawFrame(payload, f"cannot be decoded: {exc!r}")
+        listener.report_error(n, text)
+
     def _garbage(self, lane: Lane, what: str, calls: list[Callable[[], None]]) -> None:
         listener = lane.listener
         pid = lane.proc.pid if lane.proc is not None else None
@@ -318,13 +346,8 @@ class Supervisor(threading.Thread):
     # -- exits ---------------------------------------------------------------------------
 
     def _on_exit(self, lane: Lane, calls: list[Callable[[], None]]) -> None:
+        """Handle a worker that ended (lock held; ``_await_exit`` waited for it)."""
         proc = lane.proc
-        # The sentinel can turn readable (the child's fds closed) a moment before
-        # the child can be reaped (seen with spawn): wait for it, briefly.
-        proc.join(5)
-        if proc.exitcode is None:
-            proc.kill()
-            proc.join(5)
         code = proc.exitcode
         if lane.rfd >= 0:
             self._read_messages(lane, calls)
@@ -338,6 +361,9 @@ class Supervisor(threading.Thread):
         if lane.closing or self.ctx.stopping:
             lane.first_start = False
             lane.exited.set()
+            if listener.start_error is not None and not self.ctx.stopping:
+                # A listener that could not start: what this lane held goes now.
+                calls += listener.settle_lane(lane, listener.start_failure())
             return
         if lane.first_start:
             lane.first_start = False
@@ -351,6 +377,8 @@ class Supervisor(threading.Thread):
                     f'level, put that under `if __name__ == "__main__":`'
                 )
                 lane.exited.set()
+                if not listener.start_awaited:  # nobody raises it: report it
+                    self._start_failed(listener, lane.start_error, calls)
                 return
         # Should anything below fail, the tick still starts a new worker.
         lane.respawn_at = time.monotonic() + FIRST_BACKOFF
@@ -382,6 +410,19 @@ class Supervisor(threading.Thread):
                 "" if lane.ready else " while starting",
                 lane.backoff,
             )
+
+    def _start_failed(self, listener: Any, why: str, calls: list[Callable[[], None]]) -> None:
+        """A listener nobody waited for cannot start: out of distribution, lanes settled.
+
+        The lanes with no worker are settled now; the others as their workers
+        leave (``_on_exit``), so nothing a worker still handles is counted twice.
+        """
+        calls += self.ctx.listener_failed(listener, why)
+        listener.close()
+        reason = listener.start_failure()
+        for lane in listener.supervised_lanes():
+            if lane.proc is None:
+                calls += listener.settle_lane(lane, reason)
 
     def _rewind(
         self, lane: Lane, reason: str, calls: list[Callable[[], None]]

@@ -86,6 +86,7 @@ class ThreadListener(Registration):
     def start(self) -> None:
         """Start the thread."""
         self.thread = threading.Thread(target=self._run, name=f"fanout-{self.name}", daemon=True)
+        self.ctx.threads.add(self.thread)
         self.thread.start()
 
     def close(self, drain: bool = False) -> None:

@@ -392,7 +392,7 @@ def test_a_stop_interrupted_midway_is_finished_by_the_next_one(make_dist, tmp_pa
     distribute_behind_gate(d, gate, 10)
     real = Distributor._reap
 
-    def interrupted(self, listeners, timeout):
+    def interrupted(self, listeners, timeout, at_exit=False):
         monkeypatch.setattr(Distributor, "_reap", real)
         raise KeyboardInterrupt  # Ctrl-C while stop() waits for the workers
 

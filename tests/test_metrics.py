@@ -43,6 +43,7 @@ FIELDS = {  # sample name -> ListenerStats field
     "fanout_pending_bytes": "pending_bytes",
     "fanout_ring_capacity_bytes": "capacity_bytes",
     "fanout_workers": "workers",
+    "fanout_start_failed": "start_failed",
 }
 LATENCY = "fanout_delivery_latency_seconds"
 

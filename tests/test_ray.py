@@ -794,3 +794,97 @@ def test_memory_limit_kills_and_dead_letters(rdist, tmp_path: Path) -> None:
     assert [n.obj["metadata"]["name"] for n, _ in dead] == ["hog"]
     assert f"memory_limit={limit} bytes" in dead[0][1]
     assert assert_accounted(reg).dead_lettered == 1
+
+
+# -- lifecycle edges (issue 19): no Ray wait and no callback under the lock ---------------
+
+
+def test_callbacks_run_without_the_lock_and_may_add_and_remove(
+    rdist, tmp_path: Path, monkeypatch: Any
+) -> None:
+    from fanout.ray_listener import RayListener
+
+    d = rdist()
+    owned: list[tuple[str, bool]] = []
+    real_kill = RayListener._kill_actors
+
+    def kill_actors(self: Any) -> None:
+        owned.append(("kill", d.lock._is_owned()))
+        real_kill(self)
+
+    monkeypatch.setattr(RayListener, "_kill_actors", kill_actors)
+    refused: list[str] = []
+    added: list[Any] = []
+
+    def callback(kind: str) -> Any:
+        def call(reg: Any, n: Any, text: str) -> None:
+            owned.append((kind, d.lock._is_owned()))
+            try:
+                d.stop()
+            except RuntimeError as exc:
+                refused.append(str(exc))
+            new = d.add_listener(Recorder(str(tmp_path / "t")), executor="thread")
+            added.append(new)
+            d.remove_listener(new)
+
+        return call
+
+    reg = d.add_listener(
+        Recorder(str(tmp_path / "c")),
+        executor="ray",
+        schema=dict[str, Any],  # an object that does not fit is dead-lettered
+        on_error=callback("on_error"),
+        on_dead_letter=callback("on_dead_letter"),
+    )
+    gone = d.add_listener(Recorder(str(tmp_path / "g")), executor="ray")
+    d.start()
+    assert gone.wait_ready(60)
+    ids = gone.actor_ids()  # type: ignore[attr-defined]
+    d.remove_listener(gone)  # its sender kills the actors, not the caller under the lock
+    assert wait_for(lambda: _actor_state(ids[0])["State"] == "DEAD", 60)
+    d.distribute(fanout.Add(obj("bad", **{"raise": True})))
+    d.distribute(fanout.Add([1, 2]))  # does not fit the schema: dead-lettered
+    assert wait_for(lambda: len(added) == 2, 60)
+    assert sorted(k for k, _ in owned if k != "kill") == ["on_dead_letter", "on_error"]
+    assert d.stop(drain=True, timeout=60) is True
+    assert len(refused) == 2 and all("would wait for itself" in r for r in refused)
+    assert [k for k, _ in owned].count("kill") >= 2 and not any(o for _, o in owned), owned
+    s = assert_accounted(reg)
+    assert (s.errors, s.dead_lettered) == (1, 1)
+    assert_accounted(gone)
+
+
+def test_a_ray_listener_that_cannot_start_added_from_a_callback_is_reported(
+    rdist, tmp_path: Path, caplog: Any
+) -> None:
+    d = rdist()
+    added: list[Any] = []
+    dead: list[str] = []
+
+    def on_error(reg: Any, n: Any, text: str) -> None:
+        if not added:
+            added.append(
+                d.add_listener(
+                    FailingFactory(),
+                    name="bad-ray",
+                    executor="ray",
+                    on_dead_letter=lambda r, n, why: dead.append(why),
+                )
+            )
+
+    d.add_listener(Recorder(str(tmp_path / "c")), on_error=on_error)
+    d.start()
+    d.distribute(fanout.Add(obj("x", **{"raise": True})))
+    assert wait_for(lambda: added, 60)
+    (bad,) = added
+    for i in range(20):
+        d.distribute(fanout.Add(obj(f"o{i}")))
+    assert wait_for(lambda: bad.stats().start_error is not None, 120)
+    assert wait_for(lambda: bad.stats().pending == 0, 60)
+    s = bad.stats()
+    assert "factory refuses to build the handler" in s.start_error and s.start_failed == 1
+    assert "could not start" in caplog.text
+    assert wait_for(lambda: len(dead) == s.dead_lettered == s.received, 60)  # counted first
+    assert all("could not start" in why for why in dead)
+    assert d.stop(drain=True, timeout=60) is True
+    assert_accounted(bad)

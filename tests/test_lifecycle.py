@@ -309,11 +309,16 @@ def test_a_refused_notification_is_not_counted(make_dist):
     def key(o):
         if o.get("boom"):
             raise KeyError("boom")
-        return o["metadata"]["name"]
+        return "one lane"
 
-    regs = [d.add_listener(Noop(), workers=2, key=key, overflow="drop_newest") for _ in range(2)]
+    regs = [
+        d.add_listener(
+            Noop(), workers=2, key=key, max_pending_bytes=900_000, overflow="drop_newest"
+        )
+        for _ in range(2)
+    ]
     big = np.zeros(600_000, dtype=np.uint8)
-    d.distribute(fanout.Add(obj("fills", data=big)))  # the arena holds it until start()
+    d.distribute(fanout.Add(obj("fills", data=big)))  # the lane holds it until start()
     d.distribute(fanout.Add(obj("no room", data=big)))  # accepted, dropped: counted
     before = [(r.stats().received, r.stats().dropped) for r in regs]
     assert before == [(2, 1), (2, 1)]

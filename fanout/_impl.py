@@ -39,11 +39,13 @@ if TYPE_CHECKING:
     from fanout._ring import FrameRing as FrameRing
     from fanout._ring import Ring as Ring
     from fanout._ring import append_all as append_all
+    from fanout._ring import plain as plain
 else:
     Ring = ring_impl.Ring
     FrameRing = ring_impl.FrameRing
     Pump = pump_impl.Pump
     append_all = ring_impl.append_all
+    plain = ring_impl.plain
 
 __all__ = [
     "IMPORT_ERROR",
@@ -52,6 +54,7 @@ __all__ = [
     "Pump",
     "Ring",
     "append_all",
+    "plain",
     "serve",
     "watch_lifeline",
 ]

@@ -31,7 +31,7 @@ from fanout._sys cimport HDR, os_error
 
 from fanout._ring_common import HEADER_SIZE
 
-__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all"]
+__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "plain"]
 
 UINT64_MAX = (1 << 64) - 1
 
@@ -869,3 +869,49 @@ cdef class FrameRing:
     def sent_seq(self):
         """Sequence number of the last frame completely sent."""
         return self.st.sent_seq
+
+
+# -- which objects the two MessagePack packages encode alike (fanout.codec) ----------------
+
+cdef int _plain(object obj, int depth, object leaves) except -1:
+    cdef type t = type(obj)
+    if t is str or t is int or t is float or t is bool or t is bytes or obj is None:
+        return 1
+    if t is dict:
+        if depth == 0:
+            return 0
+        for k, v in (<dict>obj).items():
+            if not _plain_key(k) or not _plain(v, depth - 1, leaves):
+                return 0
+        return 1
+    if t is list:
+        if depth == 0:
+            return 0
+        for v in <list>obj:
+            if not _plain(v, depth - 1, leaves):
+                return 0
+        return 1
+    if t is tuple:
+        if depth == 0:
+            return 0
+        for v in <tuple>obj:
+            if not _plain(v, depth - 1, leaves):
+                return 0
+        return 1
+    return t in leaves
+
+
+cdef inline bint _plain_key(object k):
+    cdef type t = type(k)
+    return t is str or t is int or t is bytes
+
+
+def plain(obj, int depth, leaves):
+    """Whether ``obj`` holds only what msgspec and msgpack encode to the same bytes.
+
+    Exactly dicts (keyed by str, int or bytes), lists, tuples, str, bytes, int,
+    float, bool and None, nested at most ``depth`` levels, and instances of the
+    types in ``leaves`` (a set) anywhere. Anything else (a datetime, a set, a
+    subclass) answers False.
+    """
+    return bool(_plain(obj, depth, leaves))

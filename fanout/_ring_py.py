@@ -678,12 +678,12 @@ def append_all(rings: Any, frame: Any) -> int:
     return taken
 
 
-def plain(obj: Any, depth: int, leaves: Any) -> bool:
+def plain(obj: Any, depth: int, leaves: tuple[type, ...]) -> bool:
     """Whether ``obj`` holds only what msgspec and msgpack encode to the same bytes.
 
     Exactly dicts (keyed by str, int or bytes), lists, tuples, str, bytes, int,
     float, bool and None, nested at most ``depth`` levels, and instances of the
-    types in ``leaves`` (a set) anywhere. Anything else (a datetime, a set, a
+    types in ``leaves`` (a tuple) anywhere. Anything else (a datetime, a set, a
     subclass) answers False.
     """
     t = type(obj)

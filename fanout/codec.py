@@ -84,6 +84,22 @@ def encode_failure(exc: BaseException) -> TypeError:
     return TypeError(f"cannot encode notification: {exc}")
 
 
+# What msgspec raises for a value MessagePack cannot carry (an integer out of range).
+_MSGSPEC_REFUSALS = (OverflowError, ValueError, BufferError, msgspec.EncodeError)
+
+
+def _msgspec_failure(obj: Any, exc: BaseException) -> TypeError:
+    """What ``MsgspecCodec`` raises for what msgspec refused in ``obj`` (``exc``).
+
+    ``obj`` is plain (``PLAIN_DEPTH`` levels at most), so looking through it is safe.
+    """
+    if not isinstance(exc, BufferError):
+        big = _int_out_of_range(obj)  # said as MsgpackCodec says it
+        if big is not None:
+            return _unencodable(big)
+    return encode_failure(exc)
+
+
 def dtype_to_wire(dt: Any) -> Any:
     """A numpy dtype as plain MessagePack values that ``dtype_from_wire`` rebuilds exactly.
 
@@ -442,9 +458,9 @@ class Codec:
 # deeper object is packed by msgpack (Kubernetes objects nest about 10 levels).
 PLAIN_DEPTH = 64
 # The leaf types both packages write alike (numpy's array once numpy is loaded: an
-# array can only exist then): one frozenset, replaced when numpy arrives. Not
+# array can only exist then): one tuple, replaced when numpy arrives. Not
 # ``msgpack.ExtType``: a named tuple to msgspec, which writes it as an array.
-_plain_leaves = [frozenset((msgspec.msgpack.Ext,))]
+_plain_leaves: list[tuple[type, ...]] = [(msgspec.msgpack.Ext,)]
 
 
 def _more_plain_leaves() -> bool:
@@ -452,7 +468,7 @@ def _more_plain_leaves() -> bool:
     np = sys.modules.get("numpy")
     if np is None or np.ndarray in _plain_leaves[0]:
         return False
-    _plain_leaves[0] = _plain_leaves[0] | {np.ndarray}
+    _plain_leaves[0] = (*_plain_leaves[0], np.ndarray)
     return True
 
 
@@ -736,11 +752,16 @@ class MsgspecCodec(_MsgpackPacking, Codec):
         """
         if type(n) is Update:
             old, new = n.old, n.new
-            if old is new:
-                return self.pack([UPDATE_SAME, t_ns, new, None])
-            return self.pack([UPDATE, t_ns, old, new])
-        kind, a, b = _to_wire(n)
-        return self.pack([kind, t_ns, a, b])
+            obj = [UPDATE_SAME, t_ns, new, None] if old is new else [UPDATE, t_ns, old, new]
+        else:
+            kind, a, b = _to_wire(n)
+            obj = [kind, t_ns, a, b]
+        if self._plain(obj, PLAIN_DEPTH, _plain_leaves[0]):  # pack(), one call shorter
+            try:
+                return self._enc.encode(obj)
+            except _MSGSPEC_REFUSALS as exc:
+                raise _msgspec_failure(obj, exc) from exc
+        return self.pack(obj)
 
     def pack(self, obj: Any) -> bytes:
         """Serialize ``obj`` to MessagePack.
@@ -761,23 +782,8 @@ class MsgspecCodec(_MsgpackPacking, Codec):
             return self.pack(obj)
         try:
             return self._enc.encode(obj)
-        except TypeError:
-            raise
-        except (
-            OverflowError,
-            ValueError,
-            BufferError,
-            RecursionError,
-            self._msgspec.EncodeError,
-        ) as exc:
-            if not isinstance(exc, (BufferError, RecursionError)):
-                try:
-                    big = _int_out_of_range(obj)  # said as MsgpackCodec says it
-                except RecursionError:
-                    big = None
-                if big is not None:
-                    raise _unencodable(big) from exc
-            raise encode_failure(exc) from exc
+        except _MSGSPEC_REFUSALS as exc:
+            raise _msgspec_failure(obj, exc) from exc
 
     def unpack(self, data: Any) -> Any:
         """Deserialize what ``pack`` made.

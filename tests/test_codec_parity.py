@@ -173,7 +173,14 @@ def test_what_neither_codec_takes_fails_with_the_same_message(value: Any) -> Non
 
 @pytest.mark.parametrize(
     "value",
-    [{1, 2}, frozenset({3}), decimal.Decimal("1.5"), uuid.UUID(int=5), dt.time(1), dt.timedelta(1)],
+    [
+        {1, 2},
+        frozenset({3}),
+        decimal.Decimal("1.5"),
+        uuid.UUID(int=5),
+        dt.time(1),
+        dt.timedelta(1),
+    ],
     ids=["set", "frozenset", "decimal", "uuid", "time", "timedelta"],
 )
 def test_types_msgspec_knows_but_fanout_does_not_list_are_refused_by_both(value: Any) -> None:

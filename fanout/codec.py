@@ -10,7 +10,7 @@ Extension types (MessagePack ext codes 1-5 are fanout's; 64-127 are the user's):
 1 = numpy array (``[dtype.str, shape, raw bytes]``, decoded read-only without a
 second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text), 4 = a buffer in
 the distributor's shared-memory arena (``fanout._arena``: the frame carries only where
-it is; ``MsgpackCodec`` alone makes them, and only for process listeners), 5 = a
+it is; the built-in codecs make them, and only for process listeners), 5 = a
 buffer a Ray listener's actors read from Ray's object store (``fanout._ray_refs``).
 Tuples travel
 as arrays (a handler gets lists), except as dict keys, which decode as tuples again.
@@ -521,7 +521,7 @@ class _MsgpackPacking:
 
 
 class MsgpackCodec(_MsgpackPacking, Codec):
-    """MessagePack through the ``msgpack`` package (the default codec).
+    """MessagePack through the ``msgpack`` package (``codec="msgpack"``).
 
     Besides MessagePack's own types it carries ``datetime``, ``date`` and numpy
     arrays (dtype, shape and raw bytes; a worker gets a read-only array).

@@ -197,3 +197,29 @@ def test_types_msgspec_knows_but_fanout_does_not_list_are_refused_by_both(value:
 def test_ext_values_of_either_package_pack_alike() -> None:
     for ext in (msgpack.ExtType(70, b"abc"), msgspec.msgpack.Ext(70, b"abc")):
         same_bytes({"e": ext})
+
+
+NOT_PLAIN = [
+    {"at": DAY},
+    [1, (2, {3: NAIVE})],
+    {1.5: "float key"},
+    {None: 1},
+    bytearray(b"x"),
+    {"s": {1}},
+    np.float64(1.0),
+    nested(65, 1),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(values)
+def test_the_native_walk_and_its_twin_agree(obj: Any) -> None:
+    native = pytest.importorskip("fanout._ring")
+    from fanout import _ring_py
+
+    leaves = (msgspec.msgpack.Ext, np.ndarray)
+    for value in (obj, *NOT_PLAIN, nested(64, 1), {"a": [obj]}):
+        want = _ring_py.plain(value, 64, leaves)
+        assert native.plain(value, 64, leaves) is want, value
+    assert all(not _ring_py.plain(v, 64, leaves) for v in NOT_PLAIN)
+    assert _ring_py.plain(nested(64, 1), 64, leaves)

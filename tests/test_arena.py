@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import pickle
 import random
 import signal
 import threading
@@ -373,6 +374,28 @@ def test_options_are_checked_and_zero_disables_the_arena(make_dist, tmp_path):
     assert wait_for(lambda: len(lines(out)) == 1)
     assert lines(out)[0].split("\t")[1] == digest(arr)
     assert d.shared_stats().max_bytes == 0
+
+
+class OwnCodec(fanout.Codec):
+    """A codec of the user's: pickle, no MessagePack (the arena is not for it)."""
+
+    def pack(self, obj: Any) -> bytes:
+        return pickle.dumps(obj)
+
+    def unpack(self, data: Any) -> Any:
+        return pickle.loads(data)
+
+
+def test_the_default_codec_is_msgspec_and_either_built_in_codec_gets_the_arena(make_dist):
+    d = make_dist()
+    assert type(d.codec) is fanout.MsgspecCodec and d.arena is not None
+    assert d.arena.codec._shares is d.arena and d.codec._arena is d.arena
+    for codec in ("msgpack", fanout.MsgpackCodec(), fanout.MsgspecCodec()):
+        assert make_dist(codec=codec).arena is not None
+    assert make_dist(codec=OwnCodec()).arena is None
+    # The caller's codec instance is never tied to an arena: it gets a copy.
+    mine = fanout.MsgspecCodec()
+    assert make_dist(codec=mine).codec is not mine and mine._arena is None
 
 
 def test_a_worker_killed_mid_handler_gets_the_same_block_again(make_dist, tmp_path, start_method):

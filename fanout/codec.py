@@ -769,7 +769,13 @@ class MsgspecCodec(_MsgpackPacking, Codec):
                 return self._enc.encode(obj)
             except _MSGSPEC_REFUSALS as exc:
                 raise _msgspec_failure(obj, exc) from exc
-        return self.pack(obj)
+        return self._pack_other(obj)
+
+    def _pack_other(self, obj: Any) -> bytes:
+        """Pack ``obj``, which the walk found not plain (numpy may have arrived since)."""
+        if _more_plain_leaves():
+            return self.pack(obj)
+        return self._msgpack_pack(obj)  # as MsgpackCodec writes it
 
     def pack(self, obj: Any) -> bytes:
         """Serialize ``obj`` to MessagePack.
@@ -785,9 +791,7 @@ class MsgspecCodec(_MsgpackPacking, Codec):
                 message names its type.
         """
         if not self._plain(obj, PLAIN_DEPTH, _plain_leaves[0]):
-            if not _more_plain_leaves():
-                return self._msgpack_pack(obj)  # as MsgpackCodec writes it
-            return self.pack(obj)
+            return self._pack_other(obj)
         try:
             return self._enc.encode(obj)
         except _MSGSPEC_REFUSALS as exc:

@@ -890,8 +890,9 @@ cdef extern from "Python.h":
     PyObject* _none "Py_None"
     PyTypeObject* _type_of "Py_TYPE"(PyObject*)
     int _dict_next "PyDict_Next"(PyObject*, Py_ssize_t*, PyObject**, PyObject**)
-    Py_ssize_t _list_size "PyList_GET_SIZE"(PyObject*)
-    PyObject* _list_item "PyList_GET_ITEM"(PyObject*, Py_ssize_t)
+    # (a list or a tuple, exactly)
+    Py_ssize_t _seq_size "PySequence_Fast_GET_SIZE"(PyObject*)
+    PyObject* _seq_item "PySequence_Fast_GET_ITEM"(PyObject*, Py_ssize_t)
     Py_ssize_t _tuple_size "PyTuple_GET_SIZE"(PyObject*)
     PyObject* _tuple_item "PyTuple_GET_ITEM"(PyObject*, Py_ssize_t)
 
@@ -920,21 +921,12 @@ cdef bint _plain(PyObject* o, int depth, PyObject* leaves) noexcept:
             if not _scalar(v) and not _plain(v, depth - 1, leaves):
                 return False
         return True
-    if t == &_list_t:
+    if t == &_list_t or t == &_tuple_t:
         if depth == 0:
             return False
-        n = _list_size(o)
+        n = _seq_size(o)
         for i in range(n):
-            v = _list_item(o, i)
-            if not _scalar(v) and not _plain(v, depth - 1, leaves):
-                return False
-        return True
-    if t == &_tuple_t:
-        if depth == 0:
-            return False
-        n = _tuple_size(o)
-        for i in range(n):
-            v = _tuple_item(o, i)
+            v = _seq_item(o, i)
             if not _scalar(v) and not _plain(v, depth - 1, leaves):
                 return False
         return True

@@ -511,6 +511,22 @@ class _MsgpackPacking:
         )
         return packer
 
+    def _msgpack_encode(self, n: Notification, t_ns: int) -> bytes:
+        """``encode`` with the msgpack packer (an update without a detour)."""
+        if type(n) is not Update:
+            return Codec.encode(self, n, t_ns)  # type: ignore[arg-type]
+        try:
+            packer = self._local.packer
+        except AttributeError:
+            packer = self._packer()
+        old, new = n.old, n.new
+        try:
+            if old is new:
+                return packer.pack([UPDATE_SAME, t_ns, new, None])
+            return packer.pack([UPDATE, t_ns, old, new])
+        except (OverflowError, ValueError, BufferError) as exc:
+            raise encode_failure(exc) from exc
+
     def _msgpack_pack(self, obj: Any) -> bytes:
         try:
             packer = self._local.packer
@@ -591,19 +607,7 @@ class MsgpackCodec(_MsgpackPacking, Codec):
             TypeError: ``n`` holds an object the codec cannot serialize, or an
                 integer out of MessagePack's range.
         """
-        if type(n) is not Update:
-            return super().encode(n, t_ns)
-        try:
-            packer = self._local.packer
-        except AttributeError:
-            packer = self._packer()
-        old, new = n.old, n.new
-        try:
-            if old is new:
-                return packer.pack([UPDATE_SAME, t_ns, new, None])
-            return packer.pack([UPDATE, t_ns, old, new])
-        except (OverflowError, ValueError, BufferError) as exc:
-            raise encode_failure(exc) from exc
+        return self._msgpack_encode(n, t_ns)
 
     def pack(self, obj: Any) -> bytes:
         """Serialize ``obj`` to MessagePack.
@@ -697,6 +701,8 @@ class MsgspecCodec(_MsgpackPacking, Codec):
         # instructions against msgpack's 180,000): without the extensions, msgpack
         # packs everything, as MsgpackCodec does.
         self._plain = plain if NATIVE else _never_plain
+        if not NATIVE:
+            self.encode = self._msgpack_encode  # type: ignore[method-assign]
         self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._dec = msgspec.msgpack.Decoder(ext_hook=self._ext_hook)
         self._local = threading.local()
@@ -705,6 +711,7 @@ class MsgspecCodec(_MsgpackPacking, Codec):
         state = dict(self.__dict__)
         for name in ("_msgspec", "_plain", "_enc", "_dec", "_local"):  # rebuilt there
             del state[name]
+        state.pop("encode", None)
         state.pop("_arena", None)  # the producer's: workers map their own, read-only
         state.pop("_shares", None)
         return state

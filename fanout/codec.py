@@ -512,7 +512,19 @@ class _MsgpackPacking:
         return packer
 
     def _msgpack_encode(self, n: Notification, t_ns: int) -> bytes:
-        """``encode`` with the msgpack packer (an update without a detour)."""
+        """Encode a notification and its timestamp into one payload (the hot path).
+
+        Args:
+            n: The notification.
+            t_ns: ``time.monotonic_ns()`` at ``distribute``.
+
+        Returns:
+            The payload.
+
+        Raises:
+            TypeError: ``n`` holds an object the codec cannot serialize, or an
+                integer out of MessagePack's range.
+        """
         if type(n) is not Update:
             return Codec.encode(self, n, t_ns)  # type: ignore[arg-type]
         try:
@@ -593,21 +605,8 @@ class MsgpackCodec(_MsgpackPacking, Codec):
             return self.ext_hook(code, data)
         return msgpack.ExtType(code, data)
 
-    def encode(self, n: Notification, t_ns: int) -> bytes:
-        """Encode a notification and its timestamp into one payload (the hot path).
-
-        Args:
-            n: The notification.
-            t_ns: ``time.monotonic_ns()`` at ``distribute``.
-
-        Returns:
-            The payload.
-
-        Raises:
-            TypeError: ``n`` holds an object the codec cannot serialize, or an
-                integer out of MessagePack's range.
-        """
-        return self._msgpack_encode(n, t_ns)
+    # The hot path, with no call in between.
+    encode = _MsgpackPacking._msgpack_encode
 
     def pack(self, obj: Any) -> bytes:
         """Serialize ``obj`` to MessagePack.

@@ -219,7 +219,8 @@ class Arena:
     Args:
         size: Bytes of shared memory (``max_shared_bytes``).
         min_bytes: Buffers of at least this many bytes go into the arena.
-        codec: A ``MsgpackCodec`` of the arena's own (a copy of the distributor's).
+        codec: A ``MsgpackCodec`` or ``MsgspecCodec`` of the arena's own (a copy of
+            the distributor's).
 
     Raises:
         OSError: The memfd could not be created, sized or sealed.

@@ -40,11 +40,13 @@ if TYPE_CHECKING:
     from fanout._ring import FrameRing as FrameRing
     from fanout._ring import Ring as Ring
     from fanout._ring import append_all as append_all
+    from fanout._ring import plain as plain
 else:
     Ring = ring_impl.Ring
     FrameRing = ring_impl.FrameRing
     Pump = pump_impl.Pump
     append_all = ring_impl.append_all
+    plain = ring_impl.plain
 
 __all__ = [
     "IMPORT_ERROR",
@@ -54,6 +56,7 @@ __all__ = [
     "Ring",
     "append_all",
     "guard_forks",
+    "plain",
     "serve",
     "watch_lifeline",
 ]

@@ -25,7 +25,7 @@ from fanout._ring_common import (
 )
 from fanout.errors import RingClosed, RingFull, ring_full_message
 
-__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all"]
+__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "plain"]
 
 NATIVE = False
 
@@ -676,3 +676,27 @@ def append_all(rings: Any, frame: Any) -> int:
             continue
         taken += 1
     return taken
+
+
+def plain(obj: Any, depth: int, leaves: tuple[type, ...]) -> bool:
+    """Whether ``obj`` holds only what msgspec and msgpack encode to the same bytes.
+
+    Exactly dicts (keyed by str, int or bytes), lists, tuples, str, bytes, int,
+    float, bool and None, nested at most ``depth`` levels, and instances of the
+    types in ``leaves`` (a tuple) anywhere. Anything else (a datetime, a set, a
+    subclass) answers False.
+    """
+    t = type(obj)
+    if t in _SCALARS:
+        return True
+    if t is dict:
+        return depth > 0 and all(
+            type(k) in _KEYS and plain(v, depth - 1, leaves) for k, v in obj.items()
+        )
+    if t is list or t is tuple:
+        return depth > 0 and all(plain(v, depth - 1, leaves) for v in obj)
+    return t in leaves
+
+
+_SCALARS = frozenset((str, int, float, bool, bytes, type(None)))
+_KEYS = frozenset((str, int, bytes))

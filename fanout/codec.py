@@ -10,7 +10,7 @@ Extension types (MessagePack ext codes 1-5 are fanout's; 64-127 are the user's):
 1 = numpy array (``[dtype.str, shape, raw bytes]``, decoded read-only without a
 second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text), 4 = a buffer in
 the distributor's shared-memory arena (``fanout._arena``: the frame carries only where
-it is; ``MsgpackCodec`` alone makes them, and only for process listeners), 5 = a
+it is; the built-in codecs make them, and only for process listeners), 5 = a
 buffer a Ray listener's actors read from Ray's object store (``fanout._ray_refs``).
 Tuples travel
 as arrays (a handler gets lists), except as dict keys, which decode as tuples again.
@@ -82,6 +82,22 @@ def encode_failure(exc: BaseException) -> TypeError:
             "the deep part as a str or bytes"
         )
     return TypeError(f"cannot encode notification: {exc}")
+
+
+# What msgspec raises for a value MessagePack cannot carry (an integer out of range).
+_MSGSPEC_REFUSALS = (OverflowError, ValueError, BufferError, msgspec.EncodeError)
+
+
+def _msgspec_failure(obj: Any, exc: BaseException) -> TypeError:
+    """What ``MsgspecCodec`` raises for what msgspec refused in ``obj`` (``exc``).
+
+    ``obj`` is plain (``PLAIN_DEPTH`` levels at most), so looking through it is safe.
+    """
+    if not isinstance(exc, BufferError):
+        big = _int_out_of_range(obj)  # said as MsgpackCodec says it
+        if big is not None:
+            return _unencodable(big)
+    return encode_failure(exc)
 
 
 def dtype_to_wire(dt: Any) -> Any:
@@ -352,6 +368,12 @@ class Codec:
     name = "codec"
     # The payload is MessagePack, so a listener ``schema`` can decode it typed.
     msgpack_wire = False
+    # The producer's shared-memory arena (``Distributor`` attaches it to the codecs
+    # that can use it): ``_arena`` to decode references in the producer, ``_shares``
+    # on the arena's own copy, whose encodes put big buffers there. Never pickled: a
+    # worker's copy decodes references from its own read-only mapping.
+    _arena: Any = None
+    _shares: Any = None
 
     def pack(self, obj: Any) -> bytes:
         """Serialize a list of plain objects.
@@ -432,8 +454,106 @@ class Codec:
         return obj if obj is not None else msgpack.ExtType(code, bytes(data))
 
 
-class MsgpackCodec(Codec):
-    """MessagePack through the ``msgpack`` package (the default codec).
+# How deep ``MsgspecCodec`` looks for objects msgspec would write its own way; a
+# deeper object is packed by msgpack (Kubernetes objects nest about 10 levels).
+PLAIN_DEPTH = 64
+# The leaf types both packages write alike (numpy's array once numpy is loaded: an
+# array can only exist then): one tuple, replaced when numpy arrives. Not
+# ``msgpack.ExtType``: a named tuple to msgspec, which writes it as an array.
+_plain_leaves: list[tuple[type, ...]] = [(msgspec.msgpack.Ext,)]
+
+
+def _never_plain(obj: Any, depth: int, leaves: tuple[type, ...]) -> bool:
+    return False
+
+
+def _more_plain_leaves() -> bool:
+    """Add numpy's array to the plain leaves if numpy is loaded now; tell if it was added."""
+    np = sys.modules.get("numpy")
+    if np is None or np.ndarray in _plain_leaves[0]:
+        return False
+    _plain_leaves[0] = (*_plain_leaves[0], np.ndarray)
+    return True
+
+
+class _MsgpackPacking:
+    """Packing with the ``msgpack`` package: ``MsgpackCodec``'s, and ``MsgspecCodec``'s
+    for what msgspec would encode differently (so both write the same bytes).
+
+    Needs ``default`` (a user hook or None), ``_local`` (a ``threading.local``) and
+    ``_shares`` (the arena, on the arena's own copy).
+    """
+
+    default: Callable[[Any], Any] | None
+    _local: threading.local
+    _shares: Any
+
+    def _default(self, obj: Any) -> Any:
+        if self._shares is not None and type(obj).__module__ == "numpy":
+            shared = self._shares.share(obj)  # None: small, or not shareable
+            if shared is not None:
+                return shared
+        ext = _builtin_to_ext(obj)
+        if ext is not None:
+            return msgpack.ExtType(*ext)
+        if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
+            return obj.item()  # numpy scalar
+        if type(obj) is msgspec.msgpack.Ext:  # as MsgspecCodec takes it
+            return msgpack.ExtType(obj.code, obj.data)
+        if self.default is not None:
+            return self.default(obj)
+        raise _unencodable(obj)
+
+    def _packer(self) -> msgpack.Packer:
+        # One Packer per thread: Packer is not thread-safe.
+        packer = self._local.packer = msgpack.Packer(
+            default=self._default, use_bin_type=True, datetime=False
+        )
+        return packer
+
+    def _msgpack_encode(self, n: Notification, t_ns: int) -> bytes:
+        """Encode a notification and its timestamp into one payload (the hot path).
+
+        Args:
+            n: The notification.
+            t_ns: ``time.monotonic_ns()`` at ``distribute``.
+
+        Returns:
+            The payload.
+
+        Raises:
+            TypeError: ``n`` holds an object the codec cannot serialize, or an
+                integer out of MessagePack's range.
+        """
+        if type(n) is not Update:
+            return Codec.encode(self, n, t_ns)  # type: ignore[arg-type]
+        try:
+            packer = self._local.packer
+        except AttributeError:
+            packer = self._packer()
+        old, new = n.old, n.new
+        try:
+            if old is new:
+                return packer.pack([UPDATE_SAME, t_ns, new, None])
+            return packer.pack([UPDATE, t_ns, old, new])
+        except (OverflowError, ValueError, BufferError) as exc:
+            raise encode_failure(exc) from exc
+
+    def _msgpack_pack(self, obj: Any) -> bytes:
+        try:
+            packer = self._local.packer
+        except AttributeError:
+            packer = self._packer()
+        try:
+            return packer.pack(obj)
+        except TypeError:
+            raise
+        except (OverflowError, ValueError, BufferError) as exc:
+            raise encode_failure(exc) from exc
+
+
+class MsgpackCodec(_MsgpackPacking, Codec):
+    """MessagePack through the ``msgpack`` package (``codec="msgpack"``).
 
     Besides MessagePack's own types it carries ``datetime``, ``date`` and numpy
     arrays (dtype, shape and raw bytes; a worker gets a read-only array).
@@ -451,12 +571,6 @@ class MsgpackCodec(Codec):
 
     name = "msgpack"
     msgpack_wire = True
-    # The producer's shared-memory arena (``Distributor`` attaches it): ``_arena`` to
-    # decode references in the producer, ``_shares`` on the arena's own copy, whose
-    # encodes put big buffers there. Never pickled: a worker's copy decodes
-    # references from its own read-only mapping.
-    _arena: Any = None
-    _shares: Any = None
 
     def __init__(
         self,
@@ -481,20 +595,6 @@ class MsgpackCodec(Codec):
         self.__dict__.update(state)
         self._local = threading.local()
 
-    def _default(self, obj: Any) -> Any:
-        if self._shares is not None and type(obj).__module__ == "numpy":
-            shared = self._shares.share(obj)  # None: small, or not shareable
-            if shared is not None:
-                return shared
-        ext = _builtin_to_ext(obj)
-        if ext is not None:
-            return msgpack.ExtType(*ext)
-        if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
-            return obj.item()  # numpy scalar
-        if self.default is not None:
-            return self.default(obj)
-        raise _unencodable(obj)
-
     def _ext(self, code: int, data: bytes) -> Any:
         if code == EXT_SHARED and self._arena is not None:
             return self._arena.decode_copy(data)  # in the producer: a copy, if still held
@@ -505,40 +605,8 @@ class MsgpackCodec(Codec):
             return self.ext_hook(code, data)
         return msgpack.ExtType(code, data)
 
-    def encode(self, n: Notification, t_ns: int) -> bytes:
-        """Encode a notification and its timestamp into one payload (the hot path).
-
-        Args:
-            n: The notification.
-            t_ns: ``time.monotonic_ns()`` at ``distribute``.
-
-        Returns:
-            The payload.
-
-        Raises:
-            TypeError: ``n`` holds an object the codec cannot serialize, or an
-                integer out of MessagePack's range.
-        """
-        if type(n) is not Update:
-            return super().encode(n, t_ns)
-        try:
-            packer = self._local.packer
-        except AttributeError:
-            packer = self._packer()
-        old, new = n.old, n.new
-        try:
-            if old is new:
-                return packer.pack([UPDATE_SAME, t_ns, new, None])
-            return packer.pack([UPDATE, t_ns, old, new])
-        except (OverflowError, ValueError, BufferError) as exc:
-            raise encode_failure(exc) from exc
-
-    def _packer(self) -> msgpack.Packer:
-        # One Packer per thread: Packer is not thread-safe.
-        packer = self._local.packer = msgpack.Packer(
-            default=self._default, use_bin_type=True, datetime=False
-        )
-        return packer
+    # The hot path, with no call in between.
+    encode = _MsgpackPacking._msgpack_encode
 
     def pack(self, obj: Any) -> bytes:
         """Serialize ``obj`` to MessagePack.
@@ -554,16 +622,7 @@ class MsgpackCodec(Codec):
             TypeError: ``obj`` holds something that cannot be serialized; the
                 message names its type.
         """
-        try:
-            packer = self._local.packer
-        except AttributeError:
-            packer = self._packer()
-        try:
-            return packer.pack(obj)
-        except TypeError:
-            raise
-        except (OverflowError, ValueError, BufferError) as exc:
-            raise encode_failure(exc) from exc
+        return self._msgpack_pack(obj)
 
     def unpack(self, data: Any) -> Any:
         """Deserialize what ``pack`` made.
@@ -611,28 +670,49 @@ class MsgpackCodec(Codec):
         return msgspec.msgpack.Decoder(ext_hook=self._msgspec_ext).decode
 
 
-class MsgspecCodec(Codec):
-    """MessagePack through ``msgspec``: the same wire, encoded and decoded faster.
+class MsgspecCodec(_MsgpackPacking, Codec):
+    """MessagePack through ``msgspec`` (the default codec): the same wire, faster.
 
-    The wire format is MessagePack, byte for byte what ``MsgpackCodec`` writes
-    (tests/test_codec_parity.py), except for datetimes and dates, which msgspec
-    encodes itself: a naive ``datetime`` or a ``date`` arrives as ISO 8601 text,
-    a tz-aware datetime as a MessagePack timestamp; numpy arrays and everything
-    else round-trip.
+    It writes byte for byte what ``MsgpackCodec`` writes and takes exactly the
+    same objects (tests/test_codec_parity.py): dicts, lists, tuples, str,
+    bytes, int, float, bool, None, ``datetime``, ``date`` and numpy arrays, and
+    refuses the rest with the same ``TypeError``. msgspec encodes a notification
+    made of plain containers and scalars, and numpy arrays; one holding anything
+    msgspec would write its own way (a ``datetime`` or ``date``, which msgspec
+    writes as text or a timestamp; a ``set``, ``Decimal`` or ``UUID``, which
+    ``msgpack`` refuses; a subclass) or nested deeper than
+    ``PLAIN_DEPTH`` levels is packed by the ``msgpack`` package instead, as
+    ``MsgpackCodec`` packs it. Telling which costs one native walk over the
+    object (for a Kubernetes Pod, 40 % of msgspec's encode, which is a third of
+    msgpack's); without the native extensions msgpack packs everything.
+    Decoding is msgspec's alone.
     """
 
     name = "msgspec"
     msgpack_wire = True
+    default = None  # (MsgpackCodec's user hook: none here)
 
     def __init__(self) -> None:
+        from fanout._impl import NATIVE, plain
+
         self._msgspec = msgspec
+        # The pure-Python walk costs more than msgspec saves (a Pod: 850,000
+        # instructions against msgpack's 180,000): without the extensions, msgpack
+        # packs everything, as MsgpackCodec does.
+        self._plain = plain if NATIVE else _never_plain
+        if not NATIVE:
+            self.encode = self._msgpack_encode  # type: ignore[method-assign]
         self._enc = msgspec.msgpack.Encoder(enc_hook=self._enc_hook)
         self._dec = msgspec.msgpack.Decoder(ext_hook=self._ext_hook)
+        self._local = threading.local()
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        for name in ("_msgspec", "_enc", "_dec"):  # rebuilt in the worker
+        for name in ("_msgspec", "_plain", "_enc", "_dec", "_local"):  # rebuilt there
             del state[name]
+        state.pop("encode", None)
+        state.pop("_arena", None)  # the producer's: workers map their own, read-only
+        state.pop("_shares", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -640,14 +720,17 @@ class MsgspecCodec(Codec):
         MsgspecCodec.__init__(self)
 
     def _enc_hook(self, obj: Any) -> Any:
-        ext = _builtin_to_ext(obj)
-        if ext is not None:
-            return self._msgspec.msgpack.Ext(*ext)
-        if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
-            return obj.item()
-        raise _unencodable(obj)
+        # Called only for the numpy arrays ``_plain`` lets through, so the arena's
+        # look at an array costs a notification without arrays nothing. The msgpack
+        # packer's hook makes the same values.
+        obj = self._default(obj)
+        if type(obj) is msgpack.ExtType:
+            return self._msgspec.msgpack.Ext(obj.code, obj.data)
+        return obj
 
     def _ext_hook(self, code: int, data: memoryview) -> Any:
+        if code == EXT_SHARED and self._arena is not None:
+            return self._arena.decode_copy(bytes(data))  # in the producer: a copy, if held
         obj = _builtin_from_ext(code, bytes(data))
         return obj if obj is not None else self._msgspec.msgpack.Ext(code, bytes(data))
 
@@ -667,6 +750,39 @@ class MsgspecCodec(Codec):
             return self._dec.decode  # the decoder itself: no wrapper call per frame
         return super().unpacker(schema)
 
+    def encode(self, n: Notification, t_ns: int) -> bytes:
+        """Encode a notification and its timestamp into one payload (the hot path).
+
+        Args:
+            n: The notification.
+            t_ns: ``time.monotonic_ns()`` at ``distribute``.
+
+        Returns:
+            The payload.
+
+        Raises:
+            TypeError: ``n`` is not a notification, or holds an object the codec
+                cannot serialize, or an integer out of MessagePack's range.
+        """
+        if type(n) is Update:
+            old, new = n.old, n.new
+            obj = [UPDATE_SAME, t_ns, new, None] if old is new else [UPDATE, t_ns, old, new]
+        else:
+            kind, a, b = _to_wire(n)
+            obj = [kind, t_ns, a, b]
+        if self._plain(obj, PLAIN_DEPTH, _plain_leaves[0]):  # pack(), one call shorter
+            try:
+                return self._enc.encode(obj)
+            except _MSGSPEC_REFUSALS as exc:
+                raise _msgspec_failure(obj, exc) from exc
+        return self._pack_other(obj)
+
+    def _pack_other(self, obj: Any) -> bytes:
+        """Pack ``obj``, which the walk found not plain (numpy may have arrived since)."""
+        if _more_plain_leaves():
+            return self.pack(obj)
+        return self._msgpack_pack(obj)  # as MsgpackCodec writes it
+
     def pack(self, obj: Any) -> bytes:
         """Serialize ``obj`` to MessagePack.
 
@@ -680,25 +796,12 @@ class MsgspecCodec(Codec):
             TypeError: ``obj`` holds something that cannot be serialized; the
                 message names its type.
         """
+        if not self._plain(obj, PLAIN_DEPTH, _plain_leaves[0]):
+            return self._pack_other(obj)
         try:
             return self._enc.encode(obj)
-        except TypeError:
-            raise
-        except (
-            OverflowError,
-            ValueError,
-            BufferError,
-            RecursionError,
-            self._msgspec.EncodeError,
-        ) as exc:
-            if not isinstance(exc, (BufferError, RecursionError)):
-                try:
-                    big = _int_out_of_range(obj)  # said as MsgpackCodec says it
-                except RecursionError:
-                    big = None
-                if big is not None:
-                    raise _unencodable(big) from exc
-            raise encode_failure(exc) from exc
+        except _MSGSPEC_REFUSALS as exc:
+            raise _msgspec_failure(obj, exc) from exc
 
     def unpack(self, data: Any) -> Any:
         """Deserialize what ``pack`` made.

@@ -28,7 +28,7 @@ from fanout._arena import (
 )
 from fanout._arena_feed import append_rings, put_lane
 from fanout._impl import Pump, append_all
-from fanout.codec import Codec, MsgpackCodec, get_codec
+from fanout.codec import Codec, MsgpackCodec, MsgspecCodec, get_codec
 from fanout.errors import DistributorStopped, WorkerStartError
 from fanout.lifecycle import State, require, transition
 from fanout.notifications import NOTIFICATION_TYPES, Add, Notification
@@ -153,15 +153,17 @@ class Distributor:
             in tests).
         start_method: ``"forkserver"`` (default) or ``"spawn"``; ``"fork"`` is
             refused because the pump thread makes forking unsafe.
-        codec: ``"msgpack"`` (default), ``"msgspec"`` or a ``fanout.Codec``
+        codec: ``"msgspec"`` (default), ``"msgpack"`` or a ``fanout.Codec``
             instance; it encodes each notification once for every process
-            listener.
+            listener. Both names write the same MessagePack; ``"msgspec"`` is
+            the faster, ``"msgpack"`` (``MsgpackCodec``) takes ``default`` and
+            ``ext_hook`` hooks for your own types.
         max_shared_bytes: Size of the shared-memory arena through which big
             buffers reach process listeners (default: an eighth of the RAM;
             memory is used only as blocks are filled); 0 sends everything
             inline in the frames. Each process listener may hold an equal share
             of it; one at its share takes big buffers inline in its own ring.
-            Only the default ``MsgpackCodec`` uses it.
+            The two built-in codecs use it (not a ``Codec`` subclass of yours).
         shared_min_bytes: A numpy array, ``bytes``, ``bytearray`` or
             ``memoryview`` of at least this many bytes travels through the
             arena: copied once, read zero-copy by every worker.
@@ -180,7 +182,7 @@ class Distributor:
         resync_check_period: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
         start_method: StartMethod = "forkserver",
-        codec: CodecName | Codec = "msgpack",
+        codec: CodecName | Codec = "msgspec",
         max_shared_bytes: int | None = None,
         shared_min_bytes: int = DEFAULT_SHARED_MIN_BYTES,
     ) -> None:
@@ -245,13 +247,13 @@ class Distributor:
             if value < 0:
                 raise ValueError(f"{opt} must be >= 0 bytes, got {value}")
         size = default_max_shared_bytes() if max_bytes is None else max_bytes
-        if size == 0 or type(self.codec) is not MsgpackCodec:
+        if size == 0 or type(self.codec) not in (MsgspecCodec, MsgpackCodec):
             return None
         arena = Arena(size, max(1, min_bytes), pickle.loads(pickle.dumps(self.codec)))
         # A private copy that decodes references in the producer (dead letters,
         # errors): a codec instance passed to two distributors gets one arena each.
         # It encodes inline for the lanes at their share of the arena.
-        codec: MsgpackCodec = pickle.loads(pickle.dumps(self.codec))
+        codec: Codec = pickle.loads(pickle.dumps(self.codec))
         codec._arena = arena
         arena.inline_encode = codec.encode
         self.codec = codec

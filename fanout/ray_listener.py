@@ -34,7 +34,7 @@ from fanout._protocol import HEADER, HEADER_SIZE, NBUCKETS
 from fanout._ray_actor import LaneActor, progress_path
 from fanout._ray_refs import RayPayload, RayStore, TokenLog
 from fanout._version import DISTRIBUTION
-from fanout.codec import MsgpackCodec
+from fanout.codec import MsgpackCodec, MsgspecCodec
 from fanout.lane_listener import LaneListener
 from fanout.notifications import RawFrame
 from fanout.options import ListenerOptions
@@ -320,7 +320,7 @@ class RayListener(LaneListener):
 
     def encoder(self) -> Callable[[Any, int], bytes]:
         """Big buffers go into Ray's object store once, for every Ray listener."""
-        if not isinstance(self.ctx.codec, MsgpackCodec):
+        if not isinstance(self.ctx.codec, (MsgpackCodec, MsgspecCodec)):
             return self.ctx.encode  # references are MessagePack ext values
         return self.store.encode
 

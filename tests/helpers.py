@@ -97,7 +97,9 @@ def read_calls(path: str | os.PathLike[str]) -> list[Call]:
     if not p.exists():
         return []
     calls = []
-    for line in p.read_text().splitlines():
+    # A worker may be writing a line right now: the text after the last newline is
+    # not a call yet.
+    for line in p.read_text().split("\n")[:-1]:
         pid, kind, name, v, initial = line.split("\t")
         calls.append(Call(int(pid), kind, name, int(v), initial == "1"))
     return calls

@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import mmap
 import os
+import pickle
 import random
 import signal
 import threading
@@ -192,6 +193,12 @@ def sample(dtype: np.dtype, n: int, seed: int) -> np.ndarray:
 # -- the arena alone ------------------------------------------------------------------
 
 
+@pytest.fixture(params=["msgspec", "msgpack"])
+def codec(request: pytest.FixtureRequest) -> str:
+    """Both built-in codecs: the arena encodes and decodes alike under either."""
+    return str(request.param)
+
+
 def test_blocks_are_allocated_lowest_first_and_coalesce_when_freed(no_leaks):
     arena = Arena(1024 * KIB, 1, fanout.MsgpackCodec())
     try:
@@ -258,10 +265,10 @@ def test_frame_ring_seqs_show_gaps_left_by_drops(ring_impl):
 
 
 def test_every_dtype_0d_strided_and_fortran_arrive_equal_and_read_only(
-    make_dist, tmp_path, start_method
+    make_dist, codec, tmp_path, start_method
 ):
     out = tmp_path / "out"
-    d = make_dist(start_method=start_method, shared_min_bytes=1)
+    d = make_dist(codec=codec, start_method=start_method, shared_min_bytes=1)
     d.add_listener(Digester(str(out)))
     arrays = [sample(dt, 257, seed) for seed, dt in enumerate(every_dtype())]
     arrays += [
@@ -285,7 +292,7 @@ def test_every_dtype_0d_strided_and_fortran_arrive_equal_and_read_only(
 
 
 def test_bytes_like_payloads_arrive_as_bytes_and_thread_listeners_get_the_original(
-    make_dist, tmp_path
+    make_dist, codec, tmp_path
 ):
     out = tmp_path / "out"
     seen: list[Any] = []
@@ -294,7 +301,7 @@ def test_bytes_like_payloads_arrive_as_bytes_and_thread_listeners_get_the_origin
         def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
             seen.append(obj["data"])
 
-    d = make_dist(shared_min_bytes=64 * KIB)
+    d = make_dist(codec=codec, shared_min_bytes=64 * KIB)
     d.add_listener(Digester(str(out)))
     d.add_listener(Keep(), executor="thread")
     blob = os.urandom(100 * KIB)
@@ -367,6 +374,28 @@ def test_options_are_checked_and_zero_disables_the_arena(make_dist, tmp_path):
     assert wait_for(lambda: len(lines(out)) == 1)
     assert lines(out)[0].split("\t")[1] == digest(arr)
     assert d.shared_stats().max_bytes == 0
+
+
+class OwnCodec(fanout.Codec):
+    """A codec of the user's: pickle, no MessagePack (the arena is not for it)."""
+
+    def pack(self, obj: Any) -> bytes:
+        return pickle.dumps(obj)
+
+    def unpack(self, data: Any) -> Any:
+        return pickle.loads(data)
+
+
+def test_the_default_codec_is_msgspec_and_either_built_in_codec_gets_the_arena(make_dist):
+    d = make_dist()
+    assert type(d.codec) is fanout.MsgspecCodec and d.arena is not None
+    assert d.arena.codec._shares is d.arena and d.codec._arena is d.arena
+    for codec in ("msgpack", fanout.MsgpackCodec(), fanout.MsgspecCodec()):
+        assert make_dist(codec=codec).arena is not None
+    assert make_dist(codec=OwnCodec()).arena is None
+    # The caller's codec instance is never tied to an arena: it gets a copy.
+    mine = fanout.MsgspecCodec()
+    assert make_dist(codec=mine).codec is not mine and mine._arena is None
 
 
 def test_a_worker_killed_mid_handler_gets_the_same_block_again(make_dist, tmp_path, start_method):
@@ -603,10 +632,10 @@ def test_a_sigkill_storm_loses_nothing_and_leaks_no_arena_space(make_dist, tmp_p
     assert d.shared_stats().held_bytes == 0
 
 
-def test_dead_letters_at_stop_carry_the_array(make_dist, tmp_path):
+def test_dead_letters_at_stop_carry_the_array(make_dist, codec, tmp_path):
     out, gate = tmp_path / "out", tmp_path / "gate"
     letters: list[Any] = []
-    d = make_dist()
+    d = make_dist(codec=codec)
     d.add_listener(
         Digester(str(out), str(gate)),
         on_dead_letter=lambda reg, n, why: letters.append(n),
@@ -624,11 +653,11 @@ def test_dead_letters_at_stop_carry_the_array(make_dist, tmp_path):
 
 
 def test_on_error_and_poison_dead_letters_carry_the_array_after_its_block_is_reused(
-    make_dist, tmp_path
+    make_dist, codec, tmp_path
 ):
     errors: list[Any] = []
     letters: list[Any] = []
-    d = make_dist(max_shared_bytes=512 * KIB)  # four blocks: reused at once
+    d = make_dist(codec=codec, max_shared_bytes=512 * KIB)  # four blocks: reused at once
     d.add_listener(
         RaisesOrDies(),
         max_attempts=1,
@@ -686,11 +715,11 @@ def test_a_fragmented_arena_never_makes_a_notification_wait(make_dist, tmp_path)
     assert d.shared_stats().held_bytes == 0
 
 
-def test_a_schema_listener_gets_big_bytes_inline(make_dist, tmp_path):
+def test_a_schema_listener_gets_big_bytes_inline(make_dist, codec, tmp_path):
     if Blob is None:
         pytest.skip("schema= needs msgspec")
     got: list[Any] = []
-    d = make_dist()
+    d = make_dist(codec=codec)
     reg = d.add_listener(Digester(str(tmp_path / "plain")))
     typed = d.add_listener(
         fanout.FuncHandler(), schema=Blob, on_dead_letter=lambda r, n, why: got.append(why)

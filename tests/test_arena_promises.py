@@ -22,6 +22,7 @@ from test_arena import Digester, digest, lines, write_line
 
 import fanout
 from fanout._arena import Arena
+from fanout.codec import get_codec
 
 KIB = 1024
 
@@ -66,11 +67,17 @@ def structured() -> list[np.ndarray]:
     return out
 
 
+@pytest.fixture(params=["msgspec", "msgpack"])
+def codec(request: pytest.FixtureRequest) -> str:
+    """Both built-in codecs: the arena encodes and decodes alike under either."""
+    return str(request.param)
+
+
 @pytest.mark.parametrize("through", ["inline", "arena"])
-def test_structured_dtypes_arrive_exactly(make_dist, tmp_path, start_method, through):
+def test_structured_dtypes_arrive_exactly(make_dist, codec, tmp_path, start_method, through):
     out = tmp_path / "out"
     min_bytes = 1 if through == "arena" else 1 << 30
-    d = make_dist(start_method=start_method, shared_min_bytes=min_bytes)
+    d = make_dist(codec=codec, start_method=start_method, shared_min_bytes=min_bytes)
     d.add_listener(Digester(str(out)))
     d.start()
     arrays = structured()
@@ -83,8 +90,8 @@ def test_structured_dtypes_arrive_exactly(make_dist, tmp_path, start_method, thr
     assert d.stop(drain=True, timeout=30)
 
 
-def test_the_producer_decodes_structured_dtypes_exactly():
-    codec = fanout.MsgpackCodec()
+def test_the_producer_decodes_structured_dtypes_exactly(codec):
+    codec = get_codec(codec)
     plain_datetimes = np.arange(5).astype("M8[ns]")  # no buffer export of its own
     for arr in [*structured(), plain_datetimes]:
         n, _ = codec.decode(codec.encode(fanout.Add({"data": arr}), 0))
@@ -94,11 +101,11 @@ def test_the_producer_decodes_structured_dtypes_exactly():
 
 
 def test_deep_nesting_the_packer_takes_reaches_the_worker_and_deeper_is_refused(
-    make_dist, tmp_path, start_method
+    make_dist, codec, tmp_path, start_method
 ):
     out = tmp_path / "out"
     seen: list[Any] = []
-    d = make_dist(start_method=start_method)
+    d = make_dist(codec=codec, start_method=start_method)
     reg = d.add_listener(Depth(str(out)))
     threaded = d.add_listener(
         fanout.FuncHandler(on_add=lambda o, i: seen.append(o)), executor="thread"
@@ -121,10 +128,10 @@ def test_deep_nesting_the_packer_takes_reaches_the_worker_and_deeper_is_refused(
 
 @pytest.mark.parametrize("max_shared_bytes", [None, 0])
 def test_a_strided_memoryview_is_a_type_error_and_nobody_gets_anything(
-    make_dist, tmp_path, max_shared_bytes
+    make_dist, codec, tmp_path, max_shared_bytes
 ):
     seen: list[Any] = []
-    d = make_dist(max_shared_bytes=max_shared_bytes)
+    d = make_dist(codec=codec, max_shared_bytes=max_shared_bytes)
     reg = d.add_listener(Digester(str(tmp_path / "out")))
     threaded = d.add_listener(
         fanout.FuncHandler(on_add=lambda o, i: seen.append(o)), executor="thread"
@@ -142,9 +149,9 @@ def test_a_strided_memoryview_is_a_type_error_and_nobody_gets_anything(
 # -- any number of producer threads ---------------------------------------------------
 
 
-def test_arena_encodes_in_many_threads_keep_their_own_blocks(no_leaks):
-    arena = Arena(64 * 1024 * KIB, 1, fanout.MsgpackCodec())
-    codec = fanout.MsgpackCodec()
+def test_arena_encodes_in_many_threads_keep_their_own_blocks(no_leaks, codec):
+    arena = Arena(64 * 1024 * KIB, 1, get_codec(codec))
+    codec = get_codec(codec)
     codec._arena = arena
     errors: list[str] = []
     start = threading.Barrier(4)

@@ -2,10 +2,10 @@
 
 The wire is MessagePack whichever package writes it, so a producer on either codec
 can feed workers decoding with either. Property-generated values of every type
-fanout encodes itself are packed by both codecs and the bytes compared; the one
-legitimate difference, datetimes and dates (msgspec encodes them natively), is
-stated in its own test, and so are the types msgspec encodes that fanout does not
-list (sets, Decimal, UUID). What neither takes fails with the same message.
+fanout encodes itself are packed by both codecs and the bytes compared, datetimes
+and dates (which msgspec would write its own way) included; types msgspec knows
+but fanout does not list (sets, Decimal, UUID) are refused by both. What neither
+takes fails with the same message.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ import decimal
 import uuid
 from typing import Any
 
+import msgpack
+import msgspec
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -66,6 +68,12 @@ values = st.recursive(
 )
 
 
+def nested(depth: int, leaf: Any) -> Any:
+    for _ in range(depth):
+        leaf = [leaf]
+    return leaf
+
+
 def same_bytes(obj: Any) -> bytes:
     packed = MSGPACK.pack(obj)
     assert MSGSPEC.pack(obj) == packed, obj
@@ -114,19 +122,38 @@ DAY = dt.date(2024, 5, 1)
 
 
 @pytest.mark.parametrize("value", [AWARE, NAIVE, DAY], ids=["aware", "naive", "date"])
-def test_datetimes_are_the_one_difference(value: Any) -> None:
-    """msgspec encodes datetimes and dates itself, never through the codec's hook:
-    an aware datetime as MessagePack's timestamp (ext -1), a naive one and a date as
-    ISO 8601 text. MsgpackCodec sends fanout's ext 2 and 3 and gets the same type back;
-    from MsgspecCodec a naive datetime or a date comes back as text.
-    """
-    assert MSGSPEC.pack(value) != MSGPACK.pack(value)
-    assert MSGPACK.unpack(MSGPACK.pack(value)) == value
-    back = MSGSPEC.unpack(MSGSPEC.pack(value))
-    assert back == (value if value is AWARE else value.isoformat())
-    # Either decoder reads fanout's ext 2 and 3, so a MsgpackCodec producer can
-    # feed workers decoding with msgspec (what they do by default).
-    assert MSGSPEC.unpack(MSGPACK.pack(value)) == value
+def test_datetimes_and_dates_pack_alike_and_come_back_as_themselves(value: Any) -> None:
+    """msgspec would write them itself (a timestamp, or ISO text a handler would get
+    as a str): MsgspecCodec hands them to msgpack, so both send fanout's ext 2 and 3."""
+    packed = same_bytes({"at": [value], "n": 1})
+    for codec in (MSGPACK, MSGSPEC):
+        assert codec.unpack(packed) == {"at": [value], "n": 1}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [AWARE],
+        {"a": {"b": [DAY, np.arange(3)]}},
+        {(1, 2): NAIVE},
+        np.float64(2.5),
+        {"k": np.int32(7)},
+        fanout.Add,  # a type: refused by both alike
+        nested(100, DAY),  # deeper than MsgspecCodec looks
+    ],
+    ids=["nested", "deep-mix", "tuple-key", "np-scalar", "np-scalar-in-dict", "type", "deep"],
+)
+def test_whatever_msgspec_does_not_encode_plainly_is_packed_as_msgpack_packs_it(
+    value: Any,
+) -> None:
+    try:
+        expected: Any = MSGPACK.pack(value)
+    except TypeError as exc:
+        with pytest.raises(TypeError) as info:
+            MSGSPEC.pack(value)
+        assert str(info.value) == str(exc)
+        return
+    assert MSGSPEC.pack(value) == expected
 
 
 @pytest.mark.parametrize(
@@ -146,13 +173,53 @@ def test_what_neither_codec_takes_fails_with_the_same_message(value: Any) -> Non
 
 @pytest.mark.parametrize(
     "value",
-    [{1, 2}, frozenset({3}), decimal.Decimal("1.5"), uuid.UUID(int=5)],
-    ids=["set", "frozenset", "decimal", "uuid"],
+    [
+        {1, 2},
+        frozenset({3}),
+        decimal.Decimal("1.5"),
+        uuid.UUID(int=5),
+        dt.time(1),
+        dt.timedelta(1),
+    ],
+    ids=["set", "frozenset", "decimal", "uuid", "time", "timedelta"],
 )
-def test_msgspec_encodes_types_fanout_does_not_list(value: Any) -> None:
-    """msgspec encodes some types itself (sets as arrays, Decimal and UUID as text)
-    where MsgpackCodec refuses them: a difference to settle before msgspec encodes
-    by default."""
-    with pytest.raises(TypeError, match="cannot encode an object of type"):
-        MSGPACK.pack(value)
-    assert isinstance(MSGSPEC.pack(value), bytes)
+def test_types_msgspec_knows_but_fanout_does_not_list_are_refused_by_both(value: Any) -> None:
+    """msgspec would encode these itself (sets as arrays, the rest as text), where
+    msgpack refuses them: both codecs take the same objects, so both refuse."""
+    errors = []
+    for codec in (MSGPACK, MSGSPEC):
+        with pytest.raises(TypeError, match="cannot encode an object of type") as info:
+            codec.pack({"v": [value]})
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+
+
+def test_ext_values_of_either_package_pack_alike() -> None:
+    for ext in (msgpack.ExtType(70, b"abc"), msgspec.msgpack.Ext(70, b"abc")):
+        same_bytes({"e": ext})
+
+
+NOT_PLAIN = [
+    {"at": DAY},
+    [1, (2, {3: NAIVE})],
+    {1.5: "float key"},
+    {None: 1},
+    bytearray(b"x"),
+    {"s": {1}},
+    np.float64(1.0),
+    nested(65, 1),
+]
+
+
+@settings(max_examples=200, deadline=None)
+@given(values)
+def test_the_native_walk_and_its_twin_agree(obj: Any) -> None:
+    native = pytest.importorskip("fanout._ring")
+    from fanout import _ring_py
+
+    leaves = (msgspec.msgpack.Ext, np.ndarray)
+    for value in (obj, *NOT_PLAIN, nested(64, 1), {"a": [obj]}):
+        want = _ring_py.plain(value, 64, leaves)
+        assert native.plain(value, 64, leaves) is want, value
+    assert all(not _ring_py.plain(v, 64, leaves) for v in NOT_PLAIN)
+    assert _ring_py.plain(nested(64, 1), 64, leaves)

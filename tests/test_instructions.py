@@ -20,7 +20,7 @@ from fanout.bench import instructions
 ROOT = Path(__file__).resolve().parents[1]
 NO_VALGRIND = instructions.available()
 CASES = {
-    "distribute": {"small L=1", "small L=4", "small L=1 msgspec"},
+    "distribute": {"small L=1", "small L=4", "small L=1 msgpack"},
     "frame": {"small py"}
     | (
         {"small native", "small native msgpack"}

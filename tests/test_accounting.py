@@ -129,6 +129,53 @@ def test_thread_executor_works_from_a_fileless_main():
     assert proc.stdout.split() == ["handled", "2", "done"]
 
 
+GUARDED_SCRIPT = """
+import fanout
+{above}
+if __name__ == "__main__":
+    class Printer(fanout.Handler):
+        def on_update(self, old, new):
+            print("handled", new["v"])
+
+    with fanout.Distributor() as d:
+        d.add_listener(Printer(){options})
+        d.distribute(fanout.Update({{"v": 1}}, {{"v": 2}}))
+    print("done")
+"""
+
+
+def test_handler_defined_under_the_main_guard_is_refused_with_a_hint(tmp_path):
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED_SCRIPT.format(above="", options=""))
+    proc = _python("", str(script), stdin="", cwd=tmp_path)
+    assert proc.returncode != 0, proc.stdout
+    assert "TypeError" in proc.stderr, proc.stderr
+    assert 'uses Printer, defined under `if __name__ == "__main__":`' in proc.stderr
+    assert "Define it at module level" in proc.stderr
+    assert "Can't get attribute" not in proc.stderr  # refused before any worker tried
+    assert "done" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("above", "options"),
+    [
+        ("", ", executor='thread'"),  # no worker imports the script
+        ("class Printer(fanout.Handler): pass", ""),  # bound at module level as well
+    ],
+    ids=["thread", "also-at-module-level"],
+)
+def test_a_guarded_definition_is_refused_only_when_workers_cannot_find_it(
+    tmp_path, above, options
+):
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED_SCRIPT.format(above=above, options=options))
+    proc = _python("", str(script), stdin="", cwd=tmp_path)
+    assert "defined under" not in proc.stderr, proc.stderr
+    if options:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["handled", "2", "done"]
+
+
 def _readme_example(index: int = 0) -> str:
     text = README_EXAMPLE.read_text()
     return text.split("```python\n")[1 + index].split("```", 1)[0]
@@ -736,7 +783,9 @@ except fanout.WorkerStartError as exc:
 def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path, start_method):
     script = tmp_path / "unguarded.py"
     script.write_text(UNGUARDED_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
+    # helpers.py from here, fanout from wherever this run found it (installed or PYTHONPATH).
+    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
     env.pop("PYTHONSAFEPATH", None)
     proc = subprocess.run(
         [sys.executable, str(script), start_method],

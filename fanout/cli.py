@@ -204,7 +204,8 @@ def bench(args: argparse.Namespace) -> int:
         progress.line("interrupted: showing what was measured so far")
     progress.done()
     doc = report.document(suite, dataclasses.asdict(opts), info)
-    print(f"({time.monotonic() - started:.0f} s)\n")
+    minutes, seconds = divmod(round(time.monotonic() - started), 60)
+    print(f"fanout bench: measured for {minutes} min {seconds} s\n")
     if args.json:
         report.to_json(doc, args.json)
     return _show(doc, args)

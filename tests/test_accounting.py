@@ -45,6 +45,15 @@ REPO = Path(__file__).resolve().parent.parent
 README_EXAMPLE = REPO / "README.md"
 
 
+def _env_with_tests() -> dict[str, str]:
+    """This environment, with helpers.py importable and fanout found where this run found it
+    (installed, or on PYTHONPATH)."""
+    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    env.pop("PYTHONSAFEPATH", None)
+    return env
+
+
 def _python(code: str, *args: str, cwd: Path | None = None, stdin: str | None = None):
     env = dict(os.environ)
     env.pop("PYTHONSAFEPATH", None)
@@ -596,8 +605,7 @@ def test_workers_import_the_producers_fanout_despite_a_decoy(tmp_path, start_met
         (decoy_dir / "__init__.py").write_text("raise ImportError('decoy fanout imported')\n")
     script = tmp_path / "run.py"
     script.write_text(DECOY_SCRIPT)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).parent)  # for helpers.Recorder
+    env = _env_with_tests()  # for helpers.Recorder
     out = tmp_path / "calls"
     proc = subprocess.run(
         [sys.executable, str(script), str(out), start_method],
@@ -741,8 +749,7 @@ if __name__ == "__main__":
 def test_exiting_without_stop_says_what_was_lost(tmp_path, forgot):
     script = tmp_path / "forgetful.py"
     script.write_text(FORGETFUL_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
-    env.pop("PYTHONSAFEPATH", None)
+    env = _env_with_tests()
     proc = subprocess.run(
         [
             sys.executable,
@@ -783,10 +790,7 @@ except fanout.WorkerStartError as exc:
 def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path, start_method):
     script = tmp_path / "unguarded.py"
     script.write_text(UNGUARDED_SCRIPT)
-    # helpers.py from here, fanout from wherever this run found it (installed or PYTHONPATH).
-    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
-    env.pop("PYTHONSAFEPATH", None)
+    env = _env_with_tests()
     proc = subprocess.run(
         [sys.executable, str(script), start_method],
         capture_output=True,

@@ -24,6 +24,7 @@ def _segments() -> list[str]:
     return glob.glob(os.path.join(arrays.SHM_DIR, f"{arrays.SHM_PREFIX}{os.getpid()}-*"))
 
 
+@pytest.mark.slow
 def test_quick_run_measures_every_contender_and_size(tmp_path):
     out = tmp_path / "out.json"
     proc = subprocess.run(
@@ -174,6 +175,7 @@ def test_array_size_must_be_whole_float64s(nbytes):
         arrays.make_pool(nbytes)
 
 
+@pytest.mark.slow
 def test_standalone_script_checks_the_rss_bound(tmp_path):
     script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "bench_arrays.py")
     out = tmp_path / "run.json"

@@ -311,9 +311,8 @@ def test_text_table_names_each_rows_baseline_and_aligns_long_names():
 
 def test_the_readme_states_a_full_runs_step_count():
     suite = Suite(Options(), lambda text: None)
+    suite.contenders = list(CONTENDERS)  # as with the bench extra: every one installed
     try:
-        if suite.skipped:
-            pytest.skip(f"not every contender is installed: {sorted(suite.skipped)}")
         steps = sum(1 for case in suite.plan() for _ in suite._steps(case))
     finally:
         shutil.rmtree(suite.tmp, ignore_errors=True)

@@ -4,12 +4,17 @@ The forkserver runs ``python -c ...``, which puts the current directory first on
 its ``sys.path`` (Python 3.11's forkserver ignores the parent's path), so a
 ``fanout/`` folder in the current directory would shadow the installed package
 in every worker. Started with ``PYTHONSAFEPATH=1`` it gets no such entry.
+Python 3.10 has no ``PYTHONSAFEPATH``: there, when the current directory holds a
+``fanout``, the forkserver preloads nothing, and each worker imports fanout after
+it took its producer's ``sys.path``.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import threading
+from importlib.machinery import PathFinder
 
 __all__ = ["ensure_forkserver"]
 
@@ -34,6 +39,8 @@ def ensure_forkserver() -> None:
     if _alive(getattr(forkserver._forkserver, "_forkserver_pid", None)):
         forkserver.ensure_running()  # running: touch nothing process-wide
         return
+    if sys.version_info < (3, 11) and PathFinder.find_spec("fanout", [os.getcwd()]):
+        forkserver.set_forkserver_preload([])
     with _env_lock:
         saved = os.environ.get("PYTHONSAFEPATH")
         os.environ["PYTHONSAFEPATH"] = "1"  # read by Python >= 3.11

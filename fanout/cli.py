@@ -219,7 +219,8 @@ def bench(args: argparse.Namespace) -> int:
         except RuntimeError as exc:  # recorded as such: never a figure made up
             doc["instructions"] = {"error": str(exc)}
         progress.done()
-    print(f"({time.monotonic() - started:.0f} s)\n")
+    minutes, seconds = divmod(round(time.monotonic() - started), 60)
+    print(f"fanout bench: measured for {minutes} min {seconds} s\n")
     if args.json:
         report.to_json(doc, args.json)
     return _show(doc, args)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import ast
 import inspect
 import io
 import os
 import pickle
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import Any
 
 __all__ = ["FuncHandler", "Handler", "build_handler", "pickle_for_workers", "resolve_handler"]
@@ -173,6 +175,64 @@ def main_has_no_file() -> bool:
     return not isinstance(path, str) or not os.path.isfile(path)
 
 
+def _is_main_guard(test: ast.expr) -> bool:
+    """``__name__ == "__main__"``, either way round."""
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return (
+        isinstance(test.ops[0], ast.Eq)
+        and any(isinstance(a, ast.Name) and a.id == "__name__" for a in sides)
+        and any(isinstance(a, ast.Constant) and a.value == "__main__" for a in sides)
+    )
+
+
+def _bound_names(stmt: ast.stmt) -> set[str]:
+    if isinstance(stmt, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+        return {stmt.name}
+    if isinstance(stmt, ast.Import | ast.ImportFrom):
+        return {(a.asname or a.name).split(".")[0] for a in stmt.names}
+    return {
+        n.id for n in ast.walk(stmt) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Store)
+    }
+
+
+def only_under_main_guard(qualnames: Iterable[str]) -> list[str]:
+    """Which of these ``__main__`` names the script binds only under its main guard.
+
+    A worker process imports the main script as ``__mp_main__``, which skips the
+    ``if __name__ == "__main__":`` block: what is defined only there, it cannot find.
+    Read from the script's source; anything bound elsewhere too is given the benefit
+    of the doubt.
+    """
+    path = getattr(sys.modules.get("__main__"), "__file__", None)
+    try:
+        tree = ast.parse(Path(path).read_bytes())  # type: ignore[arg-type]
+    except (OSError, SyntaxError, ValueError, TypeError):
+        return []
+    outside: set[str] = set()
+    guarded: set[str] = set()
+
+    def visit(stmts: list[ast.stmt], under_guard: bool) -> None:
+        for stmt in stmts:
+            if isinstance(stmt, ast.If) and _is_main_guard(stmt.test):
+                visit(stmt.body, True)
+                visit(stmt.orelse, under_guard)
+                continue
+            blocks = [getattr(stmt, f, []) for f in ("body", "orelse", "finalbody")]
+            blocks += [h.body for h in getattr(stmt, "handlers", [])]
+            if isinstance(stmt, ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
+                blocks = []  # their bodies bind nothing at module level
+            if any(blocks):
+                for block in blocks:
+                    visit(block, under_guard)
+            else:
+                (guarded if under_guard else outside).update(_bound_names(stmt))
+
+    visit(tree.body, False)
+    return sorted({q for q in qualnames if q.split(".")[0] in guarded - outside})
+
+
 class _WorkerPickler(pickle.Pickler):
     """Pickles a handler and notes every class or function it names in ``__main__``."""
 
@@ -214,5 +274,14 @@ def pickle_for_workers(handler: Any) -> bytes:
             f"(a .py file), or pass executor='thread' to run it in this process "
             f"(without workers=, handler_timeout= and max_pending_bytes=, which "
             f"only processes take)"
+        )
+    guarded = only_under_main_guard(pickler.from_main)
+    if guarded:
+        raise TypeError(
+            f"handler {handler!r:.80} uses {', '.join(guarded)}, defined under "
+            f'`if __name__ == "__main__":` in {sys.modules["__main__"].__file__}. Worker '
+            f"processes import that script without running that block, so they cannot "
+            f"find it. Define it at module level, above the guard (or in a module the "
+            f"workers can import)"
         )
     return buf.getvalue()

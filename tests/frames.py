@@ -8,6 +8,7 @@ change to it instead of following one.
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import select
 import struct
@@ -17,7 +18,7 @@ from typing import Any
 
 HEADER = struct.Struct("<IQ")
 HDR = HEADER.size
-PAGE = 4096  # the smallest pipe capacity F_SETPIPE_SZ grants
+PAGE = mmap.PAGESIZE  # the smallest pipe capacity F_SETPIPE_SZ grants: one page
 MIN_GROW = 64  # a FrameRing that must grow from below this goes straight to it
 
 

@@ -45,6 +45,15 @@ REPO = Path(__file__).resolve().parent.parent
 README_EXAMPLE = REPO / "README.md"
 
 
+def _env_with_tests() -> dict[str, str]:
+    """This environment, with helpers.py importable and fanout found where this run found it
+    (installed, or on PYTHONPATH)."""
+    paths = [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in paths if p))
+    env.pop("PYTHONSAFEPATH", None)
+    return env
+
+
 def _python(code: str, *args: str, cwd: Path | None = None, stdin: str | None = None):
     env = dict(os.environ)
     env.pop("PYTHONSAFEPATH", None)
@@ -127,6 +136,53 @@ def test_thread_executor_works_from_a_fileless_main():
     proc = _python("", "-", stdin=script)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["handled", "2", "done"]
+
+
+GUARDED_SCRIPT = """
+import fanout
+{above}
+if __name__ == "__main__":
+    class Printer(fanout.Handler):
+        def on_update(self, old, new):
+            print("handled", new["v"])
+
+    with fanout.Distributor() as d:
+        d.add_listener(Printer(){options})
+        d.distribute(fanout.Update({{"v": 1}}, {{"v": 2}}))
+    print("done")
+"""
+
+
+def test_handler_defined_under_the_main_guard_is_refused_with_a_hint(tmp_path):
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED_SCRIPT.format(above="", options=""))
+    proc = _python("", str(script), stdin="", cwd=tmp_path)
+    assert proc.returncode != 0, proc.stdout
+    assert "TypeError" in proc.stderr, proc.stderr
+    assert 'uses Printer, defined under `if __name__ == "__main__":`' in proc.stderr
+    assert "Define it at module level" in proc.stderr
+    assert "Can't get attribute" not in proc.stderr  # refused before any worker tried
+    assert "done" not in proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("above", "options"),
+    [
+        ("", ", executor='thread'"),  # no worker imports the script
+        ("class Printer(fanout.Handler): pass", ""),  # bound at module level as well
+    ],
+    ids=["thread", "also-at-module-level"],
+)
+def test_a_guarded_definition_is_refused_only_when_workers_cannot_find_it(
+    tmp_path, above, options
+):
+    script = tmp_path / "guarded.py"
+    script.write_text(GUARDED_SCRIPT.format(above=above, options=options))
+    proc = _python("", str(script), stdin="", cwd=tmp_path)
+    assert "defined under" not in proc.stderr, proc.stderr
+    if options:
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.split() == ["handled", "2", "done"]
 
 
 def _readme_example(index: int = 0) -> str:
@@ -549,8 +605,7 @@ def test_workers_import_the_producers_fanout_despite_a_decoy(tmp_path, start_met
         (decoy_dir / "__init__.py").write_text("raise ImportError('decoy fanout imported')\n")
     script = tmp_path / "run.py"
     script.write_text(DECOY_SCRIPT)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).parent)  # for helpers.Recorder
+    env = _env_with_tests()  # for helpers.Recorder
     out = tmp_path / "calls"
     proc = subprocess.run(
         [sys.executable, str(script), str(out), start_method],
@@ -694,8 +749,7 @@ if __name__ == "__main__":
 def test_exiting_without_stop_says_what_was_lost(tmp_path, forgot):
     script = tmp_path / "forgetful.py"
     script.write_text(FORGETFUL_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
-    env.pop("PYTHONSAFEPATH", None)
+    env = _env_with_tests()
     proc = subprocess.run(
         [
             sys.executable,
@@ -736,8 +790,7 @@ except fanout.WorkerStartError as exc:
 def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path, start_method):
     script = tmp_path / "unguarded.py"
     script.write_text(UNGUARDED_SCRIPT)
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent))
-    env.pop("PYTHONSAFEPATH", None)
+    env = _env_with_tests()
     proc = subprocess.run(
         [sys.executable, str(script), start_method],
         capture_output=True,

@@ -5,14 +5,23 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from fanout.bench import report
 from fanout.bench.contenders import CONTENDERS
-from fanout.bench.scenarios import SCENARIOS, UNSTABLE_SPREAD, Measurement, Options, interleave
+from fanout.bench.scenarios import (
+    SCENARIOS,
+    UNSTABLE_SPREAD,
+    Measurement,
+    Options,
+    Suite,
+    interleave,
+)
 from fanout.cli import _non_negative_float, build_parser
 
 STEP = re.compile(r"^\[(\d+)/(\d+)\] ETA \d+:\d\d  (.*)$")
@@ -206,8 +215,8 @@ def test_markdown_table_has_columns_for_a_scenarios_own_contenders():
 def test_text_table_marks_unstable_figures():
     doc = _doc(_rate("fanout-process", [100e3, 107e3, 110e3]), _rate("mp.Queue", [1, 5, 9]))
     text = report.table(doc)
-    (stable,) = [line for line in text.splitlines() if "fanout-process" in line]
-    (noisy,) = [line for line in text.splitlines() if "mp.Queue" in line]
+    (stable,) = [line for line in text.splitlines() if line.startswith("  fanout-process")]
+    (noisy,) = [line for line in text.splitlines() if line.startswith("  mp.Queue")]
     assert "UNSTABLE" not in stable and "9%" in stable
     assert "160% UNSTABLE" in noisy
     assert "1 of 2 figures UNSTABLE" in text
@@ -253,6 +262,65 @@ def test_chart_reads_without_the_terminal():
     assert recovery.lines and recovery.texts[0].get_text().endswith("1.43x the reference")
     legend = {t.get_text() for t in fig.legends[0].get_texts()}
     assert "fanout" in legend and any("unstable" in t for t in legend)
+
+
+def _stalled(contender: str, values: list[float], ratio: float) -> Measurement:
+    return Measurement(
+        "stalled", contender, {"listeners": 4}, "deliveries", "deliveries/s", values,
+        {"ratio_to_unstalled": ratio, "stalled_buffered_bytes": 1_108_401},
+        title="Healthy listeners beside one stalled for 1.5 s, 4 listeners",
+    )  # fmt: skip
+
+
+def test_chart_value_labels_end_inside_their_panel():
+    # The stalled panel: a log axis (20 k .. 330 k) and the longest labels.
+    doc = _doc(
+        _stalled("fanout-process", [120e3, 271e3, 300e3], 0.84),
+        _stalled("fanout-schema-msgspec", [200e3, 330e3, 540e3], 1.01),
+        _stalled("pipe+msgpack", [19e3, 20e3, 20.5e3], 0.11),
+        _stalled("mp.Queue", [30e3, 70e3, 90e3], 1.54),
+        _rate("fanout-process", [100e3, 107e3, 110e3]),
+        _rate("mp.Queue", [30e3, 40e3, 60e3]),
+    )
+    fig = report.figure(doc)
+    renderer = fig.canvas.get_renderer()
+    axes = [ax for ax in fig.axes if ax.axison]
+    assert "log" in {ax.get_xscale() for ax in axes}
+    for ax in axes:
+        right = ax.get_window_extent(renderer).x1
+        for text in ax.texts:
+            assert text.get_window_extent(renderer).x1 <= right, (ax.get_title(), text)
+
+
+def test_text_table_names_each_rows_baseline_and_aligns_long_names():
+    growth = {"producer_rss_growth_bytes": -3.0}  # the peak came before the round
+    doc = _doc(
+        _rate("fanout-process", [100e3, 107e3, 110e3]),
+        _rate("pipe+msgpack", [50e3, 53.5e3, 55e3]),
+        Measurement("throughput", "fanout-schema-msgspec", {"payload": "small", "listeners": 2},
+                    "deliveries", "deliveries/s", [200e3, 214e3, 220e3], growth,
+                    title="Throughput, small objects to 2 listeners"),
+    )  # fmt: skip
+    text = report.table(doc)
+    rows = {line.split()[0]: line for line in text.splitlines() if line.startswith("  ")}
+    assert rows["fanout-process"].rstrip().endswith("(baseline)")
+    assert "= 0.50x fanout-process" in rows["pipe+msgpack"]
+    assert "= 2.00x fanout-process" in rows["fanout-schema-msgspec"]
+    assert "producer RSS grew < 1 MiB" in rows["fanout-schema-msgspec"]
+    assert "+-" not in text
+    # The medians end in one column, however long the contender's name.
+    assert len({re.match(r"  \S+ +\S+", line).end() for line in rows.values()}) == 1
+
+
+def test_the_readme_states_a_full_runs_step_count():
+    suite = Suite(Options(), lambda text: None)
+    suite.contenders = list(CONTENDERS)  # as with the bench extra: every one installed
+    try:
+        steps = sum(1 for case in suite.plan() for _ in suite._steps(case))
+    finally:
+        shutil.rmtree(suite.tmp, ignore_errors=True)
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    assert f"a full run is {steps} steps" in " ".join(readme.split())
 
 
 def test_busy_machine_is_named():

@@ -13,6 +13,7 @@ import os
 import platform
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from importlib import metadata
 from typing import Any
 
@@ -191,11 +192,16 @@ def _unit_name(unit: str) -> str:
 
 
 def _ratio(r: dict[str, Any], ref: dict[str, Any] | None) -> str:
-    if ref is None or ref is r or not ref["median"] or not r["median"]:
+    """This row against the row's baseline, which it names: ``= 1.69x fanout-process``.
+
+    The same way round for every row and unit (this figure over the baseline's), so
+    a fanout variant compared with fanout-process reads as plainly as a contender.
+    """
+    if ref is None or not ref["median"] or not r["median"]:
         return ""
-    if r["better"] == "lower":  # how many times fanout's time it took
-        return f"{r['median'] / ref['median']:.2f}x fanout's"
-    return f"fanout = {ref['median'] / r['median']:.2f}x"
+    if ref is r:
+        return "(baseline)"
+    return f"= {r['median'] / ref['median']:.2f}x {ref['contender']}"
 
 
 def _rows(doc: dict[str, Any]) -> dict[tuple[str, str], list[dict[str, Any]]]:
@@ -218,7 +224,12 @@ def _note(r: dict[str, Any]) -> str:
     if r.get("stalled_buffered_bytes") is not None:
         note += f", stalled one holds {r['stalled_buffered_bytes']:,.0f} B"
     if r.get("producer_rss_growth_bytes") is not None:
-        note += f"  producer RSS +{r['producer_rss_growth_bytes'] / 2**20:,.0f} MiB at peak"
+        mib = r["producer_rss_growth_bytes"] / 2**20  # below 0 when the peak came first
+        note += (
+            f"  producer RSS grew {mib:,.0f} MiB at peak"
+            if mib >= 0.5
+            else "  producer RSS grew < 1 MiB"
+        )
     return note
 
 
@@ -229,6 +240,7 @@ def table(doc: dict[str, Any]) -> str:
         f"Median of {rounds} rounds per figure; spread = {SPREAD_DEFINITION}; "
         f"UNSTABLE = spread over {UNSTABLE_SPREAD:.0%}: do not compare such a figure."
     ]
+    width = max((len(r["contender"]) for r in doc["results"]), default=0) + 2
     for (title, _), rs in _rows(doc).items():
         first = rs[0]
         unit = "ms" if first["unit"] == "s" else first["unit"]
@@ -238,7 +250,7 @@ def table(doc: dict[str, Any]) -> str:
             span = f"{_fmt(r['min'], r['unit'])} .. {_fmt(r['max'], r['unit'])}"
             spread = _spread(r).replace(", unstable", " UNSTABLE")
             lines.append(
-                f"  {r['contender']:<16}{_fmt(r['median'], r['unit']):>16}  {span:>32}  "
+                f"  {r['contender']:<{width}}{_fmt(r['median'], r['unit']):>14}  {span:>32}  "
                 f"{spread:<16}{_ratio(r, ref)}{_note(r)}"
             )
     for lim in doc["codec_limits"]:
@@ -369,6 +381,7 @@ def figure(doc: dict[str, Any]) -> Any:
         SystemExit: matplotlib is not installed.
     """
     try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
         from matplotlib.lines import Line2D
         from matplotlib.patches import Patch
@@ -381,9 +394,9 @@ def figure(doc: dict[str, Any]) -> Any:
     cols = 2
     rows = max(1, (len(panels) + cols - 1) // cols)
     fig = Figure(figsize=(15, 3.6 * rows + 1.2))
+    FigureCanvasAgg(fig)  # a renderer to measure the value labels with (_fit_labels)
     axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, (title, rs) in zip(axes.flat, panels, strict=False):
-        _panel(ax, title, rs)
+    fits = [_panel(ax, title, rs) for ax, (title, rs) in zip(axes.flat, panels, strict=False)]
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     info = doc["machine"]
@@ -422,6 +435,8 @@ def figure(doc: dict[str, Any]) -> Any:
     height = fig.get_figheight()
     fig.text(0.5, 0.12 / height, footer, ha="center", fontsize=8.5, color="dimgray")
     fig.tight_layout(rect=(0, 0.35 / height, 1, 1 - 1.0 / height))
+    for fit in fits:
+        fit()
     return fig
 
 
@@ -432,7 +447,29 @@ def _tick(value: float, unit: str) -> str:
     return f"{value / 1e6:g} M" if value >= 1e6 else f"{value / 1e3:g} k"
 
 
-def _panel(ax: Any, title: str, rs: list[dict[str, Any]]) -> None:
+LABEL_ROOM = 0.98  # a value label ends within this share of its panel's width
+
+
+def _fit_labels(ax: Any, texts: list[Any], starts: list[float], log: bool) -> None:
+    """Widen the x axis until every value label ends inside the panel.
+
+    A label's width in pixels does not depend on the axis limits, its start (a
+    bar's max) does: on the axis's own scale (log10 for a log axis) the label starting
+    at ``s`` fits when ``(s - x0) / (x1 - x0) + w / W <= LABEL_ROOM``, so ``x1`` follows.
+    """
+    renderer = ax.figure.canvas.get_renderer()
+    panel = ax.get_window_extent(renderer).width
+    x0, x1 = ax.get_xlim()
+    f = math.log10 if log else float
+    lo, hi = f(x0), f(x1)
+    for text, start in zip(texts, starts, strict=True):
+        share = text.get_window_extent(renderer).width / panel
+        if share < LABEL_ROOM:  # otherwise no axis could fit it: leave it
+            hi = max(hi, lo + (f(start) - lo) / (LABEL_ROOM - share))
+    ax.set_xlim(x0, 10**hi if log else hi)
+
+
+def _panel(ax: Any, title: str, rs: list[dict[str, Any]]) -> Callable[[], None]:
     """Draw one panel of bars with error bars, value labels and a titled axis.
 
     A single-contender panel compares its first metric with the others (the
@@ -476,7 +513,7 @@ def _panel(ax: Any, title: str, rs: list[dict[str, Any]]) -> None:
     log = bool(positive) and max(high) / min(positive) > 10
     if log:
         ax.set_xscale("log")
-        ax.set_xlim(min(positive) / 2, max(high) * 12)
+        ax.set_xlim(min(positive) / 2, max(high) * 2)
     ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tick(v, unit)))
     labels = [f" {_short(r['median'], r['unit'])} ({_spread(r)})" for r in rs]
     for i, r in enumerate(rs):
@@ -485,11 +522,18 @@ def _panel(ax: Any, title: str, rs: list[dict[str, Any]]) -> None:
     if single and len(rs) > 1 and rs[1]["median"]:
         ax.axvline(med[1], color="dimgray", linestyle="--", linewidth=1)
         labels[0] += f", {rs[0]['median'] / rs[1]['median']:.2f}x the reference"
-    if not log:  # room on the right for the longest value label
-        ax.set_xlim(0, max(high) * (1.2 + 0.016 * max(map(len, labels))) or 1)
-    for y, r, hi, text in zip(ys, rs, high, labels, strict=True):
-        color = UNSTABLE_COLOR if r["unstable"] else "black"
+    if not log:
+        ax.set_xlim(0, max(high) * 1.1 or 1)
+    texts = [
         ax.text(hi, y, text, va="center", fontsize=7.5, color=color)
+        for y, hi, text, color in zip(
+            ys,
+            high,
+            labels,
+            [UNSTABLE_COLOR if r["unstable"] else "black" for r in rs],
+            strict=True,
+        )
+    ]
     # Keep bars as thick as in the other panels, however few they are.
     pad = max(0, 6 - len(rs)) / 2
     ax.set_ylim(len(rs) - 0.5 + pad, -0.5 - pad)
@@ -500,3 +544,4 @@ def _panel(ax: Any, title: str, rs: list[dict[str, Any]]) -> None:
     scale_note = ", log scale" if log else ""
     ax.set_xlabel(f"{_unit_name(unit)}{scale_note}   ({direction})", fontsize=8.5)
     ax.tick_params(axis="x", labelsize=8)
+    return lambda: _fit_labels(ax, texts, high, log)  # once the layout is final

@@ -413,6 +413,32 @@ def test_informer_ends_when_the_distributor_stops(kube, api, informers, make_dis
     assert wait_for(lambda: isinstance(inf.error, fanout.DistributorStopped), 10)
 
 
+def test_an_informer_given_no_distributor_makes_starts_and_stops_one(kube, api):
+    kube.create("pods", "a")
+    inf = Informer(None, "pods", api_client=api, **FAST)
+    d = inf.distributor
+    assert isinstance(d, fanout.Distributor) and not d.started
+    log = Log()
+    reg = d.add_listener(log, executor="thread")
+    with inf:  # start() starts the distributor it made
+        assert d.started
+        assert inf.wait_synced(10) and reg.wait_synced(10)
+        kube.create("pods", "b")
+        assert log.wait(2) == [("add", "a", True), ("add", "b", False)]
+    assert d.stopped  # stop() stopped it, draining
+    s = reg.stats()
+    assert (s.received, s.delivered) == (2, 2)
+
+
+def test_an_informer_never_stops_a_distributor_it_was_given(kube, api, informers, make_dist):
+    d, _, _, inf = _setup(make_dist, api, informers)
+    assert inf.distributor is d
+    inf.start()
+    assert inf.wait_synced(10)
+    assert inf.stop(timeout=10)
+    assert d.started and not d.stopped
+
+
 def test_store_indexers(kube, api, informers, make_dist):
     kube.create("pods", "a", namespace="n1", spec={"node": "x"})
     kube.create("pods", "b", namespace="n2", spec={"node": "x"})

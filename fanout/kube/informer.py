@@ -136,6 +136,11 @@ class _Backoff:
         self.delay = min(self.delay * 2.0, self.high)
 
 
+def _left(deadline: float | None) -> float | None:
+    """Seconds until ``deadline`` (never negative); None for no deadline."""
+    return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+
 def _meta(obj: Any) -> tuple[str, str]:
     """Return an object's store key (``namespace/name`` or ``name``) and resourceVersion."""
     meta = obj.get("metadata") if isinstance(obj, dict) else None
@@ -197,7 +202,9 @@ class Informer:
 
     Args:
         distributor: the ``fanout.Distributor`` to feed; starting and stopping
-            it stays the caller's job.
+            it stays the caller's job. ``None``: the informer makes one
+            (``Informer.distributor``: add listeners to it before ``start()``),
+            starts it in ``start()`` and stops it, draining, in ``stop()``.
         resource: the resource's plural name, as in its URL: ``pods``,
             ``deployments``, ``widgets`` (a custom resource).
         api_client: a ``kubernetes.client.ApiClient`` carrying host, TLS and
@@ -240,7 +247,7 @@ class Informer:
 
     def __init__(
         self,
-        distributor: Distributor,
+        distributor: Distributor | None,
         resource: str,
         api_client: Any = None,
         namespace: str | None = None,
@@ -257,9 +264,10 @@ class Informer:
         min_backoff: float = 0.8,
         max_backoff: float = 30.0,
     ) -> None:
-        if not isinstance(distributor, Distributor):
+        if distributor is not None and not isinstance(distributor, Distributor):
             raise TypeError(
-                f"distributor must be a fanout.Distributor, got {type(distributor).__name__}"
+                f"distributor must be a fanout.Distributor, or None for one the informer "
+                f"makes, got {type(distributor).__name__}"
             )
         for name, value in (("resource", resource), ("version", version)):
             if not isinstance(value, str) or not value or "/" in value:
@@ -291,7 +299,8 @@ class Informer:
             )
         self.store = Store(indexers)
         self.resource = resource
-        self._distributor = distributor
+        self._owns_distributor = distributor is None
+        self._distributor = Distributor() if distributor is None else distributor
         self._api_client = api_client
         self._owns_client = api_client is None
         self._path = resource_path(group, version, resource, namespace)
@@ -344,6 +353,11 @@ class Informer:
         )
 
     @property
+    def distributor(self) -> Distributor:
+        """The Distributor this informer feeds (the one it made, if given ``None``)."""
+        return self._distributor
+
+    @property
     def path(self) -> str:
         """The collection's URL path, e.g. ``/api/v1/namespaces/prod/pods``."""
         return self._path
@@ -364,6 +378,8 @@ class Informer:
 
         Raises:
             RuntimeError: the informer was started (or stopped) before.
+            fanout.WorkerStartError: the informer made its distributor and a
+                listener's workers could not build their handler.
             kubernetes.config.ConfigException: ``api_client`` is ``None`` and no
                 kubeconfig or in-cluster configuration was found.
         """
@@ -374,6 +390,8 @@ class Informer:
                 )
             if self._api_client is None:
                 self._api_client = default_api_client()
+            if self._owns_distributor and not self._distributor.started:
+                self._distributor.start()
             self._thread = threading.Thread(
                 target=self._run, name=f"fanout-kube-{self.resource}", daemon=True
             )
@@ -417,14 +435,17 @@ class Informer:
         ``silence_timeout`` to give up; one reading a body ends at once. A
         ``distribute`` blocked by a full listener (``overflow="block"``) keeps
         the thread until that listener makes room or the distributor stops.
-        The distributor is left running: it is the caller's to stop.
+        The caller's distributor is left running: it is the caller's to stop.
+        One the informer made is stopped after the thread ends, delivering what
+        it holds first (within ``timeout``).
 
         Args:
             timeout: seconds to wait for the thread; ``None`` waits as long as
                 it takes.
 
         Returns:
-            True if the thread has ended (or never started).
+            True if the thread has ended (or never started) and, for a
+            distributor the informer made, its stop delivered everything.
 
         Raises:
             RuntimeError: called from a handler running on the informer's own
@@ -437,15 +458,22 @@ class Informer:
             request.abort()
         if thread is None or resyncer is None:
             self._ended.set()
-            return True
+            return self._stop_own_distributor(timeout)
         if threading.current_thread() in (thread, resyncer):
             raise RuntimeError(
                 "Informer.stop() called on the informer's own thread; call it from another one"
             )
         deadline = None if timeout is None else time.monotonic() + timeout
         thread.join(timeout)
-        resyncer.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
-        return not thread.is_alive() and not resyncer.is_alive()
+        resyncer.join(_left(deadline))
+        ended = not thread.is_alive() and not resyncer.is_alive()
+        return self._stop_own_distributor(_left(deadline)) and ended
+
+    def _stop_own_distributor(self, timeout: float | None) -> bool:
+        """Stop, draining, the distributor this informer made; True when nothing was lost."""
+        if not self._owns_distributor:
+            return True
+        return self._distributor.stop(drain=True, timeout=timeout)
 
     def stats(self) -> InformerStats:
         """Read the informer's counters.

@@ -460,9 +460,10 @@ class Supervisor(threading.Thread):
                 if started - 1 > ring.acked_seq:
                     ring.ack(started - 1)
                 payload: Any = ring.peek()
-                if payload is not None and listener.ctx.arena is not None:
-                    # Decoded while the frame still holds its shared-memory blocks.
-                    payload = listener.decoded(payload)
+                if payload is not None and listener.payloads_refer_out():
+                    # Its shared-memory blocks copied while the frame holds them:
+                    # decoded (codec hooks: user code) in the call, without the lock.
+                    payload = listener.ctx.arena.keep(ring, [payload], [started])[0]
                 ring.ack(started)
                 lane.attempts.pop(started, None)
                 listener.dead_lettered += 1

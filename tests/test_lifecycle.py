@@ -261,6 +261,95 @@ def test_a_codec_hook_runs_without_the_lock(make_dist, tmp_path):
     assert_accounted(reg)
 
 
+class Tag:
+    """A type only the codec's ``default`` / ``ext_hook`` know."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tag)
+
+    __hash__ = object.__hash__
+
+
+def _tag_default(o: Any) -> Any:
+    if isinstance(o, Tag):
+        import msgpack
+
+        return msgpack.ExtType(64, b"tag")
+    raise TypeError(f"cannot encode {o!r}")
+
+
+def _tag_hook(code: int, data: bytes) -> Any:
+    probe = _HOOK_PROBE.get("probe")
+    if probe is not None:  # in the producer only: workers have no probe
+        probe()
+    return Tag()
+
+
+def _arena_dist(make_dist: Any) -> fanout.Distributor:
+    """A distributor whose big buffers go through the arena, with codec hooks."""
+    codec = fanout.MsgpackCodec(default=_tag_default, ext_hook=_tag_hook)
+    d = make_dist(codec=codec, max_shared_bytes=1 << 20, shared_min_bytes=1024)
+    assert d.arena is not None
+    owned: list[tuple[str, bool]] = []
+    _HOOK_PROBE["owned"] = owned
+    _HOOK_PROBE["probe"] = lambda: owned.append((threading.current_thread().name, _owned(d)))
+    return d
+
+
+def _big(name: str, **extra: Any) -> dict[str, Any]:
+    return obj(name, blob=np.arange(4096, dtype=np.uint8), tag=Tag(), **extra)
+
+
+def test_a_dead_letter_referring_to_the_arena_is_decoded_without_the_lock(make_dist, tmp_path):
+    d = _arena_dist(make_dist)
+    try:
+        dead = Collector()
+        reg = d.add_listener(Recorder(tmp_path / "r"), on_dead_letter=dead, max_attempts=1)
+        d.start()
+        d.distribute(fanout.Add(_big("die", exit="kill")))
+        assert wait_for(lambda: len(dead) == 1, 60)
+        assert d.stop(drain=True, timeout=60) is True
+        owned = _HOOK_PROBE["owned"]
+    finally:
+        _HOOK_PROBE.clear()
+    n = dead.snapshot()[0][1]
+    assert isinstance(n, fanout.Add) and n.obj["tag"] == Tag()
+    assert np.array_equal(n.obj["blob"], np.arange(4096, dtype=np.uint8))
+    assert owned and not any(o for _, o in owned), owned
+    assert_accounted(reg)
+
+
+def test_a_listener_that_cannot_start_dead_letters_arena_frames_without_the_lock(
+    make_dist, tmp_path
+):
+    d = _arena_dist(make_dist)
+    try:
+        dead = Collector()
+        added: list[Any] = []
+
+        def on_error(reg, n, text):
+            if not added:  # nobody waits for its start: the supervisor settles it
+                added.append(d.add_listener(FailingFactory(), name="bad", on_dead_letter=dead))
+
+        ok = d.add_listener(Recorder(tmp_path / "r"), on_error=on_error)
+        d.start()
+        d.distribute(fanout.Add(obj("first", **{"raise": True})))
+        assert wait_for(lambda: added, 60)
+        (bad,) = added
+        for i in range(20):
+            d.distribute(fanout.Add(_big(f"o{i}")))
+        assert wait_for(lambda: bad.stats().start_error is not None, 60)
+        assert wait_for(lambda: len(dead) == bad.stats().received, 60)
+        assert d.stop(drain=True, timeout=60) is True
+        owned = _HOOK_PROBE["owned"]
+    finally:
+        _HOOK_PROBE.clear()
+    assert dead.snapshot() and all(n.obj["tag"] == Tag() for _, n, _ in dead.snapshot())
+    assert owned and not any(o for _, o in owned), owned
+    assert_accounted(bad)
+    assert_accounted(ok)
+
+
 def test_the_supervisor_reaps_a_dead_worker_without_the_lock(make_dist, tmp_path, monkeypatch):
     from fanout import _isolation
 

@@ -43,6 +43,7 @@ from fanout._protocol import (
 )
 from fanout._warden import MEMORY_TICK
 from fanout.notifications import RawFrame
+from fanout.process_listener import reap_discarded
 
 if TYPE_CHECKING:
     from fanout.process_listener import Lane
@@ -490,6 +491,7 @@ class Supervisor(threading.Thread):
             lane.backoff = min(max(lane.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
             lane.respawn_at = time.monotonic() + lane.backoff
             text = f"could not start a worker: {exc!r}; retrying in {lane.backoff:.1f} s"
+            calls.append(reap_discarded)  # one it started and killed, after the lock
             calls.append(lambda: lane.listener.report_error(None, text))
 
     # -- timers --------------------------------------------------------------------------

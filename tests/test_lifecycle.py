@@ -372,21 +372,48 @@ def test_the_supervisor_reaps_a_dead_worker_without_the_lock(make_dist, tmp_path
     assert joins and not any(joins), joins
 
 
+@pytest.mark.parametrize("when", ["add_listener", "start", "respawn"])
 def test_a_child_is_not_leaked_when_fanout_cannot_take_charge_of_it(
-    make_dist, tmp_path, monkeypatch
+    make_dist, tmp_path, monkeypatch, when
 ):
+    import multiprocessing.process
+
     from fanout import process_listener
 
     d = make_dist()
-    d.start()
+    joins: list[bool] = []  # whether the lock was held while a discarded child was reaped
+    real_join = multiprocessing.process.BaseProcess.join
+
+    def join(self, timeout=None):
+        joins.append(_owned(d))
+        return real_join(self, timeout)
 
     def refuse(proc, start_method):
+        monkeypatch.setattr(multiprocessing.process.BaseProcess, "join", join)
         raise OSError("pidfd_open refused (simulated)")
 
-    monkeypatch.setattr(process_listener, "WorkerProcess", refuse)
-    with pytest.raises(OSError, match="simulated"):
+    if when == "respawn":
+        errors = Collector()
+        reg = d.add_listener(Recorder(tmp_path / "r"), on_error=errors)
+        d.start()
+        monkeypatch.setattr(process_listener, "WorkerProcess", refuse)
+        (pid,) = reg.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: any("simulated" in t for _, _, t in errors.snapshot()), 60)
+        assert wait_for(lambda: joins, 10)
+    elif when == "start":
         d.add_listener(Recorder(tmp_path / "r"))
-    assert d.listener_count == 0  # and the leak check finds no child
+        monkeypatch.setattr(process_listener, "WorkerProcess", refuse)
+        with pytest.raises(OSError, match="simulated"):
+            d.start()
+    else:
+        d.start()
+        monkeypatch.setattr(process_listener, "WorkerProcess", refuse)
+        with pytest.raises(OSError, match="simulated"):
+            d.add_listener(Recorder(tmp_path / "r"))
+        assert d.listener_count == 0
+    monkeypatch.undo()
+    assert joins and not any(joins), joins  # and the leak check finds no child
 
 
 # -- counters change only for what was accepted ------------------------------------------

@@ -5,7 +5,6 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -23,8 +22,10 @@ from tests.helpers import (
     Collector,
     FailingFactory,
     Noop,
+    Raiser,
     Recorder,
     assert_accounted,
+    churn_stress,
     obj,
     wait_for,
 )
@@ -156,14 +157,6 @@ def test_a_thread_handler_calling_stop_during_a_stop_is_refused_not_deadlocked(m
 
 
 # -- no user code and no blocking wait under the distributor's lock ----------------------
-
-
-class Raiser(fanout.Handler):
-    """Raises for an object with ``"raise"``."""
-
-    def on_add(self, o, initial):
-        if o.get("raise"):
-            raise ValueError("asked to raise")
 
 
 @pytest.mark.parametrize("executor", ["process", "thread"])
@@ -593,76 +586,17 @@ def test_a_ray_payload_collected_inside_the_stores_lock_does_not_deadlock():
 def test_callbacks_add_remove_and_stop_while_notifications_flow_with_kills(make_dist):
     faulthandler.dump_traceback_later(240)  # a hang shows every thread's stack
     try:
-        _stress(make_dist())
+        d = make_dist()
+        every, refused, kills, sent = churn_stress(
+            d, ["thread", "process"], lambda r: r.worker_pids(), kills=20, notifications=3000
+        )
+        assert d.stopped and refused and all("would wait for itself" in r for r in refused)
+        assert kills >= 20 and len(every) > 10  # the callbacks did add listeners
+        for reg in every:
+            assert_accounted(reg)
+        assert every[2].stats().received == sent  # the thread listener was never removed
     finally:
         faulthandler.cancel_dump_traceback_later()
-
-
-def _stress(d: fanout.Distributor) -> None:
-    rng = random.Random(19)
-    lock = threading.Lock()
-    every: list[Any] = []  # every listener ever added, removed or not
-    refused: list[str] = []
-
-    def churn(reg, n, text):
-        try:
-            d.stop()
-        except RuntimeError as exc:
-            with lock:
-                refused.append(str(exc))
-        reg.stats()
-        with lock:
-            extra = [r for r in every[3:] if d.is_registered(r)]
-            victim = rng.choice(extra) if extra and rng.random() < 0.6 else None
-            executor = rng.choice(["thread", "process"])
-        if victim is not None:
-            d.remove_listener(victim)
-        if len(extra) >= 6:  # each added listener adds more: keep the churn bounded
-            return
-        try:
-            new = d.add_listener(Raiser(), executor=executor, on_error=churn)
-        except fanout.DistributorStopped:
-            return  # the final stop began: refused, clearly
-        with lock:
-            every.append(new)
-
-    every.append(d.add_listener(Raiser(), workers=2, on_error=churn, max_attempts=2))
-    every.append(d.add_listener(Raiser(), on_dead_letter=churn, on_error=churn, max_attempts=1))
-    every.append(d.add_listener(Raiser(), executor="thread", on_error=churn))
-    d.start()
-    stop_killing = threading.Event()
-    kills: list[int] = []
-
-    def killer():
-        while not stop_killing.wait(0.02):
-            with lock:
-                pids = [p for r in every if d.is_registered(r) for p in r.worker_pids()]
-            if pids:
-                try:
-                    os.kill(rng.choice(pids), signal.SIGKILL)
-                    kills.append(1)
-                except ProcessLookupError:
-                    pass
-
-    killing = threading.Thread(target=killer)
-    killing.start()
-    sent = 0
-    try:
-        # At least 20 kills, and 3,000 notifications, whichever takes longer.
-        while sent < 3000 or (len(kills) < 20 and sent < 100_000):
-            for _ in range(100):
-                d.distribute(fanout.Add({"i": sent, "raise": int(sent % 50 == 0)}))
-                sent += 1
-            wait_for(lambda: every[2].stats().pending < 200, 30)  # keep it flowing
-    finally:
-        stop_killing.set()
-        killing.join(30)
-    d.stop(drain=True, timeout=120)
-    assert d.stopped and refused and all("would wait for itself" in r for r in refused)
-    assert len(kills) >= 20 and len(every) > 10  # the callbacks did add listeners
-    for reg in every:
-        assert_accounted(reg)
-    assert every[2].stats().received == sent  # the thread listener was never removed
 
 
 def test_waits_check_their_timeout_before_waiting(make_dist):

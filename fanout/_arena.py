@@ -34,6 +34,7 @@ its own, so a block no lane took is freed when it returns.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import ctypes
 import fcntl
 import mmap
@@ -41,7 +42,7 @@ import os
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,6 +127,17 @@ class SharedPayload(bytes):
         return self._spilled
 
 
+class KeptPayload(bytes):
+    """An encoded payload leaving its ring, with copies of the arena blocks it refers to.
+
+    ``kept`` maps ``(offset, serial)`` to a block's bytes: the payload can be
+    decoded (``Arena.reading``) once the distributor's lock is released, even
+    after the blocks were freed or the arena closed.
+    """
+
+    kept: dict[tuple[int, int], bytes]
+
+
 class _Encoding:
     """What the ``Arena.encode`` call running in one thread made: threads never mix."""
 
@@ -174,9 +186,10 @@ def map_worker_view(fd: int, size: int) -> memoryview:
     return view
 
 
-def _read_view(body: bytes, view: memoryview, copy: bool) -> Any:
+def _read_view(body: bytes, view: memoryview, copy: bool, base: int = 0) -> Any:
+    """The object a reference stands for; ``view`` holds the arena from offset ``base``."""
     kind, offset, length, _serial, dtype, shape, fortran = msgpack.unpackb(body)
-    raw = view[offset : offset + length]
+    raw = view[offset - base : offset - base + length]
     if kind == KIND_BYTES:
         return bytes(raw)
     from fanout.codec import dtype_from_wire
@@ -598,6 +611,39 @@ class Arena:
         self.reconcile(exact=True, ring=ring)
         return self._held < held
 
+    def keep(self, ring: Any, items: list[bytes], seqs: Iterable[int]) -> list[Any]:
+        """``items``, frames ``seqs`` of ``ring``, as ``KeptPayload`` with their blocks.
+
+        Only a copy of memory, so it may run under the distributor's lock while
+        the frames still hold their blocks; the decoding (codec hooks: user code)
+        comes later, without it (``reading``).
+        """
+        wanted = set(seqs)
+        kept: dict[tuple[int, int], bytes] = {}
+        with self._lock:
+            buf = self.buf
+            for seq, blocks in self._records.get(ring, ()):
+                if seq not in wanted or buf is None:
+                    continue
+                for offset in blocks:
+                    block = self._blocks[offset]
+                    kept[(offset, block.serial)] = buf[offset : offset + block.size]
+        out: list[Any] = []
+        for item in items:
+            item = KeptPayload(item)
+            item.kept = kept
+            out.append(item)
+        return out
+
+    @contextlib.contextmanager
+    def reading(self, kept: dict[tuple[int, int], bytes]) -> Iterator[None]:
+        """Decode references from ``kept`` (``keep``) in this thread while in the block."""
+        self._local.kept = kept
+        try:
+            yield
+        finally:
+            self._local.kept = None
+
     def decode_copy(self, body: bytes) -> Any:
         """The producer's object for a reference: a copy, if its block is still held.
 
@@ -605,6 +651,9 @@ class Arena:
             ValueError: The block was freed (or reused) since the frame was made.
         """
         _kind, offset, _length, serial = msgpack.unpackb(body)[:4]
+        kept = getattr(self._local, "kept", None)
+        if kept is not None and (offset, serial) in kept:
+            return _read_view(body, memoryview(kept[(offset, serial)]), True, base=offset)
         with self._lock:
             block = self._blocks.get(offset)
             if block is None or block.serial != serial or self.buf is None:

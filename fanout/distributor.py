@@ -33,7 +33,7 @@ from fanout.errors import DistributorStopped, WorkerStartError
 from fanout.lifecycle import State, require, transition
 from fanout.notifications import NOTIFICATION_TYPES, Add, Notification
 from fanout.options import check_flag, check_period, listener_options
-from fanout.process_listener import Lane, ProcessListener
+from fanout.process_listener import Lane, ProcessListener, reap_discarded
 from fanout.ray_listener import RayListener
 from fanout.registration import ListenerContext, Registration
 from fanout.supervisor import Supervisor
@@ -491,10 +491,15 @@ class Distributor:
                     reg.start_awaited = awaited
                     reg.start()
                 self._set_resync(reg)  # last: a failure above changes no period
-            except BaseException:
+            except BaseException as exc:
                 self._discard(reg)
-                raise
-            self._publish((*self._listeners, reg))
+                failure: BaseException | None = exc
+            else:
+                failure = None
+                self._publish((*self._listeners, reg))
+        if failure is not None:
+            reap_discarded()  # a worker it started and killed: waited for without the lock
+            raise failure
         self.supervisor.wake()
         self.pump.notify()
         if self.started and awaited:
@@ -794,6 +799,7 @@ class Distributor:
             self.pump.notify()
             failure = self._first_start_failure(listeners)
         if failure is not None:  # leave nothing half-started
+            reap_discarded()
             self.stop(drain=False)
             raise failure
         return self

@@ -283,11 +283,12 @@ class LaneListener(Registration):
         """``settle`` for one lane, once nothing consumes it any more."""
         lane.ring.close()
         lane.ack()
+        held = lane.ring.seqs() if reason is not None and self.payloads_refer_out() else ()
         items: list[Any] = lane.ring.take_all()
-        if reason is not None and self.payloads_refer_out():
-            # Decoded now, while the buffers they refer to are held: the
-            # on_dead_letter calls come after the stop let go of them.
-            items = [self.decoded(item) for item in items]
+        if held:
+            # The blocks they refer to are copied now, while held; decoded (codec
+            # hooks: user code) in the on_dead_letter calls, without the lock.
+            items = self.ctx.arena.keep(lane.ring, items, held)
         return self._settle_items(items, reason)
 
     def payloads_refer_out(self) -> bool:

@@ -40,7 +40,7 @@ from fanout.options import ListenerOptions
 from fanout.registration import ListenerContext
 from fanout.worker import FdArg, WorkerSpec, producer_fanout, worker_main
 
-__all__ = ["Lane", "ProcessListener"]
+__all__ = ["Lane", "ProcessListener", "reap_discarded"]
 
 STUCK_AFTER = 3  # start-up failures in a row after which drain gives up on a lane
 PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: the producer rarely waits on a full pipe
@@ -48,16 +48,33 @@ F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PRODUCER_FANOUT = producer_fanout()
 
 
-def _discard_started(proc: Any) -> None:
-    """Kill and reap a worker fanout could not take charge of (it must not leak).
+# Workers fanout started but could not take charge of: killed, not yet reaped.
+_unreaped: list[Any] = []
 
-    An error path under the distributor's lock: a SIGKILLed child is reaped at
-    once, and the wait is bounded regardless.
+
+def _discard_started(proc: Any) -> None:
+    """Kill a worker fanout could not take charge of (it must not leak).
+
+    An error path under the distributor's lock: the wait for it is left to
+    ``reap_discarded``, which the caller runs once the lock is released.
     """
     proc.kill()
-    proc.join(1.0)
-    if proc.exitcode is not None:
-        proc.close()
+    _unreaped.append(proc)
+
+
+def reap_discarded() -> None:
+    """Reap the workers ``_discard_started`` killed (no lock held: this waits).
+
+    A SIGKILLed child is reaped at once; the wait is bounded regardless.
+    """
+    while _unreaped:
+        try:
+            proc = _unreaped.pop()
+        except IndexError:  # another thread took the last one
+            return
+        proc.join(1.0)
+        if proc.exitcode is not None:
+            proc.close()
 
 
 class ProcessListener(LaneListener):

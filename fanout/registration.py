@@ -377,7 +377,11 @@ class Registration:
     def decoded(self, item: Any) -> Any:
         """``item`` as a notification: a payload decoded (a ``RawFrame`` if it cannot be)."""
         if isinstance(item, (bytes, bytearray)):
+            kept = getattr(item, "kept", None)  # a KeptPayload: its arena blocks copied
             try:
+                if kept is not None and self.ctx.arena is not None:
+                    with self.ctx.arena.reading(kept):
+                        return self.ctx.codec.decode(item)[0]
                 return self.ctx.codec.decode(item)[0]
             except Exception as exc:
                 return RawFrame(bytes(item), f"cannot be decoded: {exc!r}")

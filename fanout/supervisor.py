@@ -43,6 +43,7 @@ from fanout._protocol import (
 )
 from fanout._warden import MEMORY_TICK
 from fanout.notifications import RawFrame
+from fanout.process_listener import reap_discarded
 
 if TYPE_CHECKING:
     from fanout.process_listener import Lane
@@ -460,9 +461,10 @@ class Supervisor(threading.Thread):
                 if started - 1 > ring.acked_seq:
                     ring.ack(started - 1)
                 payload: Any = ring.peek()
-                if payload is not None and listener.ctx.arena is not None:
-                    # Decoded while the frame still holds its shared-memory blocks.
-                    payload = listener.decoded(payload)
+                if payload is not None and listener.payloads_refer_out():
+                    # Its shared-memory blocks copied while the frame holds them:
+                    # decoded (codec hooks: user code) in the call, without the lock.
+                    payload = listener.ctx.arena.keep(ring, [payload], [started])[0]
                 ring.ack(started)
                 lane.attempts.pop(started, None)
                 listener.dead_lettered += 1
@@ -489,6 +491,7 @@ class Supervisor(threading.Thread):
             lane.backoff = min(max(lane.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
             lane.respawn_at = time.monotonic() + lane.backoff
             text = f"could not start a worker: {exc!r}; retrying in {lane.backoff:.1f} s"
+            calls.append(reap_discarded)  # one it started and killed, after the lock
             calls.append(lambda: lane.listener.report_error(None, text))
 
     # -- timers --------------------------------------------------------------------------

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -446,3 +448,99 @@ def read_probes(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+class Raiser(fanout.Handler):
+    """Raises for an object with ``"raise"``."""
+
+    def on_add(self, o: Any, initial: bool) -> None:
+        if o.get("raise"):
+            raise ValueError("asked to raise")
+
+
+def churn_stress(
+    d: fanout.Distributor,
+    executors: list[str],
+    kill_targets: Callable[[Any], list[int]],
+    kills: int,
+    notifications: int,
+    max_extra: int = 6,
+    kill_every: float = 0.02,
+) -> tuple[list[Any], list[str], int, int]:
+    """Callbacks add, remove and stop listeners while notifications flow, with kills.
+
+    Three listeners first: two of ``executors[-1]`` (its callbacks churn) and a
+    thread one, never removed. Each callback calls ``stop()`` (refused), then
+    removes a listener it added, and adds one of a random executor of
+    ``executors`` (up to ``max_extra``). A thread SIGKILLs a random pid of
+    ``kill_targets(reg)`` every ``kill_every`` s. It sends at least
+    ``notifications``, until ``kills`` kills (at most 100,000), then stops,
+    draining. Returns every listener ever added, the refusals, kills and sent.
+    """
+    rng = random.Random(19)
+    lock = threading.Lock()
+    every: list[Any] = []  # every listener ever added, removed or not
+    refused: list[str] = []
+
+    def churn(reg: Any, n: Any, text: str) -> None:
+        try:
+            d.stop()
+        except RuntimeError as exc:
+            with lock:
+                refused.append(str(exc))
+        reg.stats()
+        with lock:
+            extra = [r for r in every[3:] if d.is_registered(r)]
+            victim = rng.choice(extra) if extra and rng.random() < 0.6 else None
+            executor = rng.choice(executors)
+        if victim is not None:
+            d.remove_listener(victim)
+        if len(extra) >= max_extra:  # each added listener adds more: keep it bounded
+            return
+        try:
+            new = d.add_listener(Raiser(), executor=executor, on_error=churn)
+        except fanout.DistributorStopped:
+            return  # the final stop began: refused, clearly
+        with lock:
+            every.append(new)
+
+    base = executors[-1]
+    every.append(
+        d.add_listener(Raiser(), executor=base, workers=2, on_error=churn, max_attempts=2)
+    )
+    every.append(
+        d.add_listener(
+            Raiser(), executor=base, on_dead_letter=churn, on_error=churn, max_attempts=1
+        )
+    )
+    every.append(d.add_listener(Raiser(), executor="thread", on_error=churn))
+    d.start()
+    stop_killing = threading.Event()
+    killed: list[int] = []
+
+    def killer() -> None:
+        while not stop_killing.wait(kill_every):
+            with lock:
+                regs = [r for r in every if d.is_registered(r)]
+            pids = [p for r in regs for p in kill_targets(r)]
+            if pids:
+                try:
+                    os.kill(rng.choice(pids), signal.SIGKILL)
+                    killed.append(1)
+                except ProcessLookupError:
+                    pass
+
+    killing = threading.Thread(target=killer)
+    killing.start()
+    sent = 0
+    try:
+        while sent < notifications or (len(killed) < kills and sent < 100_000):
+            for _ in range(100):
+                d.distribute(fanout.Add({"i": sent, "raise": int(sent % 50 == 0)}))
+                sent += 1
+            wait_for(lambda: every[2].stats().pending < 200, 30)  # keep it flowing
+    finally:
+        stop_killing.set()
+        killing.join(30)
+    d.stop(drain=True, timeout=120)
+    return every, refused, len(killed), sent

@@ -5,7 +5,6 @@ from __future__ import annotations
 import faulthandler
 import logging
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -23,8 +22,10 @@ from tests.helpers import (
     Collector,
     FailingFactory,
     Noop,
+    Raiser,
     Recorder,
     assert_accounted,
+    churn_stress,
     obj,
     wait_for,
 )
@@ -158,14 +159,6 @@ def test_a_thread_handler_calling_stop_during_a_stop_is_refused_not_deadlocked(m
 # -- no user code and no blocking wait under the distributor's lock ----------------------
 
 
-class Raiser(fanout.Handler):
-    """Raises for an object with ``"raise"``."""
-
-    def on_add(self, o, initial):
-        if o.get("raise"):
-            raise ValueError("asked to raise")
-
-
 @pytest.mark.parametrize("executor", ["process", "thread"])
 def test_every_callback_runs_without_the_lock_and_may_call_any_public_method(make_dist, executor):
     d = make_dist()
@@ -261,6 +254,95 @@ def test_a_codec_hook_runs_without_the_lock(make_dist, tmp_path):
     assert_accounted(reg)
 
 
+class Tag:
+    """A type only the codec's ``default`` / ``ext_hook`` know."""
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tag)
+
+    __hash__ = object.__hash__
+
+
+def _tag_default(o: Any) -> Any:
+    if isinstance(o, Tag):
+        import msgpack
+
+        return msgpack.ExtType(64, b"tag")
+    raise TypeError(f"cannot encode {o!r}")
+
+
+def _tag_hook(code: int, data: bytes) -> Any:
+    probe = _HOOK_PROBE.get("probe")
+    if probe is not None:  # in the producer only: workers have no probe
+        probe()
+    return Tag()
+
+
+def _arena_dist(make_dist: Any) -> fanout.Distributor:
+    """A distributor whose big buffers go through the arena, with codec hooks."""
+    codec = fanout.MsgpackCodec(default=_tag_default, ext_hook=_tag_hook)
+    d = make_dist(codec=codec, max_shared_bytes=1 << 20, shared_min_bytes=1024)
+    assert d.arena is not None
+    owned: list[tuple[str, bool]] = []
+    _HOOK_PROBE["owned"] = owned
+    _HOOK_PROBE["probe"] = lambda: owned.append((threading.current_thread().name, _owned(d)))
+    return d
+
+
+def _big(name: str, **extra: Any) -> dict[str, Any]:
+    return obj(name, blob=np.arange(4096, dtype=np.uint8), tag=Tag(), **extra)
+
+
+def test_a_dead_letter_referring_to_the_arena_is_decoded_without_the_lock(make_dist, tmp_path):
+    d = _arena_dist(make_dist)
+    try:
+        dead = Collector()
+        reg = d.add_listener(Recorder(tmp_path / "r"), on_dead_letter=dead, max_attempts=1)
+        d.start()
+        d.distribute(fanout.Add(_big("die", exit="kill")))
+        assert wait_for(lambda: len(dead) == 1, 60)
+        assert d.stop(drain=True, timeout=60) is True
+        owned = _HOOK_PROBE["owned"]
+    finally:
+        _HOOK_PROBE.clear()
+    n = dead.snapshot()[0][1]
+    assert isinstance(n, fanout.Add) and n.obj["tag"] == Tag()
+    assert np.array_equal(n.obj["blob"], np.arange(4096, dtype=np.uint8))
+    assert owned and not any(o for _, o in owned), owned
+    assert_accounted(reg)
+
+
+def test_a_listener_that_cannot_start_dead_letters_arena_frames_without_the_lock(
+    make_dist, tmp_path
+):
+    d = _arena_dist(make_dist)
+    try:
+        dead = Collector()
+        added: list[Any] = []
+
+        def on_error(reg, n, text):
+            if not added:  # nobody waits for its start: the supervisor settles it
+                added.append(d.add_listener(FailingFactory(), name="bad", on_dead_letter=dead))
+
+        ok = d.add_listener(Recorder(tmp_path / "r"), on_error=on_error)
+        d.start()
+        d.distribute(fanout.Add(obj("first", **{"raise": True})))
+        assert wait_for(lambda: added, 60)
+        (bad,) = added
+        for i in range(20):
+            d.distribute(fanout.Add(_big(f"o{i}")))
+        assert wait_for(lambda: bad.stats().start_error is not None, 60)
+        assert wait_for(lambda: len(dead) == bad.stats().received, 60)
+        assert d.stop(drain=True, timeout=60) is True
+        owned = _HOOK_PROBE["owned"]
+    finally:
+        _HOOK_PROBE.clear()
+    assert dead.snapshot() and all(n.obj["tag"] == Tag() for _, n, _ in dead.snapshot())
+    assert owned and not any(o for _, o in owned), owned
+    assert_accounted(bad)
+    assert_accounted(ok)
+
+
 def test_the_supervisor_reaps_a_dead_worker_without_the_lock(make_dist, tmp_path, monkeypatch):
     from fanout import _isolation
 
@@ -283,21 +365,48 @@ def test_the_supervisor_reaps_a_dead_worker_without_the_lock(make_dist, tmp_path
     assert joins and not any(joins), joins
 
 
+@pytest.mark.parametrize("when", ["add_listener", "start", "respawn"])
 def test_a_child_is_not_leaked_when_fanout_cannot_take_charge_of_it(
-    make_dist, tmp_path, monkeypatch
+    make_dist, tmp_path, monkeypatch, when
 ):
+    import multiprocessing.process
+
     from fanout import process_listener
 
     d = make_dist()
-    d.start()
+    joins: list[bool] = []  # whether the lock was held while a discarded child was reaped
+    real_join = multiprocessing.process.BaseProcess.join
+
+    def join(self, timeout=None):
+        joins.append(_owned(d))
+        return real_join(self, timeout)
 
     def refuse(proc, start_method):
+        monkeypatch.setattr(multiprocessing.process.BaseProcess, "join", join)
         raise OSError("pidfd_open refused (simulated)")
 
-    monkeypatch.setattr(process_listener, "WorkerProcess", refuse)
-    with pytest.raises(OSError, match="simulated"):
+    if when == "respawn":
+        errors = Collector()
+        reg = d.add_listener(Recorder(tmp_path / "r"), on_error=errors)
+        d.start()
+        monkeypatch.setattr(process_listener, "WorkerProcess", refuse)
+        (pid,) = reg.worker_pids()
+        os.kill(pid, signal.SIGKILL)
+        assert wait_for(lambda: any("simulated" in t for _, _, t in errors.snapshot()), 60)
+        assert wait_for(lambda: joins, 10)
+    elif when == "start":
         d.add_listener(Recorder(tmp_path / "r"))
-    assert d.listener_count == 0  # and the leak check finds no child
+        monkeypatch.setattr(process_listener, "WorkerProcess", refuse)
+        with pytest.raises(OSError, match="simulated"):
+            d.start()
+    else:
+        d.start()
+        monkeypatch.setattr(process_listener, "WorkerProcess", refuse)
+        with pytest.raises(OSError, match="simulated"):
+            d.add_listener(Recorder(tmp_path / "r"))
+        assert d.listener_count == 0
+    monkeypatch.undo()
+    assert joins and not any(joins), joins  # and the leak check finds no child
 
 
 # -- counters change only for what was accepted ------------------------------------------
@@ -477,76 +586,17 @@ def test_a_ray_payload_collected_inside_the_stores_lock_does_not_deadlock():
 def test_callbacks_add_remove_and_stop_while_notifications_flow_with_kills(make_dist):
     faulthandler.dump_traceback_later(240)  # a hang shows every thread's stack
     try:
-        _stress(make_dist())
+        d = make_dist()
+        every, refused, kills, sent = churn_stress(
+            d, ["thread", "process"], lambda r: r.worker_pids(), kills=20, notifications=3000
+        )
+        assert d.stopped and refused and all("would wait for itself" in r for r in refused)
+        assert kills >= 20 and len(every) > 10  # the callbacks did add listeners
+        for reg in every:
+            assert_accounted(reg)
+        assert every[2].stats().received == sent  # the thread listener was never removed
     finally:
         faulthandler.cancel_dump_traceback_later()
-
-
-def _stress(d: fanout.Distributor) -> None:
-    rng = random.Random(19)
-    lock = threading.Lock()
-    every: list[Any] = []  # every listener ever added, removed or not
-    refused: list[str] = []
-
-    def churn(reg, n, text):
-        try:
-            d.stop()
-        except RuntimeError as exc:
-            with lock:
-                refused.append(str(exc))
-        reg.stats()
-        with lock:
-            extra = [r for r in every[3:] if d.is_registered(r)]
-            victim = rng.choice(extra) if extra and rng.random() < 0.6 else None
-            executor = rng.choice(["thread", "process"])
-        if victim is not None:
-            d.remove_listener(victim)
-        if len(extra) >= 6:  # each added listener adds more: keep the churn bounded
-            return
-        try:
-            new = d.add_listener(Raiser(), executor=executor, on_error=churn)
-        except fanout.DistributorStopped:
-            return  # the final stop began: refused, clearly
-        with lock:
-            every.append(new)
-
-    every.append(d.add_listener(Raiser(), workers=2, on_error=churn, max_attempts=2))
-    every.append(d.add_listener(Raiser(), on_dead_letter=churn, on_error=churn, max_attempts=1))
-    every.append(d.add_listener(Raiser(), executor="thread", on_error=churn))
-    d.start()
-    stop_killing = threading.Event()
-    kills: list[int] = []
-
-    def killer():
-        while not stop_killing.wait(0.02):
-            with lock:
-                pids = [p for r in every if d.is_registered(r) for p in r.worker_pids()]
-            if pids:
-                try:
-                    os.kill(rng.choice(pids), signal.SIGKILL)
-                    kills.append(1)
-                except ProcessLookupError:
-                    pass
-
-    killing = threading.Thread(target=killer)
-    killing.start()
-    sent = 0
-    try:
-        # At least 20 kills, and 3,000 notifications, whichever takes longer.
-        while sent < 3000 or (len(kills) < 20 and sent < 100_000):
-            for _ in range(100):
-                d.distribute(fanout.Add({"i": sent, "raise": int(sent % 50 == 0)}))
-                sent += 1
-            wait_for(lambda: every[2].stats().pending < 200, 30)  # keep it flowing
-    finally:
-        stop_killing.set()
-        killing.join(30)
-    d.stop(drain=True, timeout=120)
-    assert d.stopped and refused and all("would wait for itself" in r for r in refused)
-    assert len(kills) >= 20 and len(every) > 10  # the callbacks did add listeners
-    for reg in every:
-        assert_accounted(reg)
-    assert every[2].stats().received == sent  # the thread listener was never removed
 
 
 def test_waits_check_their_timeout_before_waiting(make_dist):

@@ -10,6 +10,7 @@ The whole module is skipped when Ray is not installed (``pip install
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ from helpers import (
     FailingFactory,
     Recorder,
     assert_accounted,
+    churn_stress,
     obj,
     read_calls,
     read_probes,
@@ -888,3 +890,37 @@ def test_a_ray_listener_that_cannot_start_added_from_a_callback_is_reported(
     assert all("could not start" in why for why in dead)
     assert d.stop(drain=True, timeout=60) is True
     assert_accounted(bad)
+
+
+def _actor_pids(reg: Any) -> list[int]:
+    """The pids of a Ray listener's actors Ray reports alive (none for other kinds)."""
+    if reg.executor != "ray":
+        return []
+    states = [_actor_state(a) for a in reg.actor_ids()]
+    return [int(st["Pid"]) for st in states if st["State"] == "ALIVE" and st.get("Pid")]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+def test_ray_callbacks_add_remove_and_stop_while_notifications_flow_with_kills(rdist) -> None:
+    faulthandler.dump_traceback_later(360)  # a hang shows every thread's stack
+    try:
+        d = rdist()
+        every, refused, kills, sent = churn_stress(
+            d,
+            ["thread", "ray"],
+            _actor_pids,
+            kills=4,
+            notifications=1000,
+            max_extra=3,
+            kill_every=0.5,
+        )
+    finally:
+        faulthandler.cancel_dump_traceback_later()
+    assert d.stopped and refused and all("would wait for itself" in r for r in refused)
+    assert kills >= 4 and len(every) > 4  # the callbacks did add listeners
+    assert any(r.executor == "ray" for r in every[3:]), [r.executor for r in every]
+    assert sum(r.stats().restarts for r in every if r.executor == "ray") >= 1  # Ray restarted
+    for reg in every:
+        assert_accounted(reg)
+    assert every[2].stats().received == sent  # the thread listener was never removed

@@ -29,6 +29,24 @@ FILE_HEADER = re.compile(r"# (\w+\.py)\n")
 # What an example may need beyond fanout's core, by import name.
 NEEDS = {"msgspec": "schema", "prometheus_client": "prometheus", "ray": "ray"}
 pytestmark = pytest.mark.timeout(300)
+KUBECONFIG = """\
+apiVersion: v1
+kind: Config
+clusters:
+- name: loopback
+  cluster:
+    server: {url}
+users:
+- name: reader
+  user:
+    token: docs-example
+contexts:
+- name: loopback
+  context:
+    cluster: loopback
+    user: reader
+current-context: loopback
+"""
 
 
 def blocks(page: Path) -> list[tuple[str, str | None]]:
@@ -49,15 +67,32 @@ def _meaningful(code: str) -> list[str]:
 
 
 def _run(script: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+    text = script.read_text()
     for module, extra in NEEDS.items():
-        if re.search(rf"^\s*(import|from) {module}\b", script.read_text(), re.MULTILINE):
+        if re.search(rf"^\s*(import|from) {module}\b", text, re.MULTILINE):
             pytest.importorskip(module, reason=f"the example needs the {extra!r} extra")
     env = dict(os.environ)
     env.pop("PYTHONSAFEPATH", None)
     # The example's own directory first (its modules), then wherever fanout came from.
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(cwd), env.get("PYTHONPATH")]))
     cmd = [sys.executable, str(script)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=240)
+    if not re.search(r"^\s*(import|from) fanout\.kube\b", text, re.MULTILINE):
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=240)
+    # An informer example reads the cluster from the kubeconfig, as the client does:
+    # give it one naming the loopback API server.
+    pytest.importorskip("kubernetes", reason="the example needs the 'kube' extra")
+    from kube_server import KubeServer
+
+    server = KubeServer()
+    try:
+        server.create("pods", "web-0", namespace="default")
+        server.create("pods", "api-0", namespace="prod")
+        config = cwd / "kubeconfig"
+        config.write_text(KUBECONFIG.format(url=server.url))
+        env["KUBECONFIG"] = str(config)
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=240)
+    finally:
+        server.close()
 
 
 def test_the_pages_have_python_blocks():

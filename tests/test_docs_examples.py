@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -84,15 +85,18 @@ def _run(script: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     from kube_server import KubeServer
 
     server = KubeServer()
-    try:
-        server.create("pods", "web-0", namespace="default")
-        server.create("pods", "api-0", namespace="prod")
-        config = cwd / "kubeconfig"
-        config.write_text(KUBECONFIG.format(url=server.url))
-        env["KUBECONFIG"] = str(config)
-        return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=240)
-    finally:
-        server.close()
+    with tempfile.TemporaryDirectory() as home:  # never in the repo's docs/examples
+        try:
+            server.create("pods", "web-0", namespace="default")
+            server.create("pods", "api-0", namespace="prod")
+            config = Path(home) / "kubeconfig"
+            config.write_text(KUBECONFIG.format(url=server.url))
+            env["KUBECONFIG"] = str(config)
+            return subprocess.run(
+                cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=240
+            )
+        finally:
+            server.close()
 
 
 def test_the_pages_have_python_blocks():

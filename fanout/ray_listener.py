@@ -541,6 +541,12 @@ class RayListener(LaneListener):
         except BaseException:  # the listener cannot go on: say so loudly
             self.failed = True  # stuck(): stop(drain=True) does not wait for it
             log.exception("listener %r: the Ray sender thread failed", self.name)
+            # Its actors must not outlive it: a removal after this never waits
+            # for the listener (wait_exited), so nothing else would kill them.
+            try:
+                self._kill_actors()
+            except Exception:
+                log.exception("listener %r: its Ray actors could not be killed", self.name)
             return
         self._leave()
 

@@ -32,6 +32,25 @@ log = logging.getLogger("fanout")
 BACKLOG = 64  # connections the kernel queues before this thread accepts them
 MAX_REQUEST = 8192  # bytes of request line and headers; more is refused
 ACCEPT_PAUSE = 0.1  # after EMFILE/ENFILE with nothing to close: accept again after this
+# accept() errors that concern one connection, not the endpoint: accept(2) says to
+# retry the network ones as EAGAIN; EPERM is a firewall refusing that one client.
+_ACCEPT_RETRY = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED",
+        "EINTR",
+        "EPROTO",
+        "ENETDOWN",
+        "EHOSTDOWN",
+        "ENONET",
+        "EHOSTUNREACH",
+        "ENETUNREACH",
+        "ENOPROTOOPT",
+        "EOPNOTSUPP",
+        "EPERM",
+    )
+    if hasattr(errno, name)
+)
 EVICT_AGE = 0.25  # a connection this young is not closed to make room for a newer one
 
 
@@ -95,25 +114,27 @@ class Endpoint(threading.Thread):
     def close(self) -> None:
         """Stop serving, close every socket and wait for the thread to end."""
         self._closing = True
+        if self._wake_w < 0:  # closed before
+            return
         try:
             os.write(self._wake_w, b"x")
         except OSError:
             pass
         if self.is_alive():
             self.join()
-        else:
-            self._cleanup()
+        self._cleanup()
+        # The wake pipe last, and only here: the thread never closes it, so no
+        # write above can reach a descriptor number reused by someone else.
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+        self._wake_r = self._wake_w = -1
 
     def _cleanup(self) -> None:
+        """Close the listening socket and every connection (idempotent)."""
         for conn in self._conns.values():
             conn.sock.close()
         self._conns.clear()
         self._sock.close()
-        for fd in (self._wake_r, self._wake_w):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
 
     def run(self) -> None:
         sel = selectors.DefaultSelector()
@@ -174,7 +195,7 @@ class Endpoint(threading.Thread):
                         continue
                     self._pause(sel, now + ACCEPT_PAUSE)
                     return
-                if exc.errno in (errno.ECONNABORTED, errno.EINTR, errno.EPROTO):
+                if exc.errno in _ACCEPT_RETRY:
                     continue
                 raise
             sock.setblocking(False)

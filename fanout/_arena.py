@@ -618,6 +618,10 @@ class Arena:
         the frames still hold their blocks; the decoding (codec hooks: user code)
         comes later, without it (``reading``).
         """
+        return self.wrap_kept(items, self.copy_blocks(ring, seqs))
+
+    def copy_blocks(self, ring: Any, seqs: Iterable[int]) -> dict[tuple[int, int], bytes]:
+        """Copy the blocks frames ``seqs`` of ``ring`` refer to, while they still hold them."""
         wanted = set(seqs)
         kept: dict[tuple[int, int], bytes] = {}
         with self._lock:
@@ -628,6 +632,11 @@ class Arena:
                 for offset in blocks:
                     block = self._blocks[offset]
                     kept[(offset, block.serial)] = buf[offset : offset + block.size]
+        return kept
+
+    @staticmethod
+    def wrap_kept(items: list[bytes], kept: dict[tuple[int, int], bytes]) -> list[Any]:
+        """``items`` as ``KeptPayload`` decoding their references from ``kept``."""
         out: list[Any] = []
         for item in items:
             item = KeptPayload(item)

@@ -284,11 +284,13 @@ class LaneListener(Registration):
         lane.ring.close()
         lane.ack()
         held = lane.ring.seqs() if reason is not None and self.payloads_refer_out() else ()
+        # The blocks they refer to are copied before take_all() acks the frames (a
+        # reconcile after it may free them); decoded (codec hooks: user code) in
+        # the on_dead_letter calls, without the lock.
+        kept = self.ctx.arena.copy_blocks(lane.ring, held) if held else None
         items: list[Any] = lane.ring.take_all()
-        if held:
-            # The blocks they refer to are copied now, while held; decoded (codec
-            # hooks: user code) in the on_dead_letter calls, without the lock.
-            items = self.ctx.arena.keep(lane.ring, items, held)
+        if kept is not None:
+            items = self.ctx.arena.wrap_kept(items, kept)
         return self._settle_items(items, reason)
 
     def payloads_refer_out(self) -> bool:

@@ -827,6 +827,9 @@ class Distributor:
                 with self.lock:  # nobody waits now: later failures are reported as usual
                     for lane in lanes:
                         lane.first_start = False
+                        # so a start that fails for good later is reported and
+                        # dead-lettered by the supervisor, not retried forever
+                        lane.listener.start_awaited = False
                 break
             time.sleep(delay)
             delay = min(delay * 2, 0.005)
@@ -910,7 +913,8 @@ class Distributor:
         A thread handler calling stop() while a stop runs must be refused, not
         left waiting for the stop that waits for it.
         """
-        return {self.supervisor, self._pump_thread, *self.ctx.threads}
+        with self.lock:  # add_listener adds to ctx.threads under it
+            return {self.supervisor, self._pump_thread, *self.ctx.threads}
 
     def _stop_at_exit(self) -> None:
         """The exit hook's stop: bounded, and it says what the forgotten stop lost.

@@ -136,6 +136,10 @@ def worker_main(
     for fd in (data_fd, ret_fd, lifeline):  # nothing the handler runs holds them
         os.set_inheritable(fd, False)
     slot[PID] = os.getpid()
+    # Before any handler code (its factory and __init__ included): a forked copy of
+    # this worker loses the pipes at once and leaves when its call returns, so each
+    # pipe has one reader.
+    guard_forks(data_fd, ret_fd)
     try:
         # Unpickled here, not by multiprocessing, so a failure is reported.
         check_same_fanout(spec)
@@ -172,9 +176,6 @@ def worker_main(
             payload = payload[:MAX_RAW_ECHO]
         send_message(ret_fd, {"t": MSG_UNDECODABLE, "seq": seq, "text": text, "payload": payload})
 
-    # A forked copy of this worker (a handler that forks and returns in both) loses
-    # the pipes at once and leaves when its call returns: one reader per pipe.
-    guard_forks(data_fd, ret_fd)
     serve(data_fd, slot, unpack, handler, on_error, on_bad_frame)
     # Everything was handled (EOF) or the parent asked to stop: leave at once,
     # without running handlers' atexit hooks twice or flushing inherited buffers.

@@ -9,6 +9,7 @@ Every recorded process is killed at teardown, so a failing test leaves none behi
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -290,6 +291,33 @@ def test_a_forked_copy_of_a_worker_reads_nothing(make_dist, tmp_path, worker_loo
     assert worker_calls == list(range(n))
     copies = [c for c in got if c.pid != pid]
     assert sorted(c.v for c in copies) == list(range(n))
+    s = reg.stats()
+    assert (s.delivered, s.received, s.restarts) == (n, n, 0), s
+    assert d.stop(drain=True, timeout=30) is True
+
+
+class ForkingInit(Recorder):
+    """Forks while it is being built in the worker; both copies go on into the loop."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path)
+        os.fork()  # the copy is not waited for: it must leave by itself
+
+
+def test_a_copy_forked_while_the_handler_is_built_reads_nothing(make_dist, tmp_path, worker_loop):
+    calls = tmp_path / "calls"
+    d = make_dist(start_method="spawn" if worker_loop == "spawn" else "forkserver")
+    reg = d.add_listener(functools.partial(ForkingInit, str(calls)))  # a factory
+    d.start()
+    assert reg.wait_ready(30)
+    (pid,) = reg.worker_pids()
+    n = 200
+    for i in range(n):
+        d.distribute(fanout.Add(obj("same-key", i)))
+    assert wait_for(lambda: reg.stats().delivered == n, 30), reg.stats()
+    got = read_calls(calls)
+    assert [c.v for c in got if c.pid == pid] == list(range(n))
+    assert [c for c in got if c.pid != pid] == []  # the copy read no frame
     s = reg.stats()
     assert (s.delivered, s.received, s.restarts) == (n, n, 0), s
     assert d.stop(drain=True, timeout=30) is True

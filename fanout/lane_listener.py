@@ -283,14 +283,19 @@ class LaneListener(Registration):
         """``settle`` for one lane, once nothing consumes it any more."""
         lane.ring.close()
         lane.ack()
-        held = lane.ring.seqs() if reason is not None and self.payloads_refer_out() else ()
-        # The blocks they refer to are copied before take_all() acks the frames (a
-        # reconcile after it may free them); decoded (codec hooks: user code) in
-        # the on_dead_letter calls, without the lock.
-        kept = self.ctx.arena.copy_blocks(lane.ring, held) if held else None
+        refer_out = reason is not None and self.payloads_refer_out()
+        arena = self.ctx.arena if self.maps_shared_memory else None
+        # Arena blocks are copied before take_all() acks the frames (a reconcile
+        # after it may free them); decoded (codec hooks: user code) in the
+        # on_dead_letter calls, without the lock.
+        kept = arena.copy_blocks(lane.ring, lane.ring.seqs()) if refer_out and arena else None
         items: list[Any] = lane.ring.take_all()
         if kept is not None:
-            items = self.ctx.arena.wrap_kept(items, kept)
+            items = arena.wrap_kept(items, kept)  # type: ignore[union-attr]
+        elif refer_out:
+            # Ray's object store: decoded now, while the lane still holds the
+            # objects; the on_dead_letter calls come after they are let go.
+            items = [self.decoded(item) for item in items]
         return self._settle_items(items, reason)
 
     def payloads_refer_out(self) -> bool:

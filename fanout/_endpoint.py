@@ -250,7 +250,7 @@ class Endpoint(threading.Thread):
                             sel, conn, _answer("431 Too Large", b"", "text/plain", False)
                         )
                     return
-                self._respond(sel, conn, self._handle(bytes(conn.inbuf[:end])))
+                self._respond(sel, conn, self._request(bytes(conn.inbuf[:end])))
             else:
                 sent = conn.sock.send(conn.out)
                 conn.out = conn.out[sent:]
@@ -266,7 +266,7 @@ class Endpoint(threading.Thread):
         conn.inbuf = bytearray()
         sel.modify(conn.sock, selectors.EVENT_WRITE, "conn")
 
-    def _handle(self, request: bytes) -> bytes:
+    def _request(self, request: bytes) -> bytes:
         method = request.split(b" ", 1)[0]
         if method not in (b"GET", b"HEAD"):
             return _answer("405 Method Not Allowed", b"", "text/plain", False)

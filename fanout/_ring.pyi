@@ -3,7 +3,7 @@ from typing import Any
 
 from typing_extensions import Buffer, disjoint_base
 
-__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all"]
+__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "plain"]
 
 NATIVE: bool
 HEADER_SIZE: int

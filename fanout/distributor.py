@@ -226,6 +226,9 @@ class Distributor:
         # Thread listeners whose running call the exit hook left behind.
         self._abandoned: list[str] = []
         self._closing: list[Registration] = []  # removed, workers not yet reaped
+        # Removed thread and Ray listeners whose thread had not ended: stop()
+        # waits for them too, so nothing of this distributor outlives it.
+        self._leaving: list[Registration] = []
         self.pump: Any = self.ctx.pump
         self._notify = self.pump.notify
         self._shared_encode: Callable[[Notification, int], bytes] | None = None
@@ -573,6 +576,7 @@ class Distributor:
         """Close a listener that is gone for good (lock held)."""
         if reg.discard():  # workers still leaving: released once reaped
             self._closing.append(reg)
+        self._leaving = [r for r in (*self._leaving, reg) if not r.exited()]
 
     def remove_listener(self, reg: Any) -> None:
         """Stop delivering to a listener, without waiting for its workers.
@@ -1071,7 +1075,9 @@ class Distributor:
             self.supervisor.wake()
             time.sleep(0.002)
         self._abandoned = []
-        for reg in listeners:
+        with self.lock:
+            leaving, self._leaving = self._leaving, []
+        for reg in (*listeners, *leaving):
             if reg.supervised_lanes():
                 continue
             if at_exit and reg.executor == "thread":

@@ -156,6 +156,35 @@ def test_a_thread_handler_calling_stop_during_a_stop_is_refused_not_deadlocked(m
     assert_accounted(reg)
 
 
+def test_stop_waits_for_a_removed_thread_listeners_running_call(make_dist):
+    """remove_listener does not wait; the stop that follows does, so nothing outlives it."""
+    d = make_dist()
+    entered, gate = threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    class Blocks(fanout.Handler):
+        def on_add(self, o, initial):
+            entered.set()
+            gate.wait(60)
+            finished.append(o["metadata"]["name"])
+
+    reg = d.add_listener(Blocks(), executor="thread")
+    d.start()
+    d.distribute(fanout.Add(obj("a")))
+    assert entered.wait(30)
+    d.remove_listener(reg)  # returns while the call runs
+    assert not reg.exited()
+    stopper = threading.Thread(target=d.stop)
+    stopper.start()
+    assert wait_for(lambda: d.state is State.CLOSING or d.stopped)
+    stopper.join(0.2)
+    assert stopper.is_alive(), "stop() returned while a removed listener's call still ran"
+    gate.set()
+    stopper.join(60)
+    assert not stopper.is_alive() and reg.exited() and finished == ["a"]
+    assert_accounted(reg)
+
+
 # -- no user code and no blocking wait under the distributor's lock ----------------------
 
 

@@ -581,6 +581,18 @@ def test_remove_listener_kills_its_actors(rdist, tmp_path: Path) -> None:
     assert not d.is_registered(reg)
 
 
+def test_stop_waits_for_a_removed_listeners_sender_and_actors(rdist, tmp_path: Path) -> None:
+    """remove_listener returns at once; the stop after it leaves no sender thread behind."""
+    d = rdist()
+    reg = d.add_listener(Recorder(str(tmp_path / "c")), executor="ray")
+    d.start()
+    ids = reg.actor_ids()  # type: ignore[attr-defined]
+    d.remove_listener(reg)  # the sender kills the actors as it leaves, on its own
+    assert d.stop() is True
+    assert reg.exited() and not reg.thread.is_alive()  # type: ignore[attr-defined]
+    assert [_actor_state(a)["State"] for a in ids] == ["DEAD"]
+
+
 def test_schema_decodes_in_the_actor(rdist, tmp_path: Path) -> None:
     pytest.importorskip("msgspec")
     from test_schema import Pod, TypedRecorder

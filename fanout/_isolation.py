@@ -176,8 +176,13 @@ class WorkerProcess:
 
     def set_worker(self, pid: int) -> bool:
         """Take the warden's word for its worker's pid; False if it cannot be so."""
-        if self.pid or self._dead or pid <= 0:
+        if self.pid or pid <= 0:
             return False
+        if self._dead:
+            # Read after the warden was reaped: it wrote this before it ended, and
+            # it ends only once its worker has. Nothing is left to watch or signal.
+            self.pid = pid
+            return True
         pidfd = _pidfd_open(pid)
         # Opened first, checked after: the pidfd names the process the check saw.
         # No parent at all: the worker already ended and its warden reaped it (a

@@ -242,6 +242,27 @@ def test_start_raises_worker_start_error(make_dist, handler, expected):
     assert d.stopped  # nothing left half-started
 
 
+def test_a_worker_that_ended_before_fanout_watched_it_still_tells_why(make_dist, monkeypatch):
+    """Its messages are read after its warden was reaped: the reason is not lost."""
+    from multiprocessing.connection import wait
+
+    from fanout.process_listener import Lane
+
+    real_launch = Lane.launch
+
+    def launch(lane):
+        worker = real_launch(lane)
+        assert wait([worker[0].sentinel], 60)  # it has ended before it is attached
+        return worker
+
+    monkeypatch.setattr(Lane, "launch", launch)
+    d = make_dist()
+    d.add_listener(print, name="broken")
+    with pytest.raises(fanout.WorkerStartError) as info:
+        d.start()
+    assert "returned NoneType" in info.value.text and "Traceback" in info.value.text
+
+
 def test_add_listener_on_a_running_distributor_raises_worker_start_error(make_dist, tmp_path):
     d = make_dist()
     d.start()

@@ -216,6 +216,8 @@ class Distributor:
         self.clock = clock
         self._check_period = check
         self.lock = threading.RLock()
+        self.ctx.use_lock(self.lock)
+        self.ctx.discard_removed = self._discard
         self._stop_lock = threading.Lock()
         self._listeners: tuple[Registration, ...] = ()
         # Swapped whole, so distribute() reads one consistent plan without the lock.
@@ -484,33 +486,71 @@ class Distributor:
         # wait would hold up the very thread that reads "ready": skip it there, and
         # let the supervisor report a failure as it does for any later start.
         awaited = threading.current_thread() is not self.supervisor
-        with self.lock:
-            require("add_listener()", self.state, State.NEW, State.STARTED)
-            reg = LISTENER_KINDS[opts.executor](self.ctx, opts)
-            try:
-                if items:
-                    reg.queue_initial([Add(obj, True) for obj in items], time.monotonic_ns())
-                if self.started:
-                    reg.start_awaited = awaited
-                    reg.start()
-                self._set_resync(reg)  # last: a failure above changes no period
-            except BaseException as exc:
+        require("add_listener()", self.state, State.NEW, State.STARTED)
+        # Built, routed and encoded with no lock held: the key function and the
+        # codec's hooks are user code. Nothing else sees the listener until it
+        # is published below.
+        reg = LISTENER_KINDS[opts.executor](self.ctx, opts)
+        try:
+            queue_initial = reg.prepare_initial(
+                [Add(obj, True) for obj in items], time.monotonic_ns()
+            )
+        except BaseException:
+            with self.lock:
                 self._discard(reg)
-                failure: BaseException | None = exc
+            raise
+        with self.lock:
+            try:
+                require("add_listener()", self.state, State.NEW, State.STARTED)
+                queue_initial()
+            except BaseException:
+                self._discard(reg)
+                raise
+            starting = self.started
+            if starting:
+                reg.start_awaited = awaited
+                self.ctx.begin_start(reg)  # a stop from here on waits for it
             else:
-                failure = None
+                self._set_resync(reg)
                 self._publish((*self._listeners, reg))
-        if failure is not None:
-            reap_discarded()  # a worker it started and killed: waited for without the lock
-            raise failure
+        if starting:
+            self._start_added(reg)
         self.supervisor.wake()
         self.pump.notify()
-        if self.started and awaited:
+        if starting and awaited:
             failure = self._first_start_failure([reg])
             if failure is not None:
                 self.shutdown_listener(reg, timeout=self.close_grace)
                 raise failure
         return reg
+
+    def _start_added(self, reg: Registration) -> None:
+        """Start a listener added to a running distributor, then publish it.
+
+        The start runs with no lock held; a stop that began meanwhile waited for
+        it, and the listener is then discarded, never published.
+        """
+        failure: BaseException | None = None
+        try:
+            reg.start()
+        except BaseException as exc:
+            failure = exc
+        with self.lock:
+            self.ctx.end_start(reg)
+            if failure is None and not self.state.accepting:
+                failure = DistributorStopped(
+                    f"add_listener(): the distributor began to stop while listener "
+                    f"{reg.name!r} started; it was not added"
+                )
+            if failure is None:
+                self._set_resync(reg)
+                self._publish((*self._listeners, reg))
+            else:
+                reg.mark_removed()
+                self._discard(reg)
+        if failure is not None:
+            reap_discarded()  # a worker it started and killed: waited for without the lock
+            raise failure
 
     def _set_resync(self, reg: Registration) -> None:
         """client-go ``AddEventHandlerWithOptions`` resync rules (lock held)."""
@@ -593,7 +633,10 @@ class Distributor:
                 return
             reg.mark_removed()
             self._publish(tuple(r for r in self._listeners if r is not reg))
-            self._discard(reg)  # what it had not handled is dropped, as client-go does
+            if reg.starting:  # its workers are being started: done when they are
+                reg.discard_pending = True
+            else:
+                self._discard(reg)  # what it had not handled is dropped, as client-go does
         self.supervisor.wake()
 
     def shutdown_listener(self, reg: Any, timeout: float | None = None) -> bool:
@@ -789,15 +832,22 @@ class Distributor:
             self._pump_thread.start()
             self.supervisor.start()
             self._move(State.STARTED)  # from here on, stop() cleans up whatever started
-            try:
-                for reg in self._listeners:
-                    reg.start()
-            except BaseException as exc:
-                failure: BaseException | None = exc
-            else:
-                failure = None
-                self._publish(self._listeners)
             listeners = self._listeners
+            for reg in listeners:
+                self.ctx.begin_start(reg)  # a stop or a removal meanwhile waits for it
+        failure: BaseException | None = None
+        for reg in listeners:  # no lock held: a start waits for processes, Ray
+            if failure is None:
+                try:
+                    reg.start()
+                except BaseException as exc:
+                    failure = exc
+            with self.lock:
+                self.ctx.end_start(reg)
+        if failure is None:
+            with self.lock:
+                if self.state.accepting:
+                    self._publish(self._listeners)
         if failure is None:
             self.supervisor.wake()
             self.pump.notify()
@@ -976,6 +1026,10 @@ class Distributor:
         with self.lock:
             if self.state is State.DRAINING:
                 self._move(State.CLOSING)
+            # Worker starts run with no lock held: the ones under way end first,
+            # and none begins from here on (CLOSING).
+            if not self.ctx.wait_starts(self.close_grace if at_exit else None):
+                log.warning("the program exits while a worker of %r is still starting", self)
             if not resumed:
                 self._stopped_listeners = self._listeners
                 self._publish(())
@@ -1011,8 +1065,9 @@ class Distributor:
                 self.arena.close()
         _running.discard(self)
         self._shutdown_threads(was_started, self.close_grace if at_exit else None)
-        if self.ctx.ray_cluster is not None:  # after the listeners: their actors are gone
-            self.ctx.ray_cluster.detach()
+        with self.ctx.ray_lock:
+            if self.ctx.ray_cluster is not None:  # after the listeners: their actors are gone
+                self.ctx.ray_cluster.detach()
         return lost == 0, calls
 
     @staticmethod

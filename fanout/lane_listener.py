@@ -233,10 +233,15 @@ class LaneListener(Registration):
                 return seq
 
     def queue_initial(self, adds: list[Add], t_ns: int) -> None:
-        """Queue the initial list and remember, per lane, where it ends.
+        """Queue the initial list and remember, per lane, where it ends."""
+        self.prepare_initial(adds, t_ns)()
+
+    def prepare_initial(self, adds: list[Add], t_ns: int) -> Callable[[], None]:
+        """Route and encode the initial list (key function, codec hooks), no lock held.
 
         Everything is encoded (and routed) before anything is queued: an item the
-        codec refuses leaves nothing queued.
+        codec refuses leaves nothing queued. The returned call queues it and
+        notes, per lane, where it ends.
         """
         encode = self.encoder()
         if encode is self.ctx.shared_encode:
@@ -251,16 +256,20 @@ class LaneListener(Registration):
             per_lane: dict[int, int] = {}
             for lane, payload in planned:
                 per_lane[lane.index] = per_lane.get(lane.index, 0) + len(payload) + HEADER_SIZE
-            worst = max(per_lane.values())
+            worst = max(per_lane.values(), default=0)
             if worst > bound:
                 raise ListenerFull(
                     f"listener {self.name!r}: its initial list needs {worst} bytes in one "
                     f"lane, more than max_pending_bytes={bound}; raise max_pending_bytes "
                     f"or add the listener without initial_list and distribute the items"
                 )
-        for lane, payload in planned:
-            self.put(lane, payload)
-            lane.initial_seq = lane.ring.last_seq
+
+        def queue() -> None:
+            for lane, payload in planned:
+                self.put(lane, payload)
+                lane.initial_seq = lane.ring.last_seq
+
+        return queue
 
     # -- lifecycle -------------------------------------------------------------------
 

@@ -50,6 +50,8 @@ PRODUCER_FANOUT = producer_fanout()
 
 # Workers fanout started but could not take charge of: killed, not yet reaped.
 _unreaped: list[Any] = []
+# Starts run in parallel under no lock of ours; one at a time checks the forkserver.
+_forkserver_lock = threading.Lock()
 
 
 def _discard_started(proc: Any) -> None:
@@ -112,9 +114,22 @@ class ProcessListener(LaneListener):
         return None
 
     def start(self) -> None:
-        """Start every lane's worker (distributor lock held)."""
-        for lane in self.lanes:
-            lane.spawn()
+        """Start every lane's worker (no lock held: starting a process waits).
+
+        The workers started before one that failed are attached all the same,
+        so the removal that follows the failure reaps them.
+        """
+        launched = []
+        try:
+            for lane in self.lanes:
+                lane.launching = True
+                launched.append((lane, lane.launch()))
+        finally:
+            with self.ctx.lock:
+                for lane in self.lanes:
+                    lane.launching = False
+                for lane, worker in launched:
+                    lane.attach(worker)
 
     def discard(self) -> bool:
         """Ask the workers to leave; what they leave behind is dropped at ``release``."""
@@ -149,7 +164,7 @@ class ProcessListener(LaneListener):
 
     def exited(self) -> bool:
         """Tell whether every worker has exited and been reaped."""
-        return all(lane.proc is None for lane in self.lanes)
+        return all(lane.proc is None and not lane.launching for lane in self.lanes)
 
     def release(self) -> None:
         """Free the shared memory once no lane uses it."""
@@ -246,6 +261,7 @@ class Lane:
         self.rbuf = bytearray()
         self.ready = False
         self.ever_ready = False
+        self.launching = False  # a worker start runs with no lock held (``launch``)
         # Until the first worker said ready or died: start() waits for that.
         self.first_start = True
         self.start_error: str | None = None  # why the first start cannot succeed
@@ -296,7 +312,19 @@ class Lane:
         self.slot[ERRORS] = min(max(int(self.slot[ERRORS]), self.errors_at_spawn), handled)
 
     def spawn(self) -> None:
-        """Start a worker for this lane and attach its pipe to the pump."""
+        """Start a worker for this lane and attach its pipe to the pump (lock held)."""
+        self.attach(self.launch())
+
+    def launch(self) -> tuple[Any, int, int]:
+        """Start a worker for this lane; no lock needed (nothing else touches the lane).
+
+        Its caller holds a start of the listener (``ListenerContext.begin_start``),
+        so nothing closes the lane meanwhile, and ``launching`` keeps the
+        supervisor from starting a second one.
+
+        Returns:
+            ``(process, data pipe's write end, return pipe's read end)`` for ``attach``.
+        """
         listener = self.listener
         ctx = listener.ctx
         self.slot[STARTED] = self.slot[DONE] = self.ring.acked_seq
@@ -329,9 +357,10 @@ class Lane:
             )
             # The shared-memory arena, which the worker maps read-only.
             arena_fd = () if ctx.arena is None else (FdArg(ctx.arena.fd),)
-            before_start(ctx.start_method)  # a frozen forkserver is replaced first
-            if ctx.start_method == "forkserver":
-                ensure_forkserver()  # (again, if it died) importing our fanout
+            with _forkserver_lock:
+                before_start(ctx.start_method)  # a frozen forkserver is replaced first
+                if ctx.start_method == "forkserver":
+                    ensure_forkserver()  # (again, if it died) importing our fanout
             proc = ctx.mp_context.Process(
                 target=worker_main,
                 args=(spec, FdArg(r), FdArg(rw), FdArg(listener.memfd), *arena_fd),
@@ -355,6 +384,12 @@ class Lane:
             os.close(rw)
         os.set_blocking(w, False)
         os.set_blocking(rr, False)
+        return proc, w, rr
+
+    def attach(self, worker: tuple[Any, int, int]) -> None:
+        """Take charge of a worker ``launch`` started, and feed it (lock held)."""
+        proc, w, rr = worker
+        self.launching = False
         self.proc, self.wfd, self.rfd = proc, w, rr
         self.rbuf = bytearray()
         self.ready = False
@@ -369,7 +404,7 @@ class Lane:
         self.errors_at_spawn = int(self.slot[ERRORS])
         self.undecodable_since_spawn = 0
         self.ring.rewind()
-        ctx.pump.add(self, self.ring, w)
+        self.listener.ctx.pump.add(self, self.ring, w)
 
     def detach(self) -> None:
         """Stop feeding the worker and close the parent's pipe ends."""

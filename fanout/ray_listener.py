@@ -296,8 +296,9 @@ class RayListener(LaneListener):
     def __init__(self, ctx: ListenerContext, opts: ListenerOptions) -> None:
         super().__init__(ctx, opts)
         self.ray = import_ray()
-        if ctx.ray_store is None:  # one for the distributor's Ray listeners: one put each
-            ctx.ray_store = RayStore(self.ray, ctx.codec.encode)
+        with ctx.ray_lock:  # one for the distributor's Ray listeners: one put each
+            if ctx.ray_store is None:
+                ctx.ray_store = RayStore(self.ray, ctx.codec.encode)
         self.store: RayStore = ctx.ray_store
         self.ray_options: dict[str, Any] = opts.ray_options or {}
         self.batch_bytes = BATCH_BYTES
@@ -362,11 +363,12 @@ class RayListener(LaneListener):
     # -- lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        """Create the actors and start the sender thread (distributor lock held)."""
+        """Start Ray if needed, create the actors and the sender thread (no lock held)."""
         ctx = self.ctx
-        if ctx.ray_cluster is None:  # shared by the distributor's Ray listeners
-            ctx.ray_cluster = RayCluster()
-        ctx.ray_cluster.attach()
+        with ctx.ray_lock:  # shared by the distributor's Ray listeners
+            if ctx.ray_cluster is None:
+                ctx.ray_cluster = RayCluster()
+            ctx.ray_cluster.attach()
         ray = self.ray
         actor_class = ray.remote(LaneActor).options(
             **self.ray_options, max_restarts=-1, max_task_retries=0
@@ -387,7 +389,8 @@ class RayListener(LaneListener):
         self.thread = threading.Thread(
             target=self._run, name=f"fanout-ray-{self.name}", daemon=True
         )
-        self.ctx.threads.add(self.thread)
+        with ctx.lock:  # stop() reads them to refuse a call from its own threads
+            ctx.threads.add(self.thread)
         self.thread.start()
 
     def close(self, drain: bool = False) -> None:

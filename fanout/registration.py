@@ -86,6 +86,18 @@ class ListenerContext:
         # without one): the encoding of listeners that map it.
         self.shared_encode: Callable[[Notification, int], bytes] | None = None
         self.ray_store: Any = None  # big buffers in Ray's object store (fanout._ray_refs)
+        # Guards ray_cluster and ray_store: listeners are built, and Ray started,
+        # with no distributor lock held (ray.init takes seconds).
+        self.ray_lock = threading.Lock()
+        # The distributor's lock, and the starts in flight under none: a worker
+        # start (a process start, ray.init, creating actors) is a blocking wait,
+        # so it runs with no lock held. ``begin_start`` / ``end_start`` bracket
+        # it (lock held); a removal meanwhile is finished by ``end_start``, and
+        # a stop waits for ``starts`` to reach 0 before it closes anything.
+        self.lock: Any = threading.RLock()
+        self.starts = 0
+        self.starts_done = threading.Condition(self.lock)
+        self.discard_removed: Callable[[Registration], None] = lambda reg: None
         # Every thread fanout started for the distributor (its own, and the
         # listeners', removed ones too): they run handlers and callbacks, and a
         # stop() from one of them is refused rather than left to wait for itself.
@@ -100,6 +112,29 @@ class ListenerContext:
     def stopping(self) -> bool:
         """Workers are being (or were) stopped: no restarts, nothing waits for them."""
         return self.state in (State.CLOSING, State.STOPPED)
+
+    def use_lock(self, lock: Any) -> None:
+        """Share the distributor's lock (before anything starts)."""
+        self.lock = lock
+        self.starts_done = threading.Condition(lock)
+
+    def begin_start(self, reg: Registration) -> None:
+        """Note a start of ``reg``'s workers about to run with no lock held (lock held)."""
+        reg.starting += 1
+        self.starts += 1
+
+    def end_start(self, reg: Registration) -> None:
+        """Note that start ended (lock held); a removal that came meanwhile is done now."""
+        reg.starting -= 1
+        self.starts -= 1
+        if not reg.starting and reg.discard_pending:
+            reg.discard_pending = False
+            self.discard_removed(reg)
+        self.starts_done.notify_all()
+
+    def wait_starts(self, timeout: float | None = None) -> bool:
+        """Wait (lock held, released meanwhile) until no start runs; False on timeout."""
+        return self.starts_done.wait_for(lambda: self.starts == 0, timeout)
 
 
 class Registration:
@@ -155,6 +190,10 @@ class Registration:
         # Why the listener could not start, when nobody waited for it: it is out
         # of distribution and what it held is dead-lettered with this reason.
         self.start_error: str | None = None
+        # Starts of its workers running with no lock held (``ListenerContext.begin_start``),
+        # and a removal that waits for them to end before it closes the listener.
+        self.starting = 0
+        self.discard_pending = False
 
     def __repr__(self) -> str:
         state = "removed" if self.removed else "active"
@@ -279,10 +318,31 @@ class Registration:
         """
         raise NotImplementedError
 
-    # -- lifecycle, driven by the distributor (its lock held) ------------------------
+    def prepare_initial(self, adds: list[Add], t_ns: int) -> Callable[[], None]:
+        """Do the initial list's user code now, with no lock held; queue it later.
+
+        A kind that runs a key function or codec hooks on the items does so
+        here (the listener is not published yet, so nothing else touches it).
+
+        Returns:
+            What queues the prepared items, called with the distributor's lock
+            held; it runs no user code.
+
+        Raises:
+            TypeError: The codec cannot encode an item (nothing was queued).
+            ListenerFull: It cannot fit the listener's bound.
+        """
+        return lambda: self.queue_initial(adds, t_ns)
+
+    # -- lifecycle, driven by the distributor (its lock held, but for start) --------
 
     def start(self) -> None:
-        """Start the workers or the thread."""
+        """Start the workers or the thread, with no lock held.
+
+        The distributor brackets it with ``ctx.begin_start`` / ``ctx.end_start``:
+        meanwhile nothing closes, discards or stops the listener. What it
+        changes that others read (lanes, threads) it changes under ``ctx.lock``.
+        """
         raise NotImplementedError
 
     def mark_removed(self, by_stop: bool = False) -> None:

@@ -96,6 +96,10 @@ class Supervisor(threading.Thread):
         self._close_pipe.atexit = False  # at exit, stop() closes it, after using it
         self._wake_lock = threading.Lock()  # wake() never writes to a closed fd
         self.stopping = False
+        # Chosen under the lock, done after it: worker starts to make, and
+        # memory_limit checks to read from /proc (both wait on the kernel).
+        self._launches: list[Lane] = []
+        self._memory_checks: list[tuple[Lane, Any, int]] = []
 
     def wake(self) -> None:
         """Make the loop look at the lanes again."""
@@ -189,6 +193,10 @@ class Supervisor(threading.Thread):
                 if what == "exit" and lane.proc is proc:
                     self._on_exit(lane, calls)
             self._tick(self.lanes(), calls)
+        if self._memory_checks:
+            self._check_memory()
+        if self._launches:
+            self._launch(calls)
         for call in calls:
             call()
         error_log.flush(self.ctx)  # summaries of repeated handler errors that are due
@@ -484,15 +492,54 @@ class Supervisor(threading.Thread):
         return progressed, charged
 
     def _respawn(self, lane: Lane, calls: list[Callable[[], None]]) -> None:
-        try:
-            lane.spawn()
-        except Exception as exc:
-            lane.start_failures += 1  # so a lane that cannot spawn counts as stuck
-            lane.backoff = min(max(lane.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
-            lane.respawn_at = time.monotonic() + lane.backoff
-            text = f"could not start a worker: {exc!r}; retrying in {lane.backoff:.1f} s"
-            calls.append(reap_discarded)  # one it started and killed, after the lock
-            calls.append(lambda: lane.listener.report_error(None, text))
+        """Choose ``lane`` for a new worker (lock held); ``_launch`` starts it after the lock."""
+        lane.launching = True
+        self.ctx.begin_start(lane.listener)  # a stop or removal meanwhile waits for it
+        self._launches.append(lane)
+
+    def _launch(self, calls: list[Callable[[], None]]) -> None:
+        """Start the workers chosen under the lock, with no lock held, then attach them."""
+        lanes, self._launches = self._launches, []
+        started: list[tuple[Lane, Any]] = []
+        for lane in lanes:
+            try:
+                started.append((lane, lane.launch()))
+            except Exception as exc:
+                started.append((lane, exc))
+        with self.lock:
+            for lane, worker in started:
+                if isinstance(worker, Exception):
+                    lane.launching = False
+                    lane.start_failures += 1  # so a lane that cannot spawn counts as stuck
+                    lane.backoff = min(max(lane.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)
+                    lane.respawn_at = time.monotonic() + lane.backoff
+                    text = (
+                        f"could not start a worker: {worker!r}; retrying in {lane.backoff:.1f} s"
+                    )
+                    calls.append(reap_discarded)  # one it started and killed, after the lock
+                    calls.append(functools.partial(lane.listener.report_error, None, text))
+                else:
+                    lane.attach(worker)
+                self.ctx.end_start(lane.listener)
+        self.ctx.pump.notify()  # frames may wait for the new workers
+
+    def _check_memory(self) -> None:
+        """Read the workers' memory from /proc (no lock held); kill those past their limit."""
+        checks, self._memory_checks = self._memory_checks, []
+        over = [
+            (lane, proc, limit, used)
+            for lane, proc, limit in checks
+            if (used := proc.private_bytes()) > limit
+        ]
+        if not over:
+            return
+        with self.lock:
+            for lane, proc, limit, used in over:
+                if lane.proc is proc and not lane.kill_reason:
+                    lane.kill_reason = (
+                        f"memory_limit={limit} bytes exceeded ({used} bytes private resident)"
+                    )
+                    proc.kill()
 
     # -- timers --------------------------------------------------------------------------
 
@@ -529,6 +576,8 @@ class Supervisor(threading.Thread):
             proc = lane.proc
             listener = lane.listener
             if proc is None:
+                if lane.launching:
+                    continue
                 if lane.respawn_at and now >= lane.respawn_at and not lane.closing:
                     if not self.ctx.stopping:
                         self._respawn(lane, calls)
@@ -546,13 +595,7 @@ class Supervisor(threading.Thread):
             limit = listener.opts.memory_limit
             if limit is not None and now >= lane.memory_check_at and not lane.kill_reason:
                 lane.memory_check_at = now + MEMORY_TICK
-                used = proc.private_bytes()
-                if used > limit:
-                    lane.kill_reason = (
-                        f"memory_limit={limit} bytes exceeded ({used} bytes private resident)"
-                    )
-                    proc.kill()
-                    continue
+                self._memory_checks.append((lane, proc, limit))  # read after the lock
             lane.ack()
             if lane.kill_at and now >= lane.kill_at:
                 proc.kill()

@@ -84,10 +84,12 @@ class ThreadListener(Registration):
             self.put((n, t_ns))
 
     def start(self) -> None:
-        """Start the thread."""
-        self.thread = threading.Thread(target=self._run, name=f"fanout-{self.name}", daemon=True)
-        self.ctx.threads.add(self.thread)
-        self.thread.start()
+        """Start the thread (no lock held)."""
+        thread = threading.Thread(target=self._run, name=f"fanout-{self.name}", daemon=True)
+        with self.ctx.lock:  # stop() reads them to refuse a call from its own threads
+            self.thread = thread
+            self.ctx.threads.add(thread)
+        thread.start()
 
     def close(self, drain: bool = False) -> None:
         """Take nothing more; the thread leaves after what is queued, if ``drain``.

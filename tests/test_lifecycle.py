@@ -249,6 +249,39 @@ def test_a_key_function_runs_without_the_lock_and_may_call_public_methods(make_d
     assert assert_accounted(reg).delivered == 20
 
 
+@pytest.mark.parametrize("started", [False, True])
+def test_an_initial_lists_key_function_and_encode_run_without_the_lock(make_dist, started):
+    d = make_dist()
+    owned: list[bool] = []
+
+    def key(o):
+        owned.append(_owned(d))
+        assert d.shared_stats() is not None and d.listener_count >= 0  # public methods work
+        return o["metadata"]["name"]
+
+    if started:
+        d.start()
+    codec = d.codec
+    real_encode = d.ctx.encode
+
+    def encode(n, t_ns):
+        owned.append(_owned(d))
+        return real_encode(n, t_ns)
+
+    d.ctx.encode = encode  # the codec's encode is where its hooks run
+    try:
+        reg = d.add_listener(
+            Noop(), workers=2, key=key, initial_list=[obj(f"i{j}") for j in range(5)]
+        )
+    finally:
+        d.ctx.encode = real_encode
+    assert codec is d.codec
+    d.start()
+    assert d.stop(drain=True, timeout=60) is True
+    assert len(owned) == 10 and not any(owned), owned
+    assert assert_accounted(reg).delivered == 5
+
+
 class HookCodec(fanout.MsgpackCodec):
     """The msgpack codec, with a custom unpack that reports where it runs."""
 
@@ -392,6 +425,104 @@ def test_the_supervisor_reaps_a_dead_worker_without_the_lock(make_dist, tmp_path
     d.distribute(fanout.Add(obj("after")))
     assert d.stop(drain=True, timeout=60) is True
     assert joins and not any(joins), joins
+
+
+def test_worker_starts_and_memory_reads_run_without_the_lock(make_dist, tmp_path, monkeypatch):
+    """Starting a process and reading /proc wait on the kernel: never under the lock."""
+    from fanout._isolation import WorkerProcess
+    from fanout.process_listener import Lane
+
+    d = make_dist()
+    seen: list[tuple[str, bool]] = []
+    real_launch, real_private = Lane.launch, WorkerProcess.private_bytes
+
+    def launch(lane):
+        seen.append(("launch", _owned(d)))
+        return real_launch(lane)
+
+    def private_bytes(proc):
+        seen.append(("memory", _owned(d)))
+        return real_private(proc)
+
+    monkeypatch.setattr(Lane, "launch", launch)
+    monkeypatch.setattr(WorkerProcess, "private_bytes", private_bytes)
+    first = d.add_listener(Recorder(tmp_path / "a"), workers=2, memory_limit=1 << 30)
+    d.start()  # two starts
+    d.add_listener(Recorder(tmp_path / "b"))  # one more
+    (pid, _) = first.worker_pids()
+    os.kill(pid, signal.SIGKILL)  # and a restart by the supervisor
+    assert wait_for(lambda: first.stats().restarts == 1 and first.ready(), 60)
+    assert wait_for(lambda: any(what == "memory" for what, _ in seen), 30)
+    d.distribute(fanout.Add(obj("x")))
+    assert d.stop(drain=True, timeout=60) is True
+    assert [what for what, _ in seen].count("launch") == 4, seen
+    assert not any(owned for _, owned in seen), seen
+
+
+def test_a_stop_during_a_start_waits_for_it_and_leaves_nothing(make_dist, tmp_path, monkeypatch):
+    """A stop that begins while add_listener starts workers (no lock held) waits for the start."""
+    from fanout.process_listener import Lane
+
+    d = make_dist()
+    d.start()
+    entered, gate = threading.Event(), threading.Event()
+    real_launch = Lane.launch
+
+    def launch(lane):
+        entered.set()
+        assert gate.wait(60)
+        return real_launch(lane)
+
+    monkeypatch.setattr(Lane, "launch", launch)
+    errors: list[BaseException] = []
+
+    def add() -> None:
+        try:
+            d.add_listener(Recorder(tmp_path / "r"))
+        except BaseException as exc:
+            errors.append(exc)
+
+    adder = threading.Thread(target=add)
+    adder.start()
+    assert entered.wait(30)
+    stopper = threading.Thread(target=d.stop)
+    stopper.start()
+    assert wait_for(lambda: d.state is State.CLOSING)
+    assert d.listener_count == 0  # not published while it starts
+    gate.set()
+    adder.join(60)
+    stopper.join(60)
+    assert not adder.is_alive() and not stopper.is_alive()
+    assert d.stopped and len(errors) == 1
+    assert isinstance(errors[0], fanout.DistributorStopped), errors
+    assert "began to stop" in str(errors[0])  # and the leak check finds no worker
+
+
+def test_a_removal_during_the_start_is_done_once_the_start_ends(make_dist, tmp_path, monkeypatch):
+    from fanout.process_listener import Lane
+
+    d = make_dist()
+    reg = d.add_listener(Recorder(tmp_path / "r"), workers=2)
+    entered, gate = threading.Event(), threading.Event()
+    real_launch = Lane.launch
+
+    def launch(lane):
+        entered.set()
+        assert gate.wait(60)
+        return real_launch(lane)
+
+    monkeypatch.setattr(Lane, "launch", launch)
+    starter = threading.Thread(target=d.start)
+    starter.start()
+    assert entered.wait(30)
+    d.remove_listener(reg)  # returns at once; the start is still under way
+    assert not d.is_registered(reg) and reg.starting
+    gate.set()
+    starter.join(60)
+    assert not starter.is_alive() and d.started
+    assert d.shutdown_listener(reg, timeout=60) is True  # its workers were asked to leave
+    assert reg.worker_pids() == []
+    assert d.stop() is True
 
 
 @pytest.mark.parametrize("when", ["add_listener", "start", "respawn"])

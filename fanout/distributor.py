@@ -1149,8 +1149,12 @@ class Distributor:
             assert self._pump_thread is not None
             self._pump_thread.join(timeout)
             self.supervisor.join(timeout)  # it may be running a callback
-        self.pump.close()
-        self.supervisor.close()
+        # Only what no thread uses any more is freed: at exit the joins are
+        # bounded, and a thread still running is left with what it uses.
+        if not (self._pump_thread is not None and self._pump_thread.is_alive()):
+            self.pump.close()
+        if not self.supervisor.is_alive():
+            self.supervisor.close()
 
     def __enter__(self) -> Distributor:
         return self.start()

@@ -12,7 +12,6 @@ sender thread and a Ray actor (``ray_listener``). A lane has ``index``, ``ring``
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Hashable
 from typing import Any
@@ -66,14 +65,10 @@ class LaneListener(Registration):
         super().__init__(ctx, opts)
         self.rr = 0
         self.lanes: list[Any] = []
-        # Producer threads may drop for this listener at once: += is no atomic step.
-        self._count_lock = threading.Lock()
 
     def _count_drops(self, held: int = 0, arriving: int = 0) -> None:
         """Count ``held`` frames dropped from a ring and ``arriving`` ones never appended."""
-        with self._count_lock:
-            self.dropped += held + arriving
-            self.unqueued += arriving
+        self._count(dropped=held + arriving, unqueued=arriving)
 
     def make_rings(self) -> list[Any]:
         """One ring per worker, sized for the listener's bound and overflow policy."""

@@ -648,7 +648,7 @@ class RayListener(LaneListener):
             del lane.attempts[seq]
         self.delivered += handled
         self.errors += len(errors)
-        self.dead_lettered += len(bad)
+        self._count(dead_lettered=len(bad))
         if stamps:
             self._record_latency(np.frombuffer(stamps, dtype=np.int64))
         decode = self.ctx.codec.decode
@@ -694,7 +694,7 @@ class RayListener(LaneListener):
             if tries >= self.max_attempts:
                 del lane.attempts[seq]
                 lane.ring.ack(seq)
-                self.dead_lettered += 1
+                self._count(dead_lettered=1)
                 causes = [f"ran past handler_timeout={self.handler_timeout}"]
                 if self.opts.memory_limit is not None:
                     causes.append(f"grew past memory_limit={self.opts.memory_limit} bytes")

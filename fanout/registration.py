@@ -178,6 +178,9 @@ class Registration:
         self.removed = False
         self.dropped = 0
         self.dead_lettered = 0
+        # The producer, the supervisor, a stop and a listener's own thread count
+        # for it at once: += is no atomic step, so every count takes this lock.
+        self._count_lock = threading.Lock()
         self.restarts = 0
         # Accepted but never queued (dropped on arrival): received counts them too.
         self.unqueued = 0
@@ -406,15 +409,22 @@ class Registration:
         """
         raise NotImplementedError
 
+    def _count(self, dropped: int = 0, dead_lettered: int = 0, unqueued: int = 0) -> None:
+        """Add to the listener's counts, from any thread."""
+        with self._count_lock:
+            self.dropped += dropped
+            self.dead_lettered += dead_lettered
+            self.unqueued += unqueued
+
     def _settle_items(self, items: list[Any], reason: str | None) -> list[Callable[[], None]]:
         """Count ``items`` (payloads or notifications) as dropped or dead-lettered."""
         if not items:
             return []
         self.settled_count += len(items)
         if reason is None:
-            self.dropped += len(items)
+            self._count(dropped=len(items))
             return []
-        self.dead_lettered += len(items)
+        self._count(dead_lettered=len(items))
         # One log line for them all (not one per item); on_dead_letter per item.
         log.warning(
             "listener %r: %d notifications dead-lettered: %s", self.name, len(items), reason

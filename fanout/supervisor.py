@@ -311,7 +311,7 @@ class Supervisor(threading.Thread):
                 acked = lane.ring.acked_seq  # those are never resent: forget them
                 lane.undecodable = {s for s in lane.undecodable if s > acked}
                 lane.undecodable.add(seq)
-            listener.dead_lettered += 1
+            listener._count(dead_lettered=1)
             why = str(msg.get("text", "frame cannot be decoded"))
             payload = msg.get("payload")
             raw = RawFrame(payload if isinstance(payload, bytes) else b"", why)
@@ -475,7 +475,7 @@ class Supervisor(threading.Thread):
                     payload = listener.ctx.arena.keep(ring, [payload], [started])[0]
                 ring.ack(started)
                 lane.attempts.pop(started, None)
-                listener.dead_lettered += 1
+                listener._count(dead_lettered=1)
                 why = (
                     f"{reason} while handling it, {attempts} times "
                     f"(max_attempts={listener.max_attempts})"

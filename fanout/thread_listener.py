@@ -238,11 +238,11 @@ class ThreadListener(Registration):
                 return Add(convert(n.obj), n.is_in_initial_list)
             return Delete(convert(n.obj))  # type: ignore[union-attr]
         except self.misfit as exc:
-            self.dead_lettered += 1
+            self._count(dead_lettered=1)
             self.report_dead_letter(n, misfit_text(self.schema, role, str(exc)))
             return None
         except Exception as exc:  # the schema's own code raised (__post_init__, ...)
-            self.dead_lettered += 1
+            self._count(dead_lettered=1)
             self.report_dead_letter(
                 n, misfit_text(self.schema, role, f"building it raised {exc!r}")
             )

@@ -572,6 +572,48 @@ def test_a_child_is_not_leaked_when_fanout_cannot_take_charge_of_it(
 # -- counters change only for what was accepted ------------------------------------------
 
 
+def test_drops_counted_by_producers_and_a_stop_at_once_add_up(make_dist, tmp_path):
+    """Producers drop on a full lane while stop() drops what is queued: one count lock."""
+    gate = tmp_path / "gate"
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show
+    try:
+        d = make_dist()
+        regs = [
+            d.add_listener(
+                Recorder(tmp_path / "p"), max_pending_bytes=4096, overflow="drop_newest"
+            ),
+            d.add_listener(Recorder(tmp_path / "t"), executor="thread"),
+        ]
+        d.start()
+        go = threading.Event()
+
+        def produce() -> None:
+            go.wait(30)
+            while True:
+                try:
+                    d.distribute(fanout.Add(obj("x", gate=str(gate))))
+                except fanout.DistributorStopped:
+                    return
+
+        producers = [threading.Thread(target=produce) for _ in range(3)]
+        for t in producers:
+            t.start()
+        go.set()
+        assert wait_for(lambda: regs[0].stats().dropped > 100)
+        stopper = threading.Thread(target=d.stop)
+        stopper.start()
+        assert wait_for(lambda: not d.accepting)
+        gate.touch()
+        for t in (*producers, stopper):
+            t.join(60)
+        assert not any(t.is_alive() for t in (*producers, stopper))
+    finally:
+        sys.setswitchinterval(interval)
+    for reg in regs:
+        assert_accounted(reg)
+
+
 def test_a_refused_notification_is_not_counted(make_dist):
     d = make_dist(max_shared_bytes=1 << 20, shared_min_bytes=1024)
 

@@ -16,7 +16,7 @@ import sys
 import threading
 from importlib.machinery import PathFinder
 
-__all__ = ["ensure_forkserver"]
+__all__ = ["ensure_forkserver", "preload_in_forkserver"]
 
 _env_lock = threading.Lock()
 
@@ -32,6 +32,21 @@ def _alive(pid: int | None) -> bool:
         return False
 
 
+def _preloaded() -> list[str]:
+    from multiprocessing import forkserver
+
+    return list(getattr(forkserver._forkserver, "_preload_modules", None) or [])
+
+
+def preload_in_forkserver(module: str) -> None:
+    """Add ``module`` to what the forkserver preloads, keeping the program's own list."""
+    from multiprocessing import forkserver
+
+    modules = _preloaded()
+    if module not in modules:
+        forkserver.set_forkserver_preload([*modules, module])
+
+
 def ensure_forkserver() -> None:
     """Start the forkserver if it does not run, with no current directory on its path."""
     from multiprocessing import forkserver
@@ -40,7 +55,10 @@ def ensure_forkserver() -> None:
         forkserver.ensure_running()  # running: touch nothing process-wide
         return
     if sys.version_info < (3, 11) and PathFinder.find_spec("fanout", [os.getcwd()]):
-        forkserver.set_forkserver_preload([])
+        # fanout's modules only: the program's own preloads stay.
+        forkserver.set_forkserver_preload(
+            [m for m in _preloaded() if m != "fanout" and not m.startswith("fanout.")]
+        )
     with _env_lock:
         saved = os.environ.get("PYTHONSAFEPATH")
         os.environ["PYTHONSAFEPATH"] = "1"  # read by Python >= 3.11

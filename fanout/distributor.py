@@ -28,6 +28,7 @@ from fanout._arena import (
 )
 from fanout._arena_feed import append_rings, put_lane
 from fanout._impl import Pump, append_all
+from fanout._procs import preload_in_forkserver
 from fanout.codec import Codec, MsgpackCodec, MsgspecCodec, get_codec
 from fanout.errors import DistributorStopped, WorkerStartError
 from fanout.lifecycle import State, require, transition
@@ -201,7 +202,7 @@ class Distributor:
         self.arena = self._make_arena(max_shared_bytes, shared_min_bytes)
         mp_context = multiprocessing.get_context(start_method)
         if start_method == "forkserver":
-            mp_context.set_forkserver_preload(["fanout.worker"])
+            preload_in_forkserver("fanout.worker")  # beside the program's own preloads
         self.start_method = start_method
         # All a listener sees of its distributor.
         self.ctx = ListenerContext(

@@ -723,3 +723,16 @@ def test_a_forgotten_distributor_is_stopped_at_interpreter_exit(tmp_path):
     pids = [int(p) for p in proc.stdout.split()]
     assert len(pids) == 2
     assert wait_for(lambda: not any(psutil.pid_exists(p) for p in pids), timeout=30)
+
+
+def test_a_distributor_keeps_the_programs_own_forkserver_preloads(make_dist, monkeypatch):
+    from multiprocessing import forkserver
+
+    monkeypatch.setattr(
+        forkserver._forkserver, "_preload_modules", list(forkserver._forkserver._preload_modules)
+    )
+    forkserver.set_forkserver_preload(["__main__", "json"])
+    make_dist()
+    assert forkserver._forkserver._preload_modules == ["__main__", "json", "fanout.worker"]
+    make_dist()  # added once
+    assert forkserver._forkserver._preload_modules == ["__main__", "json", "fanout.worker"]

@@ -71,7 +71,8 @@ class LaneActor:
         handler_timeout: Seconds one handler call may run before this actor
             kills itself (Ray then restarts it); None: no limit.
         memory_limit: Bytes of private resident memory this actor and what it
-            started may hold before it kills itself; None: no limit.
+            started may hold before it kills itself; None: no limit. An actor
+            that holds more at rest, its handler built, refuses to start.
     """
 
     def __init__(
@@ -102,6 +103,15 @@ class LaneActor:
         self.progress = memoryview(self.map).cast("Q")
         # A call the predecessor died in is not running here.
         self.progress[STARTED] = self.progress[DONE]
+        if memory_limit is not None:
+            at_rest = private_resident(os.getpid(), with_root=True)
+            if at_rest > memory_limit:  # it would kill itself before every call, forever
+                raise ValueError(
+                    f"memory_limit={memory_limit} bytes is less than this Ray actor holds "
+                    f"at rest, its handler built ({at_rest} bytes, most of it Ray's own "
+                    f"runtime); a Ray listener's limit counts the whole actor process: "
+                    f"raise it well above {at_rest}"
+                )
         if handler_timeout is not None or memory_limit is not None:
             threading.Thread(
                 target=self._watchdog,

@@ -439,8 +439,10 @@ class Distributor:
                 included; past it the worker is killed within a second and
                 restarted, and its notification counts an attempt (dead-lettered
                 after ``max_attempts``, naming ``memory_limit``). At least 16
-                MiB, and leave room: a fresh worker holds about 25 MiB. None:
-                no limit.
+                MiB, and leave room: a fresh worker holds about 25 MiB. A Ray
+                listener's limit counts the whole actor process, Ray's runtime
+                included: an actor holding more at rest does not start
+                (``WorkerStartError``). None: no limit.
 
         Returns:
             The listener's ``Registration``: pass it to ``remove_listener``,

@@ -26,6 +26,7 @@ import pytest
 from helpers import (
     BufferProbe,
     FailingFactory,
+    Noop,
     Recorder,
     assert_accounted,
     churn_stress,
@@ -808,6 +809,16 @@ def test_memory_limit_kills_and_dead_letters(rdist, tmp_path: Path) -> None:
     assert [n.obj["metadata"]["name"] for n, _ in dead] == ["hog"]
     assert f"memory_limit={limit} bytes" in dead[0][1]
     assert assert_accounted(reg).dead_lettered == 1
+
+
+def test_a_memory_limit_below_what_an_actor_holds_at_rest_is_a_start_error(rdist) -> None:
+    d = rdist()
+    d.start()
+    limit = 16 << 20  # enough for a fanout worker process, not for a Ray actor
+    with pytest.raises(fanout.WorkerStartError, match="holds at rest") as info:
+        d.add_listener(Noop(), executor="ray", memory_limit=limit)
+    assert f"memory_limit={limit} bytes" in info.value.text
+    assert d.listener_count == 0
 
 
 # -- lifecycle edges (issue 19): no Ray wait and no callback under the lock ---------------

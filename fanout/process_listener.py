@@ -311,10 +311,6 @@ class Lane:
         self.slot[HANDLED] = handled
         self.slot[ERRORS] = min(max(int(self.slot[ERRORS]), self.errors_at_spawn), handled)
 
-    def spawn(self) -> None:
-        """Start a worker for this lane and attach its pipe to the pump (lock held)."""
-        self.attach(self.launch())
-
     def launch(self) -> tuple[Any, int, int]:
         """Start a worker for this lane; no lock needed (nothing else touches the lane).
 

@@ -504,11 +504,11 @@ class Supervisor(threading.Thread):
         for lane in lanes:
             try:
                 started.append((lane, lane.launch()))
-            except Exception as exc:
+            except BaseException as exc:  # every start ends below: a stop waits for it
                 started.append((lane, exc))
         with self.lock:
             for lane, worker in started:
-                if isinstance(worker, Exception):
+                if isinstance(worker, BaseException):
                     lane.launching = False
                     lane.start_failures += 1  # so a lane that cannot spawn counts as stuck
                     lane.backoff = min(max(lane.backoff * 2, FIRST_BACKOFF), MAX_BACKOFF)

@@ -219,6 +219,7 @@ def bench(args: argparse.Namespace) -> int:
         except RuntimeError as exc:  # recorded as such: never a figure made up
             doc["instructions"] = {"error": str(exc)}
         progress.done()
+    report.with_targets(doc)
     minutes, seconds = divmod(round(time.monotonic() - started), 60)
     print(f"fanout bench: measured for {minutes} min {seconds} s\n")
     if args.json:

@@ -401,3 +401,37 @@ def test_bad_options_are_named(args, message):
     proc = _bench(*args, timeout=60)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def test_targets_are_ratios_of_figures_from_the_same_run():
+    def small(contender: str, median: float) -> Measurement:
+        return Measurement(
+            "throughput", contender, {"payload": "small", "listeners": 4}, "deliveries",
+            "deliveries/s", [median] * 3, title="Throughput, small objects to 4 listeners",
+        )  # fmt: skip
+
+    doc = _doc(
+        small("fanout-process", 600e3),
+        small("pipe+msgpack", 300e3),
+        small("pipe+msgspec", 600e3),
+    )
+    doc["codec_limits"] = [
+        {"payload": "small", "listeners": 4, "codec": "msgspec", "encode_s": 1e-6,
+         "decode_s": 1e-6, "cores": 2, "limit_deliveries_per_s": 1_000_000.0},
+    ]  # fmt: skip
+    doc["instructions"] = {"distribute": {"small L=1": 15_000.0}}
+    rows = {t["what"]: t for t in report.targets(doc)}
+    vs_pipe = rows["small to 4 listeners, fanout-process vs pipe+msgpack"]
+    assert (vs_pipe["value"], vs_pipe["met"], vs_pipe["shown"]) == (2.0, True, "2.00x")
+    vs_best = rows["small to 4 listeners, fanout-process vs pipe+msgspec"]
+    assert (vs_best["value"], vs_best["met"]) == (1.0, False)
+    share = rows["small to 4 listeners, share of the codec-bound limit"]
+    assert (share["value"], share["met"], share["shown"]) == (0.6, False, "60%")
+    pods = rows["Pods to 4 listeners, fanout-process vs pipe+msgpack"]
+    assert pods["value"] is None and pods["verdict"] == "not measured in this run"
+    instr = rows["instructions per small distribute, 1 listener"]
+    assert instr["met"] is True and instr["shown"] == "15,000"
+    text = report.table(doc)
+    assert "Targets (ratios of figures from this one run):" in text
+    assert "NOT MET" in text and "not measured in this run" in text
+    assert not [t for t in report.targets(_doc()) if t["value"] is not None]

@@ -18,7 +18,7 @@ from importlib import metadata
 from typing import Any
 
 from fanout._version import DISTRIBUTION
-from fanout.bench.scenarios import UNSTABLE_SPREAD, Suite
+from fanout.bench.scenarios import CODEC_CONTENDERS, UNSTABLE_SPREAD, Suite
 
 __all__ = [
     "busy_warning",
@@ -33,6 +33,9 @@ __all__ = [
 ]
 
 REFERENCE = "fanout-process"
+# Instructions per small distribute to 1 listener before the fast-path work
+# (msgpack codec, main 28eacde): the count to stay below.
+INSTRUCTIONS_BEFORE = 21_734
 PACKAGES = (DISTRIBUTION, "msgpack", "numpy", "msgspec", "pyzmq", "faster-fifo", "Cython")
 SPREAD_DEFINITION = "(max - min) / median of the rounds"
 LATENCY_NOTE = (
@@ -117,6 +120,12 @@ def document(suite: Suite, options: dict[str, Any], start: dict[str, Any]) -> di
         "skipped": suite.skipped,
         "contenders": [c.name for c in suite.contenders],
     }
+
+
+def with_targets(doc: dict[str, Any]) -> dict[str, Any]:
+    """``doc`` with its ``targets`` (see :func:`targets`) filled in."""
+    doc["targets"] = targets(doc)
+    return doc
 
 
 def to_json(doc: dict[str, Any], path: str) -> None:
@@ -233,6 +242,129 @@ def _note(r: dict[str, Any]) -> str:
     return note
 
 
+def _find(doc: dict[str, Any], scenario: str, contender: str, **params: Any) -> Any:
+    """The figure of ``contender`` in ``scenario`` whose params include ``params``."""
+    return next(
+        (
+            r
+            for r in doc["results"]
+            if r["scenario"] == scenario
+            and r["contender"] == contender
+            and r.get("metric", "deliveries") == "deliveries"
+            and all(r["params"].get(k) == v for k, v in params.items())
+        ),
+        None,
+    )
+
+
+def _target_row(what: str, value: float | None, target: float, unit: str) -> dict[str, Any]:
+    """One target: what it compares, the value this run gives, and whether it is met."""
+    if unit == "%":
+        shown = "-" if value is None else f"{100 * value:.0f}%"
+        wanted = f">= {100 * target:.0f}%"
+    elif unit == "instr":
+        shown = "-" if value is None else f"{value:,.0f}"
+        wanted = f"< {target:,.0f}"
+    else:
+        shown = "-" if value is None else f"{value:.2f}x"
+        wanted = f">= {target:g}x"
+    if value is None:
+        verdict = "not measured in this run"
+    elif unit == "instr":
+        verdict = "met" if value < target else "NOT MET"
+    else:
+        verdict = "met" if value >= target else "NOT MET"
+    return {
+        "what": what,
+        "value": value,
+        "shown": shown,
+        "target": wanted,
+        "met": None if value is None else verdict == "met",
+        "verdict": verdict,
+    }
+
+
+def targets(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    """The performance targets fanout holds itself to, from one run's figures.
+
+    Each compares figures measured in the same run (interleaved rounds), so the
+    machine's speed cancels out; a row whose figures the run did not measure
+    says so. Rows appear only for the scenarios the run had.
+    """
+
+    def ratio(a: Any, b: Any) -> float | None:
+        return a["median"] / b["median"] if a and b and b["median"] else None
+
+    rows: list[dict[str, Any]] = []
+    scenarios = {r["scenario"] for r in doc["results"]}
+    if "throughput" in scenarios:
+        counts = [
+            r["params"]["listeners"] for r in doc["results"] if r["scenario"] == "throughput"
+        ]
+        L = max(counts)
+        for payload, title, vs_pipe, vs_best in (
+            ("small", "small", 1.5, 1.1),
+            ("pod", "Pods", 1.8, 1.3),
+        ):
+            fan = _find(doc, "throughput", REFERENCE, payload=payload, listeners=L)
+            for contender, target in (("pipe+msgpack", vs_pipe), ("pipe+msgspec", vs_best)):
+                other = _find(doc, "throughput", contender, payload=payload, listeners=L)
+                rows.append(
+                    _target_row(
+                        f"{title} to {L} listeners, {REFERENCE} vs {contender}",
+                        ratio(fan, other),
+                        target,
+                        "x",
+                    )
+                )
+        lim = next(
+            (
+                x
+                for x in doc["codec_limits"]
+                if x.get("codec") == "msgspec" and x["payload"] == "small" and x["listeners"] == L
+            ),
+            None,
+        )
+        fan = _find(doc, "throughput", REFERENCE, payload="small", listeners=L)
+        share = fan["median"] / lim["limit_deliveries_per_s"] if fan and lim else None
+        rows.append(
+            _target_row(f"small to {L} listeners, share of the codec-bound limit", share, 0.7, "%")
+        )
+    if "schema" in scenarios:
+        schema = _find(doc, "schema", "fanout-schema")
+        for contender, target in (("pipe+msgpack", 4.5), (REFERENCE, 2.2)):
+            rows.append(
+                _target_row(
+                    f"Pods reading five fields, fanout-schema vs {contender}",
+                    ratio(schema, _find(doc, "schema", contender)),
+                    target,
+                    "x",
+                )
+            )
+    if "ray" in scenarios:
+        ray = _find(doc, "ray", "fanout-ray", payload="small")
+        for contender, target in (("ray-call", 60.0), ("ray-batch", 0.6)):
+            rows.append(
+                _target_row(
+                    f"small to Ray actors, fanout-ray vs {contender}",
+                    ratio(ray, _find(doc, "ray", contender, payload="small")),
+                    target,
+                    "%" if target < 1 else "x",
+                )
+            )
+    instr = doc.get("instructions", {})
+    if isinstance(instr, dict) and "distribute" in instr:
+        rows.append(
+            _target_row(
+                "instructions per small distribute, 1 listener",
+                instr["distribute"].get("small L=1"),
+                INSTRUCTIONS_BEFORE,
+                "instr",
+            )
+        )
+    return rows
+
+
 def table(doc: dict[str, Any]) -> str:
     """A text table: every figure's median, min..max, spread and ratio to fanout."""
     rounds = doc["options"].get("rounds")
@@ -254,24 +386,26 @@ def table(doc: dict[str, Any]) -> str:
                 f"{spread:<16}{_ratio(r, ref)}{_note(r)}"
             )
     for lim in doc["codec_limits"]:
-        fan = next(
-            (
-                r
-                for r in doc["results"]
-                if r["scenario"] == "throughput"
-                and r["contender"] == REFERENCE
-                and r["params"] == {"payload": lim["payload"], "listeners": lim["listeners"]}
-            ),
-            None,
+        contender = CODEC_CONTENDERS.get(lim.get("codec", "msgpack"), REFERENCE)
+        fan = _find(
+            doc, "throughput", contender, payload=lim["payload"], listeners=lim["listeners"]
         )
         limit = lim["limit_deliveries_per_s"]
-        share = f", fanout at {100 * fan['median'] / limit:.0f}%" if fan else ""
+        share = f", {contender} at {100 * fan['median'] / limit:.0f}%" if fan else ""
+        codec = f" codec={lim['codec']}" if "codec" in lim else ""
         lines.append(
-            f"\ncodec-bound limit {lim['payload']} L={lim['listeners']}: "
+            f"\ncodec-bound limit {lim['payload']} L={lim['listeners']}{codec}: "
             f"{lim['cores']} cores / (encode {lim['encode_s'] * 1e6:.2f} us + "
             f"{lim['listeners']} x decode {lim['decode_s'] * 1e6:.2f} us) = "
             f"{limit:,.0f} deliveries/s{share}"
         )
+    rows = targets(doc)
+    if rows:
+        lines.append("\nTargets (ratios of figures from this one run):")
+        for t in rows:
+            lines.append(
+                f"- {t['what']:<60} {t['shown']:>8}  target {t['target']:<10} {t['verdict']}"
+            )
     for name, reason in doc["skipped"].items():
         lines.append(f"skipped {name}: {reason}")
     unstable = sum(1 for r in doc["results"] if r["unstable"])

@@ -50,12 +50,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-import msgpack
-
 from fanout._protocol import NBUCKETS
 from fanout._version import DISTRIBUTION
 from fanout.bench.contenders import CONTENDERS, FanoutProcess
 from fanout.bench.payloads import Payload, load_payload
+from fanout.codec import get_codec
+from fanout.notifications import Update
 from fanout.stats import percentile
 
 __all__ = [
@@ -72,6 +72,8 @@ __all__ = [
 MAX_COUNT = 2_000_000
 FINISH_TIMEOUT = 120.0
 UNSTABLE_SPREAD = 0.15  # (max - min) / median above which a figure is marked unstable
+# The contender measuring each codec, for its codec-bound limit (the default first).
+CODEC_CONTENDERS = {"msgspec": "fanout-process", "msgpack": "fanout-msgpack"}
 SESSION_S = 0.25  # rough start + stop cost of one session, for the ETA only
 
 T = TypeVar("T")
@@ -460,28 +462,36 @@ class Suite:
         )
 
     def codec_limit(self, payload: Payload, L: int) -> None:
-        """Measure ``cores / (encode + L x decode)`` with msgpack now and keep it."""
+        """Measure ``cores / (encode + L x decode)`` now, for each codec, and keep it.
+
+        With the codec's own encode and the worker's decode (``Codec.unpacker``):
+        what fanout cannot do with less CPU, whatever it does around them.
+        """
         old, new = payload.pair(0)
-        data = msgpack.packb([1, 0, old, new])
+        n = Update(old, new)
         number = 2000
 
         def best(stmt: Callable[[], Any]) -> float:
             return min(timeit.repeat(stmt, number=number, repeat=3)) / number
 
-        enc = best(lambda: msgpack.packb([1, 0, old, new]))
-        dec = best(lambda: msgpack.unpackb(data))
         cores = os.cpu_count() or 1
-        per_notification = cores / (enc + L * dec)
-        self.codec_limits.append(
-            {
-                "payload": payload.name,
-                "listeners": L,
-                "encode_s": enc,
-                "decode_s": dec,
-                "cores": cores,
-                "limit_deliveries_per_s": per_notification * L,
-            }
-        )
+        for name in CODEC_CONTENDERS:
+            codec = get_codec(name)
+            data = codec.encode(n, 0)
+            decode = codec.unpacker(None)
+            enc = best(lambda codec=codec: codec.encode(n, 0))
+            dec = best(lambda decode=decode, data=data: decode(data))
+            self.codec_limits.append(
+                {
+                    "payload": payload.name,
+                    "listeners": L,
+                    "codec": name,
+                    "encode_s": enc,
+                    "decode_s": dec,
+                    "cores": cores,
+                    "limit_deliveries_per_s": cores / (enc + L * dec) * L,
+                }
+            )
 
 
 def _describe(m: Measurement) -> str:

@@ -56,7 +56,9 @@ def guard_forks(data_fd: int, ret_fd: int) -> None:
     """Close ``fds`` in every forked copy of this process; ``serve`` there then ends it.
 
     Twin of ``fanout._worker.guard_forks`` (which hooks ``fork()`` itself; this hooks
-    ``os.fork``).
+    ``os.fork``). A copy forked from C code (``ctypes``, an extension) runs no Python
+    hook: ``serve`` tells it by its pid and ends it before it touches the slot or
+    the pipes.
     """
     if not _guarded:
         os.register_at_fork(after_in_child=_in_forked_copy)
@@ -94,10 +96,11 @@ def serve(
     header_size, max_t_ns, hist, bucket = HEADER_SIZE, MAX_T_NS, HIST, bucket_of
     stop_w, started_w, done_w, start_ns_w, handled_w = STOP, STARTED, DONE, START_NS, HANDLED
     _isinstance, _len = isinstance, len
+    getpid, owner = os.getpid, os.getpid()  # a copy forked from C code has another pid
     pending = bytearray()  # the start of a frame split across reads
     need = 0  # bytes that frame needs in all (header included), once known
     while True:
-        if _forked:
+        if _forked or getpid() != owner:
             os._exit(0)
         try:
             got = os.read(fd, max(chunk, need - len(pending)))
@@ -160,14 +163,14 @@ def serve(
                 else:
                     on_delete(a)
             except Exception:
-                if _forked:  # a copy the handler forked: the worker reports, not it
+                if _forked or getpid() != owner:  # a copy the handler forked: not it
                     os._exit(0)
                 # The call is over: stop the handler_timeout clock before a report
                 # that may wait on a full return pipe.
                 slot[start_ns_w] = 0
                 slot[ERRORS] += 1
                 on_error(seq, payload)
-            if _forked:  # a copy the handler forked: its call is not the worker's
+            if _forked or getpid() != owner:  # a copy the handler forked: not its call
                 os._exit(0)
             slot[handled_w] += 1
             slot[start_ns_w] = 0

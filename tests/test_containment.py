@@ -240,6 +240,18 @@ class Forker(Recorder):
         super().on_add(obj, is_in_initial_list)
 
 
+class CForker(Recorder):
+    """Forks from C on every call (libc's fork() through ctypes): no Python fork hook runs."""
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        import ctypes
+
+        pid = ctypes.CDLL(None, use_errno=True).fork()
+        if pid:
+            os.waitpid(pid, 0)
+        super().on_add(obj, is_in_initial_list)
+
+
 @pytest.fixture(params=["native", "py"])
 def worker_loop(request, monkeypatch):
     """Both worker loops: the twin is chosen by the environment a spawned worker gets."""
@@ -272,11 +284,12 @@ def test_the_worker_loop_fixture_picks_the_loop(make_dist, tmp_path, worker_loop
     assert d.stop(drain=True, timeout=30) is True
 
 
-def test_a_forked_copy_of_a_worker_reads_nothing(make_dist, tmp_path, worker_loop):
+@pytest.mark.parametrize("forker", [Forker, CForker], ids=["os.fork", "C fork"])
+def test_a_forked_copy_of_a_worker_reads_nothing(make_dist, tmp_path, worker_loop, forker):
     calls = tmp_path / "calls"
     start_method = "spawn" if worker_loop == "spawn" else "forkserver"
     d = make_dist(start_method=start_method)
-    reg = d.add_listener(Forker(calls))
+    reg = d.add_listener(forker(calls))
     d.start()
     assert reg.wait_ready(30)
     (pid,) = reg.worker_pids()

@@ -44,7 +44,7 @@ import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 
@@ -279,6 +279,9 @@ class Arena:
         self._encode = codec.encode
         self.shared = self.shared_bytes = self.spilled = 0
         self._events = 0  # big buffers met by any encode: see encode()
+        fold = getattr(codec, "arena_encoder", None)
+        if fold is not None:  # the common case's check inside the codec's encode
+            self.encode = fold(self)  # type: ignore[method-assign]
 
     # -- allocation (lock held) ----------------------------------------------------
 
@@ -397,27 +400,33 @@ class Arena:
         Returns plain ``bytes`` when nothing went into the arena, else a
         ``SharedPayload``: the caller ``claim``-s and ``note``-s it for every ring
         that takes it, gives the others ``inline()``, and calls ``unhold`` once done.
+        A codec with an ``arena_encoder`` replaces this with its own, which
+        returns the common case itself and calls ``_encode_shared`` for the rest.
+        """
+        return self._encode_shared(n, t_ns)
+
+    def _encode_shared(
+        self, n: Any, t_ns: int, payload: bytes | None = None, events: int = -1
+    ) -> bytes:
+        """``encode``'s work.
+
+        ``payload`` and ``events``: ``n`` already encoded by a codec's
+        ``arena_encoder``, and ``_events`` as it was before that encode.
         """
         # Unchanged: no thread met a big buffer meanwhile, so this call has no
         # state to look at or undo (the usual case, kept to one attribute read).
-        events = self._events
+        if payload is None:
+            events = self._events
         try:
-            payload = self._encode(n, t_ns)
+            if payload is None:
+                payload = self._encode(n, t_ns)
             if self._events == events and len(payload) < self.min_bytes:
                 return payload
             swapped = self._swapped(n) if len(payload) >= self.min_bytes else None
             if swapped is not None:
                 payload = self._encode(swapped, t_ns)  # arrays: the same blocks again
         except BaseException as exc:
-            if self._events == events:
-                raise
-            enc = self._encoding()
-            made, error = enc.made, enc.error
-            enc.reset()
-            self.unhold(made)
-            if error is not None and error is not exc:
-                raise error from None  # the codec wrapped it (ValueError -> TypeError)
-            raise
+            self.encode_failed(events, exc)
         enc = self._encoding()
         made, used = enc.made, enc.used
         enc.reset()
@@ -429,6 +438,23 @@ class Arena:
         inline = self.inline_encode
         out._inline = lambda: inline(n, t_ns)
         return out
+
+    def encode_failed(self, events: int, exc: BaseException) -> NoReturn:
+        """Raise ``exc`` from an encode begun when ``_events`` was ``events``.
+
+        If any encode met a big buffer meanwhile, this thread's may have taken
+        blocks: they are freed first, and the error the arena raised inside the
+        codec is raised rather than the codec's wrapping of it.
+        """
+        if self._events == events:
+            raise exc
+        enc = self._encoding()
+        made, error = enc.made, enc.error
+        enc.reset()
+        self.unhold(made)
+        if error is not None and error is not exc:
+            raise error from None  # the codec wrapped it (ValueError -> TypeError)
+        raise exc
 
     def _encoding(self) -> _Encoding:
         """This thread's encode state (clean between calls)."""

@@ -752,3 +752,36 @@ def test_frames_dropped_by_max_pending_bytes_give_their_blocks_back_at_once(make
     gate.touch()
     assert d.stop(drain=True)
     assert d.shared_stats().held_bytes == 0
+
+
+class CountingCodec(fanout.MsgspecCodec):
+    """The default codec with an encode of its own, which the arena must call."""
+
+    calls = 0
+
+    def encode(self, n, t_ns):
+        CountingCodec.calls += 1
+        return super().encode(n, t_ns)
+
+
+def test_an_arena_for_a_codec_with_its_own_encode_calls_it():
+    from fanout._arena import Arena
+
+    arena = Arena(1 << 20, 4096, CountingCodec())  # the distributor makes none: be safe
+    try:
+        before = CountingCodec.calls
+        assert isinstance(arena.encode(fanout.Add({"i": 1}), 0), bytes)
+        assert CountingCodec.calls == before + 1
+    finally:
+        arena.close()
+
+
+def test_the_folded_encode_is_the_arenas_for_the_default_codec(make_dist):
+    d = make_dist()
+    assert d.arena is not None
+    assert d.ctx.shared_encode is d.arena.encode  # one object for every listener
+    folded = "MsgspecCodec.arena_encoder" if fanout.NATIVE else "Arena._encode_shared"
+    assert d.arena.encode.__qualname__.startswith(folded)  # twins: no native walk to fold
+    with pytest.raises(TypeError):
+        d.arena.encode(fanout.Add({"x": object()}), 0)  # refused, as encode refuses it
+    assert d.shared_stats().blocks == 0

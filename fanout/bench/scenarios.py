@@ -38,6 +38,7 @@ To add a scenario, write a function ``(suite) -> list[Case]`` and add it to
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -479,8 +480,8 @@ class Suite:
             codec = get_codec(name)
             data = codec.encode(n, 0)
             decode = codec.unpacker(None)
-            enc = best(lambda codec=codec: codec.encode(n, 0))
-            dec = best(lambda decode=decode, data=data: decode(data))
+            enc = best(functools.partial(codec.encode, n, 0))
+            dec = best(functools.partial(decode, data))
             self.codec_limits.append(
                 {
                     "payload": payload.name,

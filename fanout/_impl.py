@@ -78,12 +78,14 @@ if TYPE_CHECKING:
     from fanout._ring import FrameRing as FrameRing
     from fanout._ring import Ring as Ring
     from fanout._ring import append_all as append_all
+    from fanout._ring import frame_span as frame_span
     from fanout._ring import plain as plain
 else:
     Ring = ring_impl.Ring
     FrameRing = ring_impl.FrameRing
     Pump = pump_impl.Pump
     append_all = ring_impl.append_all
+    frame_span = ring_impl.frame_span
     plain = ring_impl.plain
 
 __all__ = [
@@ -93,6 +95,7 @@ __all__ = [
     "Pump",
     "Ring",
     "append_all",
+    "frame_span",
     "guard_forks",
     "plain",
     "serve",

@@ -3,12 +3,13 @@ from typing import Any
 
 from typing_extensions import Buffer, disjoint_base
 
-__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "plain"]
+__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "frame_span", "plain"]
 
 NATIVE: bool
 HEADER_SIZE: int
 
 def append_all(rings: Sequence[FrameRing], frame: Buffer) -> int: ...
+def frame_span(buf: Buffer, budget: int, single: bool) -> tuple[int, int, int, int]: ...
 
 @disjoint_base
 class Ring:

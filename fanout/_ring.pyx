@@ -31,7 +31,7 @@ from fanout._sys cimport HDR, os_error
 
 from fanout._ring_common import HEADER_SIZE
 
-__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "plain"]
+__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "frame_span", "plain"]
 
 UINT64_MAX = (1 << 64) - 1
 
@@ -957,6 +957,42 @@ cdef bint _plain(PyObject* o, int depth, PyObject* leaves) noexcept:
         if <PyObject*>t == _tuple_item(leaves, i):
             return True
     return False
+
+
+@cython.boundscheck(False)
+@cython.wraparound(False)
+def frame_span(const unsigned char[:] buf, Py_ssize_t budget, bint single):
+    """Whole frames at the start of ``buf``: ``(end, first, last, count)``.
+
+    Frames are taken while they fit in ``budget`` bytes (the first one always, so
+    a frame larger than the budget still goes), and only one if ``single``.
+    ``end``: the bytes they take; ``first`` / ``last``: their sequence numbers;
+    ``count``: how many (0, and ``end`` 0, when ``buf`` holds no whole frame).
+    """
+    cdef Py_ssize_t end = buf.shape[0], pos = 0, stop
+    cdef uint64_t first = 0, last = 0, seq
+    cdef uint32_t length
+    cdef Py_ssize_t count = 0
+    cdef int i
+    with nogil:
+        while end - pos >= HDR:
+            length = 0
+            seq = 0
+            for i in range(4):
+                length |= (<uint32_t>buf[pos + i]) << (8 * i)
+            for i in range(8):
+                seq |= (<uint64_t>buf[pos + 4 + i]) << (8 * i)
+            stop = pos + HDR + length
+            if stop > end or (count and stop > budget):
+                break
+            if count == 0:
+                first = seq
+            last = seq
+            count += 1
+            pos = stop
+            if single:
+                break
+    return pos, first, last, count
 
 
 def plain(obj, int depth, tuple leaves):

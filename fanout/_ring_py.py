@@ -25,7 +25,7 @@ from fanout._ring_common import (
 )
 from fanout.errors import RingClosed, RingFull, ring_full_message
 
-__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "plain"]
+__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "frame_span", "plain"]
 
 NATIVE = False
 
@@ -676,6 +676,31 @@ def append_all(rings: Any, frame: Any) -> int:
             continue
         taken += 1
     return taken
+
+
+def frame_span(buf: Any, budget: int, single: bool) -> tuple[int, int, int, int]:
+    """Whole frames at the start of ``buf``: ``(end, first, last, count)``.
+
+    Frames are taken while they fit in ``budget`` bytes (the first one always, so
+    a frame larger than the budget still goes), and only one if ``single``.
+    ``end``: the bytes they take; ``first`` / ``last``: their sequence numbers;
+    ``count``: how many (0, and ``end`` 0, when ``buf`` holds no whole frame).
+    """
+    end = len(buf)
+    pos = first = last = count = 0
+    while end - pos >= HEADER_SIZE:
+        length, seq = HEADER.unpack_from(buf, pos)
+        stop = pos + HEADER_SIZE + length
+        if stop > end or (count and stop > budget):
+            break
+        if count == 0:
+            first = seq
+        last = seq
+        count += 1
+        pos = stop
+        if single:
+            break
+    return pos, first, last, count
 
 
 def plain(obj: Any, depth: int, leaves: tuple[type, ...]) -> bool:

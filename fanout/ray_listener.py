@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from fanout._impl import frame_span
 from fanout._protocol import HEADER, HEADER_SIZE, NBUCKETS
 from fanout._ray_actor import LaneActor, progress_path
 from fanout._ray_refs import RayPayload, RayStore, TokenLog
@@ -251,20 +252,7 @@ class RayLane:
     def cut(self, budget: int, single: bool) -> tuple[bytes, int, int, int] | None:
         """Remove whole frames (one if ``single``) from ``taken``: data, first, last, count."""
         taken = self.taken
-        end = len(taken)
-        pos = first = last = count = 0
-        while end - pos >= HEADER_SIZE:
-            length, seq = HEADER.unpack_from(taken, pos)
-            stop = pos + HEADER_SIZE + length
-            if stop > end or (count and stop > budget):
-                break
-            if count == 0:
-                first = seq
-            last = seq
-            count += 1
-            pos = stop
-            if single:
-                break
+        pos, first, last, count = frame_span(taken, budget, single)  # native: no GIL-bound loop
         if not count:
             return None
         with memoryview(taken) as view:  # one copy, not a slice and then its bytes

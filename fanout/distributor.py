@@ -533,13 +533,8 @@ class Distributor:
         The start runs with no lock held; a stop that began meanwhile waited for
         it, and the listener is then discarded, never published.
         """
-        failure: BaseException | None = None
-        try:
-            reg.start()
-        except BaseException as exc:
-            failure = exc
+        failure = self._start_unlocked(reg)
         with self.lock:
-            self.ctx.end_start(reg)
             if failure is None and not self.state.accepting:
                 failure = DistributorStopped(
                     f"add_listener(): the distributor began to stop while listener "
@@ -554,6 +549,22 @@ class Distributor:
         if failure is not None:
             reap_discarded()  # a worker it started and killed: waited for without the lock
             raise failure
+
+    def _start_unlocked(self, reg: Registration, run: bool = True) -> BaseException | None:
+        """Start ``reg`` (``ctx.begin_start`` done) with no lock held, then end the start.
+
+        Returns:
+            What the start raised, or None.
+        """
+        failure: BaseException | None = None
+        if run:
+            try:
+                reg.start()  # waits for processes, Ray: never under the lock
+            except BaseException as exc:
+                failure = exc
+        with self.lock:
+            self.ctx.end_start(reg)  # a removal that came meanwhile is done here
+        return failure
 
     def _set_resync(self, reg: Registration) -> None:
         """client-go ``AddEventHandlerWithOptions`` resync rules (lock held)."""
@@ -839,14 +850,8 @@ class Distributor:
             for reg in listeners:
                 self.ctx.begin_start(reg)  # a stop or a removal meanwhile waits for it
         failure: BaseException | None = None
-        for reg in listeners:  # no lock held: a start waits for processes, Ray
-            if failure is None:
-                try:
-                    reg.start()
-                except BaseException as exc:
-                    failure = exc
-            with self.lock:
-                self.ctx.end_start(reg)
+        for reg in listeners:  # after a failure, the others' starts only end
+            failure = self._start_unlocked(reg, run=failure is None) or failure
         if failure is None:
             with self.lock:
                 if self.state.accepting:

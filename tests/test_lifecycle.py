@@ -459,12 +459,10 @@ def test_worker_starts_and_memory_reads_run_without_the_lock(make_dist, tmp_path
     assert not any(owned for _, owned in seen), seen
 
 
-def test_a_stop_during_a_start_waits_for_it_and_leaves_nothing(make_dist, tmp_path, monkeypatch):
-    """A stop that begins while add_listener starts workers (no lock held) waits for the start."""
+def _gate_launches(monkeypatch: Any) -> tuple[threading.Event, threading.Event]:
+    """Hold every worker start until ``gate`` is set; ``entered`` tells one is held."""
     from fanout.process_listener import Lane
 
-    d = make_dist()
-    d.start()
     entered, gate = threading.Event(), threading.Event()
     real_launch = Lane.launch
 
@@ -474,6 +472,14 @@ def test_a_stop_during_a_start_waits_for_it_and_leaves_nothing(make_dist, tmp_pa
         return real_launch(lane)
 
     monkeypatch.setattr(Lane, "launch", launch)
+    return entered, gate
+
+
+def test_a_stop_during_a_start_waits_for_it_and_leaves_nothing(make_dist, tmp_path, monkeypatch):
+    """A stop that begins while add_listener starts workers (no lock held) waits for the start."""
+    d = make_dist()
+    d.start()
+    entered, gate = _gate_launches(monkeypatch)
     errors: list[BaseException] = []
 
     def add() -> None:
@@ -499,19 +505,9 @@ def test_a_stop_during_a_start_waits_for_it_and_leaves_nothing(make_dist, tmp_pa
 
 
 def test_a_removal_during_the_start_is_done_once_the_start_ends(make_dist, tmp_path, monkeypatch):
-    from fanout.process_listener import Lane
-
     d = make_dist()
     reg = d.add_listener(Recorder(tmp_path / "r"), workers=2)
-    entered, gate = threading.Event(), threading.Event()
-    real_launch = Lane.launch
-
-    def launch(lane):
-        entered.set()
-        assert gate.wait(60)
-        return real_launch(lane)
-
-    monkeypatch.setattr(Lane, "launch", launch)
+    entered, gate = _gate_launches(monkeypatch)
     starter = threading.Thread(target=d.start)
     starter.start()
     assert entered.wait(30)

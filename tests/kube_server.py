@@ -45,6 +45,33 @@ import msgspec
 from fanout.bench.kube import LoopbackServer
 
 INITIAL_EVENTS_END = "k8s.io/initial-events-end"
+_KUBECONFIG = """\
+apiVersion: v1
+kind: Config
+clusters:
+- name: loopback
+  cluster:
+    server: {url}
+users:
+- name: tester
+  user:
+{user}
+contexts:
+- name: loopback
+  context:
+    cluster: loopback
+    user: tester
+current-context: loopback
+"""
+
+
+def kubeconfig(url: str, user: str = "    token: example-token") -> str:
+    """A kubeconfig whose one context sends the official client to ``url``.
+
+    ``user``: the YAML lines of its user entry, indented four spaces (a token,
+    an exec credential plugin, ...).
+    """
+    return _KUBECONFIG.format(url=url, user=user)
 
 
 @dataclass

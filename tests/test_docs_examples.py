@@ -30,24 +30,6 @@ FILE_HEADER = re.compile(r"# (\w+\.py)\n")
 # What an example may need beyond fanout's core, by import name.
 NEEDS = {"msgspec": "schema", "prometheus_client": "prometheus", "ray": "ray"}
 pytestmark = pytest.mark.timeout(300)
-KUBECONFIG = """\
-apiVersion: v1
-kind: Config
-clusters:
-- name: loopback
-  cluster:
-    server: {url}
-users:
-- name: reader
-  user:
-    token: docs-example
-contexts:
-- name: loopback
-  context:
-    cluster: loopback
-    user: reader
-current-context: loopback
-"""
 
 
 def blocks(page: Path) -> list[tuple[str, str | None]]:
@@ -82,7 +64,7 @@ def _run(script: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     # An informer example reads the cluster from the kubeconfig, as the client does:
     # give it one naming the loopback API server.
     pytest.importorskip("kubernetes", reason="the example needs the 'kube' extra")
-    from kube_server import KubeServer
+    from kube_server import KubeServer, kubeconfig
 
     server = KubeServer()
     with tempfile.TemporaryDirectory() as home:  # never in the repo's docs/examples
@@ -90,7 +72,7 @@ def _run(script: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
             server.create("pods", "web-0", namespace="default")
             server.create("pods", "api-0", namespace="prod")
             config = Path(home) / "kubeconfig"
-            config.write_text(KUBECONFIG.format(url=server.url))
+            config.write_text(kubeconfig(server.url, "    token: docs-example"))
             env["KUBECONFIG"] = str(config)
             return subprocess.run(
                 cmd, capture_output=True, text=True, cwd=cwd, env=env, timeout=240

@@ -12,29 +12,10 @@ import pytest
 pytest.importorskip("kubernetes", reason="pip install 'fanout-informer[kube]'")
 
 from helpers import wait_for
-from kube_server import KubeServer
+from kube_server import KubeServer, kubeconfig
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "informer.py"
-
-KUBECONFIG = """\
-apiVersion: v1
-kind: Config
-clusters:
-- name: loopback
-  cluster:
-    server: {url}
-users:
-- name: tester
-  user:
-{user}
-contexts:
-- name: loopback
-  context:
-    cluster: loopback
-    user: tester
-current-context: loopback
-"""
 
 
 @pytest.fixture
@@ -72,7 +53,7 @@ def test_example_prints_the_list_then_changes(kube, tmp_path, workers, auth):
         plugin = tmp_path / "plugin.py"
         plugin.write_text(EXEC_PLUGIN)
         user = EXEC_USER.format(python=sys.executable, script=plugin)
-    config.write_text(KUBECONFIG.format(url=kube.url, user=user))
+    config.write_text(kubeconfig(kube.url, user))
     kube.create("pods", "a", namespace="prod")
     kube.create("pods", "b", namespace="prod")
     kube.create("pods", "c", namespace="dev")

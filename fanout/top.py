@@ -33,7 +33,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import IO
+from typing import IO, Any
 
 from fanout._version import DISTRIBUTION
 
@@ -295,6 +295,17 @@ def _per_second(new: float, old: float | None, dt: float) -> float | None:
     return (new - old) / dt
 
 
+def _matched(
+    before: Sample | None, now: Sample, table: str
+) -> Iterator[tuple[str, Any, Any, float]]:
+    """``(name, figures now, figures before or None, seconds between)`` of ``table``, by name."""
+    dt = now.at - before.at if before is not None else 0.0
+    current = getattr(now, table)
+    earlier = getattr(before, table) if before is not None else {}
+    for name in sorted(current):
+        yield name, current[name], earlier.get(name), dt
+
+
 def rows(before: Sample | None, now: Sample) -> list[Row]:
     """Turn one scrape, and the one before it if any, into table rows.
 
@@ -306,10 +317,7 @@ def rows(before: Sample | None, now: Sample) -> list[Row]:
         One ``Row`` per listener of ``now``, sorted by name.
     """
     out = []
-    for name in sorted(now.listeners):
-        fig = now.listeners[name]
-        old = before.listeners.get(name) if before is not None else None
-        dt = now.at - before.at if before is not None else 0.0
+    for name, fig, old, dt in _matched(before, now, "listeners"):
         recv = _per_second(fig.received, None if old is None else old.received, dt)
         dlvr = _per_second(fig.delivered, None if old is None else old.delivered, dt)
         window = _window(fig, old)
@@ -343,10 +351,7 @@ def informer_rows(before: Sample | None, now: Sample) -> list[InformerRow]:
         One ``InformerRow`` per informer of ``now``, sorted by name.
     """
     out = []
-    for name in sorted(now.informers):
-        fig = now.informers[name]
-        old = before.informers.get(name) if before is not None else None
-        dt = now.at - before.at if before is not None else 0.0
+    for name, fig, old, dt in _matched(before, now, "informers"):
         rate = _per_second(fig.events, None if old is None else old.events, dt)
         out.append(InformerRow(name, rate, fig))
     return out

@@ -61,7 +61,7 @@ def test_example_prints_the_list_then_changes(kube, tmp_path, workers, auth):
     cmd = [sys.executable, str(EXAMPLE), "--kubeconfig", str(config), "-n", "prod"]
     cmd += ["--count", "4", "--workers", str(workers), "pods"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with out.open("w") as sink:
+    with out.open("a") as sink:  # O_APPEND: the processes printing never share a stale offset
         proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, env=env)
         try:
             assert wait_for(lambda: "synced: 2 pods" in out.read_text(), 60), out.read_text()
@@ -72,14 +72,15 @@ def test_example_prints_the_list_then_changes(kube, tmp_path, workers, auth):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    lines = out.read_text().splitlines()
+    text = out.read_text()  # the whole output in every message: a failure explains itself
+    lines = text.splitlines()
     assert sorted(line.split(" rv=")[0] for line in lines if line.startswith("ADD")) == [
         "ADD (initial) prod/a",
         "ADD (initial) prod/b",
-    ]
+    ], text
     changes = [line.split(" rv=")[0] for line in lines if line.startswith(("UPDATE", "DELETE"))]
     # Two keys: with two workers their order may differ (per-key order holds).
-    assert sorted(changes) == ["DELETE prod/b", "UPDATE prod/a"]
+    assert sorted(changes) == ["DELETE prod/b", "UPDATE prod/a"], text
     # The token came from the kubeconfig (or its exec plugin), through the client.
     token = "exec-token" if auth == "exec" else "example-token"
     assert set(kube.authorizations) == {f"Bearer {token}"}

@@ -21,14 +21,18 @@ from typing import Any
 import fanout
 from fanout.kube import Informer
 
-# sys.stdout is not thread-safe: lines printed at once from the handler's thread
-# and the main thread can be lost. One lock per process keeps each line whole.
+# Each line goes out in one write: print() writes a line and its newline apart
+# when the stream is unbuffered (PYTHONUNBUFFERED, python -u), and the worker
+# processes' lines would land between them. The lock keeps a process's threads
+# (the handler's and the main one) from mixing their writes.
 _print_lock = threading.Lock()
 
 
 def emit(line: str, file: Any = None) -> None:
+    out = file or sys.stdout
     with _print_lock:
-        print(line, file=file or sys.stdout, flush=True)
+        out.write(line + "\n")
+        out.flush()
 
 
 def describe(obj: Any) -> str:

@@ -461,6 +461,10 @@ class Supervisor(threading.Thread):
         charged = False
         if done > ring.acked_seq:
             ring.ack(done)
+        # Killed after counting a call but before marking its frame done: the
+        # frame is not finished (it runs again, or is dead-lettered), so that
+        # call must not count as delivered. No more calls than frames finished.
+        lane.distrust_counts()
         if started > done and started > ring.acked_seq:
             charged = True
             attempts = lane.attempts.get(started, 0) + 1

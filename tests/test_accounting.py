@@ -820,3 +820,24 @@ def test_a_script_without_the_main_guard_is_told_to_add_it(tmp_path, start_metho
         timeout=90,
     )
     assert 'put that under `if __name__ == "__main__":`' in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_a_call_counted_by_a_worker_killed_before_its_frame_was_done_is_not_delivered(
+    make_dist, tmp_path
+):
+    """The window between a worker's HANDLED += 1 and DONE = seq: a kill there."""
+    from fanout._protocol import HANDLED
+
+    d = make_dist()
+    reg = d.add_listener(Recorder(tmp_path / "r"), max_attempts=1)
+    d.start()
+    for i in range(3):
+        d.distribute(fanout.Add(obj(f"a{i}")))
+    assert wait_for(lambda: reg.stats().delivered == 3)
+    reg.lanes[0].slot[HANDLED] += 1  # counted, as if the kill came before DONE = seq
+    d.distribute(fanout.Add(obj("boom", exit="kill")))  # that frame: never finished
+    assert wait_for(lambda: reg.stats().dead_lettered == 1 and reg.ready(), 60)
+    d.distribute(fanout.Add(obj("b0")))
+    assert d.stop(drain=True, timeout=60) is True
+    s = assert_accounted(reg)
+    assert (s.received, s.delivered, s.dead_lettered) == (5, 4, 1)

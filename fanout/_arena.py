@@ -279,9 +279,10 @@ class Arena:
         self._encode = codec.encode
         self.shared = self.shared_bytes = self.spilled = 0
         self._events = 0  # big buffers met by any encode: see encode()
+        # The common case's check folded into the codec's encode where it has
+        # one; otherwise the full path itself, with no delegating frame between.
         fold = getattr(codec, "arena_encoder", None)
-        if fold is not None:  # the common case's check inside the codec's encode
-            self.encode = fold(self)  # type: ignore[method-assign]
+        self.encode = fold(self) if fold is not None else self._encode_shared  # type: ignore[method-assign]
 
     # -- allocation (lock held) ----------------------------------------------------
 
@@ -400,8 +401,9 @@ class Arena:
         Returns plain ``bytes`` when nothing went into the arena, else a
         ``SharedPayload``: the caller ``claim``-s and ``note``-s it for every ring
         that takes it, gives the others ``inline()``, and calls ``unhold`` once done.
-        A codec with an ``arena_encoder`` replaces this with its own, which
-        returns the common case itself and calls ``_encode_shared`` for the rest.
+        Each arena replaces this with a faster equal: the codec's
+        ``arena_encoder``, which returns the common case itself and calls
+        ``_encode_shared`` for the rest, or ``_encode_shared`` itself.
         """
         return self._encode_shared(n, t_ns)
 

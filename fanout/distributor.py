@@ -204,8 +204,10 @@ class Distributor:
         if start_method == "forkserver":
             preload_in_forkserver("fanout.worker")  # beside the program's own preloads
         self.start_method = start_method
+        self.lock = threading.RLock()
         # All a listener sees of its distributor.
         self.ctx = ListenerContext(
+            lock=self.lock,
             codec=self.codec,
             codec_blob=pickle.dumps(self.codec, protocol=pickle.HIGHEST_PROTOCOL),
             start_method=start_method,
@@ -216,8 +218,6 @@ class Distributor:
         )
         self.clock = clock
         self._check_period = check
-        self.lock = threading.RLock()
-        self.ctx.use_lock(self.lock)
         self.ctx.discard_removed = self._discard
         self._stop_lock = threading.Lock()
         self._listeners: tuple[Registration, ...] = ()

@@ -43,7 +43,9 @@ class ListenerContext:
     ``pump`` feeds process lanes' pipes; ``ray_cluster`` and ``ray_store`` are
     what the distributor's Ray listeners share (the Ray cluster handle, and the
     big buffers put into Ray's object store), made by the first Ray listener
-    that needs them; the distributor's stop detaches the cluster.
+    that needs them; the distributor's stop detaches the cluster. ``lock`` is
+    the distributor's lock (a fresh one when None), which worker starts take
+    only to attach what they started.
     """
 
     def __init__(
@@ -57,6 +59,7 @@ class ListenerContext:
         wake_supervisor: Callable[[], None] = lambda: None,
         arena: Any = None,
         listener_failed: Callable[[Registration, str], list[Callable[[], None]]] | None = None,
+        lock: Any = None,
     ) -> None:
         self.codec = codec
         # How the distributor encodes a notification for the listeners that take
@@ -94,7 +97,7 @@ class ListenerContext:
         # so it runs with no lock held. ``begin_start`` / ``end_start`` bracket
         # it (lock held); a removal meanwhile is finished by ``end_start``, and
         # a stop waits for ``starts`` to reach 0 before it closes anything.
-        self.lock: Any = threading.RLock()
+        self.lock: Any = threading.RLock() if lock is None else lock
         self.starts = 0
         self.starts_done = threading.Condition(self.lock)
         self.discard_removed: Callable[[Registration], None] = lambda reg: None
@@ -112,11 +115,6 @@ class ListenerContext:
     def stopping(self) -> bool:
         """Workers are being (or were) stopped: no restarts, nothing waits for them."""
         return self.state in (State.CLOSING, State.STOPPED)
-
-    def use_lock(self, lock: Any) -> None:
-        """Share the distributor's lock (before anything starts)."""
-        self.lock = lock
-        self.starts_done = threading.Condition(lock)
 
     def begin_start(self, reg: Registration) -> None:
         """Note a start of ``reg``'s workers about to run with no lock held (lock held)."""

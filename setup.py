@@ -1,4 +1,4 @@
-"""Build fanout's native extensions (fanout/_ring.pyx, _pump.pyx, _worker.pyx).
+"""Build fanout's native extensions (fanout/native/_ring.pyx, _pump.pyx, _worker.pyx).
 
 When they cannot be built (no C compiler, no Python headers), the install goes on
 without them, as msgpack's does: fanout then runs on its pure-Python twins, the
@@ -20,7 +20,7 @@ from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 from setuptools.errors import CCompilerError, ExecError, PlatformError
 
-# Read by fanout/_impl.py; the name is repeated there (setup.py cannot import fanout).
+# Read by fanout/native/pick.py; the name is repeated there (setup.py cannot import fanout).
 NATIVE_BUILD_NOTE = "_native_build_failed.txt"
 
 
@@ -36,7 +36,7 @@ def extensions():
     trace = _flag("FANOUT_CYTHON_TRACE")
     macros = [("CYTHON_TRACE_NOGIL", "1")] if trace else []
     mods = [
-        Extension(f"fanout.{name}", [f"fanout/{name}.pyx"], define_macros=macros)
+        Extension(f"fanout.native.{name}", [f"fanout/native/{name}.pyx"], define_macros=macros)
         for name in ("_ring", "_pump", "_worker")
     ]
     # Every compiler directive lives here; per-function ones (boundscheck) are
@@ -66,9 +66,9 @@ class OptionalBuildExt(build_ext):
 
     def run(self):
         inplace = self.inplace or self.editable_mode
-        notes = [Path(self.build_lib, "fanout", NATIVE_BUILD_NOTE)]
+        notes = [Path(self.build_lib, "fanout", "native", NATIVE_BUILD_NOTE)]
         if inplace:  # pip install -e / build_ext --inplace: the package is the source tree
-            notes.append(Path("fanout", NATIVE_BUILD_NOTE))
+            notes.append(Path("fanout", "native", NATIVE_BUILD_NOTE))
         for note in notes:
             note.unlink(missing_ok=True)  # a successful build clears an old failure
         try:
@@ -84,7 +84,7 @@ class OptionalBuildExt(build_ext):
             built = Path(self.get_ext_fullpath(ext.name))
             built.unlink(missing_ok=True)
             if inplace:
-                Path("fanout", built.name).unlink(missing_ok=True)
+                Path("fanout", "native", built.name).unlink(missing_ok=True)
         # Short for the note (IMPORT_ERROR quotes it); the warning gives it in full.
         compiler = getattr(getattr(self, "compiler", None), "compiler_so", None)
         if isinstance(exc, CCompilerError) and compiler:

@@ -51,7 +51,7 @@ def test_pods_to_four_readers(benchmark, cls):
 @pytest.mark.parametrize("codec", ["msgpack", "msgspec"])
 @pytest.mark.parametrize("how", ["codec.unpack", "worker untyped", "worker schema"])
 def test_decode_pod_update(benchmark, codec, how):
-    c = fanout.codec.get_codec(codec)
+    c = fanout.wire.codec.get_codec(codec)
     data = c.encode(fanout.Update(*load_payload("pod").pair(0)), time.monotonic_ns())
     decode = {
         "codec.unpack": c.unpack,

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-import fanout._ring_py
+import fanout.native._ring_py
 
 
 def _ring_impls() -> list:
-    impls = [pytest.param(fanout._ring_py, id="py")]
+    impls = [pytest.param(fanout.native._ring_py, id="py")]
     try:
-        impls.insert(0, pytest.param(importlib.import_module("fanout._ring"), id="native"))
+        impls.insert(0, pytest.param(importlib.import_module("fanout.native._ring"), id="native"))
     except ImportError:  # built with FANOUT_NO_EXTENSIONS=1
         pass
     return impls

@@ -38,7 +38,7 @@ from bench_rings import (  # the sys.path entry above makes this importable
     ring_pairs,
 )
 
-import fanout._ring_py
+import fanout.native._ring_py
 
 REPEAT = 9
 BATCHES = (16, SEND_EVERY, 256)  # appends per send_to: the pump sends what is pending
@@ -62,10 +62,10 @@ def best(calls: dict[str, Callable[[], object]], number: int) -> dict[str, float
 def implementations() -> list[tuple[str, types.ModuleType]]:
     impls = []
     try:
-        impls.append(("native", importlib.import_module("fanout._ring")))
+        impls.append(("native", importlib.import_module("fanout.native._ring")))
     except ImportError:
-        print("fanout._ring (native) is not built: pure-Python only")
-    impls.append(("py", fanout._ring_py))
+        print("fanout.native._ring (native) is not built: pure-Python only")
+    impls.append(("py", fanout.native._ring_py))
     return impls
 
 

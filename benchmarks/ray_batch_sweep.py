@@ -3,7 +3,7 @@
 One Ray listener with 2 actors, no-op handlers, updates of the ``small`` or ``pod``
 payload. For each budget (bytes of frames per actor call) it prints deliveries/s
 (first distribute until drained) and latency p50 / p99 (distribute until the
-completion is acknowledged). The defaults in ``fanout.ray_listener`` come from it.
+completion is acknowledged). The defaults in ``fanout.listeners.ray`` come from it.
 
     python benchmarks/ray_batch_sweep.py [--payload small|pod] [-n 200000]
 """

@@ -13,7 +13,7 @@ import sys
 import time
 
 import fanout
-from fanout.distributor import Distributor
+from fanout.core.distributor import Distributor
 
 
 class Noop(fanout.Handler):

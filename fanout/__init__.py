@@ -5,11 +5,9 @@ growable ring, so a slow handler never slows the producer or other listeners,
 and (by default) its handler runs in its own worker processes.
 """
 
-from fanout._arena import SharedStats
-from fanout._impl import IMPORT_ERROR, NATIVE, FrameRing, Ring
 from fanout._version import __version__
-from fanout.codec import Codec, MsgpackCodec, MsgspecCodec
-from fanout.distributor import Distributor
+from fanout.buffers.arena import SharedStats
+from fanout.core.distributor import Distributor
 from fanout.errors import (
     DistributorStopped,
     FanoutError,
@@ -19,9 +17,11 @@ from fanout.errors import (
     WorkerStartError,
 )
 from fanout.handlers import FuncHandler, Handler
+from fanout.listeners.base import Registration
+from fanout.native.pick import IMPORT_ERROR, NATIVE, FrameRing, Ring
 from fanout.notifications import Add, Delete, Notification, RawFrame, Update
-from fanout.registration import Registration
 from fanout.stats import ListenerStats
+from fanout.wire.codec import Codec, MsgpackCodec, MsgspecCodec
 
 __all__ = [
     "IMPORT_ERROR",

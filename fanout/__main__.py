@@ -2,6 +2,6 @@
 
 import sys
 
-from fanout.cli import main
+from fanout.tools.cli import main
 
 sys.exit(main())

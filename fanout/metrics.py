@@ -43,14 +43,14 @@ except ImportError as exc:  # the extra is not installed
         "(or pip install prometheus_client)"
     ) from exc
 
-from fanout._endpoint import Endpoint
-from fanout._protocol import NBUCKETS
-from fanout.options import check_period
+from fanout.core.options import check_period
 from fanout.stats import bucket_value
+from fanout.tools.endpoint import Endpoint
+from fanout.wire.protocol import NBUCKETS
 
 if TYPE_CHECKING:
-    from fanout.distributor import Distributor
-    from fanout.registration import Registration
+    from fanout.core.distributor import Distributor
+    from fanout.listeners.base import Registration
     from fanout.stats import ListenerStats
 
 __all__ = [
@@ -178,7 +178,7 @@ class PrometheusCollector(Collector):
     """
 
     def __init__(self, distributor: Distributor) -> None:
-        from fanout.distributor import Distributor
+        from fanout.core.distributor import Distributor
 
         if not isinstance(distributor, Distributor):
             raise TypeError(

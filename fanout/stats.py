@@ -1,14 +1,14 @@
 """Listener statistics and the latency histogram the workers keep in their slots.
 
 The slot layout itself is part of the producer-worker contract in
-``fanout._protocol``.
+``fanout.wire.protocol``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fanout._protocol import NBUCKETS
+from fanout.wire.protocol import NBUCKETS
 
 __all__ = ["ListenerStats", "bucket_of", "percentile"]
 

@@ -8,17 +8,17 @@ import types
 
 import pytest
 
-import fanout._ring_py
-from fanout import _impl
+import fanout.native._ring_py
+from fanout.native import pick as _impl
 
 try:
-    import fanout._ring as _native_ring
+    import fanout.native._ring as _native_ring
 except ImportError:  # pure-Python install (FANOUT_NO_EXTENSIONS=1 at build time)
     _native_ring = None  # type: ignore[assignment]
 
 # The implementation fanout itself picked: with FANOUT_NO_EXTENSIONS=1 the whole
 # suite, distributor included, runs on the pure-Python twins.
-RING_IMPLS = [pytest.param(fanout._ring_py, id="py")]
+RING_IMPLS = [pytest.param(fanout.native._ring_py, id="py")]
 if _native_ring is not None and _impl.NATIVE:
     RING_IMPLS.insert(0, pytest.param(_native_ring, id="native"))
 
@@ -76,9 +76,9 @@ def _multiprocessing_helpers():
     import multiprocessing
     from multiprocessing import resource_tracker
 
-    from fanout._procs import ensure_forkserver
+    from fanout.listeners.procs import ensure_forkserver
 
-    multiprocessing.get_context("forkserver").set_forkserver_preload(["fanout.worker"])
+    multiprocessing.get_context("forkserver").set_forkserver_preload(["fanout.worker.main"])
     ensure_forkserver()
     resource_tracker.ensure_running()
 

@@ -202,7 +202,7 @@ class TermIgnorer(Recorder):
 class SlotScribbler(Recorder):
     """On ``{"scribble": word}``, overwrite that word of the worker's progress slot.
 
-    The slot is found as the ``slot`` local of ``fanout.worker.worker_main`` up the
+    The slot is found as the ``slot`` local of ``fanout.worker.main.worker_main`` up the
     call stack (the view the worker writes its progress through).
     """
 

@@ -246,7 +246,7 @@ def test_a_worker_that_ended_before_fanout_watched_it_still_tells_why(make_dist,
     """Its messages are read after its warden was reaped: the reason is not lost."""
     from multiprocessing.connection import wait
 
-    from fanout.process_listener import Lane
+    from fanout.listeners.process import Lane
 
     real_launch = Lane.launch
 
@@ -460,7 +460,7 @@ def test_a_raw_frame_shows_its_size_not_its_bytes():
 
 
 def test_a_stop_interrupted_midway_is_finished_by_the_next_one(make_dist, tmp_path, monkeypatch):
-    from fanout.distributor import Distributor
+    from fanout.core.distributor import Distributor
 
     gate = tmp_path / "gate"
     d = make_dist()
@@ -652,12 +652,12 @@ def _open_fds() -> set[int]:
 def test_a_pump_dropped_without_close_frees_its_eventfd(impl):
     import gc
 
-    from fanout import _pump_py
+    from fanout.native import _pump_py
 
     if impl == "native":
         if not fanout.NATIVE:
             pytest.skip("native pump not built")
-        from fanout import _pump as module  # type: ignore[attr-defined]
+        from fanout.native import _pump as module  # type: ignore[attr-defined]
     else:
         module = _pump_py
     before = _open_fds()
@@ -691,7 +691,7 @@ def test_lane_ack_cannot_race_a_rewind(ring_impl):
 
 
 def test_a_worker_running_another_fanout_refuses_to_start(make_dist, monkeypatch):
-    from fanout import process_listener
+    from fanout.listeners import process as process_listener
 
     # As if the worker had imported a fanout from elsewhere (a shadowing folder).
     monkeypatch.setattr(process_listener, "PRODUCER_FANOUT", ("/elsewhere/fanout", "0.0.0"))
@@ -826,7 +826,7 @@ def test_a_call_counted_by_a_worker_killed_before_its_frame_was_done_is_not_deli
     make_dist, tmp_path
 ):
     """The window between a worker's HANDLED += 1 and DONE = seq: a kill there."""
-    from fanout._protocol import HANDLED
+    from fanout.wire.protocol import HANDLED
 
     d = make_dist()
     reg = d.add_listener(Recorder(tmp_path / "r"), max_attempts=1)

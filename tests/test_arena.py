@@ -26,8 +26,8 @@ import pytest
 from helpers import assert_accounted, wait_for
 
 import fanout
-from fanout._arena import Arena
-from fanout.codec import dtype_to_wire
+from fanout.buffers.arena import Arena
+from fanout.wire.codec import dtype_to_wire
 
 KIB = 1024
 PAGE = mmap.PAGESIZE
@@ -765,7 +765,7 @@ class CountingCodec(fanout.MsgspecCodec):
 
 
 def test_an_arena_for_a_codec_with_its_own_encode_calls_it():
-    from fanout._arena import Arena
+    from fanout.buffers.arena import Arena
 
     arena = Arena(1 << 20, 4096, CountingCodec())  # the distributor makes none: be safe
     try:

@@ -21,8 +21,8 @@ from helpers import assert_accounted, wait_for
 from test_arena import Digester, digest, lines, write_line
 
 import fanout
-from fanout._arena import Arena
-from fanout.codec import get_codec
+from fanout.buffers.arena import Arena
+from fanout.wire.codec import get_codec
 
 KIB = 1024
 

@@ -22,7 +22,7 @@ from fanout.bench.scenarios import (
     Suite,
     interleave,
 )
-from fanout.cli import _non_negative_float, build_parser
+from fanout.tools.cli import _non_negative_float, build_parser
 
 STEP = re.compile(r"^\[(\d+)/(\d+)\] ETA \d+:\d\d  (.*)$")
 

@@ -214,8 +214,8 @@ NOT_PLAIN = [
 @settings(max_examples=200, deadline=None)
 @given(values)
 def test_the_native_walk_and_its_twin_agree(obj: Any) -> None:
-    native = pytest.importorskip("fanout._ring")
-    from fanout import _ring_py
+    native = pytest.importorskip("fanout.native._ring")
+    from fanout.native import _ring_py
 
     leaves = (msgspec.msgpack.Ext, np.ndarray)
     for value in (obj, *NOT_PLAIN, nested(64, 1), {"a": [obj]}):

@@ -23,8 +23,8 @@ import pytest
 from helpers import Recorder, obj, read_calls, wait_calls, wait_for
 
 import fanout
-from fanout._protocol import HANDLED
-from fanout._warden import OOM_SCORE_BOOST
+from fanout.wire.protocol import HANDLED
+from fanout.worker.warden import OOM_SCORE_BOOST
 
 GONE_WITHIN = 10.0  # the promise is about a second; room for a loaded machine
 
@@ -255,7 +255,7 @@ class CForker(Recorder):
 @pytest.fixture(params=["native", "py"])
 def worker_loop(request, monkeypatch):
     """Both worker loops: the twin is chosen by the environment a spawned worker gets."""
-    if request.param == "native" and not fanout._impl.NATIVE:
+    if request.param == "native" and not fanout.native.pick.NATIVE:
         pytest.skip("native extensions are not built")
     if request.param == "py":
         monkeypatch.setenv("FANOUT_NO_EXTENSIONS", "1")
@@ -270,7 +270,7 @@ class LoopNamer(fanout.Handler):
         self.path = path
 
     def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
-        Path(self.path).write_text(fanout._impl.serve.__module__)
+        Path(self.path).write_text(fanout.native.pick.serve.__module__)
 
 
 def test_the_worker_loop_fixture_picks_the_loop(make_dist, tmp_path, worker_loop):
@@ -279,7 +279,7 @@ def test_the_worker_loop_fixture_picks_the_loop(make_dist, tmp_path, worker_loop
     d.start()
     d.distribute(fanout.Add(obj("a")))
     assert wait_for((tmp_path / "loop").exists, 30)
-    expected = "fanout._worker_py" if worker_loop == "spawn" else "fanout._worker"
+    expected = "fanout.native._worker_py" if worker_loop == "spawn" else "fanout.native._worker"
     assert (tmp_path / "loop").read_text() == expected
     assert d.stop(drain=True, timeout=30) is True
 
@@ -380,7 +380,7 @@ class MessageForger(Recorder):
             Path(o["marker"]).touch()  # once: a retry must not lie again
             from helpers import _return_pipe_fd
 
-            from fanout._protocol import send_message
+            from fanout.wire.protocol import send_message
 
             msg = {"t": o["forge"], "seq": 10**6, "pid": os.getpid(), "text": "forged"}
             send_message(_return_pipe_fd(), msg)

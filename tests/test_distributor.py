@@ -25,7 +25,7 @@ from helpers import (
 )
 
 import fanout
-from fanout.codec import MsgpackCodec
+from fanout.wire.codec import MsgpackCodec
 
 EXECUTORS = ["process", "thread"]
 
@@ -733,6 +733,6 @@ def test_a_distributor_keeps_the_programs_own_forkserver_preloads(make_dist, mon
     )
     forkserver.set_forkserver_preload(["__main__", "json"])
     make_dist()
-    assert forkserver._forkserver._preload_modules == ["__main__", "json", "fanout.worker"]
+    assert forkserver._forkserver._preload_modules == ["__main__", "json", "fanout.worker.main"]
     make_dist()  # added once
-    assert forkserver._forkserver._preload_modules == ["__main__", "json", "fanout.worker"]
+    assert forkserver._forkserver._preload_modules == ["__main__", "json", "fanout.worker.main"]

@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 
 import fanout
-from fanout import _ring_py, codec, stats
-from fanout.registration import Registration
+from fanout import stats
+from fanout.listeners.base import Registration
+from fanout.native import _ring_py
+from fanout.wire import codec
 
 # The documented API, by owner. A class stands for its constructor and its public
 # methods; Registration's lifecycle methods are the distributor's business.

@@ -35,7 +35,7 @@ from helpers import (
 )
 
 import fanout
-import fanout._protocol
+import fanout.wire.protocol
 
 RING_NORMAL_BYTES = 64 * 1024  # a lane's ring shrinks back to this once drained
 
@@ -690,8 +690,8 @@ def test_failing_factory_is_reported_with_backoff(make_dist, tmp_path):
 @pytest.mark.parametrize(
     ("word", "value", "what"),
     [
-        (fanout._protocol.DONE, 10**12, "beyond the last frame"),
-        (fanout._protocol.PID, 1, "pid word"),
+        (fanout.wire.protocol.DONE, 10**12, "beyond the last frame"),
+        (fanout.wire.protocol.PID, 1, "pid word"),
     ],
 )
 def test_corrupted_progress_slot_is_reported_and_the_worker_restarted(
@@ -835,7 +835,7 @@ def test_concurrent_stops_both_return(make_dist):
 
 
 def test_a_start_that_fails_half_way_leaves_nothing_running(make_dist, monkeypatch):
-    from fanout.process_listener import Lane
+    from fanout.listeners.process import Lane
 
     real_launch = Lane.launch
 

@@ -32,8 +32,8 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from fanout._ring_common import check_ack
 from fanout.errors import RingFull, ring_full_message
+from fanout.native._ring_common import check_ack
 
 
 def grown(cap: int, need: int, max_bytes: int | None) -> int:

@@ -16,12 +16,12 @@ from frames import Pipe, filled, sent
 from helpers import outcome
 
 import fanout
-import fanout._ring_py
+import fanout.native._ring_py
 
 
 def _native() -> types.ModuleType | None:
     try:
-        return importlib.import_module("fanout._ring")
+        return importlib.import_module("fanout.native._ring")
     except ImportError:
         return None
 
@@ -95,28 +95,28 @@ def _closed(m: types.ModuleType) -> Any:
 @pytest.mark.parametrize("case", sorted(FRAME_CASES))
 def test_messages_match(case):
     if NATIVE_MODULE is None:
-        pytest.skip("fanout._ring (native) is not built")
+        pytest.skip("fanout.native._ring (native) is not built")
     call = FRAME_CASES[case]
-    assert outcome(call, NATIVE_MODULE) == outcome(call, fanout._ring_py)
+    assert outcome(call, NATIVE_MODULE) == outcome(call, fanout.native._ring_py)
 
 
 def test_frame_span_agrees_between_twins_on_every_cut():
     import random
 
-    from fanout._protocol import HEADER
+    from fanout.wire.protocol import HEADER
 
     rng = random.Random(7)
     buf = bytearray()
     for seq in range(1, 40):
         length = rng.choice([0, 1, 5, 100, 3000])
         buf += HEADER.pack(length, seq * 3) + bytes(rng.getrandbits(8) for _ in range(length))
-    modules = [fanout._ring_py] + ([NATIVE_MODULE] if NATIVE_MODULE is not None else [])
+    modules = [fanout.native._ring_py] + ([NATIVE_MODULE] if NATIVE_MODULE is not None else [])
     for cut in [0, 5, 11, 12, 13, *rng.sample(range(len(buf)), 40), len(buf)]:
         for budget in (0, 12, 200, 5000, 1 << 20):
             for single in (False, True):
                 spans = {m.frame_span(buf[:cut], budget, single) for m in modules}
                 assert len(spans) == 1, (cut, budget, single, spans)
-    pos, first, last, count = fanout._ring_py.frame_span(buf, 1 << 20, False)
+    pos, first, last, count = fanout.native._ring_py.frame_span(buf, 1 << 20, False)
     assert (pos, first, last, count) == (len(buf), 3, 39 * 3, 39)
-    assert fanout._ring_py.frame_span(buf, 0, False)[3] == 1  # the first always goes
-    assert fanout._ring_py.frame_span(buf[:11], 1 << 20, False) == (0, 0, 0, 0)
+    assert fanout.native._ring_py.frame_span(buf, 0, False)[3] == 1  # the first always goes
+    assert fanout.native._ring_py.frame_span(buf[:11], 1 << 20, False) == (0, 0, 0, 0)

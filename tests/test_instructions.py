@@ -81,7 +81,7 @@ def test_bench_json_carries_the_counts_or_why_not(
 ) -> None:
     """``fanout bench --instructions``: the JSON says valgrind is missing, and so
     does the table, shown again from the saved JSON."""
-    from fanout import cli
+    from fanout.tools import cli
 
     monkeypatch.setattr(instructions.shutil, "which", lambda name: None)
     out = tmp_path / "run.json"

@@ -22,7 +22,7 @@ from typing import Any
 from helpers import Recorder, _return_pipe_fd, obj, read_calls, wait_calls, wait_for
 
 import fanout
-from fanout._protocol import HANDLED, SLOT_BYTES, send_message
+from fanout.wire.protocol import HANDLED, SLOT_BYTES, send_message
 
 EXIT_AFTER_ATTACK = 9
 SCRIBBLE_BYTES = 64 * 1024

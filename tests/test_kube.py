@@ -697,9 +697,9 @@ def test_resync_sends_the_store_to_due_listeners_only(kube, api, informers, make
 def test_fanout_top_shows_the_informers(kube, api, informers, make_dist):
     import io
 
-    from fanout import top
     from fanout.kube.metrics import InformerCollector
     from fanout.metrics import serve
+    from fanout.tools import top
 
     kube.create("pods", "a")
     d = make_dist()

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import fanout
-from fanout.lifecycle import State
+from fanout.core.lifecycle import State
 from tests.helpers import (
     Collector,
     FailingFactory,
@@ -406,7 +406,7 @@ def test_a_listener_that_cannot_start_dead_letters_arena_frames_without_the_lock
 
 
 def test_the_supervisor_reaps_a_dead_worker_without_the_lock(make_dist, tmp_path, monkeypatch):
-    from fanout import _isolation
+    from fanout.worker import isolation as _isolation
 
     d = make_dist()
     joins: list[bool] = []
@@ -429,8 +429,8 @@ def test_the_supervisor_reaps_a_dead_worker_without_the_lock(make_dist, tmp_path
 
 def test_worker_starts_and_memory_reads_run_without_the_lock(make_dist, tmp_path, monkeypatch):
     """Starting a process and reading /proc wait on the kernel: never under the lock."""
-    from fanout._isolation import WorkerProcess
-    from fanout.process_listener import Lane
+    from fanout.listeners.process import Lane
+    from fanout.worker.isolation import WorkerProcess
 
     d = make_dist()
     seen: list[tuple[str, bool]] = []
@@ -461,7 +461,7 @@ def test_worker_starts_and_memory_reads_run_without_the_lock(make_dist, tmp_path
 
 def _gate_launches(monkeypatch: Any) -> tuple[threading.Event, threading.Event]:
     """Hold every worker start until ``gate`` is set; ``entered`` tells one is held."""
-    from fanout.process_listener import Lane
+    from fanout.listeners.process import Lane
 
     entered, gate = threading.Event(), threading.Event()
     real_launch = Lane.launch
@@ -527,7 +527,7 @@ def test_a_child_is_not_leaked_when_fanout_cannot_take_charge_of_it(
 ):
     import multiprocessing.process
 
-    from fanout import process_listener
+    from fanout.listeners import process as process_listener
 
     d = make_dist()
     joins: list[bool] = []  # whether the lock was held while a discarded child was reaped
@@ -757,7 +757,7 @@ def test_exit_without_stop_is_bounded_even_with_a_stuck_handler(tmp_path, execut
 
 
 def test_a_ray_payload_collected_inside_the_stores_lock_does_not_deadlock():
-    from fanout._ray_refs import RayPayload, RayStore
+    from fanout.buffers.ray_store import RayPayload, RayStore
 
     store = RayStore(ray=None, encode=None)
     with store._lock:  # as a locked section would be...

@@ -15,8 +15,8 @@ import pytest
 from helpers import Recorder, obj, wait_for
 
 import fanout
-from fanout import _logs
-from fanout._logs import ErrorLog, error_kind
+from fanout.listeners import errorlog as _logs
+from fanout.listeners.errorlog import ErrorLog, error_kind
 
 SUMMARY = re.compile(r"^(\w+) in listener '([^']+)': (\d+) more in the last \d+ s at (.+?) \(")
 

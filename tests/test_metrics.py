@@ -22,7 +22,6 @@ from helpers import Recorder, obj, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 import fanout
-from fanout._protocol import NBUCKETS
 from fanout.metrics import (
     LATENCY_BOUNDS,
     MetricsServer,
@@ -31,6 +30,7 @@ from fanout.metrics import (
     serve,
 )
 from fanout.stats import bucket_of
+from fanout.wire.protocol import NBUCKETS
 
 FIELDS = {  # sample name -> ListenerStats field
     "fanout_received_total": "received",

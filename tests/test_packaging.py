@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 import fanout
-from fanout import _impl
+from fanout.native import pick as _impl
 
 REPO = Path(__file__).resolve().parent.parent
 

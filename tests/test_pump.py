@@ -1,4 +1,4 @@
-"""The pump twins: the native ``fanout._pump.Pump`` and ``fanout._pump_py.Pump``.
+"""The pump twins: the native ``fanout.native._pump.Pump`` and ``fanout.native._pump_py.Pump``.
 
 A parity table feeds the same calls to both (every method, good and bad arguments,
 calls after ``stop()`` and ``close()``) and compares results and messages; the
@@ -19,16 +19,16 @@ from frames import Pipe, read_exactly, wire
 from helpers import outcome, twin_cases, wait_for
 
 import fanout
-import fanout._pump_py
-import fanout._ring_py
+import fanout.native._pump_py
+import fanout.native._ring_py
 
 try:
-    import fanout._pump as native_pump
-    import fanout._ring as native_ring
+    import fanout.native._pump as native_pump
+    import fanout.native._ring as native_ring
 except ImportError:  # pure-Python build
     native_pump = native_ring = None
 
-PAIRS = [pytest.param((fanout._pump_py, fanout._ring_py), id="py")]
+PAIRS = [pytest.param((fanout.native._pump_py, fanout.native._ring_py), id="py")]
 if native_pump is not None and fanout.NATIVE:
     PAIRS.insert(0, pytest.param((native_pump, native_ring), id="native"))
 
@@ -56,7 +56,7 @@ def _add(ring: Any, fd: Any) -> Callable[[types.ModuleType, types.ModuleType], A
 
 
 def _other_ring(ring_mod: types.ModuleType) -> Any:
-    other = fanout._ring_py if ring_mod is not fanout._ring_py else native_ring
+    other = fanout.native._ring_py if ring_mod is not fanout.native._ring_py else native_ring
     return other.FrameRing() if other is not None else object()
 
 
@@ -128,16 +128,16 @@ DIVERGENT: dict[str, str] = {}
 def _outcome(call: Callable[..., Any], *args: Any) -> tuple[Any, str]:
     """``outcome``, with each twin's own ring module named alike."""
     kind, text = outcome(call, *args)
-    return kind, text.replace("fanout._ring_py", "fanout._ring")
+    return kind, text.replace("fanout.native._ring_py", "fanout.native._ring")
 
 
 @pytest.mark.parametrize("case", twin_cases(CASES, DIVERGENT))
 def test_pump_twins_agree(case):
     if native_pump is None or not fanout.NATIVE:
-        pytest.skip("fanout._pump (native) is not built")
+        pytest.skip("fanout.native._pump (native) is not built")
     call = CASES[case]
     native = _outcome(call, native_pump, native_ring)
-    py = _outcome(call, fanout._pump_py, fanout._ring_py)
+    py = _outcome(call, fanout.native._pump_py, fanout.native._ring_py)
     if case == "add-ring-other-impl":  # each names its own FrameRing
         assert native[0] is py[0] is TypeError
     else:

@@ -827,7 +827,7 @@ def test_a_memory_limit_below_what_an_actor_holds_at_rest_is_a_start_error(rdist
 def test_callbacks_run_without_the_lock_and_may_add_and_remove(
     rdist, tmp_path: Path, monkeypatch: Any
 ) -> None:
-    from fanout.ray_listener import RayListener
+    from fanout.listeners.ray import RayListener
 
     d = rdist()
     owned: list[tuple[str, bool]] = []

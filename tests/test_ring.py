@@ -28,7 +28,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import fanout._ring_py
+import fanout.native._ring_py
 
 GROW_FROM_ZERO = 16
 
@@ -305,11 +305,11 @@ RING_CASES: dict[str, Callable[[types.ModuleType], Any]] = {
 @pytest.mark.parametrize("case", sorted(RING_CASES))
 def test_messages_match(case):
     try:
-        native = importlib.import_module("fanout._ring")
+        native = importlib.import_module("fanout.native._ring")
     except ImportError:
-        pytest.skip("fanout._ring (native) is not built")
+        pytest.skip("fanout.native._ring (native) is not built")
     call = RING_CASES[case]
-    assert outcome(call, native) == outcome(call, fanout._ring_py)
+    assert outcome(call, native) == outcome(call, fanout.native._ring_py)
 
 
 # -- random write/read sequences against deque -----------------------------------------

@@ -27,15 +27,15 @@ import pytest
 from helpers import Recorder, obj, wait_for
 
 import fanout
-import fanout._worker_py
-from fanout._protocol import DONE, HANDLED, SLOT_WORDS
-from fanout._ring_common import HEADER, HEADER_SIZE
-from fanout.codec import MsgpackCodec, MsgspecCodec, describe_misfit, get_codec
+import fanout.native._worker_py
+from fanout.native._ring_common import HEADER, HEADER_SIZE
+from fanout.wire.codec import MsgpackCodec, MsgspecCodec, describe_misfit, get_codec
+from fanout.wire.protocol import DONE, HANDLED, SLOT_WORDS
 
 msgspec = pytest.importorskip("msgspec")
 
 try:
-    from fanout import _worker as native_worker  # type: ignore[attr-defined]
+    from fanout.native import _worker as native_worker  # type: ignore[attr-defined]
 except ImportError:  # a pure-Python build
     native_worker = None
 
@@ -442,7 +442,7 @@ def test_schema_needs_a_msgpack_codec(make_dist):
         d.add_listener(Recorder("/nonexistent"), schema=Pod)
 
 
-class PickleCodec(fanout.codec.Codec):
+class PickleCodec(fanout.wire.codec.Codec):
     """A codec whose wire is not MessagePack."""
 
     def pack(self, obj: Any) -> bytes:
@@ -538,7 +538,7 @@ def _serve(
     return calls, bad
 
 
-TWIN_SERVES = [pytest.param(fanout._worker_py.serve, id="py")]
+TWIN_SERVES = [pytest.param(fanout.native._worker_py.serve, id="py")]
 if native_worker is not None:
     TWIN_SERVES.insert(0, pytest.param(native_worker.serve, id="native"))
 
@@ -645,7 +645,7 @@ def test_untyped_worker_decode_is_msgspec_and_identical(value):
     codec = MsgpackCodec(default=_user_default, ext_hook=_user_ext)
     unpack = codec.unpacker()
     assert isinstance(unpack.__self__, msgspec.msgpack.Decoder)
-    data = codec.pack([fanout.codec.UPDATE, 5, value, [value]])
+    data = codec.pack([fanout.wire.codec.UPDATE, 5, value, [value]])
     assert _same(unpack(data), codec.unpack(data))
 
 

@@ -136,7 +136,7 @@ class Keeper(fanout.Handler):
 
 def note_impl(path: str, is_in_initial_list: bool) -> None:
     """A FuncHandler ``on_add``: write which serve loop this worker runs."""
-    from fanout import _impl
+    from fanout.native import pick as _impl
 
     with open(path, "a") as f:
         f.write(f"{_impl.serve.__module__} {_impl.NATIVE}\n")
@@ -833,12 +833,12 @@ def test_fanout_no_extensions_forces_the_pure_python_twins(tmp_path):
     out = tmp_path / "impl"
     code = textwrap.dedent(
         f"""
-        import fanout, fanout._ring_py, fanout._pump_py
-        from fanout import _impl
+        import fanout, fanout.native._ring_py, fanout.native._pump_py
+        from fanout.native import pick as _impl
         assert fanout.NATIVE is False, fanout.NATIVE
-        assert fanout.Ring is fanout._ring_py.Ring
-        assert fanout.FrameRing is fanout._ring_py.FrameRing
-        assert _impl.Pump is fanout._pump_py.Pump
+        assert fanout.Ring is fanout.native._ring_py.Ring
+        assert fanout.FrameRing is fanout.native._ring_py.FrameRing
+        assert _impl.Pump is fanout.native._pump_py.Pump
         assert "FANOUT_NO_EXTENSIONS" in fanout.IMPORT_ERROR
         from test_semantics import note_impl
         with fanout.Distributor() as d:
@@ -858,4 +858,4 @@ def test_fanout_no_extensions_forces_the_pure_python_twins(tmp_path):
         env=env,
     )
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-    assert out.read_text() == "fanout._worker_py False\n"  # the worker's serve loop too
+    assert out.read_text() == "fanout.native._worker_py False\n"  # the worker's serve loop too

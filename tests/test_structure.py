@@ -1,7 +1,7 @@
 """The seam between the distributor and its listeners.
 
 Listeners see a ``ListenerContext``, never the ``Distributor``: no listener module
-(nor the supervisor) imports ``fanout.distributor``. The distributor drives every
+(nor the supervisor) imports ``fanout.core.distributor``. The distributor drives every
 kind through the ``Registration`` interface only, so a new kind plugs in with one
 class and one entry in ``LISTENER_KINDS``: shown here with a kind that exists only
 in this test.
@@ -18,20 +18,20 @@ from typing import Any
 import pytest
 
 import fanout
-import fanout.distributor
-from fanout.options import ListenerOptions
-from fanout.registration import Registration
+import fanout.core.distributor
+from fanout.core.options import ListenerOptions
+from fanout.listeners.base import Registration
 
 BELOW_THE_DISTRIBUTOR = [
-    "registration",
-    "options",
-    "lane_listener",
-    "process_listener",
-    "thread_listener",
-    "ray_listener",
-    "supervisor",
-    "codec",
-    "worker",
+    "listeners.base",
+    "core.options",
+    "listeners.lanes",
+    "listeners.process",
+    "listeners.thread",
+    "listeners.ray",
+    "listeners.supervisor",
+    "wire.codec",
+    "worker.main",
 ]
 
 
@@ -49,7 +49,7 @@ def _imported_modules(module: str) -> set[str]:
 
 @pytest.mark.parametrize("module", BELOW_THE_DISTRIBUTOR)
 def test_nothing_below_the_distributor_imports_it(module):
-    assert "fanout.distributor" not in _imported_modules(module)
+    assert "fanout.core.distributor" not in _imported_modules(module)
 
 
 def test_listener_options_are_frozen(make_dist):
@@ -127,7 +127,7 @@ class InlineListener(Registration):
 def test_a_new_listener_kind_needs_no_special_case_in_the_distributor(make_dist, monkeypatch):
     # "thread" passes the option checks for an in-process handler; the class
     # behind it is swapped for one the distributor has no code for.
-    monkeypatch.setitem(fanout.distributor.LISTENER_KINDS, "thread", InlineListener)
+    monkeypatch.setitem(fanout.core.distributor.LISTENER_KINDS, "thread", InlineListener)
     got: list[Any] = []
     d = make_dist()
     reg = d.add_listener(

@@ -23,7 +23,7 @@ from helpers import Recorder, obj, wait_for
 
 import fanout
 from fanout.metrics import serve
-from fanout.top import quantile
+from fanout.tools.top import quantile
 
 TOP = [sys.executable, "-m", "fanout", "top"]
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b[()][AB0-9]|\r")

@@ -20,9 +20,9 @@ from helpers import twin_cases
 import fanout
 
 TWINS = {
-    "fanout._ring": "fanout._ring_py",
-    "fanout._pump": "fanout._pump_py",
-    "fanout._worker": "fanout._worker_py",
+    "fanout.native._ring": "fanout.native._ring_py",
+    "fanout.native._pump": "fanout.native._pump_py",
+    "fanout.native._worker": "fanout.native._worker_py",
 }
 
 

@@ -22,11 +22,11 @@ from frames import HEADER, Pipe, wire
 from helpers import outcome, twin_cases
 
 import fanout
-from fanout._protocol import DONE, ERRORS, HANDLED, SLOT_WORDS, START_NS, STARTED, STOP
-from fanout._worker_py import serve as serve_py
+from fanout.native._worker_py import serve as serve_py
+from fanout.wire.protocol import DONE, ERRORS, HANDLED, SLOT_WORDS, START_NS, STARTED, STOP
 
 try:
-    from fanout._worker import serve as serve_native
+    from fanout.native._worker import serve as serve_native
 except ImportError:  # pure-Python build
     serve_native = None
 
@@ -154,7 +154,7 @@ CASES: dict[str, list[list[Any]]] = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_serve_twins_agree(case):
     if serve_native is None:
-        pytest.skip("fanout._worker (native) is not built")
+        pytest.skip("fanout.native._worker (native) is not built")
     data = b"".join(frame(i + 1, f) for i, f in enumerate(CASES[case]))
     native, py = run(serve_native, data), run(serve_py, data)
     assert native == py
@@ -209,14 +209,14 @@ DIVERGENT: dict[str, str] = {}
 @pytest.mark.parametrize("case", sorted(STREAMS))
 def test_serve_twins_agree_on_raw_streams(case):
     if serve_native is None:
-        pytest.skip("fanout._worker (native) is not built")
+        pytest.skip("fanout.native._worker (native) is not built")
     assert run(serve_native, STREAMS[case]) == run(serve_py, STREAMS[case])
 
 
 @pytest.mark.parametrize("case", twin_cases(CALLS, DIVERGENT))
 def test_serve_twins_agree_on_codecs_callbacks_and_pipes(case):
     if serve_native is None:
-        pytest.skip("fanout._worker (native) is not built")
+        pytest.skip("fanout.native._worker (native) is not built")
     assert outcome(CALLS[case], serve_native) == outcome(CALLS[case], serve_py)
 
 
@@ -226,7 +226,7 @@ def test_serve_twins_agree_on_codecs_callbacks_and_pipes(case):
 def test_serve_twins_refuse_bad_arguments_alike(fd, slot_words):
     """Same exception type; the messages are Cython's and numpy's, not fanout's."""
     if serve_native is None:
-        pytest.skip("fanout._worker (native) is not built")
+        pytest.skip("fanout.native._worker (native) is not built")
 
     def call(serve: Callable[..., Any]) -> Any:
         with Pipe(None) as pipe:

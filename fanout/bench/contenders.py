@@ -27,12 +27,12 @@ import msgpack
 import msgspec
 
 import fanout
-from fanout._protocol import NBUCKETS
 from fanout.bench.payloads import spin
-from fanout.distributor import CodecName, Executor
-from fanout.process_listener import F_SETPIPE_SZ, PIPE_SIZE
+from fanout.core.distributor import CodecName, Executor
+from fanout.listeners.process import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import bucket_of
-from fanout.worker import FdArg
+from fanout.wire.protocol import NBUCKETS
+from fanout.worker.main import FdArg
 
 __all__ = ["CONTENDERS", "BenchHandler", "Contender"]
 

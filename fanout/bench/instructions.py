@@ -167,14 +167,14 @@ def _distribute_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
 def _native_worker() -> Callable[..., Any] | None:
     """The native ``serve``, or None in a build without the extensions."""
     try:
-        from fanout._worker import serve
+        from fanout.native._worker import serve
     except ImportError:
         return None
     return serve
 
 
 def _frames_file(payloads: list[bytes]) -> str:
-    from fanout._protocol import HEADER
+    from fanout.wire.protocol import HEADER
 
     fd, path = tempfile.mkstemp(prefix="fanout-frames-")
     with os.fdopen(fd, "wb") as f:
@@ -186,9 +186,9 @@ def _frames_file(payloads: list[bytes]) -> str:
 
 def _frame_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
     import fanout
-    from fanout import _worker_py
-    from fanout._protocol import SLOT_WORDS
     from fanout.bench.payloads import load_payload
+    from fanout.native import _worker_py
+    from fanout.wire.protocol import SLOT_WORDS
 
     serves = [("py", _worker_py.serve)]
     native = _native_worker()

@@ -51,13 +51,13 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-from fanout._protocol import NBUCKETS
 from fanout._version import DISTRIBUTION
 from fanout.bench.contenders import CONTENDERS, FanoutProcess
 from fanout.bench.payloads import Payload, load_payload
-from fanout.codec import get_codec
 from fanout.notifications import Update
 from fanout.stats import percentile
+from fanout.wire.codec import get_codec
+from fanout.wire.protocol import NBUCKETS
 
 __all__ = [
     "SCENARIOS",

@@ -28,13 +28,14 @@ import msgpack
 import msgspec
 
 import fanout
-from fanout._protocol import NBUCKETS
 from fanout.bench.contenders import FanoutProcess, reap
 from fanout.bench.payloads import load_payload
-from fanout.distributor import CodecName
-from fanout.process_listener import F_SETPIPE_SZ, PIPE_SIZE
+from fanout.core.distributor import CodecName
+from fanout.listeners.process import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import bucket_of
-from fanout.worker import FdArg
+from fanout.wire.codec import get_codec
+from fanout.wire.protocol import NBUCKETS
+from fanout.worker.main import FdArg
 
 __all__ = ["CONTENDERS", "PodView", "cases"]
 
@@ -395,7 +396,7 @@ def cases(suite: Any) -> list[Any]:
 
     def limits() -> None:
         for codec in ("msgpack", "msgspec"):
-            suite.codec_limits.append(codec_limit(fanout.codec.get_codec(codec)))
+            suite.codec_limits.append(codec_limit(get_codec(codec)))
 
     return [
         Case(

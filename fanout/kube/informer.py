@@ -30,7 +30,7 @@ from typing import Any
 import msgspec
 from urllib3.exceptions import HTTPError as _HTTPError
 
-from fanout.distributor import Distributor
+from fanout.core.distributor import Distributor
 from fanout.errors import DistributorStopped
 from fanout.kube._client import (
     ApiError,

@@ -1,0 +1,1 @@
+"""Where big buffers wait outside the rings: the shared-memory arena and the Ray object store."""

@@ -1,0 +1,1 @@
+"""The producer's core: the distributor, its delivery plan, its lifecycle, its options."""

@@ -1,0 +1,1 @@
+"""The listener kinds (process, thread, Ray), what their lanes share, and the supervisor."""

@@ -1,0 +1,707 @@
+"""Ray listeners: a listener whose lanes are Ray actors, fed in batches from its rings.
+
+Each lane keeps the ``FrameRing`` a process lane has, filled by ``distribute`` the
+same way. Instead of the pump and a pipe to a worker, one sender thread per
+listener takes the lane's unsent frames (up to ``BATCH_BYTES``) and submits them in
+ONE actor call, with at most ``MAX_INFLIGHT`` calls in flight per actor. A result
+acknowledges its frames (the ring frees them) and carries handler errors, undecodable
+frames and the frames' distribute timestamps.
+
+Failures are Ray's to repair and fanout's to account for: actors run with
+``max_restarts=-1`` and no task retries. When a call fails (the actor or its node
+died, or the actor killed itself past ``handler_timeout``), the lane opens a new
+generation: the ring rewinds to the first frame not acknowledged and resends it to the
+restarted actor. The frames of the batch that failed are resent one per call, so the
+frame that kills its actor is the only one charged attempts; after ``max_attempts``
+it is dead-lettered.
+"""
+
+from __future__ import annotations
+
+import collections
+import fcntl
+import functools
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from fanout._version import DISTRIBUTION
+from fanout.buffers.ray_store import RayPayload, RayStore, TokenLog
+from fanout.core.options import ListenerOptions
+from fanout.listeners.base import ListenerContext
+from fanout.listeners.lanes import LaneListener
+from fanout.native.pick import frame_span
+from fanout.notifications import RawFrame
+from fanout.wire.codec import MsgpackCodec, MsgspecCodec
+from fanout.wire.protocol import HEADER, HEADER_SIZE, NBUCKETS
+from fanout.worker.ray_actor import LaneActor, progress_path
+
+__all__ = ["RayCluster", "RayListener", "check_ray_options", "import_ray", "pickle_for_ray"]
+
+log = logging.getLogger("fanout")
+
+# Defaults from the batch-size sweep in docs/ray.md (benchmarks/ray_batch_sweep.py):
+# small objects stop gaining at about 1 MiB per call, Pods (4.5 KB) still gain up
+# to 4 MiB. It is a cap: the sender submits what waits, so a light load makes small
+# batches and low latency; only a backlog fills batches up to it.
+BATCH_BYTES = 4 << 20
+MAX_INFLIGHT = 2  # calls per actor: one running, one queued behind it (4 gained nothing)
+PIPE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size: larger batches take 2+ reads
+KILL_GRACE = 5.0  # past handler_timeout per frame, the producer kills a stuck actor
+LEAVE_WAIT = 1.0  # seconds close() lets the actors remove their progress files
+STOP_WAIT = 10.0  # seconds close() waits for the sender thread and the actors
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+# Options fanout sets on every actor itself, and why a user may not.
+OWNED_OPTIONS = {
+    "max_restarts": "fanout always sets -1: Ray restarts a dead actor and fanout resends",
+    "max_task_retries": "fanout resends itself (Ray's retries would break per-key order)",
+    "max_concurrency": "one call at a time keeps per-key order",
+    "concurrency_groups": "one call at a time keeps per-key order",
+    "allow_out_of_order_execution": "calls must run in order to keep per-key order",
+    "max_pending_calls": "fanout bounds the calls in flight itself",
+    "lifetime": "the actors belong to the listener and end with it",
+    "name": "fanout names no actor (two listeners must not share one)",
+    "namespace": "fanout names no actor",
+    "get_if_exists": "fanout names no actor",
+}
+
+
+def import_ray() -> Any:
+    """Import Ray, or raise ``ImportError`` naming the extra to install."""
+    try:
+        import ray
+    except ImportError as exc:
+        raise ImportError(
+            f"executor='ray' needs Ray, which is not installed: pip install '{DISTRIBUTION}[ray]'"
+        ) from exc
+    return ray
+
+
+def check_ray_options(options: Any) -> dict[str, Any]:
+    """Return a copy of ``ray_options`` after Ray's own checks, or raise naming the key."""
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise TypeError(
+            f"ray_options must be a dict of Ray actor options (num_cpus, resources, "
+            f"runtime_env, scheduling_strategy, ...), not {options!r:.80}"
+        )
+    for key in options:
+        if key in OWNED_OPTIONS:
+            raise ValueError(f"ray_options[{key!r}] cannot be set: {OWNED_OPTIONS[key]}")
+    try:
+        from ray._common.ray_option_utils import actor_options, validate_actor_options
+    except ImportError:  # another Ray layout: Ray checks them when the actor is made
+        return dict(options)
+    unknown = [k for k in options if k not in actor_options]
+    if unknown:
+        allowed = sorted(k for k in actor_options if k not in OWNED_OPTIONS and k[0] != "_")
+        raise ValueError(
+            f"ray_options: unknown Ray actor option {unknown[0]!r}; the options Ray "
+            f"actors take here are {', '.join(allowed)}"
+        )
+    try:
+        validate_actor_options(dict(options), in_options=True)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"ray_options: {exc}") from exc
+    return dict(options)
+
+
+def pickle_for_ray(handler: Any) -> bytes:
+    """Serialise ``handler`` as Ray would, or raise ``TypeError`` saying why not."""
+    ray = import_ray()
+    try:
+        return bytes(ray.cloudpickle.dumps(handler))
+    except Exception as exc:
+        raise TypeError(
+            f"handler {handler!r:.80} cannot be serialised for Ray actors ({exc}); "
+            f"pass a zero-argument class or factory that builds it in each actor"
+        ) from exc
+
+
+class RayCluster:
+    """The Ray cluster a distributor's Ray listeners use.
+
+    The one the program initialised (``ray.init(address=...)``) is used and never
+    shut down; otherwise a local one is started on loopback and shut down with
+    the distributor.
+    """
+
+    def __init__(self) -> None:
+        self.owned = False
+        self.attached = False
+
+    def attach(self) -> None:
+        """Make sure Ray is initialised (start a local cluster if it is not)."""
+        ray = import_ray()
+        if self.attached:
+            return
+        self.attached = True
+        if ray.is_initialized():
+            return
+        # Without it, Ray on this kind of host advertises a public address; with it,
+        # the local cluster binds to loopback only.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        ray.init(
+            # "local": a new cluster of our own, even when another program on this
+            # machine runs one (ray.init() would join that one instead).
+            address="local",
+            num_cpus=os.cpu_count() or 1,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            logging_level=logging.WARNING,
+        )
+        self.owned = True
+
+    def detach(self) -> None:
+        """Shut the cluster down if this distributor started it."""
+        if self.owned:
+            self.owned = False
+            import_ray().shutdown()
+
+
+class _Batch:
+    """One actor call in flight: which frames it carries and when it may be late."""
+
+    __slots__ = ("data", "first", "last", "nframes", "ref", "since", "single")
+
+    def __init__(
+        self, ref: Any, data: bytes, first: int, last: int, nframes: int, single: bool
+    ) -> None:
+        self.ref = ref
+        self.data = data
+        self.first = first
+        self.last = last
+        self.nframes = nframes
+        self.single = single
+        self.since = time.monotonic()  # when it became the running call (at the latest)
+
+
+class RayLane:
+    """One actor, its ring, and the calls in flight to it (owned by the sender thread)."""
+
+    def __init__(self, listener: RayListener, index: int, ring: Any) -> None:
+        self.listener = listener
+        self.index = index
+        self.ring = ring
+        self.actor: Any = None
+        self.ready_ref: Any = None
+        self.ready = False
+        self.ever_ready = False
+        self.first_start = True
+        self.start_error: str | None = None
+        self.initial_seq = 0
+        self.gen = 0
+        self.opens = True  # the next call opens generation ``gen``
+        self.last_submitted = 0  # last seq of the last batch submitted
+        self.single_until = 0  # frames up to this seq go one per call
+        self.attempts: dict[int, int] = {}
+        self.inflight: collections.deque[_Batch] = collections.deque()
+        self.taken = bytearray()  # frames the ring sent (to our pipe), not yet submitted
+        # Frames whose big buffers are in Ray's object store, and their references.
+        self.tokens = TokenLog(listener.store)
+        self.killed = False  # the producer killed the actor for handler_timeout
+        self.rfd = self.wfd = -1
+
+    def __repr__(self) -> str:
+        return f"<RayLane {self.listener.name!r}[{self.index}]>"
+
+    def ack(self) -> None:
+        """Nothing to read: results acknowledge frames as they arrive."""
+
+    def open_pipe(self) -> None:
+        """Make the pipe the ring sends to and this lane reads back: its size is the batch."""
+        self.rfd, self.wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            fcntl.fcntl(self.wfd, F_SETPIPE_SZ, min(self.listener.batch_bytes, PIPE_BYTES))
+        except OSError:
+            pass  # above /proc/sys/fs/pipe-max-size: more reads per batch, same batches
+
+    def close_pipe(self) -> None:
+        """Close both pipe ends."""
+        for fd in (self.rfd, self.wfd):
+            if fd >= 0:
+                os.close(fd)
+        self.rfd = self.wfd = -1
+
+    def take(self, budget: int) -> None:
+        """Move unsent frames from the ring into ``taken`` until it holds ``budget`` bytes."""
+        ring = self.ring
+        while len(self.taken) < budget or not self._whole_frame():
+            if not ring.send_to(self.wfd):
+                return
+            while True:
+                try:
+                    chunk = os.read(self.rfd, 1 << 20)
+                except BlockingIOError:
+                    break
+                self.taken += chunk
+
+    def _whole_frame(self) -> bool:
+        taken = self.taken
+        if len(taken) < HEADER_SIZE:
+            return False
+        return len(taken) >= HEADER_SIZE + HEADER.unpack_from(taken, 0)[0]
+
+    def cut(self, budget: int, single: bool) -> tuple[bytes, int, int, int] | None:
+        """Remove whole frames (one if ``single``) from ``taken``: data, first, last, count."""
+        taken = self.taken
+        pos, first, last, count = frame_span(taken, budget, single)  # native: no GIL-bound loop
+        if not count:
+            return None
+        with memoryview(taken) as view:  # one copy, not a slice and then its bytes
+            data = bytes(view[:pos])
+        del taken[:pos]
+        return data, first, last, count
+
+    def rewind(self) -> None:
+        """Forget what is in flight; the ring sends from the first frame not acknowledged."""
+        self.inflight.clear()
+        self.taken = bytearray()
+        while True:
+            try:
+                if not os.read(self.rfd, 1 << 20):
+                    break
+            except BlockingIOError:
+                break
+        self.ring.rewind()
+        self.gen += 1
+        self.opens = True
+        self.ready = False
+
+
+class RayListener(LaneListener):
+    """A listener whose handler runs in ``workers`` Ray actors, one lane each."""
+
+    executor = "ray"
+
+    def __init__(self, ctx: ListenerContext, opts: ListenerOptions) -> None:
+        super().__init__(ctx, opts)
+        self.ray = import_ray()
+        with ctx.ray_lock:  # one for the distributor's Ray listeners: one put each
+            if ctx.ray_store is None:
+                ctx.ray_store = RayStore(self.ray, ctx.codec.encode)
+        self.store: RayStore = ctx.ray_store
+        self.ray_options: dict[str, Any] = opts.ray_options or {}
+        self.batch_bytes = BATCH_BYTES
+        self.max_inflight = MAX_INFLIGHT
+        self.delivered = 0
+        self.errors = 0
+        self.hist = np.zeros(NBUCKETS, dtype=np.int64)
+        self.lanes: list[RayLane] = [
+            RayLane(self, i, ring) for i, ring in enumerate(self.make_rings())
+        ]
+        self.wake = threading.Event()
+        self.idle = False
+        self.stopping = False
+        self.failed = False  # the sender thread died of an unexpected error
+        self.thread: threading.Thread | None = None
+        self.actors_gone = True
+        self._actor_ids: list[str] = []
+
+    # -- producer side ---------------------------------------------------------------
+
+    def encoder(self) -> Callable[[Any, int], bytes]:
+        """Big buffers go into Ray's object store once, for every Ray listener."""
+        if not isinstance(self.ctx.codec, (MsgpackCodec, MsgspecCodec)):
+            return self.ctx.encode  # references are MessagePack ext values
+        return self.store.encode
+
+    def put(self, lane: Any, payload: bytes) -> None:
+        """Append a payload to ``lane`` (the overflow policy applies); wake the sender."""
+        if type(payload) is RayPayload:
+            # Noted before the append: the sender may submit the frame at once.
+            seq = lane.ring.last_seq + 1
+            lane.tokens.add(seq, payload.tokens)
+            try:
+                super().put(lane, payload)
+            finally:
+                if lane.ring.last_seq < seq:  # not taken (dropped on arrival, closed)
+                    lane.tokens.retract(seq)
+        else:
+            super().put(lane, payload)
+        if self.idle:
+            self.wake.set()
+
+    def drop_unsent(self, lane: Any, nbytes: int) -> int:
+        """Drop the oldest unsent frames, and let go of their Ray objects at once."""
+        last = lane.ring.last_seq  # (the frame being put has its entry already)
+        frames = super().drop_unsent(lane, nbytes)
+        if frames and lane.tokens:
+            lane.tokens.release_missing(set(lane.ring.seqs()), last)
+        return frames
+
+    def settle(self, reason: str | None) -> list[Callable[[], None]]:
+        """Account for the frames still held, and let go of their Ray objects."""
+        calls = super().settle(reason)
+        for lane in self.lanes:
+            lane.tokens.release_all()
+        return calls
+
+    def payloads_refer_out(self) -> bool:
+        """Payloads may refer to objects in Ray's object store (``fanout.buffers.ray_store``)."""
+        return True
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start Ray if needed, create the actors and the sender thread (no lock held)."""
+        ctx = self.ctx
+        with ctx.ray_lock:  # shared by the distributor's Ray listeners
+            if ctx.ray_cluster is None:
+                ctx.ray_cluster = RayCluster()
+            ctx.ray_cluster.attach()
+        ray = self.ray
+        actor_class = ray.remote(LaneActor).options(
+            **self.ray_options, max_restarts=-1, max_task_retries=0
+        )
+        self.actors_gone = False
+        for lane in self.lanes:
+            lane.open_pipe()
+            lane.actor = actor_class.remote(
+                self.opts.handler_blob,
+                self.opts.is_factory,
+                ctx.codec_blob,
+                self.opts.schema_blob,
+                self.handler_timeout,
+                self.opts.memory_limit,
+            )
+            lane.ready_ref = lane.actor.ready.remote()
+            self._actor_ids.append(lane.actor._actor_id.hex())
+        self.thread = threading.Thread(
+            target=self._run, name=f"fanout-ray-{self.name}", daemon=True
+        )
+        with ctx.lock:  # stop() reads them to refuse a call from its own threads
+            ctx.threads.add(self.thread)
+        self.thread.start()
+
+    def close(self, drain: bool = False) -> None:
+        """Take nothing more and ask the sender to leave; it kills the actors itself.
+
+        Never waits (the distributor's lock may be held): ``wait_exited`` waits
+        for the sender and the actors; what the rings hold is final for
+        ``settle`` after that.
+        """
+        for lane in self.lanes:
+            lane.ring.close()
+        self.stopping = True
+        self.wake.set()
+
+    def discard(self) -> bool:
+        """Close after a removal; the sender drops what is left as it leaves."""
+        self.close()
+        thread = self.thread
+        if thread is None or not thread.is_alive():  # nothing consumes the rings
+            self.settle(None)
+        return False
+
+    def wait_exited(self, timeout: float | None) -> bool:
+        """Wait for the sender, which kills the actors as it leaves (no lock held)."""
+        thread = self.thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(STOP_WAIT + 2 * LEAVE_WAIT if timeout is None else timeout)
+        if thread is None or not thread.is_alive():
+            self._kill_actors()  # the sender failed, or never ran: left to us
+        return self.exited()
+
+    def _kill_actors(self) -> None:
+        """Kill every actor for good and wait until Ray reports each one dead."""
+        if self.actors_gone:
+            return
+        ray = self.ray
+        actors = [lane.actor for lane in self.lanes if lane.actor is not None]
+        ids = [actor._actor_id.hex() for actor in actors]
+        try:
+            # Each actor removes its progress file once the calls queued before
+            # are done; one that takes longer is killed regardless, below.
+            ray.wait(
+                [a.leave.remote() for a in actors], num_returns=len(actors), timeout=LEAVE_WAIT
+            )
+        except Exception:  # Ray is already gone: so are its actors
+            log.debug("listener %r: asking the actors to leave failed", self.name, exc_info=True)
+        probes = []
+        for actor in actors:
+            try:
+                ray.kill(actor, no_restart=True)
+                probes.append(actor.ready.remote())
+            except Exception:  # Ray is already gone: so are its actors
+                log.debug("listener %r: ray.kill failed", self.name, exc_info=True)
+        for probe in probes:
+            try:
+                ray.get(probe, timeout=STOP_WAIT)
+            except Exception:
+                pass  # expected: the actor is dead
+        for actor_id in ids:  # left behind by an actor killed first, on this node
+            try:
+                os.unlink(progress_path(actor_id))
+            except FileNotFoundError:
+                pass
+        for lane in self.lanes:
+            lane.actor = None
+            lane.ready = False
+            lane.close_pipe()
+        self.actors_gone = True
+
+    def exited(self) -> bool:
+        """Tell whether the sender has ended and every actor was killed."""
+        return self.actors_gone and (self.thread is None or not self.thread.is_alive())
+
+    def drained(self) -> bool:
+        """Tell whether every frame was acknowledged (or dropped / dead-lettered)."""
+        return all(not len(lane.ring) for lane in self.lanes)
+
+    def stuck(self) -> bool:
+        """Tell whether an actor cannot be built (or the sender died): nothing drains."""
+        return self.failed or any(lane.start_error is not None for lane in self.lanes)
+
+    def ready(self) -> bool:
+        """Tell whether every actor runs (answered, and not being restarted)."""
+        return all(lane.ready for lane in self.lanes)
+
+    def _initial_done(self) -> bool:
+        if self.removed:
+            return True
+        return all(lane.ring.acked_seq >= lane.initial_seq for lane in self.lanes)
+
+    def counters(self) -> dict[str, int]:
+        """Pending frames and bytes, handled and failed calls, across lanes."""
+        return {
+            "received": self.received(),
+            "pending": sum(len(lane.ring) for lane in self.lanes),
+            "pending_bytes": sum(lane.ring.nbytes for lane in self.lanes),
+            "capacity_bytes": sum(lane.ring.capacity for lane in self.lanes),
+            "delivered": self.delivered,
+            "errors": self.errors,
+        }
+
+    def latency_histogram(self) -> list[int]:
+        """Counts per latency bucket (distribute → completion acknowledged)."""
+        return [int(x) for x in self.hist]
+
+    def worker_pids(self) -> list[int]:
+        """Ray listeners have no local worker processes: see ``actor_ids``."""
+        return []
+
+    def actor_ids(self) -> list[str]:
+        """Return the ids of the Ray actors this listener made (hex), alive or not.
+
+        Returns:
+            One id per lane once started (Ray keeps the id across restarts); look
+            them up in Ray's state API. Empty before ``start()``.
+        """
+        return list(self._actor_ids)
+
+    # -- the sender thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        ray = self.ray
+        try:
+            while not self.stopping:
+                calls: list[Callable[[], None]] = []
+                for lane in self.lanes:
+                    self._submit(lane)
+                refs = [lane.ready_ref for lane in self.lanes if lane.ready_ref is not None]
+                refs += [b.ref for lane in self.lanes for b in lane.inflight]
+                if not refs:
+                    self.idle = True
+                    if not any(self._room(lane) and self._waiting(lane) for lane in self.lanes):
+                        self.wake.wait(0.05)
+                    self.idle = False
+                    self.wake.clear()
+                    continue
+                full = all(
+                    len(lane.inflight) >= self._room(lane) or not self._waiting(lane)
+                    for lane in self.lanes
+                )
+                # Frames that arrive while we wait here for a result wait too: a
+                # short nap bounds that (a lane with room and frames: shorter still).
+                done, _ = ray.wait(refs, num_returns=1, timeout=0.005 if full else 0.001)
+                if done:
+                    done, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+                finished = set(done)
+                for lane in self.lanes:
+                    self._collect(lane, finished, calls)
+                for call in calls:  # on_error / on_dead_letter, no lane state held
+                    call()
+        except BaseException:  # the listener cannot go on: say so loudly
+            self.failed = True  # stuck(): stop(drain=True) does not wait for it
+            log.exception("listener %r: the Ray sender thread failed", self.name)
+            # Its actors must not outlive it: a removal after this never waits
+            # for the listener (wait_exited), so nothing else would kill them.
+            try:
+                self._kill_actors()
+            except Exception:
+                log.exception("listener %r: its Ray actors could not be killed", self.name)
+            return
+        self._leave()
+
+    def _leave(self) -> None:
+        """The sender's last act: kill the actors, and settle unless a stop will.
+
+        Here, not in ``close``: ``close`` may run under the distributor's lock,
+        and waiting for Ray must not.
+        """
+        self._kill_actors()
+        if self.stop_settles:
+            return  # the stop settles every listener once they all left
+        reason = self.start_failure() if self.start_error is not None else None
+        for call in self.settle(reason):
+            call()
+
+    @staticmethod
+    def _waiting(lane: RayLane) -> bool:
+        """Tell whether frames wait to be submitted."""
+        return bool(lane.taken) or lane.ring.unsent_bytes > 0
+
+    def _room(self, lane: RayLane) -> int:
+        """Calls this lane may have in flight now."""
+        if not lane.ever_ready or lane.start_error is not None:
+            return 0
+        if lane.single_until > lane.ring.acked_seq:
+            return 1  # isolating the frame that killed the actor: one at a time
+        return self.max_inflight
+
+    def _submit(self, lane: RayLane) -> None:
+        room = self._room(lane)
+        while len(lane.inflight) < room:
+            single = lane.single_until > lane.ring.acked_seq
+            lane.take(self.batch_bytes)
+            cut = lane.cut(self.batch_bytes, single)
+            if cut is None:
+                return
+            data, first, last, count = cut
+            # The batch carries the references its frames use: Ray keeps the
+            # objects alive for the actor, which reads them with ray.get.
+            refs = (
+                self.store.refs(lane.tokens.tokens_between(first, last)) if lane.tokens else None
+            )
+            ref = lane.actor.handle_batch.remote(
+                lane.gen, lane.opens, lane.last_submitted, data, refs
+            )
+            lane.opens = False
+            lane.last_submitted = last
+            if lane.inflight:
+                since = float("inf")  # starts running when the one before finishes
+            else:
+                since = time.monotonic()
+            batch = _Batch(ref, data, first, last, count, single)
+            batch.since = since
+            lane.inflight.append(batch)
+
+    def _collect(self, lane: RayLane, finished: set[Any], calls: list[Callable[[], None]]) -> None:
+        ray = self.ray
+        if lane.ready_ref is not None and lane.ready_ref in finished:
+            ref, lane.ready_ref = lane.ready_ref, None
+            try:
+                ray.get(ref)
+                lane.ready = lane.ever_ready = True
+            except Exception as exc:
+                lane.start_error = f"the Ray actor of lane {lane.index} could not start:\n{exc}"
+                if not self.start_awaited:  # nobody raises it: report it, and leave
+                    calls += self.ctx.listener_failed(self, lane.start_error)
+                    self.stopping = True
+            lane.first_start = False
+        while lane.inflight and lane.inflight[0].ref in finished:
+            batch = lane.inflight.popleft()
+            try:
+                result = ray.get(batch.ref)
+            except ray.exceptions.RayError as exc:
+                self._failed(lane, batch, exc, calls)
+                return
+            if lane.inflight:
+                lane.inflight[0].since = time.monotonic()
+            if result is None:
+                # A restarted actor refused a call meant for its predecessor, whose
+                # death we have not seen yet: nothing of it ran, so send it all again.
+                self.restarts += 1
+                lane.rewind()
+                return
+            self._acknowledge(lane, result, calls)
+        if lane.tokens:
+            lane.tokens.release_upto(lane.ring.acked_seq)
+        self._check_timeout(lane)
+
+    def _acknowledge(self, lane: RayLane, result: Any, calls: list[Callable[[], None]]) -> None:
+        last, handled, errors, bad, stamps = result
+        if last > lane.ring.acked_seq:
+            lane.ring.ack(last)
+        lane.ready = True
+        for seq in [s for s in lane.attempts if s <= last]:
+            del lane.attempts[seq]
+        self.delivered += handled
+        self.errors += len(errors)
+        self._count(dead_lettered=len(bad))
+        if stamps:
+            self._record_latency(np.frombuffer(stamps, dtype=np.int64))
+        decode = self.ctx.codec.decode
+        for _seq, text, payload in errors:
+            n: Any = None
+            if payload:
+                try:
+                    n = decode(payload)[0]
+                except Exception as exc:
+                    n = RawFrame(payload, f"cannot be decoded: {exc!r}")
+            calls.append(functools.partial(self.report_error, n, text))
+        for _seq, why, payload in bad:
+            raw = RawFrame(payload, why)
+            calls.append(functools.partial(self.report_dead_letter, raw, why))
+
+    def _record_latency(self, t_ns: np.ndarray) -> None:
+        """Add distribute → acknowledged latencies to the histogram (``bucket_of`` numbering)."""
+        ns = np.maximum(time.monotonic_ns() - t_ns, 1).astype(np.uint64)
+        bits = np.floor(np.log2(ns.astype(np.float64))).astype(np.int64) + 1
+        # float rounding near a power of two can be one bit off: correct it exactly
+        bits -= ((np.uint64(1) << (bits - 1).astype(np.uint64)) > ns).astype(np.int64)
+        bits += ((np.uint64(1) << bits.astype(np.uint64)) <= ns).astype(np.int64)
+        shift = np.maximum(bits - 3, 0).astype(np.uint64)
+        sub = np.where(bits >= 3, (ns >> shift) & np.uint64(3), 0).astype(np.int64)
+        idx = np.minimum(4 * (bits - 1) + sub, NBUCKETS - 1)
+        self.hist += np.bincount(idx, minlength=NBUCKETS)
+
+    def _failed(
+        self, lane: RayLane, batch: _Batch, exc: BaseException, calls: list[Callable[[], None]]
+    ) -> None:
+        """A call failed: charge the frame if it ran alone, then rewind and resend."""
+        self.restarts += 1
+        lane.killed = False
+        log.info(
+            "listener %r lane %d: actor call failed (%s); resending",
+            self.name,
+            lane.index,
+            type(exc).__name__,
+        )
+        if batch.single:
+            seq = batch.last
+            tries = lane.attempts[seq] = lane.attempts.get(seq, 0) + 1
+            if tries >= self.max_attempts:
+                del lane.attempts[seq]
+                lane.ring.ack(seq)
+                self._count(dead_lettered=1)
+                causes = [f"ran past handler_timeout={self.handler_timeout}"]
+                if self.opts.memory_limit is not None:
+                    causes.append(f"grew past memory_limit={self.opts.memory_limit} bytes")
+                reason = (
+                    f"its handler call ended its Ray actor (died, {', or '.join(causes)}) "
+                    f"{tries} times: {type(exc).__name__}"
+                )
+                payload = batch.data[HEADER_SIZE:]
+                calls.append(lambda: self.dead_letter_item(payload, reason))
+        else:
+            lane.single_until = max(lane.single_until, batch.last)
+        lane.rewind()
+
+    def _check_timeout(self, lane: RayLane) -> None:
+        """Kill an actor whose running call overstays (its own watchdog could not)."""
+        limit = self.handler_timeout
+        if limit is None or not lane.inflight or lane.killed:
+            return
+        head = lane.inflight[0]
+        if time.monotonic() - head.since > limit * head.nframes + KILL_GRACE:
+            lane.killed = True
+            self.ray.kill(lane.actor, no_restart=False)

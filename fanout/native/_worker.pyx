@@ -1,0 +1,255 @@
+# The worker's hot loop in native code: twin of fanout/native/_worker_py.py.
+#
+# Reads big chunks from the data pipe without the GIL, splits frames in C,
+# writes progress words straight into the shared-memory slot, and calls the
+# codec and the handler through Python only for what must be Python.
+
+from cpython.bytes cimport PyBytes_FromStringAndSize
+from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
+from libc.errno cimport EINTR, errno
+from libc.stdint cimport int64_t, intptr_t, uint64_t
+from libc.string cimport memmove
+from posix.unistd cimport _exit, close, read
+
+from operator import index as _index
+
+from fanout.native._sys cimport HDR, now_ns, os_error
+
+from fanout.wire.protocol import (
+    ADD as _ADD,
+    DELETE as _DELETE,
+    DONE as _DONE,
+    ERRORS as _ERRORS,
+    EXIT_ORPHANED as _EXIT_ORPHANED,
+    HANDLED as _HANDLED,
+    HIST as _HIST,
+    NBUCKETS as _NBUCKETS,
+    START_NS as _START_NS,
+    STARTED as _STARTED,
+    STOP as _STOP,
+    UPDATE as _UPDATE,
+    UPDATE_SAME as _UPDATE_SAME,
+    wire_fields_error,
+    wire_shape_error,
+)
+
+__all__ = ["NATIVE", "guard_forks", "serve", "watch_lifeline"]
+
+NATIVE = True
+
+cdef Py_ssize_t STARTED = _STARTED, DONE = _DONE, START_NS = _START_NS
+cdef Py_ssize_t HANDLED = _HANDLED, ERRORS = _ERRORS, STOP = _STOP
+cdef Py_ssize_t HIST = _HIST, NBUCKETS = _NBUCKETS
+
+cdef int ADD = _ADD, UPDATE = _UPDATE, DELETE = _DELETE, UPDATE_SAME = _UPDATE_SAME
+
+
+cdef inline Py_ssize_t _bucket(int64_t ns) noexcept nogil:
+    # Same as fanout.stats.bucket_of: 4 buckets per power of two.
+    cdef int bits
+    cdef Py_ssize_t i
+    if ns <= 0:
+        return 0
+    bits = 64 - __builtin_clzll(<unsigned long long>ns)
+    i = 4 * (bits - 1) + (((ns >> (bits - 3)) & 3) if bits >= 3 else 0)
+    return i if i < NBUCKETS else NBUCKETS - 1
+
+
+cdef extern from *:
+    int __builtin_clzll(unsigned long long) nogil
+
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd* fds, unsigned long nfds, int timeout)
+    enum: POLLIN
+
+
+cdef extern from "<pthread.h>" nogil:
+    ctypedef unsigned long pthread_t
+    ctypedef struct pthread_attr_t:
+        pass
+    int pthread_create(pthread_t* thread, const pthread_attr_t* attr,
+                       void* (*start)(void*) noexcept nogil, void* arg)
+    int pthread_detach(pthread_t thread)
+
+
+cdef int EXIT_ORPHANED = _EXIT_ORPHANED
+
+
+cdef void* _watch_lifeline(void* arg) noexcept nogil:
+    # Runs in its own C thread: it needs no GIL, so a handler that holds the GIL
+    # (a long C call) cannot delay it.
+    cdef pollfd p
+    p.fd = <int><intptr_t>arg
+    p.events = POLLIN
+    p.revents = 0
+    while poll(&p, 1, -1) < 0 and errno == EINTR:
+        pass
+    # Hang-up (the producer is gone), or an fd the handler closed: either way, leave.
+    _exit(EXIT_ORPHANED)
+    return NULL
+
+
+def watch_lifeline(int fd):
+    """End the process (``EXIT_ORPHANED``) as soon as ``fd`` reports hang-up.
+
+    Twin of ``fanout.native._worker_py.watch_lifeline``. A C thread polls ``fd`` and
+    calls ``_exit``: the handler is cut off mid-call, and the hot loop pays nothing.
+    """
+    cdef pthread_t thread
+    cdef int rc = pthread_create(&thread, NULL, _watch_lifeline, <void*><intptr_t>fd)
+    if rc:
+        raise os_error(rc, "cannot start the lifeline thread")
+    pthread_detach(thread)
+
+
+cdef extern from "<pthread.h>" nogil:
+    int pthread_atfork(void (*prepare)() noexcept nogil, void (*parent)() noexcept nogil,
+                       void (*child)() noexcept nogil)
+
+
+cdef int _guarded[2]
+cdef int _nguarded = 0
+cdef bint _hooked = False
+cdef volatile bint _forked = False
+
+
+cdef void _in_forked_copy() noexcept nogil:
+    # Runs in the child of every fork() (os.fork included), before any Python.
+    global _forked
+    cdef int i
+    _forked = True
+    for i in range(_nguarded):
+        close(_guarded[i])
+
+
+def guard_forks(int data_fd, int ret_fd):
+    """Close the worker's pipes in every forked copy; ``serve`` there then ends it.
+
+    Twin of ``fanout.native._worker_py.guard_forks``. Hooks ``fork()`` itself
+    (``pthread_atfork``), so a fork from C code is caught too.
+    """
+    global _hooked, _nguarded
+    _guarded[0] = data_fd
+    _guarded[1] = ret_fd
+    _nguarded = 2
+    if not _hooked:
+        rc = pthread_atfork(NULL, NULL, _in_forked_copy)
+        if rc:
+            raise os_error(rc, "cannot hook fork()")
+        _hooked = True
+
+
+def serve(int fd, slot, unpack, handler, on_error, on_bad_frame,
+          Py_ssize_t chunk=1 << 20):
+    """Handle frames from ``fd`` until EOF or the slot's STOP word is set.
+
+    ``unpack(payload)`` gives ``[kind, t_ns, a, b]``; a frame it cannot decode
+    goes to ``on_bad_frame(seq, payload, exc)``, a handler exception to
+    ``on_error(seq, payload)``. ``chunk``: bytes asked of each read. Twin of
+    ``fanout.native._worker_py.serve``.
+    """
+    cdef uint64_t[::1] words = slot
+    cdef unsigned char* buf = <unsigned char*>PyMem_RawMalloc(chunk)
+    cdef unsigned char* grown
+    cdef Py_ssize_t cap = chunk, have = 0, pos, n, length, i
+    cdef uint64_t seq, now
+    cdef int64_t t_ns
+    cdef int kind
+    if buf == NULL:
+        raise MemoryError()
+    on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
+    try:
+        while True:
+            if _forked:
+                _exit(0)
+            with nogil:  # buf is ours alone; read() blocks until the pump writes
+                n = read(fd, buf + have, cap - have)
+                while n < 0 and errno == EINTR:
+                    n = read(fd, buf + have, cap - have)
+            if n < 0:
+                raise os_error(errno, "read from the data pipe")
+            if n == 0:
+                return
+            have += n
+            pos = 0
+            while have - pos >= HDR:
+                length = 0
+                seq = 0
+                for i in range(4):
+                    length |= (<Py_ssize_t>buf[pos + i]) << (8 * i)
+                for i in range(8):
+                    seq |= (<uint64_t>buf[pos + 4 + i]) << (8 * i)
+                if HDR + length > cap:  # a frame larger than the buffer: grow it
+                    memmove(buf, buf + pos, have - pos)
+                    have -= pos
+                    pos = 0
+                    grown = <unsigned char*>PyMem_RawRealloc(buf, HDR + length)
+                    if grown == NULL:
+                        raise MemoryError()
+                    buf = grown
+                    cap = HDR + length
+                    break
+                if have - pos < HDR + length:
+                    break
+                if words[STOP]:
+                    return
+                payload = PyBytes_FromStringAndSize(<char*>buf + pos + HDR, length)
+                pos += HDR + length
+                try:
+                    fields = unpack(payload)
+                    if not isinstance(fields, (list, tuple)) or len(fields) != 4:
+                        raise wire_shape_error(fields)
+                    kind_o, t_o, a, b = fields
+                    try:
+                        # As the twin takes them: ints and what has __index__
+                        # (numpy ints), never floats, which a C conversion takes.
+                        kind = kind_o if type(kind_o) is int else _index(kind_o)
+                        t_ns = t_o if type(t_o) is int else _index(t_o)
+                    except (OverflowError, TypeError):
+                        raise wire_fields_error(kind_o, t_o) from None
+                    if kind < ADD or kind > UPDATE_SAME or t_ns < 0:
+                        raise wire_fields_error(kind_o, t_o)
+                except Exception as exc:
+                    # Decoding is deterministic (an object that does not fit the
+                    # schema never will): a retry would fail the same way. The
+                    # parent dead-letters it; this worker goes on.
+                    words[STARTED] = seq
+                    on_bad_frame(seq, payload, exc)
+                    words[DONE] = seq
+                    continue
+                now = now_ns()
+                words[START_NS] = now
+                words[STARTED] = seq
+                words[HIST + _bucket(<int64_t>(now - <uint64_t>t_ns))] += 1
+                try:
+                    if kind == UPDATE:
+                        on_update(a, b)
+                    elif kind == ADD:
+                        on_add(a, bool(b))
+                    elif kind == UPDATE_SAME:  # one object on the wire, passed as both
+                        on_update(a, a)
+                    else:
+                        on_delete(a)
+                except Exception:
+                    if _forked:  # a copy the handler forked: the worker reports
+                        _exit(0)
+                    # The call is over: stop the handler_timeout clock before a
+                    # report that may wait on a full return pipe.
+                    words[START_NS] = 0
+                    words[ERRORS] += 1
+                    on_error(seq, payload)
+                if _forked:  # a copy the handler forked: its call is not the worker's
+                    _exit(0)
+                words[HANDLED] += 1
+                words[START_NS] = 0
+                words[DONE] = seq
+            if pos:
+                memmove(buf, buf + pos, have - pos)
+                have -= pos
+    finally:
+        PyMem_RawFree(buf)

@@ -1,0 +1,1 @@
+"""The ``fanout`` command: ``fanout bench``, ``fanout top``, and the metrics endpoint."""

@@ -33,10 +33,11 @@ import traceback
 from array import array
 from typing import Any
 
-from fanout.buffers.ray_store import use_batch_refs
 from fanout.handlers import build_handler
-from fanout.wire.codec import Codec, describe_misfit
+from fanout.wire.codec import Codec
 from fanout.wire.protocol import ADD, HEADER, UPDATE, UPDATE_SAME, wire_shape_error
+from fanout.wire.schema import describe_misfit
+from fanout.worker.ray_refs import use_batch_refs
 from fanout.worker.warden import MEMORY_TICK, private_resident
 
 __all__ = ["BatchResult", "LaneActor"]
@@ -173,7 +174,7 @@ class LaneActor:
                 policy dropped frames).
             data: Whole frames (header and payload), as the ring holds them.
             refs: ``token -> ObjectRef`` of the big buffers the frames refer to
-                (``fanout.buffers.ray_store``); a handler gets them through ``ray.get``.
+                (``fanout.worker.ray_refs``); a handler gets them through ``ray.get``.
 
         Returns:
             ``BatchResult``, or None when the batch is stale and was not handled.

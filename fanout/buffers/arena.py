@@ -230,8 +230,10 @@ class Arena:
         return sum(ring_bytes.get(r, 0) for r in rings)
 
     def room(self) -> int:
-        """The most bytes of new blocks some listener could still take (after freeing)."""
-        self.reconcile()
+        """The most bytes of new blocks some listener could still take now.
+
+        A pure read: ``reconcile`` first to count what the workers finished as free.
+        """
         with self._lock:
             if self._takers is None:
                 return self.share_bytes - self._held
@@ -391,8 +393,9 @@ class Arena:
 
     def _block_for(self, enc: Encoding, nbytes: int) -> Block | None:
         """A block for ``nbytes`` if some listener has room for it and one is free."""
-        if enc.room < 0:
-            enc.room = self.room()  # once per encode: it frees what the workers finished
+        if enc.room < 0:  # once per encode: free what the workers finished, then look
+            self.reconcile()
+            enc.room = self.room()
         if enc.used + aligned(nbytes) > enc.room:
             return None
         block = self._alloc(nbytes)
@@ -556,18 +559,20 @@ class Arena:
             return read_shared(body, memoryview(self.buf), copy=True)
 
     def stats(self) -> SharedStats:
-        """A snapshot of the arena (after freeing what the rings let go)."""
-        if self.buf is not None:
-            self.reconcile()
-        return SharedStats(
-            max_bytes=self.size,
-            held_bytes=self._held,
-            blocks=len(self._blocks),
-            shared=self.shared,
-            shared_bytes=self.shared_bytes,
-            spilled=self.spilled,
-            share_bytes=self.share_bytes,
-        )
+        """A snapshot of the arena as it is; it frees nothing.
+
+        ``reconcile`` first to count only the blocks some ring still holds.
+        """
+        with self._lock:
+            return SharedStats(
+                max_bytes=self.size,
+                held_bytes=self._held,
+                blocks=len(self._blocks),
+                shared=self.shared,
+                shared_bytes=self.shared_bytes,
+                spilled=self.spilled,
+                share_bytes=self.share_bytes,
+            )
 
     def close(self) -> None:
         """Unmap and close (every worker has exited; the rings are settled).

@@ -5,8 +5,9 @@ A numpy array or a ``bytes`` / ``bytearray`` / ``memoryview`` of at least
 whatever the number of Ray listeners and lanes; the frame carries only a token
 (MessagePack ext code ``EXT_RAY_REF``). Each batch sent to an actor carries the
 ``ObjectRef`` of every token its frames use, so Ray counts the actor as a borrower
-and the actor reads the buffer with ``ray.get``: zero-copy, read-only, for an array on
-the same node; a ``bytes`` copy for a bytes-like buffer.
+and the actor reads the buffer with ``ray.get`` (``fanout.worker.ray_refs``): zero-copy,
+read-only, for an array on the same node; a ``bytes`` copy for a bytes-like buffer.
+This module is the producer's side.
 
 Who keeps a buffer alive: each lane whose ring took a frame holds the frame's tokens
 until the frame is acknowledged, dropped or settled; the store drops its ``ObjectRef``

@@ -174,7 +174,7 @@ class LaneActor:
                 policy dropped frames).
             data: Whole frames (header and payload), as the ring holds them.
             refs: ``token -> ObjectRef`` of the big buffers the frames refer to
-                (``fanout.worker.ray_refs``); a handler gets them through ``ray.get``.
+                (``fanout.buffers.ray_store``); a handler gets them through ``ray.get``.
 
         Returns:
             ``BatchResult``, or None when the batch is stale and was not handled.

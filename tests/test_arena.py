@@ -27,7 +27,7 @@ from helpers import assert_accounted, wait_for
 
 import fanout
 from fanout.buffers.arena import Arena
-from fanout.wire.codec import dtype_to_wire
+from fanout.wire.dtypes import dtype_to_wire
 
 KIB = 1024
 PAGE = mmap.PAGESIZE

@@ -29,8 +29,9 @@ from helpers import Recorder, obj, wait_for
 import fanout
 import fanout.native._worker_py
 from fanout.native._ring_common import HEADER, HEADER_SIZE
-from fanout.wire.codec import MsgpackCodec, MsgspecCodec, describe_misfit, get_codec
+from fanout.wire.codec import MsgpackCodec, MsgspecCodec, get_codec
 from fanout.wire.protocol import DONE, HANDLED, SLOT_WORDS
+from fanout.wire.schema import describe_misfit
 
 msgspec = pytest.importorskip("msgspec")
 

@@ -4,8 +4,9 @@ A numpy array (or ``bytes`` / ``bytearray`` / ``memoryview``) of at least
 ``shared_min_bytes`` is copied once, by the producer, into a block of one memfd the
 ``Distributor`` owns; the frame that goes to each lane carries only a reference
 (``EXT_SHARED``: block offset, length, serial number, and for an array its dtype,
-shape and order). Workers map the memfd read-only and build a read-only numpy view of
-the block, or a ``bytes`` copy of it for a bytes-like payload.
+shape and order; ``fanout.wire.refs``). Workers map the memfd read-only and build a
+read-only numpy view of the block, or a ``bytes`` copy of it for a bytes-like payload
+(``fanout.worker.shared``): this module is the producer's side alone.
 
 Who may write: the producer maps the memfd writable, then seals it
 (``F_SEAL_FUTURE_WRITE``): from then on nobody can map it writable or ``write()`` to
@@ -21,7 +22,7 @@ not fit the arena (full, or fragmented) travels inline too: ``distribute`` never
 waits for the arena, so it can never wait for it forever. docs/design.md says why.
 
 When a block is freed: each lane whose ring took a frame referring to it holds one
-reference to it (``_Block.shares``, a count; not to be confused with a listener's
+reference to it (``Block.shares``, a count; not to be confused with a listener's
 share of the arena), noted as ``(ring, seq)``. It ends when the ring no longer holds
 that frame:
 acked (``acked_seq`` passed it; a drop of frames not yet sent and ``take_all`` move
@@ -33,9 +34,7 @@ its own, so a block no lane took is freed when it returns.
 
 from __future__ import annotations
 
-import bisect
 import contextlib
-import ctypes
 import fcntl
 import mmap
 import os
@@ -48,8 +47,10 @@ from typing import Any, NoReturn
 
 import msgpack
 
-from fanout.notifications import Add, Delete, Update
-from fanout.worker.isolation import mmap_shared
+from fanout.buffers.blocks import Block, Encoding, KeptPayload, aligned, copy_into, give, take
+from fanout.buffers.swap import swap_buffers
+from fanout.wire.dtypes import dtype_to_wire
+from fanout.wire.refs import KIND_ARRAY, KIND_BYTES, read_shared, shared_key, shared_ref
 
 __all__ = [
     "DEFAULT_SHARED_MIN_BYTES",
@@ -57,20 +58,14 @@ __all__ = [
     "SharedPayload",
     "SharedStats",
     "default_max_shared_bytes",
-    "map_worker_view",
-    "swap_buffers",
 ]
 
 # Below this a payload is cheaper inline: a block costs an allocation, a share per
 # lane and a mapping lookup in the worker (measured: docs/tuning.md).
 DEFAULT_SHARED_MIN_BYTES = 64 * 1024
-ALIGN = 64  # block alignment: any numpy dtype, and whole cache lines
 # Not in Python's fcntl before 3.12 (include/uapi/linux/fcntl.h).
 F_SEAL_FUTURE_WRITE = getattr(fcntl, "F_SEAL_FUTURE_WRITE", 0x0010)
 SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | F_SEAL_FUTURE_WRITE | fcntl.F_SEAL_SEAL
-
-# What a reference stands for.
-KIND_ARRAY, KIND_BYTES = 0, 1
 
 
 def default_max_shared_bytes() -> int:
@@ -127,101 +122,6 @@ class SharedPayload(bytes):
         return self._spilled
 
 
-class KeptPayload(bytes):
-    """An encoded payload leaving its ring, with copies of the arena blocks it refers to.
-
-    ``kept`` maps ``(offset, serial)`` to a block's bytes: the payload can be
-    decoded (``Arena.reading``) once the distributor's lock is released, even
-    after the blocks were freed or the arena closed.
-    """
-
-    kept: dict[tuple[int, int], bytes]
-
-
-class _Encoding:
-    """What the ``Arena.encode`` call running in one thread made: threads never mix."""
-
-    __slots__ = ("error", "made", "refs", "room", "used")
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        """Forget the last encode (each thread reuses one: no allocation per call)."""
-        self.made: list[int] = []  # block offsets, in the order made
-        self.used = 0  # their bytes
-        self.room = -1  # bytes the encode may take: the largest room a listener has
-        # id(buffer) -> (buffer, reference or None): a buffer met twice takes one
-        # block (and the object stays alive, so its id stays unique).
-        self.refs: dict[int, tuple[Any, Any]] = {}
-        self.error: BaseException | None = None  # to re-raise if the codec wraps it
-
-    def fail(self, exc: BaseException) -> BaseException:
-        self.error = exc
-        return exc
-
-
-class _Block:
-    __slots__ = ("offset", "serial", "shares", "size")
-
-    def __init__(self, offset: int, size: int, serial: int) -> None:
-        self.offset = offset
-        self.size = size
-        self.serial = serial
-        self.shares = 1  # the encoding distribute's own, until it returns
-
-
-_worker_view: memoryview | None = None
-
-
-def map_worker_view(fd: int, size: int) -> memoryview:
-    """Map the arena read-only for this worker's decoder (the worker closes ``fd``).
-
-    The mapping lives as long as the process. Returns a read-only byte view of it.
-    """
-    global _worker_view
-    addr = mmap_shared(fd, size, mmap.PROT_READ, 0, "shared-memory arena")
-    view = memoryview((ctypes.c_char * size).from_address(addr)).cast("B").toreadonly()
-    _worker_view = view
-    return view
-
-
-def _read_view(body: bytes, view: memoryview, copy: bool, base: int = 0) -> Any:
-    """The object a reference stands for; ``view`` holds the arena from offset ``base``."""
-    kind, offset, length, _serial, dtype, shape, fortran = msgpack.unpackb(body)
-    raw = view[offset - base : offset - base + length]
-    if kind == KIND_BYTES:
-        return bytes(raw)
-    from fanout.wire.codec import dtype_from_wire
-
-    arr = _frombuffer(raw, dtype_from_wire(dtype), shape, fortran)
-    if copy:
-        arr = arr.copy(order="K")
-        arr.flags.writeable = False
-    return arr
-
-
-def _frombuffer(raw: Any, dtype: Any, shape: Any, fortran: bool) -> Any:
-    """An array of ``dtype`` and ``shape`` over the buffer ``raw`` (no copy)."""
-    import numpy as np
-
-    count = 1
-    for dim in shape:
-        count *= dim
-    arr = np.frombuffer(raw, dtype=dtype, count=count)
-    return arr.reshape(shape, order="F" if fortran else "C")
-
-
-def decode_worker(body: bytes) -> Any:
-    """A worker's object for a reference: a read-only array view, or bytes."""
-    if _worker_view is None:
-        raise ValueError(
-            "a shared-memory reference arrived, but this process has no arena mapped "
-            "(it is not a worker of the distributor that made it)"
-        )
-    return _read_view(body, _worker_view, copy=False)
-
-
 class Arena:
     """A bounded memfd holding the big buffers of the notifications in flight.
 
@@ -255,7 +155,7 @@ class Arena:
             raise
         self._lock = threading.Lock()
         self._free: list[tuple[int, int]] = [(0, size)]  # (offset, size), by offset
-        self._blocks: dict[int, _Block] = {}
+        self._blocks: dict[int, Block] = {}
         self._held = 0
         self._serial = 0
         # Per ring: the frames referring to blocks, by sequence number, and the
@@ -268,7 +168,7 @@ class Arena:
         self._takers: tuple[tuple[Any, ...], ...] | None = None
         self.share_bytes = size
         # Per thread: the state of the encode it runs (``share`` is called back by
-        # the codec while it runs), an ``_Encoding``.
+        # the codec while it runs), an ``Encoding``.
         self._local = threading.local()
         # Lanes at their share get the notification encoded without the arena.
         self.inline_encode: Callable[[Any, int], bytes] = codec.encode
@@ -286,30 +186,6 @@ class Arena:
 
     # -- allocation (lock held) ----------------------------------------------------
 
-    def _take(self, need: int) -> int:
-        """First fit from the lowest offset (keeps the touched pages few); -1: no room."""
-        free = self._free
-        for i, (off, size) in enumerate(free):
-            if size >= need:
-                if size == need:
-                    del free[i]
-                else:
-                    free[i] = (off + need, size - need)
-                return off
-        return -1
-
-    def _give(self, off: int, size: int) -> None:
-        free = self._free
-        i = bisect.bisect(free, (off, size))
-        if i < len(free) and off + size == free[i][0]:  # merge with the next
-            size += free[i][1]
-            del free[i]
-        if i > 0 and free[i - 1][0] + free[i - 1][1] == off:  # and the previous
-            off, size = free[i - 1][0], free[i - 1][1] + size
-            i -= 1
-            del free[i]
-        free.insert(i, (off, size))
-
     def _drop_share(self, offset: int) -> int:
         """End one share of a block; return its size."""
         block = self._blocks[offset]
@@ -317,23 +193,23 @@ class Arena:
         if block.shares == 0:
             del self._blocks[offset]
             self._held -= block.size
-            self._give(block.offset, block.size)
+            give(self._free, block.offset, block.size)
         return block.size
 
-    def _alloc(self, nbytes: int) -> _Block | None:
-        need = _aligned(nbytes)
+    def _alloc(self, nbytes: int) -> Block | None:
+        need = aligned(nbytes)
         with self._lock:
-            off = self._take(need)
+            off = take(self._free, need)
             if off < 0:
                 return None
             self._serial += 1
-            block = self._blocks[off] = _Block(off, need, self._serial)
+            block = self._blocks[off] = Block(off, need, self._serial)
             self._held += need
             return block
 
     def fits(self, nbytes: int) -> bool:
         """Tell whether a block of ``nbytes`` could be allocated now."""
-        need = _aligned(nbytes)
+        need = aligned(nbytes)
         with self._lock:
             return any(size >= need for _, size in self._free)
 
@@ -354,8 +230,10 @@ class Arena:
         return sum(ring_bytes.get(r, 0) for r in rings)
 
     def room(self) -> int:
-        """The most bytes of new blocks some listener could still take (after freeing)."""
-        self.reconcile()
+        """The most bytes of new blocks some listener could still take now.
+
+        A pure read: ``reconcile`` first to count what the workers finished as free.
+        """
         with self._lock:
             if self._takers is None:
                 return self.share_bytes - self._held
@@ -458,12 +336,12 @@ class Arena:
             raise error from None  # the codec wrapped it (ValueError -> TypeError)
         raise exc
 
-    def _encoding(self) -> _Encoding:
+    def _encoding(self) -> Encoding:
         """This thread's encode state (clean between calls)."""
         try:
-            enc: _Encoding = self._local.enc
+            enc: Encoding = self._local.enc
         except AttributeError:
-            enc = self._local.enc = _Encoding()
+            enc = self._local.enc = Encoding()
         return enc
 
     def _swapped(self, n: Any) -> Any:
@@ -490,8 +368,6 @@ class Arena:
                 return None
             fortran = obj.ndim > 1 and obj.flags.f_contiguous and not obj.flags.c_contiguous
             kind, nbytes, shape = KIND_ARRAY, obj.nbytes, list(obj.shape)
-            from fanout.wire.codec import dtype_to_wire
-
             dtype = dtype_to_wire(obj.dtype)
         else:
             view = memoryview(obj)
@@ -511,18 +387,16 @@ class Arena:
             enc.refs[id(obj)] = (obj, None)
             return None
         self._copy_in(enc, block, obj, kind, nbytes, fortran)
-        body = msgpack.packb([kind, block.offset, nbytes, block.serial, dtype, shape, fortran])
-        from fanout.wire.codec import EXT_SHARED
-
-        ext = msgpack.ExtType(EXT_SHARED, body)
+        ext = shared_ref(kind, block.offset, nbytes, block.serial, dtype, shape, fortran)
         enc.refs[id(obj)] = (obj, ext)
         return ext
 
-    def _block_for(self, enc: _Encoding, nbytes: int) -> _Block | None:
+    def _block_for(self, enc: Encoding, nbytes: int) -> Block | None:
         """A block for ``nbytes`` if some listener has room for it and one is free."""
-        if enc.room < 0:
-            enc.room = self.room()  # once per encode: it frees what the workers finished
-        if enc.used + _aligned(nbytes) > enc.room:
+        if enc.room < 0:  # once per encode: free what the workers finished, then look
+            self.reconcile()
+            enc.room = self.room()
+        if enc.used + aligned(nbytes) > enc.room:
             return None
         block = self._alloc(nbytes)
         if block is not None:
@@ -531,7 +405,7 @@ class Arena:
         return block
 
     def _copy_in(
-        self, enc: _Encoding, block: _Block, obj: Any, kind: int, nbytes: int, fortran: bool
+        self, enc: Encoding, block: Block, obj: Any, kind: int, nbytes: int, fortran: bool
     ) -> None:
         """Copy ``obj`` into ``block``, holding a buffer export so ``close`` cannot unmap it.
 
@@ -548,22 +422,7 @@ class Arena:
                 )
             dest = memoryview(buf)[block.offset : block.offset + nbytes]
         try:
-            if kind == KIND_BYTES:
-                dest[:] = memoryview(obj).cast("B")
-            else:
-                import numpy as np
-
-                if obj.flags.c_contiguous or fortran:
-                    # Every byte as it is (a structured dtype's padding too).
-                    raw = obj.reshape(-1, order="F" if fortran else "C").view(np.uint8)
-                    arr = np.frombuffer(dest, np.uint8)
-                    np.copyto(arr, raw)
-                    del raw
-                else:
-                    # One copy, straight into the block: a strided array becomes contiguous.
-                    arr = _frombuffer(dest, obj.dtype, obj.shape, fortran)
-                    np.copyto(arr, obj, casting="no")
-                del arr
+            copy_into(dest, obj, kind == KIND_BYTES, fortran)
         finally:
             dest.release()
         with self._lock:
@@ -687,31 +546,33 @@ class Arena:
         Raises:
             ValueError: The block was freed (or reused) since the frame was made.
         """
-        _kind, offset, _length, serial = msgpack.unpackb(body)[:4]
+        offset, serial = shared_key(body)
         kept = getattr(self._local, "kept", None)
         if kept is not None and (offset, serial) in kept:
-            return _read_view(body, memoryview(kept[(offset, serial)]), True, base=offset)
+            return read_shared(body, memoryview(kept[(offset, serial)]), True, base=offset)
         with self._lock:
             block = self._blocks.get(offset)
             if block is None or block.serial != serial or self.buf is None:
                 raise ValueError(
                     "its shared-memory block was freed once the frame left every ring"
                 )
-            return _read_view(body, memoryview(self.buf), copy=True)
+            return read_shared(body, memoryview(self.buf), copy=True)
 
     def stats(self) -> SharedStats:
-        """A snapshot of the arena (after freeing what the rings let go)."""
-        if self.buf is not None:
-            self.reconcile()
-        return SharedStats(
-            max_bytes=self.size,
-            held_bytes=self._held,
-            blocks=len(self._blocks),
-            shared=self.shared,
-            shared_bytes=self.shared_bytes,
-            spilled=self.spilled,
-            share_bytes=self.share_bytes,
-        )
+        """A snapshot of the arena as it is; it frees nothing.
+
+        ``reconcile`` first to count only the blocks some ring still holds.
+        """
+        with self._lock:
+            return SharedStats(
+                max_bytes=self.size,
+                held_bytes=self._held,
+                blocks=len(self._blocks),
+                shared=self.shared,
+                shared_bytes=self.shared_bytes,
+                spilled=self.spilled,
+                share_bytes=self.share_bytes,
+            )
 
     def close(self) -> None:
         """Unmap and close (every worker has exited; the rings are settled).
@@ -734,55 +595,3 @@ class Arena:
             except BufferError:  # a racing distribute still copies in: GC unmaps it
                 pass
         self._close_fd()
-
-
-def _aligned(nbytes: int) -> int:
-    """The size of the block ``nbytes`` take."""
-    return max(ALIGN, -(-nbytes // ALIGN) * ALIGN)
-
-
-def swap_buffers(n: Any, share: Callable[[Any], Any], arrays: bool = False) -> Any:
-    """``n`` with its big buffers replaced by ``share(buffer)``; None if none was.
-
-    Buffers are ``bytes``, ``bytearray`` and ``memoryview`` values, and numpy arrays
-    too with ``arrays`` (the arena's codec shares arrays itself, as it meets them);
-    ``share`` returns the reference, or None to leave the buffer inline.
-    """
-    if type(n) is Update:
-        if n.old is n.new:
-            new = _swap(n.new, share, arrays)
-            return None if new is n.new else Update(new, new)
-        old, new = _swap(n.old, share, arrays), _swap(n.new, share, arrays)
-        return None if old is n.old and new is n.new else Update(old, new)
-    obj = _swap(n.obj, share, arrays)
-    if obj is n.obj:
-        return None
-    return Add(obj, n.is_in_initial_list) if type(n) is Add else Delete(obj)
-
-
-def _swap(obj: Any, share: Callable[[Any], Any], arrays: bool) -> Any:
-    """``obj`` with big buffers replaced by ``share(buffer)`` (``obj`` if none was)."""
-    cls = type(obj)
-    if (
-        cls is bytes
-        or cls is bytearray
-        or cls is memoryview
-        or (arrays and cls.__module__ == "numpy" and cls.__name__ == "ndarray")
-    ):
-        ext = share(obj)
-        return obj if ext is None else ext
-    if cls is dict:
-        out = None
-        for k, v in obj.items():
-            w = _swap(v, share, arrays)
-            if w is not v:
-                if out is None:
-                    out = dict(obj)
-                out[k] = w
-        return obj if out is None else out
-    if cls is list or cls is tuple:
-        items = [_swap(v, share, arrays) for v in obj]
-        if all(w is v for w, v in zip(items, obj, strict=True)):
-            return obj
-        return items
-    return obj

@@ -5,8 +5,9 @@ A numpy array or a ``bytes`` / ``bytearray`` / ``memoryview`` of at least
 whatever the number of Ray listeners and lanes; the frame carries only a token
 (MessagePack ext code ``EXT_RAY_REF``). Each batch sent to an actor carries the
 ``ObjectRef`` of every token its frames use, so Ray counts the actor as a borrower
-and the actor reads the buffer with ``ray.get``: zero-copy, read-only, for an array on
-the same node; a ``bytes`` copy for a bytes-like buffer.
+and the actor reads the buffer with ``ray.get`` (``fanout.worker.ray_refs``): zero-copy,
+read-only, for an array on the same node; a ``bytes`` copy for a bytes-like buffer.
+This module is the producer's side.
 
 Who keeps a buffer alive: each lane whose ring took a frame holds the frame's tokens
 until the frame is acknowledged, dropped or settled; the store drops its ``ObjectRef``
@@ -25,43 +26,38 @@ from typing import Any
 
 import msgpack
 
-from fanout.buffers.arena import swap_buffers
+from fanout.buffers.swap import swap_buffers
 from fanout.notifications import Notification
-from fanout.wire.codec import EXT_RAY_REF
+from fanout.wire.protocol import EXT_RAY_REF
+from fanout.wire.refs import add_resolver, ray_ref, ray_token
 
-__all__ = ["DEFAULT_RAY_MIN_BYTES", "RayPayload", "RayStore", "TokenLog", "resolve"]
+__all__ = ["DEFAULT_RAY_MIN_BYTES", "RayPayload", "RayStore", "TokenLog"]
 
 DEFAULT_RAY_MIN_BYTES = 64 * 1024  # below this, a buffer is cheaper inline in the frame
 
-# In an actor: the references of the batch it is handling (token -> ObjectRef).
-_batch_refs: dict[int, Any] = {}
-# In the producer: the stores whose tokens a payload decoded here may use, and the
-# tokens, unique in the process, so a decode never finds another store's buffer.
+# The stores whose tokens a payload decoded here may use, and the tokens, unique in
+# the process, so a decode never finds another store's buffer.
 _stores: weakref.WeakSet[RayStore] = weakref.WeakSet()
 _tokens = itertools.count(1)
 
 
-def use_batch_refs(refs: dict[int, Any] | None) -> None:
-    """In an actor: the references the frames of the next batch may use."""
-    _batch_refs.clear()
-    if refs:
-        _batch_refs.update(refs)
+def _resolve_held(body: bytes) -> Any:
+    """The buffer of a reference some store of this process holds, else None.
+
+    The producer decodes a frame to report it (an error, a dead letter); an actor
+    resolves its batch's references itself (``fanout.worker.ray_refs``).
+    """
+    token = ray_token(body)
+    for store in list(_stores):
+        ref = store.ref(token)
+        if ref is not None:
+            import ray
+
+            return ray.get(ref)  # read-only, zero-copy if local
+    return None
 
 
-def resolve(body: bytes) -> Any:
-    """The buffer a reference stands for (``ray.get``: read-only, zero-copy if local)."""
-    token = msgpack.unpackb(body)
-    ref = _batch_refs.get(token)
-    if ref is None:  # in the producer: decoding a frame to report it
-        for store in list(_stores):
-            ref = store.ref(token)
-            if ref is not None:
-                break
-    if ref is None:
-        raise ValueError(f"the Ray object of reference {token} is gone")
-    import ray
-
-    return ray.get(ref)
+add_resolver(EXT_RAY_REF, _resolve_held)
 
 
 class RayPayload(bytes):
@@ -165,7 +161,7 @@ class RayStore:
             self._holders[token] = 1  # the payload's share, until it is gone
         self.puts += 1
         self.put_bytes += nbytes
-        ext = msgpack.ExtType(EXT_RAY_REF, msgpack.packb(token))
+        ext = ray_ref(token)
         session[id(obj)] = (obj, ext, token)  # obj kept alive: its id stays unique
         return ext
 

@@ -275,6 +275,7 @@ class Distributor:
         """
         if self.arena is None:
             return SharedStats(0, 0, 0, 0, 0)
+        self.arena.reconcile()  # free what the rings let go, so the snapshot counts the rest
         return self.arena.stats()
 
     def __reduce__(self) -> Any:

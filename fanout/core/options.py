@@ -13,8 +13,9 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from fanout.handlers import pickle_for_workers, resolve_handler
-from fanout.wire.codec import Codec, check_schema
+from fanout.wire.codec import Codec
 from fanout.wire.protocol import HEADER_SIZE
+from fanout.wire.schema import check_schema
 
 __all__ = [
     "EXECUTORS",

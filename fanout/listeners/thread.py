@@ -20,8 +20,8 @@ from fanout.listeners.base import ListenerContext, Registration
 from fanout.native.pick import Ring
 from fanout.notifications import Add, Delete, Notification, Update
 from fanout.stats import bucket_of
-from fanout.wire.codec import misfit_text, schema_converter
 from fanout.wire.protocol import NBUCKETS
+from fanout.wire.schema import misfit_text, schema_converter
 
 __all__ = ["ThreadListener"]
 

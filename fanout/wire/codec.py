@@ -1,59 +1,38 @@
-"""The wire codec: a notification becomes one MessagePack payload, encoded once.
+"""The codecs: a notification becomes one MessagePack payload, encoded once.
 
-Payload layout: ``[kind, t_ns, a, b]``: kind 0 = Add(obj=a, is_in_initial_list=b),
-1 = Update(old=a, new=b), 2 = Delete(obj=a), 3 = Update(old=a, new=a) (an update whose
-old and new are the same object, as a resync sends: the object travels once and the
-worker passes one decoded object as both); ``t_ns`` is ``time.monotonic_ns()`` at
-``distribute`` (system-wide on Linux), so a worker can measure latency.
-
-Extension types (MessagePack ext codes 1-5 are fanout's; 64-127 are the user's):
-1 = numpy array (``[dtype.str, shape, raw bytes]``, decoded read-only without a
-second copy), 2 = ``datetime``, 3 = ``date`` (both as ISO 8601 text), 4 = a buffer in
-the distributor's shared-memory arena (``fanout.buffers.arena``: the frame carries only where
-it is; the built-in codecs make them, and only for process listeners), 5 = a
-buffer a Ray listener's actors read from Ray's object store (``fanout.buffers.ray_store``).
-Tuples travel
-as arrays (a handler gets lists), except as dict keys, which decode as tuples again.
+The payload's layout and the extension codes are the wire contract
+(``fanout.wire.protocol``); the values fanout encodes itself (``datetime``, ``date``,
+numpy arrays) are ``fanout.wire.exts``'s, and references to buffers kept beside the
+frame (the shared-memory arena, Ray's object store) ``fanout.wire.refs``'s. Here:
+the ``Codec`` interface, the two built-in codecs, which write the same bytes, and
+``get_codec``.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import pickle
 import sys
 import threading
-import typing
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import msgpack
 import msgspec
 
-from fanout.notifications import Add, Delete, Notification, Update
-from fanout.wire.protocol import ADD, DELETE, UPDATE, UPDATE_SAME
+from fanout.notifications import Notification, Update
+from fanout.wire.exts import builtin_from_ext, builtin_to_ext, tuple_keys
+from fanout.wire.protocol import (
+    EXT_SHARED,
+    UPDATE,
+    UPDATE_SAME,
+    USER_EXT_CODES,
+    from_wire,
+    to_wire,
+)
+from fanout.wire.refusals import MSGSPEC_REFUSALS, encode_failure, msgspec_failure, unencodable
+from fanout.wire.schema import typed_decoder
 
 __all__ = ["Codec", "MsgpackCodec", "MsgspecCodec", "get_codec"]
-
-EXT_NDARRAY, EXT_DATETIME, EXT_DATE, EXT_SHARED = 1, 2, 3, 4
-EXT_RAY_REF = 5  # a buffer in Ray's object store, for a Ray listener (fanout.buffers.ray_store)
-INT_RANGE = "-2**63 to 2**64-1"
-USER_EXT_CODES = range(64, 128)
-
-
-def _unencodable(obj: Any) -> TypeError:
-    cls = type(obj)
-    if cls is int:
-        return TypeError(
-            f"cannot encode the integer {obj}: MessagePack integers range from "
-            f"{INT_RANGE}; send a larger number as a str (or a float, if losing "
-            f"precision is fine)"
-        )
-    return TypeError(
-        f"cannot encode an object of type {cls.__module__}.{cls.__qualname__}: fanout's "
-        f"codec takes dict, list, tuple, str, bytes, int, float, bool, None, datetime, "
-        f"date and numpy arrays; convert it first, or pass codec=MsgpackCodec("
-        f"default=...) to teach the codec the type"
-    )
 
 
 # MessagePack's packer refuses objects nested deeper than about 1000 levels; a
@@ -66,291 +45,6 @@ def decode_deep_enough() -> None:
     """Let this process decode whatever the packer accepted (workers call it once)."""
     if sys.getrecursionlimit() < DECODE_RECURSION_LIMIT:
         sys.setrecursionlimit(DECODE_RECURSION_LIMIT)
-
-
-def encode_failure(exc: BaseException) -> TypeError:
-    """The ``TypeError`` ``distribute`` raises for what a packer refused (``exc``)."""
-    if isinstance(exc, BufferError):
-        return TypeError(
-            f"cannot encode a non-contiguous buffer ({exc}): pass bytes(view), or a "
-            f"numpy array (copied to contiguous once)"
-        )
-    if isinstance(exc, RecursionError) or "recursion limit" in str(exc):
-        return TypeError(
-            "cannot encode notification: its object is nested too deep for MessagePack "
-            "(the limit is about 1000 levels of lists and dicts); flatten it, or send "
-            "the deep part as a str or bytes"
-        )
-    return TypeError(f"cannot encode notification: {exc}")
-
-
-# What msgspec raises for a value MessagePack cannot carry (an integer out of range).
-_MSGSPEC_REFUSALS = (OverflowError, ValueError, BufferError, msgspec.EncodeError)
-
-
-def _msgspec_failure(obj: Any, exc: BaseException) -> TypeError:
-    """What ``MsgspecCodec`` raises for what msgspec refused in ``obj`` (``exc``).
-
-    ``obj`` is plain (``PLAIN_DEPTH`` levels at most), so looking through it is safe.
-    """
-    if not isinstance(exc, BufferError):
-        big = _int_out_of_range(obj)  # said as MsgpackCodec says it
-        if big is not None:
-            return _unencodable(big)
-    return encode_failure(exc)
-
-
-def dtype_to_wire(dt: Any) -> Any:
-    """A numpy dtype as plain MessagePack values that ``dtype_from_wire`` rebuilds exactly.
-
-    A plain dtype is its ``str`` (``"<f8"``); a structured one (``"|V12"`` as a
-    ``str``, its fields lost) is a map of names, formats (recursively), offsets,
-    itemsize, alignment and titles; a subarray field is ``[base, shape]``.
-    """
-    if dt.fields is None:
-        if dt.subdtype is not None:
-            base, shape = dt.subdtype
-            return [dtype_to_wire(base), list(shape)]
-        return dt.str
-    names = list(dt.names)
-    fields = [dt.fields[name] for name in names]
-    wire = {
-        "names": names,
-        "formats": [dtype_to_wire(f[0]) for f in fields],
-        "offsets": [f[1] for f in fields],
-        "itemsize": dt.itemsize,
-        "aligned": dt.isalignedstruct,
-    }
-    if any(len(f) > 2 for f in fields):
-        wire["titles"] = [f[2] if len(f) > 2 else None for f in fields]
-    return wire
-
-
-def dtype_from_wire(wire: Any) -> Any:
-    """The numpy dtype ``dtype_to_wire`` described."""
-    import numpy as np
-
-    if type(wire) is str:
-        return np.dtype(wire)
-    if type(wire) is list:
-        return np.dtype((dtype_from_wire(wire[0]), tuple(wire[1])))
-    spec: Any = dict(wire)
-    aligned = spec.pop("aligned", False)
-    spec["formats"] = [dtype_from_wire(f) for f in spec["formats"]]
-    return np.dtype(spec, align=aligned)
-
-
-def _int_out_of_range(obj: Any) -> int | None:
-    """The first integer in ``obj`` that MessagePack cannot carry, or None.
-
-    Only on an encode's error path: msgspec names no value when it refuses one.
-    """
-    cls = type(obj)
-    if cls is int:
-        return obj if not -(2**63) <= obj < 2**64 else None
-    if cls is dict:
-        items: Any = (x for pair in obj.items() for x in pair)
-    elif cls in (list, tuple):
-        items = obj
-    else:
-        return None
-    for item in items:
-        found = _int_out_of_range(item)
-        if found is not None:
-            return found
-    return None
-
-
-def _builtin_to_ext(obj: Any) -> Any:
-    """Return ``(code, bytes)`` for a type fanout encodes itself, or None."""
-    if isinstance(obj, _dt.datetime):
-        return EXT_DATETIME, obj.isoformat().encode()
-    if isinstance(obj, _dt.date):
-        return EXT_DATE, obj.isoformat().encode()
-    if type(obj).__module__ == "numpy":
-        import numpy as np
-
-        if isinstance(obj, np.ndarray):
-            if obj.dtype.hasobject:
-                raise TypeError(
-                    "cannot encode a numpy array of dtype object: only arrays of plain "
-                    "numbers, bools or fixed-size strings travel as raw bytes"
-                )
-            arr = np.ascontiguousarray(obj)  # (a 0-d array comes back 1-d: keep obj's shape)
-            # Raw bytes through a uint8 view: datetime64 (alone or in a structured
-            # dtype) has no buffer export of its own.
-            raw = arr.reshape(-1).view(np.uint8).data
-            dtype = dtype_to_wire(arr.dtype)
-            body = msgpack.packb([dtype, list(obj.shape), raw], use_bin_type=True)
-            return EXT_NDARRAY, body
-    return None
-
-
-def _builtin_from_ext(code: int, data: bytes) -> Any:
-    if code == EXT_NDARRAY:
-        import numpy as np
-
-        dtype, shape, raw = msgpack.unpackb(data, raw=False)
-        return np.frombuffer(raw, dtype=dtype_from_wire(dtype)).reshape(shape)
-    if code == EXT_DATETIME:
-        return _dt.datetime.fromisoformat(data.decode())
-    if code == EXT_DATE:
-        return _dt.date.fromisoformat(data.decode())
-    if code == EXT_SHARED:
-        from fanout.buffers.arena import decode_worker
-
-        return decode_worker(data)
-    if code == EXT_RAY_REF:
-        from fanout.buffers.ray_store import resolve
-
-        return resolve(data)
-    return None
-
-
-def _tuple_keys(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
-    """Build a map whose array keys (tuples when sent) become tuples again."""
-    return {_hashable(k): v for k, v in pairs}
-
-
-def _hashable(key: Any) -> Any:
-    return tuple(_hashable(k) for k in key) if type(key) is list else key
-
-
-def _to_wire(n: Notification) -> tuple[int, Any, Any]:
-    cls = type(n)
-    if cls is Update:
-        if n.old is n.new:  # type: ignore[union-attr]
-            return UPDATE_SAME, n.new, None  # type: ignore[union-attr]
-        return UPDATE, n.old, n.new  # type: ignore[union-attr]
-    if cls is Add:
-        return ADD, n.obj, n.is_in_initial_list  # type: ignore[union-attr]
-    if cls is Delete:
-        return DELETE, n.obj, None  # type: ignore[union-attr]
-    raise TypeError(
-        f"distribute takes fanout.Add, fanout.Update or fanout.Delete, not "
-        f"{type(n).__name__} ({n!r:.80})"
-    )
-
-
-def typed_decoder(schema: Any, ext_hook: Callable[[int, memoryview], Any] | None) -> Any:
-    """A msgspec ``Decoder`` of whole payloads whose objects come out as ``schema``.
-
-    One decoder per payload, not per object: the fourth item is the new object
-    of an update, the flag of an add, or nothing, hence the union.
-    """
-    union: Any = typing.Union
-    payload: Any = tuple[int, int, schema, union[schema, bool, None]]
-    return msgspec.msgpack.Decoder(payload, ext_hook=ext_hook)
-
-
-def schema_name(schema: Any) -> str:
-    """Name a schema type in messages: ``module.QualName`` for a class."""
-    if isinstance(schema, type):
-        return f"{schema.__module__}.{schema.__qualname__}"
-    return repr(schema)
-
-
-def _types_in(schema: Any) -> Iterator[Any]:
-    yield schema
-    for arg in typing.get_args(schema):
-        yield from _types_in(arg)
-
-
-def check_schema(schema: Any, codec: Codec, in_process: bool) -> bytes | None:
-    """Refuse a schema the listener could not decode into; pickle it for workers.
-
-    Returns the pickled schema for a process listener, None for a thread one.
-    """
-    try:
-        msgspec.msgpack.Decoder(schema)  # msgspec's own words about the type itself
-        typed_decoder(schema, None)
-    except Exception as exc:
-        raise TypeError(
-            f"schema {schema!r} is not a type msgspec can decode into ({exc}); use a "
-            f"msgspec.Struct, a dataclass or a TypedDict"
-        ) from exc
-    if not in_process:
-        return None
-    if not codec.msgpack_wire:
-        raise TypeError(
-            f"schema= needs a MessagePack codec to decode in the workers; codec "
-            f"{codec!r} is not one: use codec='msgpack' or 'msgspec'"
-        )
-    from fanout.handlers import main_has_no_file
-
-    if main_has_no_file():
-        for t in _types_in(schema):
-            if getattr(t, "__module__", None) == "__main__":
-                raise TypeError(
-                    f"schema {schema_name(schema)} uses {t!r}, defined in a __main__ that "
-                    f"has no file (stdin, python -c, a REPL or a notebook), so worker "
-                    f"processes cannot import it; define it in an importable module, or "
-                    f"use executor='thread'"
-                )
-    try:
-        return pickle.dumps(schema, protocol=pickle.HIGHEST_PROTOCOL)
-    except Exception as exc:
-        raise TypeError(
-            f"schema {schema!r} cannot be pickled for the worker processes ({exc}); "
-            f"define it at module level in an importable module, or use executor='thread'"
-        ) from exc
-
-
-# (kind, payload index) -> which object sits there; index 3 of an add is its flag.
-_ROLES = {
-    (ADD, 2): "object",
-    (DELETE, 2): "object",
-    (UPDATE_SAME, 2): "object",
-    (UPDATE, 2): "old object",
-    (UPDATE, 3): "new object",
-}
-
-
-def misfit_text(schema: Any, role: str, error: str) -> str:
-    """Say that the ``role`` object does not fit ``schema``, with msgspec's words."""
-    return f"the {role} does not fit schema {schema_name(schema)}: {error}"
-
-
-def describe_misfit(schema: Any, payload: bytes, exc: BaseException) -> str | None:
-    """Turn a typed decoder's error into a misfit text, or None if no object is at fault.
-
-    msgspec locates the error in the whole payload (``$[3].metadata``); the text
-    names the object instead and gives the path inside it (``$.metadata``).
-    """
-    text = str(exc)
-    # A payload is a 4-array (0x94) whose first item, the kind, is a positive fixint.
-    kind = payload[1] if len(payload) > 1 and payload[0] == 0x94 else None
-    for index in (2, 3):
-        prefix = f"`$[{index}]"
-        if prefix in text:
-            role = _ROLES.get((kind, index))  # type: ignore[arg-type]
-            if role is None:
-                return None
-            return misfit_text(schema, role, text.replace(prefix, "`$", 1))
-    return None
-
-
-def schema_converter(schema: Any) -> Callable[[Any], Any]:
-    """``obj -> schema instance`` for thread listeners (``msgspec.convert``)."""
-    convert = msgspec.convert
-
-    def to_schema(obj: Any) -> Any:
-        return convert(obj, schema)
-
-    return to_schema
-
-
-def from_wire(kind: int, a: Any, b: Any) -> Notification:
-    """Rebuild the notification a payload carried."""
-    if kind == UPDATE:
-        return Update(a, b)
-    if kind == ADD:
-        return Add(a, bool(b))
-    if kind == DELETE:
-        return Delete(a)
-    if kind == UPDATE_SAME:
-        return Update(a, a)
-    raise ValueError(f"unknown notification kind {kind!r} in payload")
 
 
 class Codec:
@@ -416,7 +110,7 @@ class Codec:
             TypeError: ``n`` is not a notification, or holds an object the codec
                 cannot serialize.
         """
-        kind, a, b = _to_wire(n)
+        kind, a, b = to_wire(n)
         return self.pack([kind, t_ns, a, b])
 
     def decode(self, data: Any) -> tuple[Notification, int]:
@@ -450,7 +144,7 @@ class Codec:
 
     def _msgspec_ext(self, code: int, data: memoryview) -> Any:
         """msgspec's ext_hook (``data`` is a view): fanout's own extension codes."""
-        obj = _builtin_from_ext(code, bytes(data))
+        obj = builtin_from_ext(code, bytes(data))
         return obj if obj is not None else msgpack.ExtType(code, bytes(data))
 
 
@@ -493,7 +187,7 @@ class _MsgpackPacking:
             shared = self._shares.share(obj)  # None: small, or not shareable
             if shared is not None:
                 return shared
-        ext = _builtin_to_ext(obj)
+        ext = builtin_to_ext(obj)
         if ext is not None:
             return msgpack.ExtType(*ext)
         if type(obj).__module__ == "numpy" and hasattr(obj, "item"):
@@ -502,7 +196,7 @@ class _MsgpackPacking:
             return msgpack.ExtType(obj.code, obj.data)
         if self.default is not None:
             return self.default(obj)
-        raise _unencodable(obj)
+        raise unencodable(obj)
 
     def _packer(self) -> msgpack.Packer:
         # One Packer per thread: Packer is not thread-safe.
@@ -598,7 +292,7 @@ class MsgpackCodec(_MsgpackPacking, Codec):
     def _ext(self, code: int, data: bytes) -> Any:
         if code == EXT_SHARED and self._arena is not None:
             return self._arena.decode_copy(data)  # in the producer: a copy, if still held
-        obj = _builtin_from_ext(code, data)
+        obj = builtin_from_ext(code, data)
         if obj is not None:
             return obj
         if self.ext_hook is not None and code in USER_EXT_CODES:
@@ -645,7 +339,7 @@ class MsgpackCodec(_MsgpackPacking, Codec):
             raw=False,
             strict_map_key=False,
             ext_hook=self._ext,
-            object_pairs_hook=_tuple_keys,
+            object_pairs_hook=tuple_keys,
         )
 
     def _msgspec_ext(self, code: int, data: memoryview) -> Any:
@@ -731,7 +425,7 @@ class MsgspecCodec(_MsgpackPacking, Codec):
     def _ext_hook(self, code: int, data: memoryview) -> Any:
         if code == EXT_SHARED and self._arena is not None:
             return self._arena.decode_copy(bytes(data))  # in the producer: a copy, if held
-        obj = _builtin_from_ext(code, bytes(data))
+        obj = builtin_from_ext(code, bytes(data))
         return obj if obj is not None else self._msgspec.msgpack.Ext(code, bytes(data))
 
     _msgspec_ext = _ext_hook
@@ -768,13 +462,13 @@ class MsgspecCodec(_MsgpackPacking, Codec):
             old, new = n.old, n.new
             obj = [UPDATE_SAME, t_ns, new, None] if old is new else [UPDATE, t_ns, old, new]
         else:
-            kind, a, b = _to_wire(n)
+            kind, a, b = to_wire(n)
             obj = [kind, t_ns, a, b]
         if self._plain(obj, PLAIN_DEPTH, _plain_leaves[0]):  # pack(), one call shorter
             try:
                 return self._enc.encode(obj)
-            except _MSGSPEC_REFUSALS as exc:
-                raise _msgspec_failure(obj, exc) from exc
+            except MSGSPEC_REFUSALS as exc:
+                raise msgspec_failure(obj, exc) from exc
         return self._pack_other(obj)
 
     def arena_encoder(self, arena: Any) -> Callable[[Notification, int], bytes]:
@@ -807,15 +501,15 @@ class MsgspecCodec(_MsgpackPacking, Codec):
                 old, new = n.old, n.new
                 obj = [UPDATE_SAME, t_ns, new, None] if old is new else [UPDATE, t_ns, old, new]
             else:
-                kind, a, b = _to_wire(n)
+                kind, a, b = to_wire(n)
                 obj = [kind, t_ns, a, b]
             if not plain(obj, PLAIN_DEPTH, leaves[0]):
                 return other(n, t_ns)  # packed by msgpack: the arena's own path
             events = arena._events
             try:
                 payload = enc(obj)
-            except _MSGSPEC_REFUSALS as exc:
-                failure = _msgspec_failure(obj, exc)
+            except MSGSPEC_REFUSALS as exc:
+                failure = msgspec_failure(obj, exc)
                 failure.__cause__ = exc
                 arena.encode_failed(events, failure)
             except BaseException as exc:
@@ -849,8 +543,8 @@ class MsgspecCodec(_MsgpackPacking, Codec):
             return self._pack_other(obj)
         try:
             return self._enc.encode(obj)
-        except _MSGSPEC_REFUSALS as exc:
-            raise _msgspec_failure(obj, exc) from exc
+        except MSGSPEC_REFUSALS as exc:
+            raise msgspec_failure(obj, exc) from exc
 
     def unpack(self, data: Any) -> Any:
         """Deserialize what ``pack`` made.

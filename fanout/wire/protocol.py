@@ -8,7 +8,8 @@ Three channels, each written by one side only:
   ``[kind, t_ns, a, b]``: kind ``ADD`` = Add(obj=a, is_in_initial_list=b),
   ``UPDATE`` = Update(old=a, new=b), ``DELETE`` = Delete(obj=a),
   ``UPDATE_SAME`` = Update(old=a, new=a) (the object travels once); ``t_ns`` is
-  ``time.monotonic_ns()`` at ``distribute``.
+  ``time.monotonic_ns()`` at ``distribute``. Objects MessagePack has no type for
+  travel as extension values: codes 1-5 are fanout's (``EXT_*``), 64-127 the user's.
 * **The progress slot** (worker -> producer, shared memory): ``SLOT_WORDS``
   unsigned 64-bit words per lane, on pages of their own. Only the worker writes
   it, except the words the producer sets while no worker runs (``STARTED`` /
@@ -28,6 +29,7 @@ from typing import Any
 import msgpack
 
 from fanout.native._ring_common import HEADER, HEADER_SIZE
+from fanout.notifications import Add, Delete, Notification, Update
 
 __all__ = [
     "ADD",
@@ -36,6 +38,11 @@ __all__ = [
     "ERRORS",
     "EXIT_ORPHANED",
     "EXIT_START_FAILED",
+    "EXT_DATE",
+    "EXT_DATETIME",
+    "EXT_NDARRAY",
+    "EXT_RAY_REF",
+    "EXT_SHARED",
     "HANDLED",
     "HEADER",
     "HEADER_SIZE",
@@ -57,7 +64,10 @@ __all__ = [
     "STOP",
     "UPDATE",
     "UPDATE_SAME",
+    "USER_EXT_CODES",
+    "from_wire",
     "send_message",
+    "to_wire",
     "wire_fields_error",
     "wire_shape_error",
 ]
@@ -66,6 +76,36 @@ __all__ = [
 
 ADD, UPDATE, DELETE, UPDATE_SAME = 0, 1, 2, 3
 MAX_T_NS = (1 << 63) - 1
+
+
+def to_wire(n: Notification) -> tuple[int, Any, Any]:
+    """The kind and the two objects a payload carries for ``n``."""
+    cls = type(n)
+    if cls is Update:
+        if n.old is n.new:  # type: ignore[union-attr]
+            return UPDATE_SAME, n.new, None  # type: ignore[union-attr]
+        return UPDATE, n.old, n.new  # type: ignore[union-attr]
+    if cls is Add:
+        return ADD, n.obj, n.is_in_initial_list  # type: ignore[union-attr]
+    if cls is Delete:
+        return DELETE, n.obj, None  # type: ignore[union-attr]
+    raise TypeError(
+        f"distribute takes fanout.Add, fanout.Update or fanout.Delete, not "
+        f"{type(n).__name__} ({n!r:.80})"
+    )
+
+
+def from_wire(kind: int, a: Any, b: Any) -> Notification:
+    """Rebuild the notification a payload carried."""
+    if kind == UPDATE:
+        return Update(a, b)
+    if kind == ADD:
+        return Add(a, bool(b))
+    if kind == DELETE:
+        return Delete(a)
+    if kind == UPDATE_SAME:
+        return Update(a, a)
+    raise ValueError(f"unknown notification kind {kind!r} in payload")
 
 
 def wire_fields_error(kind: Any, t_ns: Any) -> ValueError:
@@ -82,6 +122,15 @@ def wire_shape_error(fields: Any) -> ValueError:
     what = f"an array of {size} items" if size is not None else type(fields).__name__
     return ValueError(f"payload must be an array [kind, t_ns, a, b], got {what}")
 
+
+# -- frames: MessagePack extension codes ----------------------------------------------------
+
+EXT_NDARRAY = 1  # a numpy array: [dtype, shape, raw bytes] (fanout.wire.dtypes)
+EXT_DATETIME = 2  # a datetime, as ISO 8601 text
+EXT_DATE = 3  # a date, as ISO 8601 text
+EXT_SHARED = 4  # a block of the producer's shared-memory arena (fanout.wire.refs)
+EXT_RAY_REF = 5  # an object in Ray's object store, for a Ray listener (fanout.wire.refs)
+USER_EXT_CODES = range(64, 128)  # a codec's user hooks make and read these
 
 # -- the progress slot: word indexes ------------------------------------------------------
 

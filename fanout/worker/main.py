@@ -18,9 +18,8 @@ from dataclasses import dataclass
 from multiprocessing import reduction
 from typing import Any
 
-from fanout.buffers.arena import map_worker_view
 from fanout.handlers import build_handler
-from fanout.wire.codec import Codec, describe_misfit
+from fanout.wire.codec import Codec
 from fanout.wire.protocol import (
     EXIT_START_FAILED,
     MAX_RETURN_MESSAGE,
@@ -32,7 +31,9 @@ from fanout.wire.protocol import (
     SLOT_BYTES,
     send_message,
 )
+from fanout.wire.schema import describe_misfit
 from fanout.worker.isolation import close_inherited, map_slot
+from fanout.worker.shared import map_worker_view
 from fanout.worker.warden import become_warden
 
 __all__ = ["FdArg", "WorkerSpec", "worker_main"]

@@ -33,10 +33,11 @@ import traceback
 from array import array
 from typing import Any
 
-from fanout.buffers.ray_store import use_batch_refs
 from fanout.handlers import build_handler
-from fanout.wire.codec import Codec, describe_misfit
+from fanout.wire.codec import Codec
 from fanout.wire.protocol import ADD, HEADER, UPDATE, UPDATE_SAME, wire_shape_error
+from fanout.wire.schema import describe_misfit
+from fanout.worker.ray_refs import use_batch_refs
 from fanout.worker.warden import MEMORY_TICK, private_resident
 
 __all__ = ["BatchResult", "LaneActor"]

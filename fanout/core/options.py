@@ -12,6 +12,7 @@ import math
 from collections.abc import Callable, Hashable
 from typing import Any
 
+from fanout.core.ray_options import check_ray_options, import_ray, pickle_for_ray
 from fanout.handlers import pickle_for_workers, resolve_handler
 from fanout.wire.codec import Codec, check_schema
 from fanout.wire.protocol import HEADER_SIZE
@@ -128,17 +129,7 @@ def listener_options(
     memory_limit: Any = None,
 ) -> ListenerOptions:
     """Check every option of ``add_listener``; raise naming the bad one."""
-    if executor not in EXECUTORS:
-        raise ValueError(f"executor must be 'process', 'thread' or 'ray', got {executor!r}")
-    if executor == "ray":
-        from fanout.listeners.ray import import_ray
-
-        import_ray()  # first: without Ray, say so before anything else
-    elif ray_options is not None:
-        raise ValueError(
-            f"ray_options needs executor='ray' (got executor={executor!r}); drop it "
-            f"or pass executor='ray'"
-        )
+    _check_executor(executor, ray_options)  # first: it may need Ray
     handler, is_factory = resolve_handler(handler)
     if name is None:
         name = f"listener-{next(_names)}"
@@ -148,33 +139,12 @@ def listener_options(
     if key is not None and not callable(key):
         raise TypeError(f"key must be a function obj -> hashable, or None, not {key!r}")
     requested = check_period("resync_period", resync_period, allow_none=True)
-    if max_pending_bytes is not None:
-        if isinstance(max_pending_bytes, bool) or not isinstance(max_pending_bytes, int):
-            raise TypeError(f"max_pending_bytes must be an int or None, not {max_pending_bytes!r}")
-        if max_pending_bytes <= HEADER_SIZE:
-            raise ValueError(
-                f"max_pending_bytes must exceed the {HEADER_SIZE}-byte frame header "
-                f"(in practice: room for many notifications), got {max_pending_bytes}"
-            )
-    if memory_limit is not None:
-        if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
-            raise TypeError(f"memory_limit must be an int (bytes) or None, not {memory_limit!r}")
-        if memory_limit < MIN_MEMORY_LIMIT:
-            raise ValueError(
-                f"memory_limit must be at least {MIN_MEMORY_LIMIT} bytes (16 MiB: a worker "
-                f"needs that much to start), got {memory_limit}"
-            )
+    _check_sizes(max_pending_bytes, memory_limit)
     if overflow not in OVERFLOW_POLICIES:
         raise ValueError(
             f"overflow must be one of {', '.join(map(repr, OVERFLOW_POLICIES))}, got {overflow!r}"
         )
-    if isinstance(handler_timeout, (int, float)) and not isinstance(handler_timeout, bool):
-        if not (math.isfinite(handler_timeout) and handler_timeout > 0):
-            raise ValueError(
-                f"handler_timeout must be a finite number of seconds > 0, or None "
-                f"for no limit, got {handler_timeout!r}"
-            )
-    timeout = check_period("handler_timeout", handler_timeout, allow_none=True)
+    timeout = _check_handler_timeout(handler_timeout)
     _check_int("max_attempts", max_attempts, 1)
     for opt, func in (("on_error", on_error), ("on_dead_letter", on_dead_letter)):
         if func is not None and not callable(func):
@@ -182,20 +152,9 @@ def listener_options(
     # msgspec decodes into it; refused here if it cannot (workers get it pickled)
     schema_blob = None if schema is None else check_schema(schema, codec, executor != "thread")
     if executor == "thread":
-        for opt, value, why in (
-            ("workers", workers != 1, "a thread listener runs one thread"),
-            ("handler_timeout", timeout is not None, "a thread cannot be stopped"),
-            ("max_pending_bytes", max_pending_bytes is not None, "it passes objects, not bytes"),
-            ("memory_limit", memory_limit is not None, "a thread shares this process's memory"),
-        ):
-            if value:
-                raise ValueError(
-                    f"{opt} needs executor='process' ({why}); drop it or use processes"
-                )
+        _check_thread_options(workers, timeout, max_pending_bytes, memory_limit)
     handler_blob = b""
     if executor == "ray":
-        from fanout.listeners.ray import check_ray_options, pickle_for_ray
-
         ray_options = check_ray_options(ray_options)
         handler_blob = pickle_for_ray(handler)
     elif executor == "process":
@@ -220,3 +179,61 @@ def listener_options(
         ray_options=ray_options,
         memory_limit=memory_limit,
     )
+
+
+def _check_executor(executor: Any, ray_options: Any) -> None:
+    """Refuse an unknown executor, Ray not installed, or ``ray_options`` without Ray."""
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be 'process', 'thread' or 'ray', got {executor!r}")
+    if executor == "ray":
+        import_ray()  # first: without Ray, say so before anything else
+    elif ray_options is not None:
+        raise ValueError(
+            f"ray_options needs executor='ray' (got executor={executor!r}); drop it "
+            f"or pass executor='ray'"
+        )
+
+
+def _check_sizes(max_pending_bytes: Any, memory_limit: Any) -> None:
+    """Refuse a ``max_pending_bytes`` or ``memory_limit`` that is no int or too small."""
+    if max_pending_bytes is not None:
+        if isinstance(max_pending_bytes, bool) or not isinstance(max_pending_bytes, int):
+            raise TypeError(f"max_pending_bytes must be an int or None, not {max_pending_bytes!r}")
+        if max_pending_bytes <= HEADER_SIZE:
+            raise ValueError(
+                f"max_pending_bytes must exceed the {HEADER_SIZE}-byte frame header "
+                f"(in practice: room for many notifications), got {max_pending_bytes}"
+            )
+    if memory_limit is not None:
+        if isinstance(memory_limit, bool) or not isinstance(memory_limit, int):
+            raise TypeError(f"memory_limit must be an int (bytes) or None, not {memory_limit!r}")
+        if memory_limit < MIN_MEMORY_LIMIT:
+            raise ValueError(
+                f"memory_limit must be at least {MIN_MEMORY_LIMIT} bytes (16 MiB: a worker "
+                f"needs that much to start), got {memory_limit}"
+            )
+
+
+def _check_handler_timeout(handler_timeout: Any) -> float | None:
+    """``handler_timeout`` as seconds (a finite number > 0), or None for no limit."""
+    if isinstance(handler_timeout, (int, float)) and not isinstance(handler_timeout, bool):
+        if not (math.isfinite(handler_timeout) and handler_timeout > 0):
+            raise ValueError(
+                f"handler_timeout must be a finite number of seconds > 0, or None "
+                f"for no limit, got {handler_timeout!r}"
+            )
+    return check_period("handler_timeout", handler_timeout, allow_none=True)
+
+
+def _check_thread_options(
+    workers: int, timeout: float | None, max_pending_bytes: Any, memory_limit: Any
+) -> None:
+    """Refuse the options only process listeners take, for a thread listener."""
+    for opt, value, why in (
+        ("workers", workers != 1, "a thread listener runs one thread"),
+        ("handler_timeout", timeout is not None, "a thread cannot be stopped"),
+        ("max_pending_bytes", max_pending_bytes is not None, "it passes objects, not bytes"),
+        ("memory_limit", memory_limit is not None, "a thread shares this process's memory"),
+    ):
+        if value:
+            raise ValueError(f"{opt} needs executor='process' ({why}); drop it or use processes")

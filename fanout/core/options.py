@@ -21,13 +21,16 @@ __all__ = [
     "EXECUTORS",
     "MIN_MEMORY_LIMIT",
     "OVERFLOW_POLICIES",
+    "START_METHODS",
     "ListenerOptions",
     "check_flag",
     "check_name",
     "check_period",
+    "check_start_method",
     "listener_options",
 ]
 
+START_METHODS = ("forkserver", "spawn")
 EXECUTORS = ("process", "thread", "ray")
 OVERFLOW_POLICIES = ("block", "drop_oldest", "drop_newest", "error")
 _names = itertools.count(1)
@@ -41,10 +44,74 @@ MAX_NAME_BYTES = 200
 
 @dataclasses.dataclass(frozen=True)
 class ListenerOptions:
-    """One listener's options after every check (``add_listener`` documents each).
+    """One listener's options after every check: what each of ``add_listener``'s does.
 
-    ``handler_blob`` is the handler pickled for the workers (process and Ray
-    listeners); ``schema_blob`` the schema pickled for them, when there is one.
+    Attributes:
+        name: The listener's name in stats, logs and metrics; default
+            ``listener-N``.
+        executor: ``"process"`` (default): worker processes fed over pipes,
+            isolated by the OS. ``"thread"``: one thread in this process,
+            fed the objects themselves (cheap, trusted handlers). ``"ray"``:
+            ``workers`` Ray actors, on any node of the Ray cluster, fed in
+            batches (``pip install 'fanout-informer[ray]'``); fanout uses the
+            cluster ``ray.init`` connected to, or starts a local one for the
+            distributor's lifetime.
+        workers: Worker processes (lanes) of a process listener. Order is
+            kept per key always, and per listener with ``workers=1``.
+        handler: A ``fanout.Handler`` (any object with ``on_add``,
+            ``on_update`` and ``on_delete``), or a zero-argument class or
+            factory that builds one. For process listeners an instance is
+            pickled (each worker gets a copy) and a factory is called once
+            in each worker; either must be importable by the workers, so
+            not defined in a ``__main__`` without a file.
+        is_factory: ``handler`` is a class or factory, called in each worker.
+        key: ``obj -> hashable`` choosing the lane of a notification (of the
+            new object for an update); default: ``(namespace, name)`` from
+            ``obj["metadata"]`` when present, else round-robin.
+        resync_period: Seconds between resyncs of this listener (None: the
+            distributor's check period; 0: never). Clamped as client-go
+            does; ``Registration.resync_period`` tells the result.
+        max_pending_bytes: Bound on the bytes one lane holds (process
+            listeners): its frames and the shared-memory blocks they refer
+            to; None: unbounded (the ring still shrinks back).
+        overflow: What a full bounded lane does: ``"block"`` (distribute
+            waits; before ``start()`` it raises ``ListenerFull``),
+            ``"drop_oldest"``, ``"drop_newest"`` (counted in ``dropped``)
+            or ``"error"`` (``distribute`` raises ``ListenerFull`` and no
+            listener gets the notification).
+        handler_timeout: Seconds a handler call may run before its worker
+            is killed and restarted (process listeners); None: no limit.
+        max_attempts: Handler calls a notification may kill its worker in
+            before it is dead-lettered.
+        on_error: ``f(reg, notification, traceback_text)`` called for every
+            handler exception, in fanout's supervisor thread (in the
+            listener's own thread for ``executor="thread"``).
+        on_dead_letter: ``f(reg, notification, reason)`` called for every
+            notification given up on; an undecodable frame arrives as a
+            ``fanout.RawFrame``.
+        schema: A type msgspec decodes into (a ``msgspec.Struct``, a
+            dataclass, a ``TypedDict``): the workers decode each object
+            straight into it, skipping the fields it does not declare. An
+            object that does not fit is dead-lettered at once. Thread
+            listeners get ``msgspec.convert(obj, schema)``.
+        schema_blob: ``schema`` pickled for the workers, when there is one.
+        handler_blob: ``handler`` pickled for the workers (process and Ray
+            listeners).
+        ray_options: Ray actor options for each worker of a Ray listener
+            (``num_cpus``, ``num_gpus``, ``resources``, ``memory``,
+            ``runtime_env``, ``scheduling_strategy``, ...), checked by Ray
+            here. fanout sets ``max_restarts=-1`` and no task retries
+            itself, so those and the options that would break per-key
+            order are refused. Only with ``executor="ray"``.
+        memory_limit: Bytes of private resident memory (``RssAnon``) a
+            worker of a process or Ray listener may hold, what it started
+            included; past it the worker is killed within a second and
+            restarted, and its notification counts an attempt (dead-lettered
+            after ``max_attempts``, naming ``memory_limit``). At least 16
+            MiB, and leave room: a fresh worker holds about 25 MiB. A Ray
+            listener's limit counts the whole actor process, Ray's runtime
+            included: an actor holding more at rest does not start
+            (``WorkerStartError``). None: no limit.
     """
 
     name: str
@@ -101,6 +168,17 @@ def check_name(name: Any) -> str:
             f"name must be printable (no NUL, newline or other control character), got {name!r}"
         )
     return name
+
+
+def check_start_method(start_method: Any) -> None:
+    """Refuse a start method other than ``"forkserver"`` and ``"spawn"``, saying why."""
+    if start_method == "fork":
+        raise ValueError(
+            "start_method='fork' is unsafe: the pump and supervisor threads may hold "
+            "locks at fork time; use 'forkserver' (default) or 'spawn'"
+        )
+    if start_method not in START_METHODS:
+        raise ValueError(f"start_method must be 'forkserver' or 'spawn', got {start_method!r}")
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 import fanout
-import fanout.core.distributor
+import fanout.core.registry
 from fanout.core.options import ListenerOptions
 from fanout.listeners.base import Registration
 
@@ -127,7 +127,7 @@ class InlineListener(Registration):
 def test_a_new_listener_kind_needs_no_special_case_in_the_distributor(make_dist, monkeypatch):
     # "thread" passes the option checks for an in-process handler; the class
     # behind it is swapped for one the distributor has no code for.
-    monkeypatch.setitem(fanout.core.distributor.LISTENER_KINDS, "thread", InlineListener)
+    monkeypatch.setitem(fanout.core.registry.LISTENER_KINDS, "thread", InlineListener)
     got: list[Any] = []
     d = make_dist()
     reg = d.add_listener(

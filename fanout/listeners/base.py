@@ -18,13 +18,13 @@ from __future__ import annotations
 import functools
 import logging
 import threading
-import time
 import weakref
 from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from fanout.core.lifecycle import State
 from fanout.core.options import ListenerOptions, check_period
+from fanout.core.poll import poll_until
 from fanout.listeners.errorlog import error_log
 from fanout.notifications import Add, Notification, RawFrame
 from fanout.stats import ListenerStats, percentile
@@ -231,7 +231,7 @@ class Registration:
             TypeError: ``timeout`` is not a number or None.
             ValueError: A negative or infinite ``timeout``.
         """
-        return _poll(self.has_synced, timeout)
+        return poll_until(self.has_synced, check_period("timeout", timeout, allow_none=True))
 
     def _initial_done(self) -> bool:
         raise NotImplementedError
@@ -259,7 +259,7 @@ class Registration:
             TypeError: ``timeout`` is not a number or None.
             ValueError: A negative or infinite ``timeout``.
         """
-        return _poll(self.ready, timeout)
+        return poll_until(self.ready, check_period("timeout", timeout, allow_none=True))
 
     def latency_histogram(self) -> list[int]:
         """Return the latency histogram behind the ``stats()`` percentiles.
@@ -501,16 +501,3 @@ class Registration:
             func(self, n, text)
         except BaseException:  # even SystemExit: the supervisor must go on
             log.exception("listener %r: callback %r raised", self.name, func)
-
-
-def _poll(predicate: Callable[[], bool], timeout: float | None) -> bool:
-    """Poll ``predicate`` with a growing nap until true or ``timeout`` passed."""
-    check_period("timeout", timeout, allow_none=True)
-    deadline = None if timeout is None else time.monotonic() + timeout
-    delay = 0.0005
-    while not predicate():
-        if deadline is not None and time.monotonic() >= deadline:
-            return False
-        time.sleep(delay)
-        delay = min(delay * 2, 0.01)
-    return True

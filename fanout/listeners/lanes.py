@@ -12,12 +12,12 @@ sender thread and a Ray actor (``ray_listener``). A lane has ``index``, ``ring``
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable, Hashable
 from typing import Any
 
 from fanout.buffers.arena import SharedPayload
 from fanout.core.options import ListenerOptions
+from fanout.core.poll import poll_until
 from fanout.errors import ListenerFull, RingClosed, RingFull
 from fanout.listeners.base import ListenerContext, Registration
 from fanout.native.pick import FrameRing
@@ -215,17 +215,19 @@ class LaneListener(Registration):
 
     def _put_blocking(self, lane: Any, payload: bytes) -> int:
         """Wait for room (backpressure); give up only when the listener goes away."""
-        delay = 50e-6
-        while True:
+        seq = 0
+
+        def appended_or_gone() -> bool:
+            nonlocal seq
             if self.removed or self.ctx.stopping:
                 self._count_drops(arriving=1)
-                return 0
-            time.sleep(delay)
-            delay = min(delay * 2, 0.005)
+                return True
             lane.ack()
             seq = self._append_in_bound(lane, payload)
-            if seq or lane.ring.closed:
-                return seq
+            return bool(seq) or lane.ring.closed
+
+        poll_until(appended_or_gone, None, first=50e-6, longest=0.005)
+        return seq
 
     def queue_initial(self, adds: list[Add], t_ns: int) -> None:
         """Queue the initial list and remember, per lane, where it ends."""

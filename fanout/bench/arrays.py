@@ -54,8 +54,8 @@ import msgpack
 import numpy as np
 
 import fanout
-from fanout.bench.contenders import Contender, _read_result, _ready, reap
 from fanout.bench.scenarios import MAX_COUNT, SESSION_S, Case, Metric
+from fanout.bench.sessions import Contender, read_result, reap, say_ready
 from fanout.listeners.process import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.worker.main import FdArg
 
@@ -205,7 +205,7 @@ class _Baseline(Contender):
         results = []
         while self.results:
             fd = self.results.pop(0)
-            results.append(_read_result(fd, max(0.1, deadline - time.monotonic())))
+            results.append(read_result(fd, max(0.1, deadline - time.monotonic())))
         for p in self.procs:
             p.join(max(0.1, deadline - time.monotonic()))
         return results
@@ -225,7 +225,7 @@ class _Baseline(Contender):
 
 def _pipe_consumer(fd: int, result: int) -> None:
     """Stream-decode ``[dtype, shape, bytes]`` frames, sum each array, report."""
-    _ready(result)
+    say_ready(result)
     count, total = 0, 0.0
     unpacker = msgpack.Unpacker(raw=False, max_buffer_size=1 << 30)
     while chunk := os.read(fd, PIPE_SIZE):
@@ -272,7 +272,7 @@ def _shm_consumer(names: int, acks: int, result: int) -> None:
     consumer shares with the producer, which then reports a leak and unlinks the
     name again after the producer has already unlinked it.
     """
-    _ready(result)
+    say_ready(result)
     count, total = 0, 0.0
     unpacker = msgpack.Unpacker(raw=False)
     while chunk := os.read(names, 1 << 16):

@@ -36,8 +36,9 @@ import ray
 from ray.util.queue import Queue
 
 import fanout
-from fanout.bench.contenders import BenchHandler, Contender, FanoutProcess
+from fanout.bench.contenders import FanoutProcess
 from fanout.bench.payloads import load_payload
+from fanout.bench.sessions import BenchHandler, Contender
 from fanout.stats import NBUCKETS
 
 __all__ = ["CONTENDERS", "cases"]

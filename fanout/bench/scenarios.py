@@ -822,7 +822,7 @@ def _recovery_once(payload: Payload) -> dict[str, float]:
     ready), which recovery must at least repeat.
     """
     import fanout
-    from fanout.bench.contenders import BenchHandler
+    from fanout.bench.sessions import BenchHandler
 
     d = fanout.Distributor()
     reg = d.add_listener(BenchHandler(0.0), name="recovery")

@@ -28,8 +28,9 @@ import msgpack
 import msgspec
 
 import fanout
-from fanout.bench.contenders import FanoutProcess, reap
+from fanout.bench.contenders import FanoutProcess
 from fanout.bench.payloads import load_payload
+from fanout.bench.sessions import reap
 from fanout.core.distributor import CodecName
 from fanout.listeners.process import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import bucket_of

@@ -14,14 +14,8 @@ import pytest
 
 from fanout.bench import report
 from fanout.bench.contenders import CONTENDERS
-from fanout.bench.scenarios import (
-    SCENARIOS,
-    UNSTABLE_SPREAD,
-    Measurement,
-    Options,
-    Suite,
-    interleave,
-)
+from fanout.bench.model import UNSTABLE_SPREAD, Measurement, Options, interleave
+from fanout.bench.scenarios import SCENARIOS, Suite
 from fanout.tools.cli import _non_negative_float, build_parser
 
 STEP = re.compile(r"^\[(\d+)/(\d+)\] ETA \d+:\d\d  (.*)$")
@@ -68,15 +62,15 @@ def test_quick_run_reports_every_figure_with_its_spread(tmp_path, no_leaks):
     for scenario in default - {"recovery", "schema", "arrays", "stalled-arrays"}:
         seen = {r["contender"] for r in results if r["scenario"] == scenario}
         assert seen == installed, scenario
-    from fanout.bench import arrays, schema  # their own contenders
+    from fanout.bench import array_contenders, schema, stalled_arrays  # their own contenders
 
     seen = {r["contender"] for r in results if r["scenario"] == "schema"}
     assert seen == {c.name for c in schema.CONTENDERS}
     seen = {r["contender"] for r in results if r["scenario"] == "arrays"}
-    assert seen == {c.name for c in arrays.CONTENDERS}
+    assert seen == {c.name for c in array_contenders.CONTENDERS}
     stalled = [r for r in results if r["scenario"] == "stalled-arrays"]
     assert {r["contender"] for r in stalled} == {"fanout-process"}
-    assert {r["params"]["stalled"] for r in stalled} == set(arrays.STALLED_SETTINGS)
+    assert {r["params"]["stalled"] for r in stalled} == set(stalled_arrays.STALLED_SETTINGS)
     recovery = [r for r in results if r["scenario"] == "recovery"]
     assert {r["contender"] for r in recovery} == {"fanout-process"}
     assert {r["metric"] for r in recovery} == {"sigkill_to_handled", "cold_start"}

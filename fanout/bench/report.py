@@ -18,7 +18,7 @@ from importlib import metadata
 from typing import Any
 
 from fanout._version import DISTRIBUTION
-from fanout.bench.scenarios import CODEC_CONTENDERS, UNSTABLE_SPREAD, Suite
+from fanout.bench.model import CODEC_CONTENDERS, UNSTABLE_SPREAD, Bench
 
 __all__ = [
     "busy_warning",
@@ -96,7 +96,7 @@ def busy_warning(load1: float | None = None, cores: int | None = None) -> str | 
     )
 
 
-def document(suite: Suite, options: dict[str, Any], start: dict[str, Any]) -> dict[str, Any]:
+def document(suite: Bench, options: dict[str, Any], start: dict[str, Any]) -> dict[str, Any]:
     """The JSON document of a run: every round of every figure, and the machine.
 
     Args:

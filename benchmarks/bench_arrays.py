@@ -27,8 +27,9 @@ from typing import Any
 
 import pytest
 
-from fanout.bench import arrays, report
-from fanout.bench.scenarios import Case, Options, Suite
+from fanout.bench import array_contenders, arrays, report
+from fanout.bench.model import Case, Options
+from fanout.bench.scenarios import Suite
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -121,10 +122,10 @@ def summary(suite: FixedPayloadSuite, bound: int | None) -> tuple[list[str], boo
         for m in suite.measurements
     }
     for (nbytes, L, name), growth in suite.peak_growth.items():
-        fan = medians.get((nbytes, L, arrays.FanoutArrays.name))
+        fan = medians.get((nbytes, L, array_contenders.FanoutArrays.name))
         ratios = ""
-        if name == arrays.FanoutArrays.name:
-            for base in (arrays.PipeArrays.name, arrays.ShmArrays.name):
+        if name == array_contenders.FanoutArrays.name:
+            for base in (array_contenders.PipeArrays.name, array_contenders.ShmArrays.name):
                 other = medians.get((nbytes, L, base))
                 if fan and other:
                     ratios += f"  fanout/{base} = {fan / other:.2f}x"
@@ -148,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--contender",
         action="append",
-        choices=[c.name for c in arrays.CONTENDERS],
+        choices=[c.name for c in array_contenders.CONTENDERS],
         help="run only this contender; repeatable",
     )
     parser.add_argument(
@@ -158,7 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
-    chosen = [c for c in arrays.CONTENDERS if not args.contender or c.name in args.contender]
+    chosen = [
+        c for c in array_contenders.CONTENDERS if not args.contender or c.name in args.contender
+    ]
     opts = Options(listeners=args.listeners, rounds=args.rounds, scenarios=["arrays"])
     suite = FixedPayloadSuite(
         opts,
@@ -187,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if within else 1
 
 
-@pytest.mark.parametrize("cls", arrays.CONTENDERS, ids=[c.name for c in arrays.CONTENDERS])
+@pytest.mark.parametrize(
+    "cls", array_contenders.CONTENDERS, ids=[c.name for c in array_contenders.CONTENDERS]
+)
 def test_1mib_arrays_to_four_listeners(benchmark: Any, cls: Any) -> None:
     pool = arrays.make_pool(1 << 20)
     count = 256

@@ -17,8 +17,8 @@ import tempfile
 import time
 
 import fanout
-from fanout.bench.contenders import BenchHandler
 from fanout.bench.payloads import load_payload
+from fanout.bench.sessions import BenchHandler
 
 
 def rss() -> int:

@@ -19,8 +19,8 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # loopback only
 import ray
 
 import fanout
-from fanout.bench.contenders import BenchHandler
 from fanout.bench.payloads import load_payload
+from fanout.bench.sessions import BenchHandler
 
 BUDGETS = [4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20]
 

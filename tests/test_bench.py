@@ -12,16 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from fanout.bench import report
+from fanout.bench import chart, report
 from fanout.bench.contenders import CONTENDERS
-from fanout.bench.scenarios import (
-    SCENARIOS,
-    UNSTABLE_SPREAD,
-    Measurement,
-    Options,
-    Suite,
-    interleave,
-)
+from fanout.bench.model import UNSTABLE_SPREAD, Measurement, Options, interleave
+from fanout.bench.scenarios import SCENARIOS, Suite
+from fanout.bench.targets import targets
 from fanout.tools.cli import _non_negative_float, build_parser
 
 STEP = re.compile(r"^\[(\d+)/(\d+)\] ETA \d+:\d\d  (.*)$")
@@ -68,15 +63,15 @@ def test_quick_run_reports_every_figure_with_its_spread(tmp_path, no_leaks):
     for scenario in default - {"recovery", "schema", "arrays", "stalled-arrays"}:
         seen = {r["contender"] for r in results if r["scenario"] == scenario}
         assert seen == installed, scenario
-    from fanout.bench import arrays, schema  # their own contenders
+    from fanout.bench import array_contenders, schema, stalled_arrays  # their own contenders
 
     seen = {r["contender"] for r in results if r["scenario"] == "schema"}
     assert seen == {c.name for c in schema.CONTENDERS}
     seen = {r["contender"] for r in results if r["scenario"] == "arrays"}
-    assert seen == {c.name for c in arrays.CONTENDERS}
+    assert seen == {c.name for c in array_contenders.CONTENDERS}
     stalled = [r for r in results if r["scenario"] == "stalled-arrays"]
     assert {r["contender"] for r in stalled} == {"fanout-process"}
-    assert {r["params"]["stalled"] for r in stalled} == set(arrays.STALLED_SETTINGS)
+    assert {r["params"]["stalled"] for r in stalled} == set(stalled_arrays.STALLED_SETTINGS)
     recovery = [r for r in results if r["scenario"] == "recovery"]
     assert {r["contender"] for r in recovery} == {"fanout-process"}
     assert {r["metric"] for r in recovery} == {"sigkill_to_handled", "cold_start"}
@@ -235,7 +230,7 @@ def test_chart_reads_without_the_terminal():
                     [0.020, 0.021, 0.022], better="lower", title="Recovery",
                     label="cold start (reference)"),
     )  # fmt: skip
-    fig = report.figure(doc)
+    fig = chart.figure(doc)
     axes = [ax for ax in fig.axes if ax.axison]
     assert [ax.get_title() for ax in axes] == [
         "Throughput, small objects to 2 listeners",
@@ -282,7 +277,7 @@ def test_chart_value_labels_end_inside_their_panel():
         _rate("fanout-process", [100e3, 107e3, 110e3]),
         _rate("mp.Queue", [30e3, 40e3, 60e3]),
     )
-    fig = report.figure(doc)
+    fig = chart.figure(doc)
     renderer = fig.canvas.get_renderer()
     axes = [ax for ax in fig.axes if ax.axison]
     assert "log" in {ax.get_xscale() for ax in axes}
@@ -420,7 +415,7 @@ def test_targets_are_ratios_of_figures_from_the_same_run():
          "decode_s": 1e-6, "cores": 2, "limit_deliveries_per_s": 1_000_000.0},
     ]  # fmt: skip
     doc["instructions"] = {"distribute": {"small L=1": 15_000.0}}
-    rows = {t["what"]: t for t in report.targets(doc)}
+    rows = {t["what"]: t for t in targets(doc)}
     vs_pipe = rows["small to 4 listeners, fanout-process vs pipe+msgpack"]
     assert (vs_pipe["value"], vs_pipe["met"], vs_pipe["shown"]) == (2.0, True, "2.00x")
     vs_best = rows["small to 4 listeners, fanout-process vs pipe+msgspec"]
@@ -434,4 +429,4 @@ def test_targets_are_ratios_of_figures_from_the_same_run():
     text = report.table(doc)
     assert "Targets (ratios of figures from this one run):" in text
     assert "NOT MET" in text and "not measured in this run" in text
-    assert not [t for t in report.targets(_doc()) if t["value"] is not None]
+    assert not [t for t in targets(_doc()) if t["value"] is not None]

@@ -13,15 +13,17 @@ import time
 import numpy as np
 import pytest
 
-from fanout.bench import arrays
-from fanout.bench.scenarios import UNSTABLE_SPREAD
+from fanout.bench import array_contenders, arrays, stalled_arrays
+from fanout.bench.model import UNSTABLE_SPREAD
 
 pytestmark = pytest.mark.timeout(240)
 
 
 def _segments() -> list[str]:
     """Shared-memory segments this process's baselines named (and did not unlink)."""
-    return glob.glob(os.path.join(arrays.SHM_DIR, f"{arrays.SHM_PREFIX}{os.getpid()}-*"))
+    return glob.glob(
+        os.path.join(array_contenders.SHM_DIR, f"{array_contenders.SHM_PREFIX}{os.getpid()}-*")
+    )
 
 
 @pytest.mark.slow
@@ -36,7 +38,7 @@ def test_quick_run_measures_every_contender_and_size(tmp_path):
     doc = json.loads(out.read_text())
     results = doc["results"]
     listeners = doc["options"]["listeners"]
-    names = {c.name for c in arrays.CONTENDERS}
+    names = {c.name for c in array_contenders.CONTENDERS}
     assert names == {"fanout-process", "pipe+msgpack", "shared_memory"}
     seen = {(r["params"]["array_bytes"], r["params"]["listeners"], r["contender"])
             for r in results}  # fmt: skip
@@ -60,7 +62,7 @@ def test_quick_run_measures_every_contender_and_size(tmp_path):
     assert _segments() == []
 
 
-@pytest.mark.parametrize("cls", arrays.CONTENDERS, ids=lambda c: c.name)
+@pytest.mark.parametrize("cls", array_contenders.CONTENDERS, ids=lambda c: c.name)
 def test_every_contender_sums_every_array(cls, no_leaks):
     pool = arrays.make_pool(64 << 10, count=3)
     r = arrays.run_round(cls, 2, pool, 10)  # 10 is no multiple of 3: a partial cycle
@@ -69,7 +71,7 @@ def test_every_contender_sums_every_array(cls, no_leaks):
     assert _segments() == []
 
 
-class _SkipsEveryOther(arrays.PipeArrays):
+class _SkipsEveryOther(array_contenders.PipeArrays):
     """A contender that does half the work: the round must not pass."""
 
     name = "pipe-skipping"
@@ -84,7 +86,7 @@ class _SkipsEveryOther(arrays.PipeArrays):
             super().send(arr)
 
 
-class _SendsTheWrongArray(arrays.PipeArrays):
+class _SendsTheWrongArray(array_contenders.PipeArrays):
     """As many arrays as asked, but always the first: the count is right, the sum not."""
 
     name = "pipe-wrong"
@@ -102,15 +104,15 @@ def test_a_contender_that_skips_work_fails_its_round(cls, no_leaks):
 
 def test_shared_memory_baseline_unlinks_segments_as_they_are_acknowledged(no_leaks):
     pool = arrays.make_pool(1 << 20, count=2)
-    session = arrays.ShmArrays(2)
+    session = array_contenders.ShmArrays(2)
     try:
         session.start()
         # More than the window holds: the producer must unlink on the way.
-        count = arrays.SHM_WINDOW_BYTES // (1 << 20) + 8
+        count = array_contenders.SHM_WINDOW_BYTES // (1 << 20) + 8
         for i in range(count):
             session.send(pool[i % 2])
-            assert session.in_flight <= arrays.SHM_WINDOW_BYTES
-            assert len(_segments()) == len(session.live) <= arrays.SHM_WINDOW_COUNT
+            assert session.in_flight <= array_contenders.SHM_WINDOW_BYTES
+            assert len(_segments()) == len(session.live) <= array_contenders.SHM_WINDOW_COUNT
         results = session.finish(60)
     finally:
         session.close()
@@ -120,7 +122,7 @@ def test_shared_memory_baseline_unlinks_segments_as_they_are_acknowledged(no_lea
 
 def test_shared_memory_baseline_leaves_nothing_when_a_consumer_dies(no_leaks):
     pool = arrays.make_pool(64 << 10, count=1)
-    session = arrays.ShmArrays(2)
+    session = array_contenders.ShmArrays(2)
     try:
         session.start()
         for _ in range(4):
@@ -140,7 +142,7 @@ def test_shared_memory_baseline_leaves_nothing_when_a_consumer_dies(no_leaks):
     assert session.procs == [] and session.live == {}
 
 
-@pytest.mark.parametrize("cls", arrays.CONTENDERS, ids=lambda c: c.name)
+@pytest.mark.parametrize("cls", array_contenders.CONTENDERS, ids=lambda c: c.name)
 def test_a_failed_round_leaves_no_process_fd_or_segment(cls, no_leaks):
     # An array of Python objects has no bytes to send: fanout refuses it at
     # distribute, the baselines' consumers die on it; the round fails mid-way.
@@ -190,7 +192,9 @@ def test_standalone_script_checks_the_rss_bound(tmp_path):
     proc = run("--json", str(out))
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(out.read_text())
-    assert {r["contender"] for r in doc["results"]} == {c.name for c in arrays.CONTENDERS}
+    assert {r["contender"] for r in doc["results"]} == {
+        c.name for c in array_contenders.CONTENDERS
+    }
     assert {r["arrays"] for r in doc["results"]} == {19}  # 0.02 GB of 1 MiB arrays
     assert "fanout/pipe+msgpack = " in proc.stdout and "fanout/shared_memory = " in proc.stdout
     # A bound fanout cannot keep: its producer holds at least one array (a frame
@@ -199,11 +203,11 @@ def test_standalone_script_checks_the_rss_bound(tmp_path):
     assert proc.returncode == 1 and "OVER THE BOUND" in proc.stdout
 
 
-@pytest.mark.parametrize("setting", list(arrays.STALLED_SETTINGS))
+@pytest.mark.parametrize("setting", list(stalled_arrays.STALLED_SETTINGS))
 def test_a_stalled_round_measures_both_phases_and_holds_the_stalled_listener_to_its_bound(
     setting, no_leaks
 ):
-    r = arrays.stalled_round(setting, 1 << 20, 40)
+    r = stalled_arrays.stalled_round(setting, 1 << 20, 40)
     assert r["fraction"] == pytest.approx(r["beside_per_s"] / r["alone_per_s"])
     assert r["percent_of_alone"] == pytest.approx(100 * r["fraction"])
     assert r["alone_per_s"] > 0 and r["beside_per_s"] > 0 and r["arrays"] == 40
@@ -212,7 +216,7 @@ def test_a_stalled_round_measures_both_phases_and_holds_the_stalled_listener_to_
     assert min(r["alone_cpu_ms"], r["alone_faults"], r["beside_faults"]) >= 0
     assert r["beside_cpu_ms"] > 0
     assert r["bound_percent"] == pytest.approx(1e5 / (r["alone_per_s"] * r["beside_cpu_ms"]))
-    arena, opts = arrays.STALLED_SETTINGS[setting]
+    arena, opts = stalled_arrays.STALLED_SETTINGS[setting]
     bound = opts.get("max_pending_bytes")
     if bound is None:  # it keeps all but the one its handler sits on, arrays included
         assert r["stalled_pending_bytes"] >= 39 << 20 and r["stalled_dropped"] == 0

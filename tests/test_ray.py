@@ -219,7 +219,8 @@ def test_without_ray_import_error_names_the_extra(tmp_path: Path) -> None:
 def test_bench_skips_the_ray_scenario_without_ray(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['ray'] = None\n"
-        "from fanout.bench.scenarios import SCENARIOS, Options, Suite\n"
+        "from fanout.bench.model import Options\n"
+        "from fanout.bench.scenarios import SCENARIOS, Suite\n"
         "suite = Suite(Options(scenarios=['ray']), print)\n"
         "print(SCENARIOS['ray'](suite), suite.skipped['ray'])\n"
     )

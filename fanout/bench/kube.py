@@ -31,6 +31,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import fanout
 from fanout._version import DISTRIBUTION
+from fanout.bench.model import MAX_COUNT, Bench, Case, Metric
 
 __all__ = ["CONTENDERS", "LoopbackServer", "WatchServer", "cases", "measure"]
 
@@ -284,10 +285,8 @@ def measure(cls: Any, n: int) -> tuple[float, float]:
         server.close()
 
 
-def cases(suite: Any) -> list[Any]:
-    """The scenario's one case for ``suite`` (a ``fanout.bench.scenarios.Suite``)."""
-    from fanout.bench.scenarios import MAX_COUNT, Case, Metric
-
+def cases(suite: Bench) -> list[Case]:
+    """The scenario's one case for ``suite``."""
     chosen = []
     for cls in CONTENDERS:
         reason = cls.unavailable()

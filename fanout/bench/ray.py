@@ -36,8 +36,10 @@ import ray
 from ray.util.queue import Queue
 
 import fanout
-from fanout.bench.contenders import BenchHandler, Contender, FanoutProcess
+from fanout.bench.contenders import FanoutProcess
+from fanout.bench.model import Bench, Case, Metric
 from fanout.bench.payloads import load_payload
+from fanout.bench.sessions import BenchHandler, Contender
 from fanout.stats import NBUCKETS
 
 __all__ = ["CONTENDERS", "cases"]
@@ -231,10 +233,8 @@ def _recovery_once() -> dict[str, float]:
         d.stop(drain=False)
 
 
-def cases(suite: Any) -> list[Any]:
-    """The scenario's cases for ``suite`` (a ``fanout.bench.scenarios.Suite``)."""
-    from fanout.bench.scenarios import Case, Metric
-
+def cases(suite: Bench) -> list[Case]:
+    """The scenario's cases for ``suite``."""
     wanted = suite.opts.contenders
     chosen = [c for c in CONTENDERS if wanted is None or c.name in wanted]
     out = [

@@ -28,8 +28,10 @@ import msgpack
 import msgspec
 
 import fanout
-from fanout.bench.contenders import FanoutProcess, reap
+from fanout.bench.contenders import FanoutProcess
+from fanout.bench.model import DELIVERIES, MAX_COUNT, Bench, Case
 from fanout.bench.payloads import load_payload
+from fanout.bench.sessions import reap
 from fanout.core.distributor import CodecName
 from fanout.listeners.process import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import bucket_of
@@ -366,16 +368,14 @@ def _round(suite: Any, cls: Any, n: int) -> tuple[float, float]:
     return delivered / elapsed, cpu / delivered
 
 
-def cases(suite: Any) -> list[Any]:
-    """The scenario's one case for ``suite`` (a ``fanout.bench.scenarios.Suite``).
+def cases(suite: Bench) -> list[Case]:
+    """The scenario's one case for ``suite``.
 
     Besides deliveries/s, each round measures the CPU every process spent per
     delivery, which other load on the machine does not change: ``cores / that``
     is the rate on an idle machine. The codec-bound limits of the schema case
     (both codecs) are measured before the rounds.
     """
-    from fanout.bench.scenarios import DELIVERIES, MAX_COUNT, Case
-
     wanted = suite.opts.contenders
     chosen = [
         c

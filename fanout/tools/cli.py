@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fanout._version import DISTRIBUTION
-from fanout.bench.scenarios import UNSTABLE_SPREAD
+from fanout.bench.model import UNSTABLE_SPREAD
 
 if TYPE_CHECKING:
-    from fanout.bench.scenarios import Options
+    from fanout.bench.model import Options
 
 __all__ = ["main"]
 
@@ -229,8 +229,8 @@ def bench(args: argparse.Namespace) -> int:
 
 def _options(args: argparse.Namespace) -> Options | None:
     """The run's options: quick or full defaults, overridden by the flags given."""
+    from fanout.bench.model import Options
     from fanout.bench.payloads import load_payload
-    from fanout.bench.scenarios import Options
 
     opts = Options.quick() if args.quick else Options()
     for spec in args.payload or ():

@@ -265,11 +265,17 @@ class Arena:
             self._ring_bytes.pop(ring, None)
 
     def ring_bytes(self, ring: Any) -> int:
-        """Bytes of the arena ``ring``'s frames refer to (after freeing what it let go)."""
-        if ring not in self._ring_bytes:
-            return 0
-        self.reconcile(ring=ring)  # (drops free theirs with reconcile_dropped)
+        """Bytes of the arena ``ring``'s frames refer to, as last reconciled; changes nothing.
+
+        ``catch_up`` first for a fresh figure: blocks of frames acked since the last
+        ``reconcile`` still count here.
+        """
         return self._ring_bytes.get(ring, 0)
+
+    def catch_up(self, ring: Any) -> None:
+        """Free the blocks of the frames ``ring`` acked since the last reconcile."""
+        if ring in self._ring_bytes:
+            self.reconcile(ring=ring)  # (drops free theirs with reconcile_dropped)
 
     # -- encoding (any producer thread) --------------------------------------------
 

@@ -143,7 +143,7 @@ class Distributor(Shutdown):
         if self.arena is not None:  # one object: listeners' encoders are this very one
             self._shared_encode = self.ctx.shared_encode = self.arena.encode
         self._pump_thread: threading.Thread | None = None
-        self.supervisor = Supervisor(self.ctx, self.lock, self.supervised_lanes)
+        self.supervisor = Supervisor(self.ctx, self.lock, self.watch_round)
         self.ctx.wake_supervisor = self.supervisor.wake
         self.ctx.listener_failed = self._listener_failed
         unstopped.add(self)

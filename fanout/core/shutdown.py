@@ -53,21 +53,29 @@ class Shutdown(Registry):
     describe_losses: Callable[[], str]
 
     def supervised_lanes(self) -> list[Lane]:
-        """List the lanes the supervisor watches (lock held); for fanout's supervisor.
+        """List the lanes the supervisor watches (lock held); changes nothing.
 
         Returns:
             Every listener's lanes, and removed listeners' lanes until their
             workers are reaped.
         """
+        lanes: list[Lane] = []
+        for reg in (*self._listeners, *self._closing):
+            lanes.extend(reg.supervised_lanes())
+        return lanes
+
+    def release_exited(self) -> None:
+        """Release the removed listeners whose workers have all exited (lock held)."""
         closing = [r for r in self._closing if not r.exited()]
         for reg in self._closing:
             if reg not in closing:
                 reg.release()
         self._closing = closing
-        lanes: list[Lane] = []
-        for reg in (*self._listeners, *closing):
-            lanes.extend(reg.supervised_lanes())
-        return lanes
+
+    def watch_round(self) -> list[Lane]:
+        """The supervisor's round: release what exited, then list the lanes to watch."""
+        self.release_exited()
+        return self.supervised_lanes()
 
     def _own_threads(self) -> set[threading.Thread | None]:
         """fanout's threads and every listener's, removed or taken by a running stop.

@@ -35,9 +35,8 @@ def _real_bytes(payload: bytes) -> int:
     return len(payload) + HEADER_SIZE + (payload.nbytes if type(payload) is SharedPayload else 0)
 
 
-def default_key(n: Notification) -> Hashable | None:
-    """``(namespace, name)`` of the object's ``metadata`` when present, else None."""
-    obj = n.new if type(n) is Update else n.obj  # type: ignore[union-attr]
+def default_key(obj: Any) -> Hashable | None:
+    """``(namespace, name)`` of ``obj``'s ``metadata`` when present, else None."""
     if type(obj) is dict:
         md = obj.get("metadata")
         if type(md) is dict:
@@ -81,20 +80,32 @@ class LaneListener(Registration):
         lanes = self.lanes
         if len(lanes) == 1:
             return lanes[0]
-        key = self.key(n.new if type(n) is Update else n.obj) if self.key else default_key(n)  # type: ignore[union-attr]
+        # The object a key is taken from: an Update's new one.
+        obj = n.new if type(n) is Update else n.obj  # type: ignore[union-attr]
+        key = self.key(obj) if self.key else default_key(obj)
         if key is None:
             self.rr += 1
             return lanes[self.rr % len(lanes)]
         return lanes[hash(key) % len(lanes)]
 
     def arena_bytes(self, lane: Any) -> int:
-        """Bytes of the shared-memory arena ``lane``'s frames refer to (0 without one)."""
+        """Bytes of the shared-memory arena ``lane``'s frames refer to (0 without one).
+
+        As of the last ``catch_up``: a read, it frees nothing.
+        """
         arena = self.ctx.arena
         return 0 if arena is None else arena.ring_bytes(lane.ring)
 
     def pending_bytes(self, lane: Any) -> int:
         """The bytes ``lane`` holds: its ring's, and the arena blocks its frames refer to."""
         return int(lane.ring.nbytes) + self.arena_bytes(lane)
+
+    def catch_up(self, lane: Any) -> None:
+        """Let go of what ``lane``'s consumer finished: ring frames, then their arena blocks."""
+        lane.ack()
+        arena = self.ctx.arena
+        if arena is not None:
+            arena.catch_up(lane.ring)
 
     def _fits(self, lane: Any, need: int) -> bool:
         """Tell whether ``need`` more bytes keep ``lane`` within ``max_pending_bytes``."""
@@ -119,7 +130,7 @@ class LaneListener(Registration):
         if self.overflow != "error" and not waits_for_start:
             return
         if not self._fits(lane, need):
-            lane.ack()
+            self.catch_up(lane)
             held = self.pending_bytes(lane)
             if held + need > bound and waits_for_start:
                 # No worker runs before start(): "block" would wait for start()
@@ -175,7 +186,7 @@ class LaneListener(Registration):
 
     def _put_full(self, lane: Any, payload: bytes) -> int:
         ring = lane.ring
-        lane.ack()
+        self.catch_up(lane)
         seq = self._append_in_bound(lane, payload)
         if seq or ring.closed:
             return seq
@@ -222,7 +233,7 @@ class LaneListener(Registration):
             if self.removed or self.ctx.stopping:
                 self._count_drops(arriving=1)
                 return True
-            lane.ack()
+            self.catch_up(lane)
             seq = self._append_in_bound(lane, payload)
             return bool(seq) or lane.ring.closed
 

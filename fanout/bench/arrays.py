@@ -56,7 +56,7 @@ import numpy as np
 import fanout
 from fanout.bench.contenders import Contender, _read_result, _ready, reap
 from fanout.bench.scenarios import MAX_COUNT, SESSION_S, Case, Metric
-from fanout.listeners.process import F_SETPIPE_SZ, PIPE_SIZE
+from fanout.listeners.pipes import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.worker.main import FdArg
 
 __all__ = [

@@ -29,7 +29,7 @@ import msgspec
 import fanout
 from fanout.bench.payloads import spin
 from fanout.core.distributor import CodecName, Executor
-from fanout.listeners.process import F_SETPIPE_SZ, PIPE_SIZE
+from fanout.listeners.pipes import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import bucket_of
 from fanout.wire.protocol import NBUCKETS
 from fanout.worker.main import FdArg

@@ -31,7 +31,7 @@ import fanout
 from fanout.bench.contenders import FanoutProcess, reap
 from fanout.bench.payloads import load_payload
 from fanout.core.distributor import CodecName
-from fanout.listeners.process import F_SETPIPE_SZ, PIPE_SIZE
+from fanout.listeners.pipes import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import bucket_of
 from fanout.wire.codec import get_codec
 from fanout.wire.protocol import NBUCKETS

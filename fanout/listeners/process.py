@@ -10,7 +10,6 @@ restarts, rewinds and reaps workers through the lane's methods.
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import threading
@@ -23,6 +22,7 @@ import numpy as np
 from fanout.core.options import ListenerOptions
 from fanout.listeners.base import ListenerContext
 from fanout.listeners.lanes import LaneListener
+from fanout.listeners.pipes import PIPE_SIZE, grow_pipe
 from fanout.listeners.procs import ensure_forkserver
 from fanout.wire.protocol import (
     DONE,
@@ -43,8 +43,6 @@ from fanout.worker.main import FdArg, WorkerSpec, producer_fanout, worker_main
 __all__ = ["Lane", "ProcessListener", "reap_discarded"]
 
 STUCK_AFTER = 3  # start-up failures in a row after which drain gives up on a lane
-PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: the producer rarely waits on a full pipe
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PRODUCER_FANOUT = producer_fanout()
 
 
@@ -335,10 +333,7 @@ class Lane:
             os.close(w)
             raise
         try:
-            try:
-                fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass  # above /proc/sys/fs/pipe-max-size: keep the default
+            grow_pipe(w, PIPE_SIZE)
             spec = WorkerSpec(
                 listener=listener.name,
                 lane=self.index,

@@ -39,7 +39,7 @@ import numpy as np
 import fanout
 from fanout.bench.model import FINISH_TIMEOUT
 from fanout.bench.sessions import Contender, read_result, reap, say_ready
-from fanout.listeners.process import F_SETPIPE_SZ, PIPE_SIZE
+from fanout.listeners.pipes import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.worker.main import FdArg
 
 __all__ = ["CONTENDERS", "TALLY", "ArraySum", "FanoutArrays", "PipeArrays", "ShmArrays"]

@@ -25,7 +25,7 @@ import msgpack
 import msgspec
 
 from fanout.bench.sessions import BenchHandler, Contender, read_result, reap, say_ready
-from fanout.listeners.process import F_SETPIPE_SZ, PIPE_SIZE
+from fanout.listeners.pipes import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import bucket_of
 from fanout.wire.protocol import NBUCKETS
 from fanout.worker.main import FdArg

@@ -33,7 +33,7 @@ from fanout.bench.model import DELIVERIES, MAX_COUNT, Bench, Case
 from fanout.bench.payloads import load_payload
 from fanout.bench.sessions import reap
 from fanout.core.distributor import CodecName
-from fanout.listeners.process import F_SETPIPE_SZ, PIPE_SIZE
+from fanout.listeners.pipes import F_SETPIPE_SZ, PIPE_SIZE
 from fanout.stats import bucket_of
 from fanout.wire.codec import get_codec
 from fanout.wire.protocol import NBUCKETS

@@ -265,11 +265,7 @@ class Arena:
             self._ring_bytes.pop(ring, None)
 
     def ring_bytes(self, ring: Any) -> int:
-        """Bytes of the arena ``ring``'s frames refer to, as last reconciled; changes nothing.
-
-        ``catch_up`` first for a fresh figure: blocks of frames acked since the last
-        ``reconcile`` still count here.
-        """
+        """Bytes of the arena ``ring``'s frames refer to, as of the last ``catch_up`` (a read)."""
         return self._ring_bytes.get(ring, 0)
 
     def catch_up(self, ring: Any) -> None:

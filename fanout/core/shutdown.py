@@ -229,15 +229,20 @@ class Shutdown(Registry):
 
     def _wait_drained(self, timeout: float | None) -> bool:
         """Wait until every listener drained, or is stuck, or ``timeout`` passed."""
+
         # A listener whose worker keeps failing to start can never drain: do not
         # wait for it forever (its frames are dropped by the stop, and stop says so).
+        def caught_up(reg: Registration) -> bool:
+            reg.catch_up()
+            return reg.drained()
+
         if not poll_until(
-            lambda: all(r.drained() or r.stuck() for r in self._listeners),
+            lambda: all(caught_up(r) or r.stuck() for r in self._listeners),
             timeout,
             longest=0.001,
         ):
             return False
-        return all(r.drained() for r in self._listeners)
+        return all(caught_up(r) for r in self._listeners)
 
     def _reap(
         self, listeners: tuple[Registration, ...], timeout: float | None, at_exit: bool = False

@@ -6,7 +6,8 @@ client, keeps an indexed ``Store`` of it, and distributes every change as
 """
 
 from fanout.kube._client import ApiError
-from fanout.kube.informer import INITIAL_EVENTS_END, Informer, InformerStats
+from fanout.kube.informer import Informer, InformerStats
+from fanout.kube.reflector import INITIAL_EVENTS_END
 from fanout.kube.store import NAMESPACE_INDEX, Store
 
 __all__ = [

@@ -30,7 +30,7 @@ from fanout.notifications import Add, Notification, RawFrame
 from fanout.stats import ListenerStats, percentile
 from fanout.wire.codec import Codec
 
-__all__ = ["ListenerContext", "Registration"]
+__all__ = ["ListenerContext", "Registration", "decode_or_raw"]
 
 log = logging.getLogger("fanout")
 
@@ -216,6 +216,7 @@ class Registration:
             raised or was dead-lettered counts as finished). A removed listener
             counts as finished too.
         """
+        self.catch_up()
         return self.ctx.producer_synced and self._initial_done()
 
     def wait_synced(self, timeout: float | None = None) -> bool:
@@ -272,8 +273,14 @@ class Registration:
         raise NotImplementedError
 
     def counters(self) -> dict[str, int]:
-        """The executor-specific part of ``stats()``."""
+        """The executor-specific part of ``stats()``, as of the last ``catch_up``."""
         raise NotImplementedError
+
+    def catch_up(self) -> None:
+        """Let go of what the consumers finished; the reads (``counters``, ``drained``) see it.
+
+        A kind whose progress needs no collecting keeps this no-op.
+        """
 
     def worker_pids(self) -> list[int]:
         """Return the process ids of the running workers.
@@ -446,13 +453,10 @@ class Registration:
         """``item`` as a notification: a payload decoded (a ``RawFrame`` if it cannot be)."""
         if isinstance(item, (bytes, bytearray)):
             kept = getattr(item, "kept", None)  # a KeptPayload: its arena blocks copied
-            try:
-                if kept is not None and self.ctx.arena is not None:
-                    with self.ctx.arena.reading(kept):
-                        return self.ctx.codec.decode(item)[0]
-                return self.ctx.codec.decode(item)[0]
-            except Exception as exc:
-                return RawFrame(bytes(item), f"cannot be decoded: {exc!r}")
+            if kept is not None and self.ctx.arena is not None:
+                with self.ctx.arena.reading(kept):
+                    return decode_or_raw(self.ctx.codec, item)
+            return decode_or_raw(self.ctx.codec, item)
         return item
 
     def start_failure(self) -> str:
@@ -468,6 +472,7 @@ class Registration:
             The counters and latency percentiles at the time of the call.
         """
         hist = self.latency_histogram()
+        self.catch_up()
         return ListenerStats(
             name=self.name,
             executor=self.executor,
@@ -501,3 +506,16 @@ class Registration:
             func(self, n, text)
         except BaseException:  # even SystemExit: the supervisor must go on
             log.exception("listener %r: callback %r raised", self.name, func)
+
+
+def decode_or_raw(codec: Codec, payload: bytes | bytearray) -> Notification | RawFrame:
+    """Decode ``payload`` with ``codec``, or wrap it in a ``RawFrame`` saying why it cannot be.
+
+    The codec may run user code (a custom unpack, an ext_hook): call it with no
+    lock held.
+    """
+    try:
+        n: Notification = codec.decode(payload)[0]
+    except Exception as exc:
+        return RawFrame(bytes(payload), f"cannot be decoded: {exc!r}")
+    return n

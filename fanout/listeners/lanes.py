@@ -100,12 +100,17 @@ class LaneListener(Registration):
         """The bytes ``lane`` holds: its ring's, and the arena blocks its frames refer to."""
         return int(lane.ring.nbytes) + self.arena_bytes(lane)
 
-    def catch_up(self, lane: Any) -> None:
+    def catch_up_lane(self, lane: Any) -> None:
         """Let go of what ``lane``'s consumer finished: ring frames, then their arena blocks."""
         lane.ack()
         arena = self.ctx.arena
         if arena is not None:
             arena.catch_up(lane.ring)
+
+    def catch_up(self) -> None:
+        """``catch_up_lane`` for every lane."""
+        for lane in self.lanes:
+            self.catch_up_lane(lane)
 
     def _fits(self, lane: Any, need: int) -> bool:
         """Tell whether ``need`` more bytes keep ``lane`` within ``max_pending_bytes``."""
@@ -130,7 +135,7 @@ class LaneListener(Registration):
         if self.overflow != "error" and not waits_for_start:
             return
         if not self._fits(lane, need):
-            self.catch_up(lane)
+            self.catch_up_lane(lane)
             held = self.pending_bytes(lane)
             if held + need > bound and waits_for_start:
                 # No worker runs before start(): "block" would wait for start()
@@ -186,7 +191,7 @@ class LaneListener(Registration):
 
     def _put_full(self, lane: Any, payload: bytes) -> int:
         ring = lane.ring
-        self.catch_up(lane)
+        self.catch_up_lane(lane)
         seq = self._append_in_bound(lane, payload)
         if seq or ring.closed:
             return seq
@@ -233,7 +238,7 @@ class LaneListener(Registration):
             if self.removed or self.ctx.stopping:
                 self._count_drops(arriving=1)
                 return True
-            self.catch_up(lane)
+            self.catch_up_lane(lane)
             seq = self._append_in_bound(lane, payload)
             return bool(seq) or lane.ring.closed
 

@@ -10,7 +10,6 @@ restarts, rewinds and reaps workers through the lane's methods.
 
 from __future__ import annotations
 
-import fcntl
 import mmap
 import os
 import threading
@@ -23,6 +22,7 @@ import numpy as np
 from fanout.core.options import ListenerOptions
 from fanout.listeners.base import ListenerContext
 from fanout.listeners.lanes import LaneListener
+from fanout.listeners.pipes import PIPE_SIZE, grow_pipe
 from fanout.listeners.procs import ensure_forkserver
 from fanout.wire.protocol import (
     DONE,
@@ -43,8 +43,6 @@ from fanout.worker.main import FdArg, WorkerSpec, producer_fanout, worker_main
 __all__ = ["Lane", "ProcessListener", "reap_discarded"]
 
 STUCK_AFTER = 3  # start-up failures in a row after which drain gives up on a lane
-PIPE_SIZE = 1 << 20  # F_SETPIPE_SZ: the producer rarely waits on a full pipe
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PRODUCER_FANOUT = producer_fanout()
 
 
@@ -190,11 +188,7 @@ class ProcessListener(LaneListener):
 
     def drained(self) -> bool:
         """Tell whether every frame was handled (or dropped / dead-lettered)."""
-        for lane in self.lanes:
-            lane.ack()
-            if len(lane.ring):
-                return False
-        return True
+        return not any(len(lane.ring) for lane in self.lanes)
 
     def stuck(self) -> bool:
         """Tell whether a lane's worker keeps failing to start (nothing drains)."""
@@ -206,18 +200,18 @@ class ProcessListener(LaneListener):
     def _initial_done(self) -> bool:
         if self.removed:  # nothing more will be handled: do not hang unsynced
             return True
-        for lane in self.lanes:
-            if lane.initial_seq and int(lane.slot[DONE]) < lane.initial_seq:
-                lane.ack()
-                if len(lane.ring) and lane.ring.acked_seq < lane.initial_seq:
-                    return False
-        return True
+        return not any(
+            lane.initial_seq
+            and int(lane.slot[DONE]) < lane.initial_seq
+            and len(lane.ring)
+            and lane.ring.acked_seq < lane.initial_seq
+            for lane in self.lanes
+        )
 
     def counters(self) -> dict[str, int]:
         """Pending frames and bytes, handled and failed calls, across lanes."""
         pending = pending_bytes = capacity = 0
         for lane in self.lanes:
-            lane.ack()
             pending += len(lane.ring)
             pending_bytes += self.pending_bytes(lane)  # arena blocks included
             capacity += lane.ring.capacity
@@ -335,10 +329,7 @@ class Lane:
             os.close(w)
             raise
         try:
-            try:
-                fcntl.fcntl(w, F_SETPIPE_SZ, PIPE_SIZE)
-            except OSError:
-                pass  # above /proc/sys/fs/pipe-max-size: keep the default
+            grow_pipe(w, PIPE_SIZE)
             spec = WorkerSpec(
                 listener=listener.name,
                 lane=self.index,

@@ -5,7 +5,9 @@ same way. Instead of the pump and a pipe to a worker, one sender thread per
 listener takes the lane's unsent frames (up to ``BATCH_BYTES``) and submits them in
 ONE actor call, with at most ``MAX_INFLIGHT`` calls in flight per actor. A result
 acknowledges its frames (the ring frees them) and carries handler errors, undecodable
-frames and the frames' distribute timestamps.
+frames and the frames' distribute timestamps. A lane, and how it cuts and submits
+its batches, is ``fanout.listeners.ray_lane``; this module starts and stops the
+actors and accounts for the results.
 
 Failures are Ray's to repair and fanout's to account for: actors run with
 ``max_restarts=-1`` and no task retries. When a call fails (the actor or its node
@@ -18,8 +20,6 @@ it is dead-lettered.
 
 from __future__ import annotations
 
-import collections
-import fcntl
 import functools
 import logging
 import os
@@ -30,15 +30,15 @@ from typing import Any
 
 import numpy as np
 
-from fanout.buffers.ray_store import RayPayload, RayStore, TokenLog
+from fanout.buffers.ray_store import RayPayload, RayStore
 from fanout.core.options import ListenerOptions
 from fanout.core.ray_options import import_ray
-from fanout.listeners.base import ListenerContext
+from fanout.listeners.base import ListenerContext, decode_or_raw
 from fanout.listeners.lanes import LaneListener
-from fanout.native.pick import frame_span
+from fanout.listeners.ray_lane import Batch, RayLane
 from fanout.notifications import RawFrame
 from fanout.wire.codec import MsgpackCodec, MsgspecCodec
-from fanout.wire.protocol import HEADER, HEADER_SIZE, NBUCKETS
+from fanout.wire.protocol import HEADER_SIZE, NBUCKETS
 from fanout.worker.ray_actor import LaneActor, progress_path
 
 __all__ = ["RayCluster", "RayListener"]
@@ -51,11 +51,8 @@ log = logging.getLogger("fanout")
 # batches and low latency; only a backlog fills batches up to it.
 BATCH_BYTES = 4 << 20
 MAX_INFLIGHT = 2  # calls per actor: one running, one queued behind it (4 gained nothing)
-PIPE_BYTES = 1 << 20  # the default /proc/sys/fs/pipe-max-size: larger batches take 2+ reads
-KILL_GRACE = 5.0  # past handler_timeout per frame, the producer kills a stuck actor
 LEAVE_WAIT = 1.0  # seconds close() lets the actors remove their progress files
 STOP_WAIT = 10.0  # seconds close() waits for the sender thread and the actors
-F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 class RayCluster:
@@ -99,116 +96,6 @@ class RayCluster:
             import_ray().shutdown()
 
 
-class _Batch:
-    """One actor call in flight: which frames it carries and when it may be late."""
-
-    __slots__ = ("data", "first", "last", "nframes", "ref", "since", "single")
-
-    def __init__(
-        self, ref: Any, data: bytes, first: int, last: int, nframes: int, single: bool
-    ) -> None:
-        self.ref = ref
-        self.data = data
-        self.first = first
-        self.last = last
-        self.nframes = nframes
-        self.single = single
-        self.since = time.monotonic()  # when it became the running call (at the latest)
-
-
-class RayLane:
-    """One actor, its ring, and the calls in flight to it (owned by the sender thread)."""
-
-    def __init__(self, listener: RayListener, index: int, ring: Any) -> None:
-        self.listener = listener
-        self.index = index
-        self.ring = ring
-        self.actor: Any = None
-        self.ready_ref: Any = None
-        self.ready = False
-        self.ever_ready = False
-        self.first_start = True
-        self.start_error: str | None = None
-        self.initial_seq = 0
-        self.gen = 0
-        self.opens = True  # the next call opens generation ``gen``
-        self.last_submitted = 0  # last seq of the last batch submitted
-        self.single_until = 0  # frames up to this seq go one per call
-        self.attempts: dict[int, int] = {}
-        self.inflight: collections.deque[_Batch] = collections.deque()
-        self.taken = bytearray()  # frames the ring sent (to our pipe), not yet submitted
-        # Frames whose big buffers are in Ray's object store, and their references.
-        self.tokens = TokenLog(listener.store)
-        self.killed = False  # the producer killed the actor for handler_timeout
-        self.rfd = self.wfd = -1
-
-    def __repr__(self) -> str:
-        return f"<RayLane {self.listener.name!r}[{self.index}]>"
-
-    def ack(self) -> None:
-        """Nothing to read: results acknowledge frames as they arrive."""
-
-    def open_pipe(self) -> None:
-        """Make the pipe the ring sends to and this lane reads back: its size is the batch."""
-        self.rfd, self.wfd = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        try:
-            fcntl.fcntl(self.wfd, F_SETPIPE_SZ, min(self.listener.batch_bytes, PIPE_BYTES))
-        except OSError:
-            pass  # above /proc/sys/fs/pipe-max-size: more reads per batch, same batches
-
-    def close_pipe(self) -> None:
-        """Close both pipe ends."""
-        for fd in (self.rfd, self.wfd):
-            if fd >= 0:
-                os.close(fd)
-        self.rfd = self.wfd = -1
-
-    def take(self, budget: int) -> None:
-        """Move unsent frames from the ring into ``taken`` until it holds ``budget`` bytes."""
-        ring = self.ring
-        while len(self.taken) < budget or not self._whole_frame():
-            if not ring.send_to(self.wfd):
-                return
-            while True:
-                try:
-                    chunk = os.read(self.rfd, 1 << 20)
-                except BlockingIOError:
-                    break
-                self.taken += chunk
-
-    def _whole_frame(self) -> bool:
-        taken = self.taken
-        if len(taken) < HEADER_SIZE:
-            return False
-        return len(taken) >= HEADER_SIZE + HEADER.unpack_from(taken, 0)[0]
-
-    def cut(self, budget: int, single: bool) -> tuple[bytes, int, int, int] | None:
-        """Remove whole frames (one if ``single``) from ``taken``: data, first, last, count."""
-        taken = self.taken
-        pos, first, last, count = frame_span(taken, budget, single)  # native: no GIL-bound loop
-        if not count:
-            return None
-        with memoryview(taken) as view:  # one copy, not a slice and then its bytes
-            data = bytes(view[:pos])
-        del taken[:pos]
-        return data, first, last, count
-
-    def rewind(self) -> None:
-        """Forget what is in flight; the ring sends from the first frame not acknowledged."""
-        self.inflight.clear()
-        self.taken = bytearray()
-        while True:
-            try:
-                if not os.read(self.rfd, 1 << 20):
-                    break
-            except BlockingIOError:
-                break
-        self.ring.rewind()
-        self.gen += 1
-        self.opens = True
-        self.ready = False
-
-
 class RayListener(LaneListener):
     """A listener whose handler runs in ``workers`` Ray actors, one lane each."""
 
@@ -228,7 +115,7 @@ class RayListener(LaneListener):
         self.errors = 0
         self.hist = np.zeros(NBUCKETS, dtype=np.int64)
         self.lanes: list[RayLane] = [
-            RayLane(self, i, ring) for i, ring in enumerate(self.make_rings())
+            RayLane(self, i, ring, self.store) for i, ring in enumerate(self.make_rings())
         ]
         self.wake = threading.Event()
         self.idle = False
@@ -296,7 +183,7 @@ class RayListener(LaneListener):
         )
         self.actors_gone = False
         for lane in self.lanes:
-            lane.open_pipe()
+            lane.open_pipe(self.batch_bytes)
             lane.actor = actor_class.remote(
                 self.opts.handler_blob,
                 self.opts.is_factory,
@@ -438,18 +325,19 @@ class RayListener(LaneListener):
             while not self.stopping:
                 calls: list[Callable[[], None]] = []
                 for lane in self.lanes:
-                    self._submit(lane)
+                    lane.submit(self.batch_bytes, self.max_inflight)
                 refs = [lane.ready_ref for lane in self.lanes if lane.ready_ref is not None]
                 refs += [b.ref for lane in self.lanes for b in lane.inflight]
                 if not refs:
                     self.idle = True
-                    if not any(self._room(lane) and self._waiting(lane) for lane in self.lanes):
+                    room = self.max_inflight
+                    if not any(lane.room(room) and lane.waiting() for lane in self.lanes):
                         self.wake.wait(0.05)
                     self.idle = False
                     self.wake.clear()
                     continue
                 full = all(
-                    len(lane.inflight) >= self._room(lane) or not self._waiting(lane)
+                    len(lane.inflight) >= lane.room(self.max_inflight) or not lane.waiting()
                     for lane in self.lanes
                 )
                 # Frames that arrive while we wait here for a result wait too: a
@@ -487,46 +375,6 @@ class RayListener(LaneListener):
         for call in self.settle(reason):
             call()
 
-    @staticmethod
-    def _waiting(lane: RayLane) -> bool:
-        """Tell whether frames wait to be submitted."""
-        return bool(lane.taken) or lane.ring.unsent_bytes > 0
-
-    def _room(self, lane: RayLane) -> int:
-        """Calls this lane may have in flight now."""
-        if not lane.ever_ready or lane.start_error is not None:
-            return 0
-        if lane.single_until > lane.ring.acked_seq:
-            return 1  # isolating the frame that killed the actor: one at a time
-        return self.max_inflight
-
-    def _submit(self, lane: RayLane) -> None:
-        room = self._room(lane)
-        while len(lane.inflight) < room:
-            single = lane.single_until > lane.ring.acked_seq
-            lane.take(self.batch_bytes)
-            cut = lane.cut(self.batch_bytes, single)
-            if cut is None:
-                return
-            data, first, last, count = cut
-            # The batch carries the references its frames use: Ray keeps the
-            # objects alive for the actor, which reads them with ray.get.
-            refs = (
-                self.store.refs(lane.tokens.tokens_between(first, last)) if lane.tokens else None
-            )
-            ref = lane.actor.handle_batch.remote(
-                lane.gen, lane.opens, lane.last_submitted, data, refs
-            )
-            lane.opens = False
-            lane.last_submitted = last
-            if lane.inflight:
-                since = float("inf")  # starts running when the one before finishes
-            else:
-                since = time.monotonic()
-            batch = _Batch(ref, data, first, last, count, single)
-            batch.since = since
-            lane.inflight.append(batch)
-
     def _collect(self, lane: RayLane, finished: set[Any], calls: list[Callable[[], None]]) -> None:
         ray = self.ray
         if lane.ready_ref is not None and lane.ready_ref in finished:
@@ -558,7 +406,7 @@ class RayListener(LaneListener):
             self._acknowledge(lane, result, calls)
         if lane.tokens:
             lane.tokens.release_upto(lane.ring.acked_seq)
-        self._check_timeout(lane)
+        lane.kill_if_overdue(self.ray, self.handler_timeout)
 
     def _acknowledge(self, lane: RayLane, result: Any, calls: list[Callable[[], None]]) -> None:
         last, handled, errors, bad, stamps = result
@@ -572,14 +420,9 @@ class RayListener(LaneListener):
         self._count(dead_lettered=len(bad))
         if stamps:
             self._record_latency(np.frombuffer(stamps, dtype=np.int64))
-        decode = self.ctx.codec.decode
         for _seq, text, payload in errors:
-            n: Any = None
-            if payload:
-                try:
-                    n = decode(payload)[0]
-                except Exception as exc:
-                    n = RawFrame(payload, f"cannot be decoded: {exc!r}")
+            # Decoded here, in the sender thread, which holds no lock.
+            n: Any = decode_or_raw(self.ctx.codec, payload) if payload else None
             calls.append(functools.partial(self.report_error, n, text))
         for _seq, why, payload in bad:
             raw = RawFrame(payload, why)
@@ -598,7 +441,7 @@ class RayListener(LaneListener):
         self.hist += np.bincount(idx, minlength=NBUCKETS)
 
     def _failed(
-        self, lane: RayLane, batch: _Batch, exc: BaseException, calls: list[Callable[[], None]]
+        self, lane: RayLane, batch: Batch, exc: BaseException, calls: list[Callable[[], None]]
     ) -> None:
         """A call failed: charge the frame if it ran alone, then rewind and resend."""
         self.restarts += 1
@@ -628,13 +471,3 @@ class RayListener(LaneListener):
         else:
             lane.single_until = max(lane.single_until, batch.last)
         lane.rewind()
-
-    def _check_timeout(self, lane: RayLane) -> None:
-        """Kill an actor whose running call overstays (its own watchdog could not)."""
-        limit = self.handler_timeout
-        if limit is None or not lane.inflight or lane.killed:
-            return
-        head = lane.inflight[0]
-        if time.monotonic() - head.since > limit * head.nframes + KILL_GRACE:
-            lane.killed = True
-            self.ray.kill(lane.actor, no_restart=False)

@@ -3,7 +3,8 @@
 It waits on every worker's sentinel and return pipe. A dead worker's lane is
 rewound to the first frame the worker had not finished (read from its progress
 slot) and a new worker gets those frames again; the frame it died in counts one
-attempt, and after ``max_attempts`` it is dead-lettered. A call running past
+attempt, and after ``max_attempts`` it is dead-lettered (that accounting is
+``fanout.listeners.deaths``; this module watches and decides). A call running past
 ``handler_timeout`` gets its worker SIGTERM, then SIGKILL. Return-pipe messages
 (handler exceptions, start-up failures) are reported; garbage gets the worker
 killed and restarted. User callbacks run here, outside the distributor's lock.
@@ -14,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import signal
 import threading
 import time
 import weakref
@@ -24,21 +24,18 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from fanout.listeners.base import ListenerContext, decode_or_raw
+from fanout.listeners.deaths import corrupt_slot_reason, describe_exit, rewind_dead_lane
 from fanout.listeners.errorlog import error_log
 from fanout.listeners.process import reap_discarded
 from fanout.notifications import RawFrame
 from fanout.wire.protocol import (
-    DONE,
-    ERRORS,
-    EXIT_START_FAILED,
-    HANDLED,
     MAX_RETURN_MESSAGE,
     MSG_ERROR,
     MSG_FATAL,
     MSG_READY,
     MSG_UNDECODABLE,
     MSG_WORKER,
-    PID,
     RETURN_HEADER,
     START_NS,
     STARTED,
@@ -46,7 +43,6 @@ from fanout.wire.protocol import (
 from fanout.worker.warden import MEMORY_TICK
 
 if TYPE_CHECKING:
-    from fanout.listeners.base import ListenerContext
     from fanout.listeners.process import Lane
 
 __all__ = ["Supervisor"]
@@ -65,27 +61,11 @@ def _close_fds(fds: tuple[int, ...]) -> None:
         os.close(fd)
 
 
-def describe_exit(code: int | None, fatal: bool = False) -> str:
-    """Say how a worker ended, from its exit code (``fatal``: it said why first)."""
-    if code is None:
-        return "worker vanished"
-    if code < 0:
-        try:
-            return f"worker killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"worker killed by signal {-code}"
-    # A handler may exit with any code: trust fanout's own codes only when the
-    # worker announced them on its return pipe.
-    if fatal and code == EXIT_START_FAILED:
-        return "worker could not build its handler"
-    return f"worker exited with code {code}"
-
-
 class Supervisor(threading.Thread):
     """Per-distributor thread that keeps every lane's worker alive."""
 
     def __init__(self, ctx: ListenerContext, lock: Any, lanes: Callable[[], list[Lane]]) -> None:
-        """``lanes()`` lists the lanes to watch; it is called with ``lock`` held."""
+        """``lanes()`` starts a round and lists the lanes to watch; called with ``lock`` held."""
         super().__init__(name="fanout-supervisor", daemon=True)
         self.ctx = ctx
         self.lock = lock
@@ -330,10 +310,7 @@ class Supervisor(threading.Thread):
         """Report a handler exception, decoding the frame it was handling (no lock)."""
         n: Any = None
         if isinstance(payload, bytes) and payload:
-            try:
-                n = self.ctx.codec.decode(payload)[0]
-            except Exception as exc:
-                n = RawFrame(payload, f"cannot be decoded: {exc!r}")
+            n = decode_or_raw(self.ctx.codec, payload)
         listener.report_error(n, text)
 
     def _garbage(self, lane: Lane, what: str, calls: list[Callable[[], None]]) -> None:
@@ -392,7 +369,7 @@ class Supervisor(threading.Thread):
         # Should anything below fail, the tick still starts a new worker.
         lane.respawn_at = time.monotonic() + FIRST_BACKOFF
         reason = lane.kill_reason or describe_exit(code, lane.fatal)
-        progressed, charged = self._rewind(lane, reason, calls)
+        progressed, charged = rewind_dead_lane(lane, reason, calls)
         listener.restarts += 1
         if lane.ready:
             lane.start_failures = 0
@@ -432,68 +409,6 @@ class Supervisor(threading.Thread):
         for lane in listener.supervised_lanes():
             if lane.proc is None:
                 calls += listener.settle_lane(lane, reason)
-
-    def _rewind(
-        self, lane: Lane, reason: str, calls: list[Callable[[], None]]
-    ) -> tuple[bool, bool]:
-        """Free what the dead worker finished, charge the frame it died in, rewind.
-
-        Returns whether the worker finished any frame since it was started, and
-        whether the death was charged to a frame.
-        """
-        listener, ring, slot = lane.listener, lane.ring, lane.slot
-        # The pump is detached: sent_seq is final, and no frame past it ran.
-        sent = ring.sent_seq
-        if lane.corrupt:
-            lane.distrust_counts()
-            # Trust no "done" it wrote: resend all that was not acked. Charge the
-            # attempt to the frame it said it started if that is plausible, else
-            # to the first frame held, so a handler that keeps corrupting its
-            # slot on one notification ends up dead-lettering something.
-            done = ring.acked_seq
-            started = int(slot[STARTED])
-            if not done < started <= sent:
-                started = min(ring.first_seq, sent)
-        else:
-            started = min(int(slot[STARTED]), sent)
-            done = min(int(slot[DONE]), sent)
-        progressed = done > lane.done_at_spawn
-        charged = False
-        if done > ring.acked_seq:
-            ring.ack(done)
-        # Killed after counting a call but before marking its frame done: the
-        # frame is not finished (it runs again, or is dead-lettered), so that
-        # call must not count as delivered. No more calls than frames finished.
-        lane.distrust_counts()
-        if started > done and started > ring.acked_seq:
-            charged = True
-            attempts = lane.attempts.get(started, 0) + 1
-            if attempts >= listener.max_attempts:
-                # Frames before it were finished (it started this one after them).
-                if started - 1 > ring.acked_seq:
-                    ring.ack(started - 1)
-                payload: Any = ring.peek()
-                if payload is not None and listener.payloads_refer_out():
-                    # Its shared-memory blocks copied while the frame holds them:
-                    # decoded (codec hooks: user code) in the call, without the lock.
-                    payload = listener.ctx.arena.keep(ring, [payload], [started])[0]
-                ring.ack(started)
-                lane.attempts.pop(started, None)
-                listener._count(dead_lettered=1)
-                why = (
-                    f"{reason} while handling it, {attempts} times "
-                    f"(max_attempts={listener.max_attempts})"
-                )
-                if payload is not None:
-                    calls.append(functools.partial(listener.dead_letter_item, payload, why))
-                progressed = True  # the lane moves on
-            else:
-                lane.attempts[started] = attempts
-        for seq in [s for s in lane.attempts if s <= ring.acked_seq]:
-            del lane.attempts[seq]
-        lane.undecodable = {s for s in lane.undecodable if s > ring.acked_seq}
-        ring.rewind()
-        return progressed, charged
 
     def _respawn(self, lane: Lane, calls: list[Callable[[], None]]) -> None:
         """Choose ``lane`` for a new worker (lock held); ``_launch`` starts it after the lock."""
@@ -547,32 +462,6 @@ class Supervisor(threading.Thread):
 
     # -- timers --------------------------------------------------------------------------
 
-    @staticmethod
-    def _corrupt_slot(lane: Lane) -> str | None:
-        """Say what is impossible in a worker's progress slot, if anything."""
-        slot = lane.slot
-        # Counters first, DONE after: a call finishing in between errs on the safe side.
-        handled = int(slot[HANDLED]) - lane.handled_at_spawn
-        errors = int(slot[ERRORS]) - lane.errors_at_spawn
-        done, started = int(slot[DONE]), int(slot[STARTED])
-        last = lane.ring.last_seq  # read after the slot: appends only raise it
-        if done > last or started > last:
-            return f"done={done} started={started} beyond the last frame appended, {last}"
-        # Every finished frame is one call or one undecodable report, never more;
-        # one call may be counted a moment before its frame is marked done.
-        finished = done - lane.done_at_spawn
-        if handled < 0 or errors < 0 or errors > handled + 1:
-            return f"{handled} calls and {errors} errors since the worker started"
-        if handled + lane.undecodable_since_spawn > finished + 1:
-            return (
-                f"{handled} calls and {lane.undecodable_since_spawn} undecodable frames "
-                f"for {finished} frames finished"
-            )
-        pid = int(slot[PID])
-        if lane.ready and lane.proc is not None and pid not in (0, lane.proc.pid):
-            return f"pid word {pid} is not the worker's pid {lane.proc.pid}"
-        return None
-
     def _tick(self, lanes: list[Lane], calls: list[Callable[[], None]]) -> None:
         now = time.monotonic()
         now_ns = time.monotonic_ns()
@@ -588,7 +477,7 @@ class Supervisor(threading.Thread):
                 continue
             proc.follow_up(now)
             if not lane.kill_reason and not lane.closing:
-                corrupt = self._corrupt_slot(lane)
+                corrupt = corrupt_slot_reason(lane)
                 if corrupt:
                     lane.corrupt = True
                     lane.kill_reason = f"worker corrupted its progress slot ({corrupt})"

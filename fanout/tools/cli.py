@@ -82,13 +82,21 @@ def _listing(heading: str, items: dict[str, Any]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fanout.bench.contenders import CONTENDERS
-    from fanout.bench.scenarios import SCENARIOS
-
+    """The ``fanout`` command's parser: one subcommand each for ``bench`` and ``top``."""
     parser = argparse.ArgumentParser(
         prog="fanout", description="Command-line tools of the fanout library."
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_bench_parser(sub)
+    _add_top_parser(sub)
+    return parser
+
+
+def _add_bench_parser(sub: argparse._SubParsersAction) -> None:
+    """Add ``fanout bench``: its description, the scenarios and contenders, its options."""
+    from fanout.bench.contenders import CONTENDERS
+    from fanout.bench.scenarios import SCENARIOS
+
     bench = sub.add_parser(
         "bench",
         help="measure fanout against the alternatives on this machine",
@@ -104,6 +112,26 @@ def build_parser() -> argparse.ArgumentParser:
         + "\n\n"
         + _listing("contenders (--contender NAME)", {c.name: c for c in CONTENDERS}),
     )
+    _add_bench_outputs(bench)
+    _add_bench_sizes(bench)
+    bench.add_argument(
+        "--scenario",
+        action="append",
+        choices=list(SCENARIOS),
+        metavar="NAME",
+        help="run only this scenario (names below); repeatable",
+    )
+    bench.add_argument(
+        "--contender",
+        action="append",
+        choices=[c.name for c in CONTENDERS],
+        metavar="NAME",
+        help="run only this contender (names below); repeatable",
+    )
+
+
+def _add_bench_outputs(bench: argparse.ArgumentParser) -> None:
+    """Add ``fanout bench``'s options for the kind of run and where its figures go."""
     bench.add_argument("--quick", action="store_true", help="a short run (about a minute)")
     bench.add_argument(
         "--json",
@@ -125,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="also count instructions per distribute and per worker frame under "
         "valgrind's callgrind (about a minute more; needs valgrind)",
     )
+
+
+def _add_bench_sizes(bench: argparse.ArgumentParser) -> None:
+    """Add ``fanout bench``'s options for the load: counts, payloads, work and durations."""
     bench.add_argument(
         "--listeners", type=_positive_ints, help="listener counts (default 1,4; --quick: 2)"
     )
@@ -147,22 +179,6 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rounds", type=_positive_int, help="measured rounds per figure (default 5; --quick: 3)"
     )
-    bench.add_argument(
-        "--scenario",
-        action="append",
-        choices=list(SCENARIOS),
-        metavar="NAME",
-        help="run only this scenario (names below); repeatable",
-    )
-    bench.add_argument(
-        "--contender",
-        action="append",
-        choices=[c.name for c in CONTENDERS],
-        metavar="NAME",
-        help="run only this contender (names below); repeatable",
-    )
-    _add_top_parser(sub)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -226,49 +226,18 @@ cdef class Pump:
 
     cdef void _loop(self) noexcept nogil:
         cdef pollfd* fds = NULL
-        cdef Py_ssize_t i, nfds, cap = 0
-        cdef Py_ssize_t r
-        cdef int ready, timeout, sent, burst = 0
-        cdef uint64_t drained, woke, last_wake = 0
+        cdef Py_ssize_t nfds, cap = 0
+        cdef int timeout = -1, sent = 0, burst = 0
+        cdef bint ready
+        cdef uint64_t last_wake = 0
         while fanout_load(&self.running):
             pthread_mutex_lock(&self.table_lock)
-            if cap < self.nlanes + 1:
-                PyMem_RawFree(fds)
-                cap = self.nlanes + 1
-                fds = <pollfd*>PyMem_RawMalloc(sizeof(pollfd) * cap)
-                if fds == NULL:  # keep trying with a short nap rather than die
-                    cap = 0
-                    pthread_mutex_unlock(&self.table_lock)
-                    poll(NULL, 0, 10)
-                    continue
-            fds[0].fd = self.efd
-            fds[0].events = POLLIN
-            nfds = 1
-            timeout = -1
-            sent = 0
-            # One pass: every lane with bytes waiting gets one writev.
-            for i in range(self.nlanes):
-                self.lanes[i].blocked = 0
-                if self.lanes[i].broken:
-                    continue
-                if fr_unsent(self.lanes[i].st) == 0:
-                    continue
-                r = fr_send(self.lanes[i].st, self.lanes[i].fd)
-                if r > 0:
-                    sent = 1
-                if r < 0:
-                    self.lanes[i].broken = 1
-                    self.lanes[i].error = <int>-r
-                elif fr_unsent(self.lanes[i].st) > 0:
-                    self.lanes[i].blocked = 1
-                    if fr_capped(self.lanes[i].st):
-                        # Waiting for the reader to finish frames, which no fd
-                        # announces: look again in a millisecond.
-                        timeout = 1
-                    else:
-                        fds[nfds].fd = self.lanes[i].fd
-                        fds[nfds].events = POLLOUT
-                        nfds += 1
+            fds = _room(fds, &cap, self.nlanes + 1)
+            if fds == NULL:  # keep trying with a short nap rather than die
+                pthread_mutex_unlock(&self.table_lock)
+                poll(NULL, 0, 10)
+                continue
+            nfds = _send_pass(self.lanes, self.nlanes, fds, self.efd, &timeout, &sent)
             pthread_mutex_unlock(&self.table_lock)
             if burst and sent and nfds == 1 and timeout == -1:
                 # In a burst, nap without announcing it: producers skip the
@@ -279,13 +248,8 @@ cdef class Pump:
             # Announce the nap, then look once more: an append that raced with
             # the pass either shows up here or sees sleeping == 1 and wakes us.
             fanout_store(&self.sleeping, 1)
-            ready = 0
             pthread_mutex_lock(&self.table_lock)
-            for i in range(self.nlanes):
-                if (not self.lanes[i].broken and not self.lanes[i].blocked
-                        and fr_unsent(self.lanes[i].st) > 0):
-                    ready = 1
-                    break
+            ready = _any_waiting(self.lanes, self.nlanes)
             pthread_mutex_unlock(&self.table_lock)
             if ready or not fanout_load(&self.running):
                 fanout_store(&self.sleeping, 0)
@@ -294,14 +258,81 @@ cdef class Pump:
                 pass
             fanout_store(&self.sleeping, 0)
             if fds[0].revents & POLLIN:
-                read(self.efd, &drained, 8)
-                woke = now_ns()
-                if woke - last_wake < BURST_NS:
-                    # Wake-ups come in a burst: let the producer add a few more
-                    # frames so one writev (and one reader wake-up) carries them,
-                    # and keep napping while passes find work. At low rates there
-                    # is no pause, so latency stays low.
-                    burst = 1
-                    nap_ns(COALESCE_NS)
-                last_wake = woke
+                burst = _woken(self.efd, &last_wake)
         PyMem_RawFree(fds)
+
+
+# -- the loop's steps: C only, no GIL ------------------------------------------------
+
+cdef inline pollfd* _room(pollfd* fds, Py_ssize_t* cap, Py_ssize_t n) noexcept nogil:
+    # fds, or a new array when it has room for fewer than n; NULL (and cap 0)
+    # when out of memory.
+    if cap[0] >= n:
+        return fds
+    PyMem_RawFree(fds)
+    fds = <pollfd*>PyMem_RawMalloc(sizeof(pollfd) * n)
+    cap[0] = n if fds != NULL else 0
+    return fds
+
+
+cdef inline Py_ssize_t _send_pass(lane_t* lanes, Py_ssize_t nlanes, pollfd* fds, int efd,
+                                  int* timeout, int* sent) noexcept nogil:
+    # One pass, table lock held: every lane with bytes waiting gets one writev.
+    # Fills fds with the eventfd and the lanes to wait for and returns how many;
+    # sent: whether any bytes went; timeout: the poll timeout the lanes need.
+    cdef Py_ssize_t i, r, nfds = 1
+    cdef lane_t* lane
+    fds[0].fd = efd
+    fds[0].events = POLLIN
+    timeout[0] = -1
+    sent[0] = 0
+    for i in range(nlanes):
+        lane = &lanes[i]
+        lane.blocked = 0
+        if lane.broken:
+            continue
+        if fr_unsent(lane.st) == 0:
+            continue
+        r = fr_send(lane.st, lane.fd)
+        if r > 0:
+            sent[0] = 1
+        if r < 0:
+            lane.broken = 1
+            lane.error = <int>-r
+        elif fr_unsent(lane.st) > 0:
+            lane.blocked = 1
+            if fr_capped(lane.st):
+                # Waiting for the reader to finish frames, which no fd
+                # announces: look again in a millisecond.
+                timeout[0] = 1
+            else:
+                fds[nfds].fd = lane.fd
+                fds[nfds].events = POLLOUT
+                nfds += 1
+    return nfds
+
+
+cdef inline bint _any_waiting(lane_t* lanes, Py_ssize_t nlanes) noexcept nogil:
+    # Table lock held: whether a lane that can take bytes has some waiting.
+    cdef Py_ssize_t i
+    for i in range(nlanes):
+        if not lanes[i].broken and not lanes[i].blocked and fr_unsent(lanes[i].st) > 0:
+            return True
+    return False
+
+
+cdef inline bint _woken(int efd, uint64_t* last_wake) noexcept nogil:
+    # The eventfd woke the loop: drain it; True (after a nap) when wake-ups come
+    # in a burst.
+    cdef uint64_t drained, woke
+    cdef bint burst
+    read(efd, &drained, 8)
+    woke = now_ns()
+    burst = woke - last_wake[0] < BURST_NS
+    if burst:
+        # Let the producer add a few more frames so one writev (and one reader
+        # wake-up) carries them, and keep napping while passes find work. At low
+        # rates there is no pause, so latency stays low.
+        nap_ns(COALESCE_NS)
+    last_wake[0] = woke
+    return burst

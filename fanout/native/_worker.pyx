@@ -156,100 +156,133 @@ def serve(int fd, slot, unpack, handler, on_error, on_bad_frame,
     cdef uint64_t[::1] words = slot
     cdef unsigned char* buf = <unsigned char*>PyMem_RawMalloc(chunk)
     cdef unsigned char* grown
-    cdef Py_ssize_t cap = chunk, have = 0, pos, n, length, i
-    cdef uint64_t seq, now
-    cdef int64_t t_ns
-    cdef int kind
+    cdef Py_ssize_t cap = chunk, have = 0, pos, n, need
     if buf == NULL:
         raise MemoryError()
-    on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
+    # Bound once: the frame loop takes them from this tuple at each read.
+    calls = (unpack, handler.on_add, handler.on_update, handler.on_delete, on_error,
+             on_bad_frame)
     try:
         while True:
             if _forked:
                 _exit(0)
-            with nogil:  # buf is ours alone; read() blocks until the pump writes
-                n = read(fd, buf + have, cap - have)
-                while n < 0 and errno == EINTR:
-                    n = read(fd, buf + have, cap - have)
-            if n < 0:
-                raise os_error(errno, "read from the data pipe")
+            n = _read(fd, buf + have, cap - have)
             if n == 0:
                 return
             have += n
-            pos = 0
-            while have - pos >= HDR:
-                length = 0
-                seq = 0
-                for i in range(4):
-                    length |= (<Py_ssize_t>buf[pos + i]) << (8 * i)
-                for i in range(8):
-                    seq |= (<uint64_t>buf[pos + 4 + i]) << (8 * i)
-                if HDR + length > cap:  # a frame larger than the buffer: grow it
-                    memmove(buf, buf + pos, have - pos)
-                    have -= pos
-                    pos = 0
-                    grown = <unsigned char*>PyMem_RawRealloc(buf, HDR + length)
-                    if grown == NULL:
-                        raise MemoryError()
-                    buf = grown
-                    cap = HDR + length
-                    break
-                if have - pos < HDR + length:
-                    break
-                if words[STOP]:
-                    return
-                payload = PyBytes_FromStringAndSize(<char*>buf + pos + HDR, length)
-                pos += HDR + length
-                try:
-                    fields = unpack(payload)
-                    if not isinstance(fields, (list, tuple)) or len(fields) != 4:
-                        raise wire_shape_error(fields)
-                    kind_o, t_o, a, b = fields
-                    try:
-                        # As the twin takes them: ints and what has __index__
-                        # (numpy ints), never floats, which a C conversion takes.
-                        kind = kind_o if type(kind_o) is int else _index(kind_o)
-                        t_ns = t_o if type(t_o) is int else _index(t_o)
-                    except (OverflowError, TypeError):
-                        raise wire_fields_error(kind_o, t_o) from None
-                    if kind < ADD or kind > UPDATE_SAME or t_ns < 0:
-                        raise wire_fields_error(kind_o, t_o)
-                except Exception as exc:
-                    # Decoding is deterministic (an object that does not fit the
-                    # schema never will): a retry would fail the same way. The
-                    # parent dead-letters it; this worker goes on.
-                    words[STARTED] = seq
-                    on_bad_frame(seq, payload, exc)
-                    words[DONE] = seq
-                    continue
-                now = now_ns()
-                words[START_NS] = now
-                words[STARTED] = seq
-                words[HIST + _bucket(<int64_t>(now - <uint64_t>t_ns))] += 1
-                try:
-                    if kind == UPDATE:
-                        on_update(a, b)
-                    elif kind == ADD:
-                        on_add(a, bool(b))
-                    elif kind == UPDATE_SAME:  # one object on the wire, passed as both
-                        on_update(a, a)
-                    else:
-                        on_delete(a)
-                except Exception:
-                    if _forked:  # a copy the handler forked: the worker reports
-                        _exit(0)
-                    # The call is over: stop the handler_timeout clock before a
-                    # report that may wait on a full return pipe.
-                    words[START_NS] = 0
-                    words[ERRORS] += 1
-                    on_error(seq, payload)
-                if _forked:  # a copy the handler forked: its call is not the worker's
-                    _exit(0)
-                words[HANDLED] += 1
-                words[START_NS] = 0
-                words[DONE] = seq
+            need = 0
+            pos = _frames(buf, have, cap, words, calls, &need)
+            if pos < 0:  # the STOP word
+                return
+            # Keep the start of a frame split across reads for the next one.
             if pos:
                 memmove(buf, buf + pos, have - pos)
                 have -= pos
+            if need > cap:  # a frame larger than the buffer: grow it
+                grown = <unsigned char*>PyMem_RawRealloc(buf, need)
+                if grown == NULL:
+                    raise MemoryError()
+                buf = grown
+                cap = need
     finally:
         PyMem_RawFree(buf)
+
+
+cdef Py_ssize_t _read(int fd, unsigned char* buf, Py_ssize_t n) except -1:
+    """Read up to n bytes from the data pipe into buf; 0 at EOF."""
+    cdef Py_ssize_t got
+    with nogil:  # buf is ours alone; read() blocks until the pump writes
+        got = read(fd, buf, n)
+        while got < 0 and errno == EINTR:
+            got = read(fd, buf, n)
+    if got < 0:
+        raise os_error(errno, "read from the data pipe")
+    return got
+
+
+cdef Py_ssize_t _frames(const unsigned char* buf, Py_ssize_t have, Py_ssize_t cap,
+                        uint64_t[::1] words, tuple calls, Py_ssize_t* need) except -2:
+    """Handle the whole frames at the start of buf; return the bytes they took.
+
+    -1: the STOP word is set. need: set to a frame's size when it exceeds cap.
+    """
+    cdef Py_ssize_t pos = 0, length, i
+    cdef uint64_t seq, now
+    cdef int64_t t_ns
+    cdef int kind
+    unpack, on_add, on_update, on_delete, on_error, on_bad_frame = calls
+    while have - pos >= HDR:
+        length = 0
+        seq = 0
+        for i in range(4):
+            length |= (<Py_ssize_t>buf[pos + i]) << (8 * i)
+        for i in range(8):
+            seq |= (<uint64_t>buf[pos + 4 + i]) << (8 * i)
+        if HDR + length > cap:
+            need[0] = HDR + length
+            break
+        if have - pos < HDR + length:
+            break
+        if words[STOP]:
+            return -1
+        payload = PyBytes_FromStringAndSize(<char*>buf + pos + HDR, length)
+        pos += HDR + length
+        try:
+            fields = unpack(payload)
+            if not isinstance(fields, (list, tuple)) or len(fields) != 4:
+                raise wire_shape_error(fields)
+            kind_o, t_o, a, b = fields
+            try:
+                # As the twin takes them: ints and what has __index__
+                # (numpy ints), never floats, which a C conversion takes.
+                kind = kind_o if type(kind_o) is int else _index(kind_o)
+                t_ns = t_o if type(t_o) is int else _index(t_o)
+            except (OverflowError, TypeError):
+                raise wire_fields_error(kind_o, t_o) from None
+            if kind < ADD or kind > UPDATE_SAME or t_ns < 0:
+                raise wire_fields_error(kind_o, t_o)
+        except Exception as exc:
+            _bad_frame(words, seq, payload, exc, on_bad_frame)
+            continue
+        now = now_ns()
+        words[START_NS] = now
+        words[STARTED] = seq
+        words[HIST + _bucket(<int64_t>(now - <uint64_t>t_ns))] += 1
+        try:
+            if kind == UPDATE:
+                on_update(a, b)
+            elif kind == ADD:
+                on_add(a, bool(b))
+            elif kind == UPDATE_SAME:  # one object on the wire, passed as both
+                on_update(a, a)
+            else:
+                on_delete(a)
+        except Exception:
+            _handler_failed(words, seq, payload, on_error)
+        if _forked:  # a copy the handler forked: its call is not the worker's
+            _exit(0)
+        words[HANDLED] += 1
+        words[START_NS] = 0
+        words[DONE] = seq
+    return pos
+
+
+cdef _bad_frame(uint64_t[::1] words, uint64_t seq, payload, exc, on_bad_frame):
+    """Report a frame that does not decode, and count it done."""
+    # Decoding is deterministic (an object that does not fit the schema never
+    # will): a retry would fail the same way. The parent dead-letters it; this
+    # worker goes on.
+    words[STARTED] = seq
+    on_bad_frame(seq, payload, exc)
+    words[DONE] = seq
+
+
+cdef _handler_failed(uint64_t[::1] words, uint64_t seq, payload, on_error):
+    """Count and report the exception the handler raised for frame seq."""
+    if _forked:  # a copy the handler forked: the worker reports
+        _exit(0)
+    # The call is over: stop the handler_timeout clock before a report that may
+    # wait on a full return pipe.
+    words[START_NS] = 0
+    words[ERRORS] += 1
+    on_error(seq, payload)

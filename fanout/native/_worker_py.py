@@ -81,31 +81,15 @@ def serve(
     ``on_error(seq, payload)``. ``chunk``: bytes asked of each read. The twin of
     ``fanout.native._worker.serve``.
     """
-    on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
-    unpack_header = HEADER.unpack_from
-    monotonic_ns = time.monotonic_ns
-    # Every name the per-frame path uses, as a local: global and builtin lookups
-    # cost this loop 4,450 of 32,400 instructions per small frame (callgrind).
-    index, sequence, add, update, update_same = (
-        operator.index,
-        (list, tuple),
-        ADD,
-        UPDATE,
-        UPDATE_SAME,
-    )
-    header_size, max_t_ns, hist, bucket = HEADER_SIZE, MAX_T_NS, HIST, bucket_of
-    stop_w, started_w, done_w, start_ns_w, handled_w = STOP, STARTED, DONE, START_NS, HANDLED
-    _isinstance, _len = isinstance, len
-    getpid, owner = os.getpid, os.getpid()  # a copy forked from C code has another pid
+    # Bound once: the frame loop takes them from this tuple at each read.
+    calls = (unpack, handler.on_add, handler.on_update, handler.on_delete, on_error, on_bad_frame)
+    owner = os.getpid()  # a copy forked from C code has another pid
     pending = bytearray()  # the start of a frame split across reads
     need = 0  # bytes that frame needs in all (header included), once known
     while True:
-        if _forked or getpid() != owner:
+        if _forked or os.getpid() != owner:
             os._exit(0)
-        try:
-            got = os.read(fd, max(chunk, need - len(pending)))
-        except OSError as exc:  # said as the native loop says it
-            raise OSError(exc.errno, f"read from the data pipe: {exc.strerror}") from None
+        got = _read(fd, max(chunk, need - len(pending)))
         if not got:
             return
         if pending:
@@ -118,70 +102,117 @@ def serve(
             pending = bytearray()
         else:
             data = got
+        pos = _frames(data, slot, calls, owner)
+        if pos < 0:  # the STOP word
+            return
+        # Keep the start of a frame split across reads for the next one.
         end = len(data)
-        pos = 0
-        while end - pos >= header_size:
-            length, seq = unpack_header(data, pos)
-            stop = pos + header_size + length
-            if stop > end:
-                break
-            if slot[stop_w]:
-                return
-            payload = data[pos + header_size : stop]
-            pos = stop
-            try:
-                fields = unpack(payload)
-                if not _isinstance(fields, sequence) or _len(fields) != 4:
-                    raise wire_shape_error(fields)
-                kind_o, t_o, a, b = fields
-                # Integers as the native loop takes them (it converts to C ints).
-                try:
-                    kind, t_ns = index(kind_o), index(t_o)
-                except TypeError:
-                    raise wire_fields_error(kind_o, t_o) from None
-                if not (add <= kind <= update_same and 0 <= t_ns <= max_t_ns):
-                    raise wire_fields_error(kind_o, t_o)
-            except Exception as exc:
-                # Decoding is deterministic (an object that does not fit the
-                # schema never will): a retry would fail the same way. The
-                # parent dead-letters it; this worker goes on.
-                slot[started_w] = seq
-                on_bad_frame(seq, payload, exc)
-                slot[done_w] = seq
-                continue
-            now = monotonic_ns()
-            slot[start_ns_w] = now
-            slot[started_w] = seq
-            slot[hist + bucket(now - t_ns)] += 1
-            try:
-                if kind == update:
-                    on_update(a, b)
-                elif kind == add:
-                    on_add(a, bool(b))
-                elif kind == update_same:  # one object on the wire, passed as both
-                    on_update(a, a)
-                else:
-                    on_delete(a)
-            except Exception:
-                if _forked or getpid() != owner:  # a copy the handler forked: not it
-                    os._exit(0)
-                # The call is over: stop the handler_timeout clock before a report
-                # that may wait on a full return pipe.
-                slot[start_ns_w] = 0
-                slot[ERRORS] += 1
-                on_error(seq, payload)
-            if _forked or getpid() != owner:  # a copy the handler forked: not its call
-                os._exit(0)
-            slot[handled_w] += 1
-            slot[start_ns_w] = 0
-            slot[done_w] = seq
         if pos < end:
             pending = bytearray(data[pos:])
             need = HEADER_SIZE
             if end - pos >= HEADER_SIZE:
-                need += unpack_header(data, pos)[0]
+                need += HEADER.unpack_from(data, pos)[0]
         else:
             need = 0
+
+
+def _read(fd: int, n: int) -> bytes:
+    """Read up to ``n`` bytes from the data pipe; ``b""`` at EOF."""
+    try:
+        return os.read(fd, n)
+    except OSError as exc:  # said as the native loop says it
+        raise OSError(exc.errno, f"read from the data pipe: {exc.strerror}") from None
+
+
+def _frames(data: bytes, slot: memoryview, calls: tuple[Any, ...], owner: int) -> int:
+    """Handle the whole frames at the start of ``data``; return the bytes they took.
+
+    -1: the STOP word is set.
+    """
+    unpack, on_add, on_update, on_delete, on_error, on_bad_frame = calls
+    # Every name the per-frame path uses, as a local: global and builtin lookups
+    # cost this loop 4,450 of 32,400 instructions per small frame (callgrind).
+    unpack_header, monotonic_ns, getpid = HEADER.unpack_from, time.monotonic_ns, os.getpid
+    index, sequence, add, update, update_same = (
+        operator.index,
+        (list, tuple),
+        ADD,
+        UPDATE,
+        UPDATE_SAME,
+    )
+    header_size, max_t_ns, hist, bucket = HEADER_SIZE, MAX_T_NS, HIST, bucket_of
+    stop_w, started_w, done_w, start_ns_w, handled_w = STOP, STARTED, DONE, START_NS, HANDLED
+    _isinstance, _len = isinstance, len
+    end = len(data)
+    pos = 0
+    while end - pos >= header_size:
+        length, seq = unpack_header(data, pos)
+        stop = pos + header_size + length
+        if stop > end:
+            break
+        if slot[stop_w]:
+            return -1
+        payload = data[pos + header_size : stop]
+        pos = stop
+        try:
+            fields = unpack(payload)
+            if not _isinstance(fields, sequence) or _len(fields) != 4:
+                raise wire_shape_error(fields)
+            kind_o, t_o, a, b = fields
+            # Integers as the native loop takes them (it converts to C ints).
+            try:
+                kind, t_ns = index(kind_o), index(t_o)
+            except TypeError:
+                raise wire_fields_error(kind_o, t_o) from None
+            if not (add <= kind <= update_same and 0 <= t_ns <= max_t_ns):
+                raise wire_fields_error(kind_o, t_o)
+        except Exception as exc:
+            _bad_frame(slot, seq, payload, exc, on_bad_frame)
+            continue
+        now = monotonic_ns()
+        slot[start_ns_w] = now
+        slot[started_w] = seq
+        slot[hist + bucket(now - t_ns)] += 1
+        try:
+            if kind == update:
+                on_update(a, b)
+            elif kind == add:
+                on_add(a, bool(b))
+            elif kind == update_same:  # one object on the wire, passed as both
+                on_update(a, a)
+            else:
+                on_delete(a)
+        except Exception:
+            _handler_failed(slot, seq, payload, on_error, owner)
+        if _forked or getpid() != owner:  # a copy the handler forked: not its call
+            os._exit(0)
+        slot[handled_w] += 1
+        slot[start_ns_w] = 0
+        slot[done_w] = seq
+    return pos
+
+
+def _bad_frame(
+    slot: memoryview, seq: int, payload: bytes, exc: Exception, on_bad_frame: Any
+) -> None:
+    """Report a frame that does not decode, and count it done."""
+    # Decoding is deterministic (an object that does not fit the schema never
+    # will): a retry would fail the same way. The parent dead-letters it; this
+    # worker goes on.
+    slot[STARTED] = seq
+    on_bad_frame(seq, payload, exc)
+    slot[DONE] = seq
+
+
+def _handler_failed(slot: memoryview, seq: int, payload: bytes, on_error: Any, owner: int) -> None:
+    """Count and report the exception the handler raised for frame ``seq``."""
+    if _forked or os.getpid() != owner:  # a copy the handler forked: not it
+        os._exit(0)
+    # The call is over: stop the handler_timeout clock before a report that may
+    # wait on a full return pipe.
+    slot[START_NS] = 0
+    slot[ERRORS] += 1
+    on_error(seq, payload)
 
 
 def watch_lifeline(fd: int) -> None:

@@ -24,7 +24,7 @@ from fanout.native.pick import FrameRing
 from fanout.notifications import Add, Notification, Update
 from fanout.wire.protocol import HEADER_SIZE
 
-__all__ = ["LaneListener", "default_key", "lane_ring"]
+__all__ = ["LaneBase", "LaneListener", "default_key", "lane_ring"]
 
 RING_INITIAL_BYTES = 64 * 1024
 DROPS = ("drop_newest", "drop_oldest")
@@ -44,6 +44,32 @@ def default_key(obj: Any) -> Hashable | None:
             if name is not None:
                 return (md.get("namespace"), name)
     return None
+
+
+class LaneBase:
+    """What every lane of a ``LaneListener`` has: its place, its ring, how its start went.
+
+    A process lane (``fanout.listeners.process.Lane``) adds its worker, pipes and
+    progress slot; a Ray lane (``fanout.listeners.ray_lane.RayLane``) its actor and
+    the calls in flight.
+    """
+
+    def __init__(self, listener: Registration, index: int, ring: Any) -> None:
+        self.listener = listener
+        self.index = index
+        self.ring = ring
+        self.ready = False
+        self.ever_ready = False
+        # Until the first worker said ready or died: start() waits for that.
+        self.first_start = True
+        self.start_error: str | None = None  # why the first start cannot succeed
+        self.initial_seq = 0  # the initial list's last frame (0: none)
+        self.attempts: dict[int, int] = {}  # deaths each frame caused so far
+        self.wfd = self.rfd = -1  # the pipe ends the producer holds
+
+    def ack(self) -> None:
+        """Free the ring frames the lane's consumer has finished."""
+        raise NotImplementedError
 
 
 def lane_ring(bound: int | None, overflow: str) -> Any:
@@ -88,7 +114,7 @@ class LaneListener(Registration):
             return lanes[self.rr % len(lanes)]
         return lanes[hash(key) % len(lanes)]
 
-    def arena_bytes(self, lane: Any) -> int:
+    def arena_bytes(self, lane: LaneBase) -> int:
         """Bytes of the shared-memory arena ``lane``'s frames refer to (0 without one).
 
         As of the last ``catch_up``: a read, it frees nothing.
@@ -96,11 +122,11 @@ class LaneListener(Registration):
         arena = self.ctx.arena
         return 0 if arena is None else arena.ring_bytes(lane.ring)
 
-    def pending_bytes(self, lane: Any) -> int:
+    def pending_bytes(self, lane: LaneBase) -> int:
         """The bytes ``lane`` holds: its ring's, and the arena blocks its frames refer to."""
         return int(lane.ring.nbytes) + self.arena_bytes(lane)
 
-    def catch_up_lane(self, lane: Any) -> None:
+    def catch_up_lane(self, lane: LaneBase) -> None:
         """Let go of what ``lane``'s consumer finished: ring frames, then their arena blocks."""
         lane.ack()
         arena = self.ctx.arena
@@ -112,12 +138,12 @@ class LaneListener(Registration):
         for lane in self.lanes:
             self.catch_up_lane(lane)
 
-    def _fits(self, lane: Any, need: int) -> bool:
+    def _fits(self, lane: LaneBase, need: int) -> bool:
         """Tell whether ``need`` more bytes keep ``lane`` within ``max_pending_bytes``."""
         bound = self.max_pending_bytes
         return bound is None or self.pending_bytes(lane) + need <= bound
 
-    def check_room(self, lane: Any, payload: bytes) -> None:
+    def check_room(self, lane: LaneBase, payload: bytes) -> None:
         """Raise ``ListenerFull`` if ``payload`` cannot go to ``lane`` (before any put).
 
         The bound counts real bytes: a shared payload's arena blocks too.
@@ -154,7 +180,7 @@ class LaneListener(Registration):
                     f"overflow='block', 'drop_oldest' or 'drop_newest'"
                 )
 
-    def put(self, lane: Any, payload: bytes) -> int | None:
+    def put(self, lane: LaneBase, payload: bytes) -> int | None:
         """Append an encoded notification to ``lane``, applying the overflow policy.
 
         A bounded lane counts the arena bytes its frames refer to (a shared
@@ -180,7 +206,7 @@ class LaneListener(Registration):
             return 0
         return self._put_full(lane, payload)
 
-    def _append_in_bound(self, lane: Any, payload: bytes) -> int:
+    def _append_in_bound(self, lane: LaneBase, payload: bytes) -> int:
         """Append if ``payload`` fits the bound now; 0 if not (or the ring closed)."""
         if not self._fits(lane, len(payload) + HEADER_SIZE):
             return 0
@@ -189,7 +215,7 @@ class LaneListener(Registration):
         except (RingFull, RingClosed):
             return 0
 
-    def _put_full(self, lane: Any, payload: bytes) -> int:
+    def _put_full(self, lane: LaneBase, payload: bytes) -> int:
         ring = lane.ring
         self.catch_up_lane(lane)
         seq = self._append_in_bound(lane, payload)
@@ -220,7 +246,7 @@ class LaneListener(Registration):
         self._count_drops(arriving=1)  # drop_newest
         return 0
 
-    def drop_unsent(self, lane: Any, nbytes: int) -> int:
+    def drop_unsent(self, lane: LaneBase, nbytes: int) -> int:
         """Drop the oldest frames of ``lane`` not yet sent, for ``nbytes`` of room.
 
         Returns:
@@ -229,7 +255,7 @@ class LaneListener(Registration):
         frames, _ = lane.ring.drop_unsent(nbytes)
         return int(frames)
 
-    def _put_blocking(self, lane: Any, payload: bytes) -> int:
+    def _put_blocking(self, lane: LaneBase, payload: bytes) -> int:
         """Wait for room (backpressure); give up only when the listener goes away."""
         seq = 0
 
@@ -301,7 +327,7 @@ class LaneListener(Registration):
             calls += self.settle_lane(lane, reason)
         return calls
 
-    def settle_lane(self, lane: Any, reason: str | None) -> list[Callable[[], None]]:
+    def settle_lane(self, lane: LaneBase, reason: str | None) -> list[Callable[[], None]]:
         """``settle`` for one lane, once nothing consumes it any more."""
         lane.ring.close()
         lane.ack()

@@ -21,7 +21,7 @@ import numpy as np
 
 from fanout.core.options import ListenerOptions
 from fanout.listeners.base import ListenerContext
-from fanout.listeners.lanes import LaneListener
+from fanout.listeners.lanes import LaneBase, LaneListener
 from fanout.listeners.pipes import PIPE_SIZE, grow_pipe
 from fanout.listeners.procs import ensure_forkserver
 from fanout.wire.protocol import (
@@ -237,7 +237,7 @@ class ProcessListener(LaneListener):
         return [lane.proc.pid for lane in self.lanes if lane.proc is not None and lane.proc.pid]
 
 
-class Lane:
+class Lane(LaneBase):
     """One worker process, its data pipe, return pipe, ring and progress slot.
 
     State belongs to the distributor's lock; the pump reads the ring and the pipe
@@ -245,26 +245,17 @@ class Lane:
     """
 
     def __init__(self, listener: ProcessListener, index: int, ring: Any) -> None:
-        self.listener = listener
-        self.index = index
-        self.ring = ring
+        super().__init__(listener, index, ring)
+        self.listener: ProcessListener = listener
         self.slot = listener.slots[index]
         self.proc: Any = None
-        self.wfd = -1  # data pipe, parent's (write) end, non-blocking
-        self.rfd = -1  # return pipe, parent's (read) end, non-blocking
+        # wfd: the data pipe's write end (non-blocking); rfd: the return pipe's read end.
         self.rbuf = bytearray()
-        self.ready = False
-        self.ever_ready = False
         self.launching = False  # a worker start runs with no lock held (``launch``)
-        # Until the first worker said ready or died: start() waits for that.
-        self.first_start = True
-        self.start_error: str | None = None  # why the first start cannot succeed
         self.fatal = False  # the worker reported a start-up or frame failure
         self.fatal_text = ""
         self.corrupt = False  # the worker wrote impossible progress: trust none of it
         self.closing = False
-        self.initial_seq = 0
-        self.attempts: dict[int, int] = {}
         self.undecodable: set[int] = set()  # seqs reported undecodable, not yet acked
         self.kill_reason: str | None = None
         self.kill_at = 0.0  # when a SIGTERM'ed worker gets SIGKILL

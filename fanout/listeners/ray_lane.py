@@ -17,6 +17,7 @@ from typing import Any
 
 from fanout.buffers.ray_store import RayStore, TokenLog
 from fanout.listeners.base import Registration
+from fanout.listeners.lanes import LaneBase
 from fanout.listeners.pipes import PIPE_SIZE, grow_pipe
 from fanout.native.pick import frame_span
 from fanout.wire.protocol import HEADER, HEADER_SIZE
@@ -43,32 +44,23 @@ class Batch:
         self.since = time.monotonic()  # when it became the running call (at the latest)
 
 
-class RayLane:
+class RayLane(LaneBase):
     """One actor, its ring, and the calls in flight to it (owned by the sender thread)."""
 
     def __init__(self, listener: Registration, index: int, ring: Any, store: RayStore) -> None:
-        self.listener = listener
-        self.index = index
-        self.ring = ring
+        super().__init__(listener, index, ring)
         self.store = store
         self.actor: Any = None
         self.ready_ref: Any = None
-        self.ready = False
-        self.ever_ready = False
-        self.first_start = True
-        self.start_error: str | None = None
-        self.initial_seq = 0
         self.gen = 0
         self.opens = True  # the next call opens generation ``gen``
         self.last_submitted = 0  # last seq of the last batch submitted
         self.single_until = 0  # frames up to this seq go one per call
-        self.attempts: dict[int, int] = {}
         self.inflight: collections.deque[Batch] = collections.deque()
         self.taken = bytearray()  # frames the ring sent (to our pipe), not yet submitted
         # Frames whose big buffers are in Ray's object store, and their references.
         self.tokens = TokenLog(store)
         self.killed = False  # the producer killed the actor for handler_timeout
-        self.rfd = self.wfd = -1
 
     def __repr__(self) -> str:
         return f"<RayLane {self.listener.name!r}[{self.index}]>"

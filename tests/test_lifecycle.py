@@ -406,7 +406,7 @@ def test_a_listener_that_cannot_start_dead_letters_arena_frames_without_the_lock
 
 
 def test_the_supervisor_reaps_a_dead_worker_without_the_lock(make_dist, tmp_path, monkeypatch):
-    from fanout.worker import isolation as _isolation
+    from fanout.listeners import launch as _isolation
 
     d = make_dist()
     joins: list[bool] = []
@@ -429,8 +429,8 @@ def test_the_supervisor_reaps_a_dead_worker_without_the_lock(make_dist, tmp_path
 
 def test_worker_starts_and_memory_reads_run_without_the_lock(make_dist, tmp_path, monkeypatch):
     """Starting a process and reading /proc wait on the kernel: never under the lock."""
+    from fanout.listeners.launch import WorkerProcess
     from fanout.listeners.process import Lane
-    from fanout.worker.isolation import WorkerProcess
 
     d = make_dist()
     seen: list[tuple[str, bool]] = []

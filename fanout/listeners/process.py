@@ -22,6 +22,7 @@ import numpy as np
 from fanout.core.options import ListenerOptions
 from fanout.listeners.base import ListenerContext
 from fanout.listeners.lanes import LaneBase, LaneListener
+from fanout.listeners.launch import WorkerProcess, before_start
 from fanout.listeners.pipes import PIPE_SIZE, grow_pipe
 from fanout.listeners.procs import ensure_forkserver
 from fanout.wire.protocol import (
@@ -36,8 +37,8 @@ from fanout.wire.protocol import (
     START_NS,
     STARTED,
     STOP,
+    slot_stride,
 )
-from fanout.worker.isolation import WorkerProcess, before_start, slot_stride
 from fanout.worker.main import FdArg, WorkerSpec, producer_fanout, worker_main
 
 __all__ = ["Lane", "ProcessListener", "reap_discarded"]

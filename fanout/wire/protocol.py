@@ -22,6 +22,7 @@ A worker's own exit codes are trusted only after it announced them.
 
 from __future__ import annotations
 
+import mmap
 import os
 import struct
 from typing import Any
@@ -67,6 +68,7 @@ __all__ = [
     "USER_EXT_CODES",
     "from_wire",
     "send_message",
+    "slot_stride",
     "to_wire",
     "wire_fields_error",
     "wire_shape_error",
@@ -166,3 +168,9 @@ def send_message(fd: int, msg: dict[str, Any]) -> None:
     data = memoryview(RETURN_HEADER.pack(len(body)) + body)
     while data:
         data = data[os.write(fd, data) :]
+
+
+def slot_stride(slot_bytes: int) -> int:
+    """Bytes between two lanes' slots: whole pages, so a worker can map its own alone."""
+    page = mmap.PAGESIZE
+    return -(-slot_bytes // page) * page

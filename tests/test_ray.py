@@ -440,6 +440,56 @@ def test_poison_in_a_batch_of_500_only_it_dead_lettered(rdist, tmp_path: Path) -
     assert s.restarts >= 2
 
 
+class SlowToRestart(Recorder):
+    """A ``Recorder`` whose actor takes ``delay`` seconds to come back after its first start.
+
+    Each actor start unpickles the handler: the first one leaves ``started`` behind.
+    """
+
+    def __init__(self, path: str, started: str, delay: float) -> None:
+        super().__init__(path)
+        self.started, self.delay = started, delay
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "producer": os.getpid()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        if os.getpid() == state["producer"]:
+            return  # the producer's own check that it pickles
+        try:
+            os.close(os.open(self.started, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            time.sleep(self.delay)  # a restart
+
+
+def test_frames_wait_for_a_restarting_actor_and_are_not_charged_for_it(
+    rdist, tmp_path: Path
+) -> None:
+    path = tmp_path / "calls"
+    dead: list[Any] = []
+    d = rdist()
+    reg = d.add_listener(
+        SlowToRestart(str(path), str(tmp_path / "started"), delay=3.0),
+        executor="ray",
+        max_attempts=2,
+        on_dead_letter=lambda r, n, why: dead.append((n, why)),
+    )
+    # Queued before start(): one batch, in which o5 kills its actor each time it
+    # runs. The frames after it must not be charged for the restarts' 3 seconds.
+    for i in range(10):
+        extra = {"exit": "kill"} if i == 5 else {}
+        d.distribute(fanout.Add(obj(f"o{i}", i, **extra)))
+    d.start()
+    assert d.stop(drain=True, timeout=120) is True
+    assert [n.obj["metadata"]["name"] for n, _ in dead] == ["o5"]
+    counts = Counter(c.name for c in read_calls(path))
+    assert counts == Counter({f"o{i}": 1 for i in range(10) if i != 5})
+    s = assert_accounted(reg)
+    assert (s.delivered, s.dead_lettered) == (9, 1)
+    assert s.restarts >= 2
+
+
 def test_handler_timeout_kills_and_dead_letters(rdist, tmp_path: Path) -> None:
     path = tmp_path / "calls"
     dead: list[Any] = []

@@ -3,10 +3,10 @@
 A ``Registration`` is the handle ``Distributor.add_listener`` returns and the one
 interface the distributor drives: ``start``, ``close_input``, ``close``,
 ``discard``, ``settle``, ``release`` and the questions ``drained``, ``exited``,
-``stuck``. Each kind lives in its own module: ``process_listener`` (worker
-processes fed over pipes), ``thread_listener`` (one thread in this process) and
-``ray_listener`` (Ray actors); the first and the last share ``lane_listener``
-(lanes of frame rings and their overflow policies).
+``stuck``. Each kind lives in its own module of this folder: ``process`` (worker
+processes fed over pipes), ``thread`` (one thread in this process) and ``ray``
+(Ray actors); the first and the last share ``lanes`` (lanes of frame rings and
+their overflow policies).
 
 A listener sees its distributor only through a ``ListenerContext``: the codec,
 the pump, how workers start, and a few flags the distributor sets. Nothing here

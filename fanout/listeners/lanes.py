@@ -4,10 +4,10 @@
 encoding (``Registration.encoder``); such a listener picks one lane by key
 (``route``), checks room (``check_room``) and appends the payload to that lane's
 ``FrameRing`` (``put``), applying its overflow policy. What consumes a ring is the
-subclass's business: the pump and a worker process (``process_listener``), or a
-sender thread and a Ray actor (``ray_listener``). A lane has ``index``, ``ring``,
-``ack()`` (free what its consumer finished), ``initial_seq``, ``first_start``,
-``start_error`` and ``ever_ready``.
+subclass's business: the pump and a worker process (``listeners.process``), or a
+sender thread and a Ray actor (``listeners.ray``). What every lane has is
+``LaneBase``: ``index``, ``ring``, ``ack()`` (free what its consumer finished),
+``initial_seq``, ``first_start``, ``start_error``, ``ever_ready``.
 """
 
 from __future__ import annotations

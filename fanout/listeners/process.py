@@ -2,10 +2,10 @@
 
 A ``Lane`` is one worker process, the pipe the pump writes its ring into, the
 pipe it answers on and its progress slot (shared memory the worker writes and the
-producer reads). ``distribute`` appends to the lane's ring (``lane_listener``);
-the pump (``_pump``) writes rings into pipes; the worker (``worker``) handles the
-frames; the supervisor (``supervisor``) reads the return pipes and slots and
-restarts, rewinds and reaps workers through the lane's methods.
+producer reads). ``distribute`` appends to the lane's ring (``listeners.lanes``);
+the pump (``native._pump``) writes rings into pipes; the worker (``worker.main``)
+handles the frames; the supervisor (``listeners.supervisor``) reads the return
+pipes and slots and restarts, rewinds and reaps workers through the lane's methods.
 """
 
 from __future__ import annotations

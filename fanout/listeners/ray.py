@@ -12,8 +12,8 @@ actors and accounts for the results.
 Failures are Ray's to repair and fanout's to account for: actors run with
 ``max_restarts=-1`` and no task retries. When a call fails (the actor or its node
 died, or the actor killed itself past ``handler_timeout``), the lane opens a new
-generation: the ring rewinds to the first frame not acknowledged and resends it to the
-restarted actor. The frames of the batch that failed are resent one per call, so the
+generation: the ring rewinds to the first frame not acknowledged and, once the
+restarted actor answers ``ready()``, resends from there. The frames of the batch that failed are resent one per call, so the
 frame that kills its actor is the only one charged attempts; after ``max_attempts``
 it is dead-lettered.
 """
@@ -325,8 +325,10 @@ class RayListener(LaneListener):
             while not self.stopping:
                 calls: list[Callable[[], None]] = []
                 for lane in self.lanes:
+                    lane.probe()
                     lane.submit(self.batch_bytes, self.max_inflight)
                 refs = [lane.ready_ref for lane in self.lanes if lane.ready_ref is not None]
+                refs += [lane.probe_ref for lane in self.lanes if lane.probe_ref is not None]
                 refs += [b.ref for lane in self.lanes for b in lane.inflight]
                 if not refs:
                     self.idle = True
@@ -388,6 +390,8 @@ class RayListener(LaneListener):
                     calls += self.ctx.listener_failed(self, lane.start_error)
                     self.stopping = True
             lane.first_start = False
+        if lane.probe_ref is not None and lane.probe_ref in finished and not lane.probed(ray):
+            self.restarts += 1  # it died again (or is not back yet), as a failed call counts
         while lane.inflight and lane.inflight[0].ref in finished:
             batch = lane.inflight.popleft()
             try:
@@ -471,3 +475,4 @@ class RayListener(LaneListener):
         else:
             lane.single_until = max(lane.single_until, batch.last)
         lane.rewind()
+        lane.await_restart()

@@ -25,6 +25,7 @@ from fanout.wire.protocol import HEADER, HEADER_SIZE
 __all__ = ["KILL_GRACE", "Batch", "RayLane"]
 
 KILL_GRACE = 5.0  # past handler_timeout per frame, the producer kills a stuck actor
+PROBES = 10  # unanswered ready() probes (about 6 s) before frames go to the actor anyway
 
 
 class Batch:
@@ -61,6 +62,13 @@ class RayLane(LaneBase):
         # Frames whose big buffers are in Ray's object store, and their references.
         self.tokens = TokenLog(store)
         self.killed = False  # the producer killed the actor for handler_timeout
+        # After a failed call, frames wait until the restarted actor answers
+        # ``ready()``: a call Ray sends while it still restarts the actor can fail
+        # too (ActorUnavailableError), and its frame would be charged an attempt
+        # for a death it did not cause.
+        self.probe_ref: Any = None
+        self.probe_at = 0.0  # when to ask next; 0: the actor is known to run
+        self.probe_failures = 0
 
     def __repr__(self) -> str:
         return f"<RayLane {self.listener.name!r}[{self.index}]>"
@@ -126,13 +134,48 @@ class RayLane(LaneBase):
         self.opens = True
         self.ready = False
 
+    @property
+    def probing(self) -> bool:
+        """Tell whether frames wait for the restarted actor to answer."""
+        return bool(self.probe_at) or self.probe_ref is not None
+
+    def await_restart(self) -> None:
+        """Hold the frames until the actor, restarted by Ray, answers ``ready()``."""
+        self.probe_at = time.monotonic()
+        self.probe_failures = 0
+
+    def probe(self) -> None:
+        """Ask the actor whether it runs again, once the time to ask has come."""
+        if self.probe_at and self.probe_ref is None and time.monotonic() >= self.probe_at:
+            self.probe_ref = self.actor.ready.remote()
+
+    def probed(self, ray: Any) -> bool:
+        """Take the answer to ``probe``; tell whether the actor answered.
+
+        Unanswered, it is asked again a little later; after ``PROBES`` unanswered
+        probes the frames go anyway (as calls that fail and are charged attempts):
+        an actor Ray cannot bring back must not hold them forever.
+        """
+        ref, self.probe_ref = self.probe_ref, None
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayError:
+            self.probe_failures += 1
+            if self.probe_failures < PROBES:
+                self.probe_at = time.monotonic() + min(0.05 * 2**self.probe_failures, 1.0)
+            else:
+                self.probe_at = 0.0
+            return False
+        self.probe_at = 0.0
+        return True
+
     def waiting(self) -> bool:
         """Tell whether frames wait to be submitted."""
         return bool(self.taken) or self.ring.unsent_bytes > 0
 
     def room(self, max_inflight: int) -> int:
         """Calls this lane may have in flight now."""
-        if not self.ever_ready or self.start_error is not None:
+        if not self.ever_ready or self.start_error is not None or self.probing:
             return 0
         if self.single_until > self.ring.acked_seq:
             return 1  # isolating the frame that killed the actor: one at a time

@@ -13,9 +13,9 @@ Failures are Ray's to repair and fanout's to account for: actors run with
 ``max_restarts=-1`` and no task retries. When a call fails (the actor or its node
 died, or the actor killed itself past ``handler_timeout``), the lane opens a new
 generation: the ring rewinds to the first frame not acknowledged and, once the
-restarted actor answers ``ready()``, resends from there. The frames of the batch that failed are resent one per call, so the
-frame that kills its actor is the only one charged attempts; after ``max_attempts``
-it is dead-lettered.
+restarted actor answers ``ready()``, resends from there. The frames of the batch
+that failed are resent one per call, so the frame that kills its actor is the only
+one charged attempts; after ``max_attempts`` it is dead-lettered.
 """
 
 from __future__ import annotations

@@ -216,8 +216,12 @@ class Registration:
             raised or was dead-lettered counts as finished). A removed listener
             counts as finished too.
         """
-        self.catch_up()
-        return self.ctx.producer_synced and self._initial_done()
+        if not self.ctx.producer_synced:
+            return False
+        if self._initial_done():
+            return True
+        self.catch_up()  # what the workers finished since: only then can the answer change
+        return self._initial_done()
 
     def wait_synced(self, timeout: float | None = None) -> bool:
         """Wait until ``has_synced()`` is true.

@@ -21,6 +21,7 @@ import weakref
 from multiprocessing import connection, forkserver
 from typing import Any
 
+from fanout.core.poll import poll_until
 from fanout.worker.isolation import pidfd_open
 from fanout.worker.warden import private_resident
 
@@ -73,9 +74,9 @@ def _replace_frozen_forkserver() -> bool:
         finally:
             os.close(pidfd)
     else:
-        deadline = time.monotonic() + FORKSERVER_EXIT_WAIT
-        while _state(pid) not in ("Z", "X", "") and time.monotonic() < deadline:
-            time.sleep(0.005)
+        poll_until(
+            lambda: _state(pid) in ("Z", "X", ""), FORKSERVER_EXIT_WAIT, first=0.005, longest=0.005
+        )
     return True
 
 

@@ -137,7 +137,7 @@ class RayLane(LaneBase):
     @property
     def probing(self) -> bool:
         """Tell whether frames wait for the restarted actor to answer."""
-        return bool(self.probe_at) or self.probe_ref is not None
+        return bool(self.probe_at)  # cleared only by an answer, or after PROBES
 
     def await_restart(self) -> None:
         """Hold the frames until the actor, restarted by Ray, answers ``ready()``."""

@@ -28,7 +28,7 @@ from fanout.listeners.base import ListenerContext, Registration
 from fanout.listeners.process import reap_discarded
 from fanout.listeners.procs import preload_in_forkserver
 from fanout.listeners.supervisor import Supervisor
-from fanout.native.pick import Pump, append_all
+from fanout.native.pick import Pump
 from fanout.notifications import NOTIFICATION_TYPES, Notification
 from fanout.wire.codec import Codec, get_codec
 
@@ -138,7 +138,7 @@ class Distributor(Shutdown):
         # waits for them too, so nothing of this distributor outlives it.
         self._leaving: list[Registration] = []
         self.pump: Any = self.ctx.pump
-        self._notify = self.pump.notify
+        self._sink = (self.pump.notify, self._deliver, self._check_not_stopped)
         self._shared_encode: Callable[[Notification, int], bytes] | None = None
         if self.arena is not None:  # one object: listeners' encoders are this very one
             self._shared_encode = self.ctx.shared_encode = self.arena.encode
@@ -396,22 +396,14 @@ class Distributor(Shutdown):
             DistributorStopped: After ``stop()`` (during a concurrent stop,
                 what reached a listener is counted by that stop).
         """
+        plan = self._plan
+        if plan.feed is not None and not sync and plan.feed(n):
+            return  # the common case, in one native call (fanout.core.plan.Plan.feed)
         if type(n) not in NOTIFICATION_TYPES:
             raise TypeError(
                 f"distribute takes fanout.Add, fanout.Update or fanout.Delete, "
                 f"not {type(n).__name__}"
             )
-        plan = self._plan
-        if plan.fast and not sync:  # the common case, kept short
-            t_ns = time.monotonic_ns()
-            payload: bytes = plan.encodes[0](n, t_ns)
-            if type(payload) is bytes:
-                if append_all(plan.rings, payload) < len(plan.rings):
-                    self._check_not_stopped()  # a ring was closed under us
-                self._notify()
-                return
-            self._deliver(plan, n, t_ns, [payload])
-            return
         if not plan.listeners:
             self._check_not_stopped()
             return

@@ -23,7 +23,7 @@ from typing import Any
 from fanout.buffers.arena import Arena, SharedPayload, default_max_shared_bytes
 from fanout.errors import RingClosed
 from fanout.listeners.base import Registration
-from fanout.native.pick import append_all
+from fanout.native.pick import Feed, append_all
 from fanout.notifications import Notification
 from fanout.wire.codec import Codec, MsgpackCodec, MsgspecCodec
 
@@ -69,11 +69,21 @@ class Plan:
     common case: one native call appends to all of them); ``routed``: listeners that
     take payloads but need a lane picked or room checked (``route``, ``check_room``,
     ``put``); ``puts``: listeners that take the notification objects themselves.
+    ``feed``: when ``fast`` and a ``sink`` was given, ``distribute``'s whole common
+    case in one native call (``fanout.native.pick.Feed``), else None.
+
+    ``sink``: the distributor's ``(notify, deliver, closed)``: wake the pump,
+    ``deliver(plan, n, t_ns, payloads)``, and check for a stop when a ring was closed.
     """
 
-    __slots__ = ("encodes", "fast", "listeners", "puts", "rings", "routed", "wire")
+    __slots__ = ("encodes", "fast", "feed", "listeners", "puts", "rings", "routed", "wire")
 
-    def __init__(self, listeners: tuple[Registration, ...], started: bool = False) -> None:
+    def __init__(
+        self,
+        listeners: tuple[Registration, ...],
+        started: bool = False,
+        sink: tuple[Callable[[], Any], Callable[..., Any], Callable[[], Any]] | None = None,
+    ) -> None:
         self.listeners = listeners
         payloads = [r for r in listeners if r.takes_payloads]
         direct = [(r, r.direct_ring()) for r in payloads]
@@ -113,6 +123,14 @@ class Plan:
             and not self.puts
             and len(encodes) == 1
         )
+        self.feed: Callable[[Notification], bool] | None = None
+        if self.fast and sink is not None:
+            notify, deliver_to, closed = sink
+
+            def finish(n: Notification, t_ns: int, payload: bytes) -> None:
+                deliver_to(self, n, t_ns, [payload])
+
+            self.feed = Feed(self.rings, encodes[0], notify, finish, closed).feed
 
 
 def encode_all(arena: Arena | None, plan: Plan, n: Notification, t_ns: int) -> list[bytes]:

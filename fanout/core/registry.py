@@ -68,6 +68,8 @@ class Registry:
     _closing: list[Registration]
     _leaving: list[Registration]
     _shared_encode: Callable[[Notification, int], bytes] | None
+    # distribute's (wake the pump, deliver, check for a stop): what a Plan's feed calls.
+    _sink: tuple[Callable[[], Any], Callable[..., Any], Callable[[], Any]]
     # Defined by Distributor: a listener whose first start failed is shut down.
     shutdown_listener: Callable[..., bool]
 
@@ -231,7 +233,7 @@ class Registry:
         """
         self._listeners = listeners
         live = tuple(r for r in listeners if r.start_error is None)
-        self._plan = Plan(live, self.ctx.started and not self.ctx.stopping)
+        self._plan = Plan(live, self.ctx.started and not self.ctx.stopping, self._sink)
         if self.arena is not None:  # who shares the arena
             self.arena.set_takers(
                 tuple(lane.ring for lane in r.lanes)

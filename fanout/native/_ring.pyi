@@ -1,9 +1,19 @@
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from typing_extensions import Buffer, disjoint_base
 
-__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "frame_span", "plain"]
+__all__ = [
+    "HEADER_SIZE",
+    "NATIVE",
+    "Encoder",
+    "Feed",
+    "FrameRing",
+    "Ring",
+    "append_all",
+    "frame_span",
+    "plain",
+]
 
 NATIVE: bool
 HEADER_SIZE: int
@@ -66,3 +76,28 @@ class FrameRing:
     def sent_seq(self) -> int: ...
 
 def plain(obj: Any, depth: int, leaves: tuple[type, ...]) -> bool: ...
+
+@disjoint_base
+class Encoder:
+    def __init__(
+        self,
+        encoder: Any,
+        leaves: list[tuple[type, ...]],
+        depth: int,
+        arena: Any,
+        other: Callable[..., Any],
+        failed: Callable[[Any, Any, BaseException], Any],
+    ) -> None: ...
+    def __call__(self, n: Any, t_ns: Any) -> Any: ...
+
+@disjoint_base
+class Feed:
+    def __init__(
+        self,
+        rings: tuple[Any, ...],
+        encode: Any,
+        notify: Any,
+        finish: Any,
+        closed: Any,
+    ) -> None: ...
+    def feed(self, n: Any) -> Any: ...

@@ -11,6 +11,7 @@
 #   _frame_ring.pxi    the FrameRing class around that state
 #   _object_ring.pxi   Ring, the ring of Python objects
 #   _plain.pxi         plain(), the producer's check that both codecs agree
+#   _feed.pxi          Encoder and Feed, distribute's fast path (uses the two above)
 # This file keeps the two calls on frames beyond one ring: append_all (one frame
 # into many rings) and frame_span (the whole frames in a buffer).
 
@@ -24,7 +25,17 @@ from fanout.native._sys cimport HDR
 
 from fanout.native._ring_common import HEADER_SIZE
 
-__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "frame_span", "plain"]
+__all__ = [
+    "HEADER_SIZE",
+    "NATIVE",
+    "Encoder",
+    "Feed",
+    "FrameRing",
+    "Ring",
+    "append_all",
+    "frame_span",
+    "plain",
+]
 
 NATIVE = True
 
@@ -32,6 +43,7 @@ include "_frame_state.pxi"
 include "_frame_ring.pxi"
 include "_object_ring.pxi"
 include "_plain.pxi"
+include "_feed.pxi"
 
 
 def append_all(rings, frame):
@@ -40,6 +52,10 @@ def append_all(rings, frame):
     Closed rings are skipped; returns how many rings took the frame. Stops at
     the first other error; rings before it keep the frame.
     """
+    return _append_all(rings, frame)
+
+
+cdef Py_ssize_t _append_all(rings, frame) except -1:
     cdef Py_buffer view
     cdef FrameRing ring
     cdef Py_ssize_t taken = 0

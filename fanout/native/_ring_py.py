@@ -4,54 +4,39 @@ Both modules have the same API, raise the same exceptions with the same messages
 and pass the same tests; ``FANOUT_NO_EXTENSIONS=1`` makes fanout use this one.
 As the native module is built from one file per concept, this one gathers them:
 ``FrameRing`` from ``_frame_ring_py``, ``Ring`` from ``_object_ring_py``, ``plain``
-from ``_plain_py``; it keeps the two calls on frames beyond one ring,
-``append_all`` and ``frame_span``.
+from ``_plain_py``, ``distribute``'s fast path (``Encoder``, ``Feed``) and
+``append_all`` from ``_feed_py``; it keeps ``frame_span``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from fanout.errors import RingClosed
+from fanout.native._feed_py import Encoder, Feed, append_all
 from fanout.native._frame_ring_py import FrameRing
 from fanout.native._object_ring_py import Ring
 from fanout.native._plain_py import plain
-from fanout.native._ring_common import HEADER, HEADER_SIZE, frame_length
+from fanout.native._ring_common import HEADER, HEADER_SIZE
 
-__all__ = ["HEADER_SIZE", "NATIVE", "FrameRing", "Ring", "append_all", "frame_span", "plain"]
+__all__ = [
+    "HEADER_SIZE",
+    "NATIVE",
+    "Encoder",
+    "Feed",
+    "FrameRing",
+    "Ring",
+    "append_all",
+    "frame_span",
+    "plain",
+]
 
 NATIVE = False
 
 # This module is their public home, as fanout.native._ring is the native ones':
 # reprs and error messages (the pump's "ring must be a ...FrameRing") name it,
 # whichever file holds the source.
-FrameRing.__module__ = Ring.__module__ = plain.__module__ = __name__
-
-
-def append_all(rings: Any, frame: Any) -> int:
-    """Append one frame to every open ring of a sequence, in one call.
-
-    Args:
-        rings: A sequence of ``FrameRing``; closed ones are skipped.
-        frame: A contiguous bytes-like object of 1 byte to 4 GiB.
-
-    Returns:
-        How many rings took the frame.
-
-    Raises:
-        TypeError: ``frame`` is not a contiguous bytes-like object.
-        ValueError: ``frame`` is empty or larger than 4 GiB.
-        RingFull: A bounded ring has no room; the rings before it keep the frame.
-    """
-    frame_length(frame)
-    taken = 0
-    for ring in rings:
-        try:
-            ring.append(frame)
-        except RingClosed:
-            continue
-        taken += 1
-    return taken
+for _cls in (FrameRing, Ring, plain, Encoder, Feed, append_all):
+    _cls.__module__ = __name__
 
 
 def frame_span(buf: Any, budget: int, single: bool) -> tuple[int, int, int, int]:

@@ -75,6 +75,8 @@ if TYPE_CHECKING:
     # Typed through the native stubs (fanout/native/_ring.pyi, _pump.pyi), which
     # stubtest keeps true to the built modules; the twins share the API.
     from fanout.native._pump import Pump as Pump
+    from fanout.native._ring import Encoder as Encoder
+    from fanout.native._ring import Feed as Feed
     from fanout.native._ring import FrameRing as FrameRing
     from fanout.native._ring import Ring as Ring
     from fanout.native._ring import append_all as append_all
@@ -84,6 +86,8 @@ else:
     Ring = ring_impl.Ring
     FrameRing = ring_impl.FrameRing
     Pump = pump_impl.Pump
+    Encoder = ring_impl.Encoder
+    Feed = ring_impl.Feed
     append_all = ring_impl.append_all
     frame_span = ring_impl.frame_span
     plain = ring_impl.plain
@@ -91,6 +95,8 @@ else:
 __all__ = [
     "IMPORT_ERROR",
     "NATIVE",
+    "Encoder",
+    "Feed",
     "FrameRing",
     "Pump",
     "Ring",

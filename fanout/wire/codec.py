@@ -472,13 +472,14 @@ class MsgspecCodec(_MsgpackPacking, Codec):
         return self._pack_other(obj)
 
     def arena_encoder(self, arena: Any) -> Callable[[Notification, int], bytes]:
-        """The shared-memory arena's encode, with its check folded in: one Python call.
+        """The shared-memory arena's encode, with its check folded in: one native call.
 
-        The steps of ``encode``, repeated to spare the common case (no array, a
-        small payload) the arena's own frame, about 2,000 instructions a call:
-        a payload under ``arena.min_bytes`` during which no encode met a big
-        buffer (``arena._events``) is returned as it is; the rest goes on in
+        The steps of ``encode`` in a ``fanout.native.pick.Encoder``, which spares
+        the common case (no array, a small payload) the arena's own frame: a
+        payload under ``arena.min_bytes`` during which no encode met a big buffer
+        (``arena._events``) is returned as it is; the rest goes on in
         ``arena._encode_shared``, and a failure to ``arena.encode_failed``.
+        ``distribute``'s ``Feed`` runs it without a Python call.
 
         Args:
             arena: The ``fanout.buffers.arena.Arena`` this codec encodes for.
@@ -489,36 +490,16 @@ class MsgspecCodec(_MsgpackPacking, Codec):
         other = arena._encode_shared
         if self._plain is _never_plain or type(self).encode is not MsgspecCodec.encode:
             return other  # no native walk, or an encode of the user's: the full path
-        enc, plain, leaves, min_bytes = (
-            self._enc.encode,
-            self._plain,
-            _plain_leaves,
-            arena.min_bytes,
-        )
+        from fanout.native.pick import Encoder
 
-        def encode(n: Notification, t_ns: int) -> bytes:
-            if type(n) is Update:
-                old, new = n.old, n.new
-                obj = [UPDATE_SAME, t_ns, new, None] if old is new else [UPDATE, t_ns, old, new]
-            else:
-                kind, a, b = to_wire(n)
-                obj = [kind, t_ns, a, b]
-            if not plain(obj, PLAIN_DEPTH, leaves[0]):
-                return other(n, t_ns)  # packed by msgpack: the arena's own path
-            events = arena._events
-            try:
-                payload = enc(obj)
-            except MSGSPEC_REFUSALS as exc:
+        def failed(obj: Any, events: int, exc: BaseException) -> None:
+            if isinstance(exc, MSGSPEC_REFUSALS):
                 failure = msgspec_failure(obj, exc)
                 failure.__cause__ = exc
-                arena.encode_failed(events, failure)
-            except BaseException as exc:
-                arena.encode_failed(events, exc)
-            if arena._events == events and len(payload) < min_bytes:
-                return payload
-            return other(n, t_ns, payload, events)
+                exc = failure
+            arena.encode_failed(events, exc)
 
-        return encode
+        return Encoder(self._enc, _plain_leaves, PLAIN_DEPTH, arena, other, failed)
 
     def _pack_other(self, obj: Any) -> bytes:
         """Pack ``obj``, which the walk found not plain (numpy may have arrived since)."""

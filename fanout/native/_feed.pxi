@@ -1,0 +1,186 @@
+# The producer's fast path: Encoder (msgspec's encode of a notification, with the
+# arena's size check) and Feed (stamp, encode, append to every ring, wake the pump),
+# so a plain notification to plain process listeners runs one Python frame, the
+# caller's. Included by _ring.pyx; twin: fanout/native/_feed_py.py.
+#
+# Everything that is not the common case goes back to Python callables given at
+# construction, with what was already computed, so nothing is encoded twice.
+
+from cpython.bytearray cimport PyByteArray_GET_SIZE
+from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
+
+from fanout.notifications import Add as _Add_cls
+from fanout.notifications import Delete as _Delete_cls
+from fanout.notifications import Update as _Update_cls
+from fanout.wire.protocol import ADD as _ADD_code
+from fanout.wire.protocol import DELETE as _DELETE_code
+from fanout.wire.protocol import UPDATE as _UPDATE_code
+from fanout.wire.protocol import UPDATE_SAME as _UPDATE_SAME_code
+
+cdef object _Add = _Add_cls
+cdef object _Update = _Update_cls
+cdef object _Delete = _Delete_cls
+cdef object _ADD = _ADD_code
+cdef object _DELETE = _DELETE_code
+cdef object _UPDATE = _UPDATE_code
+cdef object _UPDATE_SAME = _UPDATE_SAME_code
+
+
+cdef inline object _monotonic_ns():
+    # time.monotonic_ns() reads this very clock on Linux.
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return <long long>ts.tv_sec * 1000000000 + ts.tv_nsec
+
+
+cdef list _wire(object n, object t_ns):
+    """``[kind, t_ns, a, b]`` for a notification (fanout.wire.protocol.to_wire), or None."""
+    cdef object cls = type(n)
+    if cls is _Update:
+        old = n.old
+        new = n.new
+        if old is new:
+            return [_UPDATE_SAME, t_ns, new, None]
+        return [_UPDATE, t_ns, old, new]
+    if cls is _Add:
+        return [_ADD, t_ns, n.obj, n.is_in_initial_list]
+    if cls is _Delete:
+        return [_DELETE, t_ns, n.obj, None]
+    return None
+
+
+cdef class Encoder:
+    """Encoder(encoder, leaves, depth, arena, other, failed)
+--
+
+    msgspec's encode of a notification, with the shared arena's size check.
+
+    ``encoder(n, t_ns)`` returns the payload: the bytes of ``encoder`` (a
+    ``msgspec.msgpack.Encoder``) for a notification that ``plain`` accepts
+    (``leaves[0]``: the leaf types, read at each call) and whose bytes are under
+    ``arena.min_bytes`` (read once) while no encode met a big buffer
+    (``arena._events`` unchanged); ``other(n, t_ns, payload, events)`` for a
+    bigger one, ``other(n, t_ns)`` for one that is not plain or no
+    notification; a failed encode calls ``failed(obj, events, exc)``, which raises.
+    """
+
+    cdef object _enc, _enc_into, _arena, _other, _failed
+    cdef list _leaves
+    cdef int _depth
+    cdef Py_ssize_t _min_bytes
+    # Feed's reused output: msgspec writes into it and the rings copy from it, so
+    # the common case allocates no bytes. One caller at a time (``_held``).
+    cdef bytearray _buf
+    cdef bint _held
+
+    def __init__(self, encoder, list leaves, int depth, arena, other, failed):
+        self._enc = encoder.encode
+        self._enc_into = encoder.encode_into
+        self._leaves = leaves
+        self._depth = depth
+        self._arena = arena
+        self._min_bytes = arena.min_bytes
+        self._other = other
+        self._failed = failed
+        self._buf = bytearray()
+
+    def __call__(self, n, t_ns):
+        obj = _wire(n, t_ns)
+        if obj is None:
+            return self._other(n, t_ns)  # raises the full path's TypeError
+        return self._encode(obj, n, t_ns, False)
+
+    cdef object _encode(self, list obj, object n, object t_ns, bint into):
+        # With ``into`` (the caller holds ``_buf``): None for the common case,
+        # whose bytes are then in ``_buf``.
+        cdef object leaves = self._leaves[0]
+        cdef Py_ssize_t size
+        if not _plain(<PyObject*>obj, self._depth, <PyObject*>leaves):
+            return self._other(n, t_ns)  # packed by msgpack: the arena's own path
+        arena = self._arena
+        events = arena._events
+        payload = None
+        try:
+            if into:
+                self._enc_into(obj, self._buf)
+            else:
+                payload = self._enc(obj)
+        except BaseException as exc:
+            self._failed(obj, events, exc)
+            raise  # (failed raises)
+        size = PyByteArray_GET_SIZE(self._buf) if into else len(payload)
+        if arena._events == events and size < self._min_bytes:
+            return payload
+        if into:
+            payload = bytes(self._buf)
+        return self._other(n, t_ns, payload, events)
+
+
+# A reused output buffer grown past this is let go after the call.
+cdef Py_ssize_t _KEEP_BYTES = 1 << 20
+
+
+cdef class Feed:
+    """Feed(rings, encode, notify, finish, closed)
+--
+
+    ``distribute``'s fast path for a plan of single-lane process listeners.
+
+    ``feed(n)`` stamps ``n`` with ``time.monotonic_ns()``, encodes it once with
+    ``encode(n, t_ns)`` (an ``Encoder`` is called without a Python call, into a
+    buffer it reuses), appends the bytes to every open ring of ``rings`` and
+    calls ``notify()``; calls ``closed()`` first when a ring refused them as
+    closed, and hands a payload that is not ``bytes`` (big buffers in shared
+    memory) to ``finish(n, t_ns, payload)``. Returns False, having done
+    nothing, when ``n`` is no notification.
+    """
+
+    cdef tuple _rings
+    cdef Py_ssize_t _count
+    cdef object _encode, _notify, _finish, _closed
+    cdef Encoder _inline
+
+    def __init__(self, tuple rings, encode, notify, finish, closed):
+        self._rings = rings
+        self._count = len(rings)
+        self._encode = encode
+        self._inline = encode if type(encode) is Encoder else None
+        self._notify = notify
+        self._finish = finish
+        self._closed = closed
+
+    def feed(self, n):
+        """Deliver ``n`` as described above; False: ``n`` is no notification."""
+        cdef object cls = type(n)
+        cdef Encoder inline = self._inline
+        cdef Py_ssize_t taken = 0
+        if cls is not _Update and cls is not _Add and cls is not _Delete:
+            return False
+        t_ns = _monotonic_ns()
+        if inline is None:
+            payload = self._encode(n, t_ns)
+        elif inline._held:  # another thread is between its encode and its appends
+            payload = inline._encode(_wire(n, t_ns), n, t_ns, False)
+        else:
+            inline._held = True
+            try:
+                payload = inline._encode(_wire(n, t_ns), n, t_ns, True)
+                if payload is None:  # the common case: the bytes are in inline._buf
+                    taken = _append_all(self._rings, inline._buf)
+                    if PyByteArray_GET_SIZE(inline._buf) > _KEEP_BYTES:
+                        inline._buf = bytearray()
+            finally:
+                inline._held = False
+            if payload is None:
+                self._appended(taken)
+                return True
+        if type(payload) is not bytes:
+            self._finish(n, t_ns, payload)
+            return True
+        self._appended(_append_all(self._rings, payload))
+        return True
+
+    cdef inline void _appended(self, Py_ssize_t taken) except *:
+        if taken < self._count:
+            self._closed()  # a ring was closed under us
+        self._notify()

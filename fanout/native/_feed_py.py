@@ -1,0 +1,170 @@
+"""``distribute``'s fast path in pure Python: the twin of the native ``Encoder`` and ``Feed``.
+
+Compiled from ``_feed.pxi`` into ``fanout.native._ring``; ``fanout.native._ring_py``
+names these beside the other twins. ``append_all`` (one frame into many rings),
+which ``Feed`` calls, lives here too. Both do the same steps and call back the same
+Python callables for everything but the common case.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from fanout.errors import RingClosed
+from fanout.native._plain_py import plain
+from fanout.native._ring_common import frame_length
+from fanout.notifications import Add, Delete, Update
+from fanout.wire.protocol import ADD, DELETE, UPDATE, UPDATE_SAME
+
+__all__ = ["Encoder", "Feed", "append_all", "wire"]
+
+
+def wire(n: Any, t_ns: int) -> list[Any] | None:
+    """``[kind, t_ns, a, b]`` for a notification (``fanout.wire.protocol.to_wire``), or None."""
+    cls = type(n)
+    if cls is Update:
+        old, new = n.old, n.new
+        return [UPDATE_SAME, t_ns, new, None] if old is new else [UPDATE, t_ns, old, new]
+    if cls is Add:
+        return [ADD, t_ns, n.obj, n.is_in_initial_list]
+    if cls is Delete:
+        return [DELETE, t_ns, n.obj, None]
+    return None
+
+
+def append_all(rings: Any, frame: Any) -> int:
+    """Append one frame to every open ring of a sequence, in one call.
+
+    Args:
+        rings: A sequence of ``FrameRing``; closed ones are skipped.
+        frame: A contiguous bytes-like object of 1 byte to 4 GiB.
+
+    Returns:
+        How many rings took the frame.
+
+    Raises:
+        TypeError: ``frame`` is not a contiguous bytes-like object.
+        ValueError: ``frame`` is empty or larger than 4 GiB.
+        RingFull: A bounded ring has no room; the rings before it keep the frame.
+    """
+    frame_length(frame)
+    taken = 0
+    for ring in rings:
+        try:
+            ring.append(frame)
+        except RingClosed:
+            continue
+        taken += 1
+    return taken
+
+
+class Encoder:
+    """msgspec's encode of a notification, with the shared arena's size check.
+
+    ``encoder(n, t_ns)`` returns the payload: the bytes of ``encoder`` (a
+    ``msgspec.msgpack.Encoder``) for a notification that ``plain`` accepts
+    (``leaves[0]``: the leaf types, read at each call) and whose bytes are under
+    ``arena.min_bytes`` (read once) while no encode met a big buffer
+    (``arena._events`` unchanged); ``other(n, t_ns, payload, events)`` for a
+    bigger one, ``other(n, t_ns)`` for one that is not plain or no
+    notification; a failed encode calls ``failed(obj, events, exc)``, which raises.
+    (The native one encodes into a buffer it reuses when ``Feed`` calls it; this
+    one has no such step.)
+
+    Args:
+        encoder: A ``msgspec.msgpack.Encoder`` (or anything with its ``encode``).
+        leaves: A list whose first item is the tuple of leaf types ``plain`` accepts.
+        depth: How deep ``plain`` looks.
+        arena: The ``fanout.buffers.arena.Arena`` encoded for.
+        other: The arena's full encode.
+        failed: Raises the error for a failed ``enc``.
+    """
+
+    def __init__(
+        self,
+        encoder: Any,
+        leaves: list[tuple[type, ...]],
+        depth: int,
+        arena: Any,
+        other: Callable[..., Any],
+        failed: Callable[[Any, int, BaseException], Any],
+    ) -> None:
+        self._enc = encoder.encode
+        self._leaves = leaves
+        self._depth = depth
+        self._arena = arena
+        self._min_bytes = arena.min_bytes
+        self._other = other
+        self._failed = failed
+
+    def __call__(self, n: Any, t_ns: int) -> Any:
+        obj = wire(n, t_ns)
+        if obj is None:
+            return self._other(n, t_ns)  # raises the full path's TypeError
+        return self._encode(obj, n, t_ns)
+
+    def _encode(self, obj: list[Any], n: Any, t_ns: int) -> Any:
+        """Encode ``obj``, the wire list of ``n``, as ``__call__`` does."""
+        if not plain(obj, self._depth, self._leaves[0]):
+            return self._other(n, t_ns)  # packed by msgpack: the arena's own path
+        arena = self._arena
+        events = arena._events
+        try:
+            payload = self._enc(obj)
+        except BaseException as exc:
+            self._failed(obj, events, exc)
+            raise  # (failed raises)
+        if type(payload) is bytes and arena._events == events:
+            if len(payload) < self._min_bytes:
+                return payload
+        return self._other(n, t_ns, payload, events)
+
+
+class Feed:
+    """``distribute``'s fast path for a plan of single-lane process listeners.
+
+    ``feed(n)`` stamps ``n`` with ``time.monotonic_ns()``, encodes it once with
+    ``encode(n, t_ns)``, appends the bytes to every open ring of ``rings`` and
+    calls ``notify()``; calls ``closed()`` first when a ring refused them as
+    closed, and hands a payload that is not ``bytes`` (big buffers in shared
+    memory) to ``finish(n, t_ns, payload)``. Returns False, having done nothing,
+    when ``n`` is no notification.
+
+    Args:
+        rings: The ``FrameRing`` of each listener.
+        encode: ``(n, t_ns) -> payload``.
+        notify: Wakes the pump.
+        finish: Delivers a payload that is not ``bytes``.
+        closed: Called when a ring was closed (raises if the distributor stopped).
+    """
+
+    def __init__(
+        self,
+        rings: tuple[Any, ...],
+        encode: Callable[[Any, int], Any],
+        notify: Callable[[], Any],
+        finish: Callable[[Any, int, Any], Any],
+        closed: Callable[[], Any],
+    ) -> None:
+        self._rings = rings
+        self._encode = encode
+        self._notify = notify
+        self._finish = finish
+        self._closed = closed
+
+    def feed(self, n: Any) -> bool:
+        """Deliver ``n`` as described above; False: ``n`` is no notification."""
+        cls = type(n)
+        if cls is not Update and cls is not Add and cls is not Delete:
+            return False
+        t_ns = time.monotonic_ns()
+        payload = self._encode(n, t_ns)
+        if type(payload) is not bytes:
+            self._finish(n, t_ns, payload)
+            return True
+        if append_all(self._rings, payload) < len(self._rings):
+            self._closed()  # a ring was closed under us
+        self._notify()
+        return True

@@ -1,0 +1,332 @@
+"""distribute's fast path: ``Encoder`` and ``Feed``, native and twin alike.
+
+Every test takes ``ring_impl`` (tests/conftest.py), so the native classes
+(``_feed.pxi`` in ``fanout.native._ring``) and their twins (``_feed_py.py``)
+pass the same checks. The arena here is a stand-in with the two attributes the
+encoder reads; the distributor tests run the real one.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+import types
+from typing import Any
+
+import msgspec
+import pytest
+
+import fanout
+from fanout.errors import RingClosed
+from fanout.wire.codec import PLAIN_DEPTH
+from fanout.wire.protocol import ADD, DELETE, UPDATE, UPDATE_SAME
+
+OBJ = {"metadata": {"name": "a", "labels": {"k": "v"}}, "spec": [1, 2.5, None, True]}
+NEW = {"metadata": {"name": "a"}, "spec": []}
+
+
+class StandIn:
+    """What the encoder reads of an arena: ``min_bytes`` and ``_events``."""
+
+    def __init__(self, min_bytes: int = 1 << 20) -> None:
+        self.min_bytes = min_bytes
+        self._events = 0
+
+
+class Calls:
+    """Records each call made to it; answers ``answer``, or raises ``raises``."""
+
+    def __init__(self, answer: Any = "other", raises: BaseException | None = None) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+        self.answer = answer
+        self.raises = raises
+
+    def __call__(self, *args: Any) -> Any:
+        self.calls.append(args)
+        if self.raises is not None:
+            raise self.raises
+        return self.answer
+
+
+class FakeEncoder:
+    """A msgspec encoder's two calls, made of one ``obj -> bytes`` function."""
+
+    def __init__(self, enc: Any) -> None:
+        self.encode = enc
+
+    def encode_into(self, obj: Any, buf: bytearray) -> None:
+        buf[:] = self.encode(obj)
+
+
+def make_encoder(
+    ring_impl: types.ModuleType,
+    arena: StandIn | None = None,
+    enc: Any = None,
+    leaves: list[tuple[type, ...]] | None = None,
+) -> tuple[Any, Calls, Calls]:
+    other, failed = Calls(), Calls(raises=ValueError("failed says so"))
+    encoder = ring_impl.Encoder(
+        FakeEncoder(enc) if enc is not None else msgspec.msgpack.Encoder(),
+        leaves if leaves is not None else [(msgspec.msgpack.Ext,)],
+        PLAIN_DEPTH,
+        arena or StandIn(),
+        other,
+        failed,
+    )
+    return encoder, other, failed
+
+
+@pytest.mark.parametrize(
+    ("n", "wire"),
+    [
+        (fanout.Add(OBJ), [ADD, 7, OBJ, False]),
+        (fanout.Add(OBJ, is_in_initial_list=True), [ADD, 7, OBJ, True]),
+        (fanout.Update(OBJ, NEW), [UPDATE, 7, OBJ, NEW]),
+        (fanout.Update(OBJ, OBJ), [UPDATE_SAME, 7, OBJ, None]),
+        (fanout.Delete(OBJ), [DELETE, 7, OBJ, None]),
+    ],
+)
+def test_a_small_plain_notification_is_msgspecs_bytes_of_its_wire_list(ring_impl, n, wire):
+    encoder, other, failed = make_encoder(ring_impl)
+    payload = encoder(n, 7)
+    assert type(payload) is bytes
+    assert payload == msgspec.msgpack.encode(wire)
+    assert payload == fanout.MsgpackCodec().encode(n, 7)  # the wire both codecs write
+    assert other.calls == failed.calls == []
+
+
+def test_a_payload_at_min_bytes_goes_on_to_the_arenas_path(ring_impl):
+    small = msgspec.msgpack.encode([ADD, 7, OBJ, False])
+    encoder, other, _ = make_encoder(ring_impl, StandIn(min_bytes=len(small)))
+    assert encoder(fanout.Add(OBJ), 7) == "other"
+    assert other.calls == [(fanout.Add(OBJ), 7, small, 0)]
+    encoder, other, _ = make_encoder(ring_impl, StandIn(min_bytes=len(small) + 1))
+    assert encoder(fanout.Add(OBJ), 7) == small
+    assert other.calls == []
+
+
+def test_a_big_buffer_met_during_the_encode_sends_it_on_with_the_events_before(ring_impl):
+    arena = StandIn()
+    arena._events = 5
+
+    def enc(obj: Any) -> bytes:
+        arena._events += 1  # as the arena's hook does for a big array
+        return b"\x94payload"
+
+    encoder, other, _ = make_encoder(ring_impl, arena, enc)
+    assert encoder(fanout.Delete(OBJ), 3) == "other"
+    assert other.calls == [(fanout.Delete(OBJ), 3, b"\x94payload", 5)]
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [{"at": datetime.date(2026, 12, 6)}, {"s": {1}}, {1.5: "float key"}, [bytearray(b"x")]],
+)
+def test_what_msgspec_would_write_its_own_way_takes_the_full_path(ring_impl, obj):
+    encoder, other, _ = make_encoder(ring_impl)
+    assert encoder(fanout.Add(obj), 9) == "other"
+    assert other.calls == [(fanout.Add(obj), 9)]
+
+
+def test_no_notification_takes_the_full_path_and_its_error(ring_impl):
+    encoder, other, _ = make_encoder(ring_impl)
+    other.raises = TypeError("distribute takes fanout.Add, ...")
+    with pytest.raises(TypeError, match="distribute takes"):
+        encoder({"not": "a notification"}, 1)
+    assert other.calls == [({"not": "a notification"}, 1)]
+
+
+def test_a_failed_encode_is_reported_with_the_events_it_began_with(ring_impl):
+    arena = StandIn()
+    arena._events = 2
+    boom = OverflowError("int too big")
+
+    def enc(obj: Any) -> bytes:
+        raise boom
+
+    encoder, other, failed = make_encoder(ring_impl, arena, enc)
+    with pytest.raises(ValueError, match="failed says so") as info:
+        encoder(fanout.Add({"n": 1}), 4)
+    assert info.value.__context__ is boom
+    assert failed.calls == [([ADD, 4, {"n": 1}, False], 2, boom)]
+    assert other.calls == []
+    failed.raises = None  # a failed() that returns: the encode's own error goes up
+    with pytest.raises(OverflowError):
+        encoder(fanout.Add({"n": 1}), 4)
+
+
+def test_leaf_types_are_read_at_each_call(ring_impl):
+    class Leaf:
+        pass
+
+    leaves: list[tuple[type, ...]] = [()]
+    encoder, other, _ = make_encoder(ring_impl, enc=lambda obj: b"\x01", leaves=leaves)
+    assert encoder(fanout.Add([Leaf()]), 1) == "other"  # not a leaf yet
+    leaves[0] = (Leaf,)
+    assert encoder(fanout.Add([Leaf()]), 1) == b"\x01"
+    assert len(other.calls) == 1
+
+
+# -- Feed -----------------------------------------------------------------------------
+
+
+class Sink:
+    """The distributor's side of a feed: notify, finish and closed, in call order."""
+
+    def __init__(self, closed_raises: BaseException | None = None) -> None:
+        self.log: list[tuple[Any, ...]] = []
+        self.closed_raises = closed_raises
+
+    def notify(self) -> None:
+        self.log.append(("notify",))
+
+    def finish(self, n: Any, t_ns: int, payload: Any) -> None:
+        self.log.append(("finish", n, t_ns, payload))
+
+    def closed(self) -> None:
+        self.log.append(("closed",))
+        if self.closed_raises is not None:
+            raise self.closed_raises
+
+
+def make_feed(ring_impl: types.ModuleType, rings: tuple[Any, ...], encode: Any, sink: Sink) -> Any:
+    return ring_impl.Feed(rings, encode, sink.notify, sink.finish, sink.closed)
+
+
+@pytest.mark.parametrize("inline", [True, False], ids=["encoder", "callable"])
+def test_feed_stamps_encodes_once_appends_to_every_ring_and_wakes_the_pump(ring_impl, inline):
+    rings = tuple(ring_impl.FrameRing() for _ in range(3))
+    stamps: list[int] = []
+    if inline:
+        encode, _, _ = make_encoder(ring_impl)
+    else:
+
+        def encode(n: Any, t_ns: int) -> bytes:
+            stamps.append(t_ns)
+            return fanout.MsgpackCodec().encode(n, t_ns)
+
+    sink = Sink()
+    feed = make_feed(ring_impl, rings, encode, sink)
+    before = time.monotonic_ns()
+    assert feed.feed(fanout.Update(OBJ, NEW)) is True
+    after = time.monotonic_ns()
+    assert sink.log == [("notify",)]
+    frames = [ring.take_all() for ring in rings]
+    assert all(f == frames[0] for f in frames) and len(frames[0]) == 1
+    kind, t_ns, old, new = msgspec.msgpack.decode(frames[0][0])
+    assert (kind, old, new) == (UPDATE, OBJ, NEW)
+    assert before <= t_ns <= after  # time.monotonic_ns()'s clock
+    assert stamps in ([], [t_ns])
+
+
+def test_feed_refuses_what_is_no_notification_having_done_nothing(ring_impl):
+    ring = ring_impl.FrameRing()
+    encode = Calls(b"x")
+    sink = Sink()
+    feed = make_feed(ring_impl, (ring,), encode, sink)
+    for bad in ({"a": 1}, None, fanout.Add, "Add"):
+        assert feed.feed(bad) is False
+    assert encode.calls == [] and sink.log == [] and len(ring) == 0
+
+
+def test_a_payload_that_is_not_bytes_is_finished_by_the_distributor(ring_impl):
+    ring = ring_impl.FrameRing()
+    shared = object()  # a SharedPayload, say
+    sink = Sink()
+    feed = make_feed(ring_impl, (ring,), lambda n, t_ns: shared, sink)
+    n = fanout.Delete(OBJ)
+    assert feed.feed(n) is True
+    assert len(sink.log) == 1
+    step, got, t_ns, payload = sink.log[0]
+    assert (step, got, payload) == ("finish", n, shared) and t_ns > 0
+    assert len(ring) == 0  # finish delivers it, and wakes the pump itself
+
+
+def test_a_closed_ring_is_skipped_and_reported_before_the_wake(ring_impl):
+    rings = tuple(ring_impl.FrameRing() for _ in range(3))
+    rings[1].close()
+    sink = Sink()
+    feed = make_feed(ring_impl, rings, lambda n, t_ns: b"\x01\x02", sink)
+    assert feed.feed(fanout.Add(OBJ)) is True
+    assert sink.log == [("closed",), ("notify",)]
+    assert rings[0].take_all() == rings[2].take_all() == [b"\x01\x02"]
+    with pytest.raises(RingClosed):
+        rings[1].append(b"x")
+
+
+def test_a_stop_seen_by_closed_raises_out_of_feed_without_a_wake(ring_impl):
+    ring = ring_impl.FrameRing()
+    ring.close()
+    sink = Sink(closed_raises=fanout.DistributorStopped("stopped"))
+    feed = make_feed(ring_impl, (ring,), lambda n, t_ns: b"\x01", sink)
+    with pytest.raises(fanout.DistributorStopped):
+        feed.feed(fanout.Add(OBJ))
+    assert sink.log == [("closed",)]
+
+
+def test_an_encode_error_reaches_the_caller_and_nothing_is_appended(ring_impl):
+    ring = ring_impl.FrameRing()
+    sink = Sink()
+    feed = make_feed(ring_impl, (ring,), Calls(raises=TypeError("cannot encode")), sink)
+    with pytest.raises(TypeError, match="cannot encode"):
+        feed.feed(fanout.Add({"x": object()}))
+    assert sink.log == [] and len(ring) == 0
+
+
+def test_an_empty_payload_is_refused_as_append_all_refuses_it(ring_impl):
+    ring = ring_impl.FrameRing()
+    sink = Sink()
+    feed = make_feed(ring_impl, (ring,), lambda n, t_ns: b"", sink)
+    with pytest.raises(ValueError) as feed_error:
+        feed.feed(fanout.Add(OBJ))
+    with pytest.raises(ValueError) as append_error:
+        ring_impl.append_all((ring,), b"")
+    assert str(feed_error.value) == str(append_error.value)
+    assert sink.log == []
+
+
+def test_feed_with_an_encoder_hands_a_big_payload_on_as_bytes(ring_impl):
+    small = msgspec.msgpack.encode([ADD, 7, OBJ, False])
+    ring = ring_impl.FrameRing()
+    encoder, other, _ = make_encoder(ring_impl, StandIn(min_bytes=len(small)))
+    other.answer = b"\x01inline"
+    sink = Sink()
+    feed = make_feed(ring_impl, (ring,), encoder, sink)
+    assert feed.feed(fanout.Add(OBJ)) is True
+    [(n, t_ns, payload, events)] = other.calls
+    assert type(payload) is bytes and payload == msgspec.msgpack.encode([ADD, t_ns, OBJ, False])
+    assert (n, events) == (fanout.Add(OBJ), 0)
+    assert ring.take_all() == [b"\x01inline"] and sink.log == [("notify",)]
+
+
+def test_feed_with_an_encoder_keeps_every_payload_whole_from_tiny_to_past_a_mebibyte(ring_impl):
+    ring = ring_impl.FrameRing()
+    encoder, other, _ = make_encoder(ring_impl, StandIn(min_bytes=1 << 30))
+    feed = make_feed(ring_impl, (ring,), encoder, Sink())
+    objs = [{"a": 1}, {"b": "x" * 3000}, {"c": "y" * (2 << 20)}, {"d": 2}, OBJ]
+    for obj in objs:
+        assert feed.feed(fanout.Delete(obj)) is True
+    got = [msgspec.msgpack.decode(f) for f in ring.take_all()]
+    assert [(kind, a, b) for kind, _, a, b in got] == [(DELETE, obj, None) for obj in objs]
+    assert other.calls == []
+
+
+def test_a_feed_entered_again_during_its_encode_keeps_both_payloads_whole(ring_impl):
+    # As a second producer thread would while the first is between its encode
+    # and its appends (the native encoder's reused buffer is then in use).
+    ring = ring_impl.FrameRing()
+    inner = fanout.Add({"inner": 1})
+    entered: list[bool] = []
+    feed: Any = None
+
+    def enc(obj: Any) -> bytes:
+        if not entered:
+            entered.append(True)
+            assert feed.feed(inner) is True
+        return msgspec.msgpack.encode(obj)
+
+    encoder, _, _ = make_encoder(ring_impl, enc=enc)
+    feed = make_feed(ring_impl, (ring,), encoder, Sink())
+    assert feed.feed(fanout.Add(OBJ)) is True
+    got = [msgspec.msgpack.decode(f) for f in ring.take_all()]
+    assert [(kind, a) for kind, _, a, _ in got] == [(ADD, {"inner": 1}), (ADD, OBJ)]

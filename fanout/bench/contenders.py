@@ -38,7 +38,7 @@ class FanoutProcess(Contender):
             self.d.add_listener(
                 BenchHandler(work_us, gate if i in stalled else None),
                 name=f"bench-{i}",
-                workers=workers if self.executor == "process" else 1,
+                workers=1 if self.executor == "thread" else workers,  # one thread
                 executor=self.executor,
             )
             for i in range(listeners)

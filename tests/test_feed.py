@@ -9,6 +9,7 @@ encoder reads; the distributor tests run the real one.
 from __future__ import annotations
 
 import datetime
+import itertools
 import time
 import types
 from typing import Any
@@ -330,3 +331,129 @@ def test_a_feed_entered_again_during_its_encode_keeps_both_payloads_whole(ring_i
     assert feed.feed(fanout.Add(OBJ)) is True
     got = [msgspec.msgpack.decode(f) for f in ring.take_all()]
     assert [(kind, a) for kind, _, a, _ in got] == [(ADD, {"inner": 1}), (ADD, OBJ)]
+
+
+# -- Feed: routed listeners --------------------------------------------------------
+
+
+def pod(name: str | None, namespace: str | None = "ns") -> dict[str, Any]:
+    md: dict[str, Any] = {"namespace": namespace}
+    if name is not None:
+        md["name"] = name
+    return {"metadata": md, "spec": {}}
+
+
+@pytest.mark.parametrize(
+    ("obj", "key"),
+    [
+        (pod("a"), ("ns", "a")),
+        (pod("a", namespace=None), (None, "a")),
+        ({"metadata": {"name": "b"}}, (None, "b")),
+        (pod(None), None),
+        ({"metadata": "text"}, None),
+        ({"spec": 1}, None),
+        ([1, 2], None),
+        ("str", None),
+    ],
+)
+def test_default_key_is_namespace_and_name(ring_impl, obj, key):
+    assert ring_impl.default_key(obj) == key
+
+
+def test_routes_pick_lanes_as_the_listener_routes_them(ring_impl):
+    lanes = tuple(ring_impl.FrameRing() for _ in range(3))
+    keyed = tuple(ring_impl.FrameRing() for _ in range(2))
+    single = (ring_impl.FrameRing(),)
+    routes = [
+        (lanes, None, None),
+        (keyed, lambda obj: obj["spec"].get("k", 0), None),
+        (single, None, None),
+    ]
+    feed = make_feed_routed(ring_impl, (), routes)
+    notes = [fanout.Add(pod(f"p{i}") | {"spec": {"k": -i}}) for i in range(12)]
+    notes += [fanout.Update(pod("p1"), pod("p1")), fanout.Delete(pod("p5"))]
+    for n in notes:
+        assert feed.feed(n) is True
+    expect_lanes: list[list[str]] = [[] for _ in lanes]
+    expect_keyed: list[list[str]] = [[] for _ in keyed]
+    for n in notes:
+        obj = n.new if type(n) is fanout.Update else n.obj
+        name = obj["metadata"]["name"]
+        expect_lanes[hash(("ns", name)) % 3].append(name)
+        expect_keyed[hash(obj["spec"].get("k", 0)) % 2].append(name)
+
+    def names(ring: Any) -> list[str]:
+        return [msgspec.msgpack.decode(f)[2]["metadata"]["name"] for f in ring.take_all()]
+
+    assert [names(r) for r in lanes] == expect_lanes
+    assert [names(r) for r in keyed] == expect_keyed
+    assert len(single[0].take_all()) == len(notes)
+
+
+def test_objects_without_a_key_take_the_lanes_in_turn(ring_impl):
+    lanes = tuple(ring_impl.FrameRing() for _ in range(3))
+    feed = make_feed_routed(ring_impl, (), [(lanes, None, None)])
+    for i in range(7):
+        feed.feed(fanout.Add({"i": i}))
+    got = [[msgspec.msgpack.decode(f)[2]["i"] for f in r.take_all()] for r in lanes]
+    assert sorted(map(len, got)) == [2, 2, 3]
+    assert sorted(x for lane in got for x in lane) == list(range(7))
+    assert all(lane == sorted(lane) for lane in got)
+    assert all(j - i == 3 for lane in got for i, j in itertools.pairwise(lane))
+
+
+def test_a_key_that_raises_stops_the_feed_before_any_ring_took_anything(ring_impl):
+    direct = ring_impl.FrameRing()
+    first = tuple(ring_impl.FrameRing() for _ in range(2))
+    second = tuple(ring_impl.FrameRing() for _ in range(2))
+
+    def key(obj: Any) -> Any:
+        raise KeyError("no key here")
+
+    sink = Sink()
+    after = Calls()
+    feed = ring_impl.Feed(
+        (direct,),
+        lambda n, t_ns: b"\x01",
+        sink.notify,
+        sink.finish,
+        sink.closed,
+        [(first, None, after), (second, key, None)],
+    )
+    with pytest.raises(KeyError, match="no key here"):
+        feed.feed(fanout.Add(pod("a")))
+    assert [len(r) for r in (direct, *first, *second)] == [0] * 5
+    assert sink.log == [] and after.calls == []
+
+
+def test_afters_run_once_after_every_append_then_closed_then_notify(ring_impl):
+    direct = ring_impl.FrameRing()
+    lanes = (ring_impl.FrameRing(), ring_impl.FrameRing())
+    lanes[0].close()
+    lanes[1].close()
+    sink = Sink()
+
+    def after() -> None:
+        sink.log.append(("after", len(direct)))
+
+    feed = ring_impl.Feed(
+        (direct,),
+        lambda n, t_ns: b"\x01",
+        sink.notify,
+        sink.finish,
+        sink.closed,
+        [(lanes, None, after)],
+    )
+    assert feed.feed(fanout.Add(pod("a"))) is True
+    assert sink.log == [("after", 1), ("closed",), ("notify",)]
+
+
+def test_a_routed_listener_needs_a_lane(ring_impl):
+    with pytest.raises(ValueError, match="at least one lane"):
+        make_feed_routed(ring_impl, (), [((), None, None)])
+
+
+def make_feed_routed(ring_impl: types.ModuleType, rings: tuple[Any, ...], routes: Any) -> Any:
+    encoder, _, _ = make_encoder(ring_impl)
+    sink = Sink()
+    return ring_impl.Feed(rings, encoder, sink.notify, sink.finish, sink.closed, routes)

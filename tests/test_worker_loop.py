@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import threading
+from array import array
 from collections.abc import Callable
 from typing import Any
 
@@ -23,12 +24,14 @@ from helpers import outcome, twin_cases
 
 import fanout
 from fanout.native._worker_py import serve as serve_py
+from fanout.native._worker_py import serve_batch as serve_batch_py
 from fanout.wire.protocol import DONE, ERRORS, HANDLED, SLOT_WORDS, START_NS, STARTED, STOP
 
 try:
     from fanout.native._worker import serve as serve_native
+    from fanout.native._worker import serve_batch as serve_batch_native
 except ImportError:  # pure-Python build
-    serve_native = None
+    serve_native = serve_batch_native = None
 
 SERVES = [pytest.param(serve_py, id="py")]
 if serve_native is not None and fanout.NATIVE:
@@ -264,3 +267,74 @@ def test_frames_split_across_many_reads(serve, size):
 def test_numpy_integer_fields_are_taken(serve):
     out = run(serve, frame(1, [1, 5, {"v": 1}, {"v": 2}]), unpack=unpack_numpy)
     assert out["calls"] == [("update", {"v": 1}, {"v": 2})] and out["bad"] == []
+
+
+# -- serve_batch: the same loop over frames already in memory (the Ray actor's) ---------
+
+BATCHES = [pytest.param(serve_py, serve_batch_py, id="py")]
+if serve_native is not None and fanout.NATIVE:
+    BATCHES.insert(0, pytest.param(serve_native, serve_batch_native, id="native"))
+
+
+def run_batch(serve_batch: Callable[..., Any], data: bytes, done: int = 0) -> dict[str, Any]:
+    """``run``'s record of ``serve_batch(data)``, plus its stamps and its answer."""
+    slot = np.zeros(SLOT_WORDS, dtype=np.uint64)
+    slot[DONE] = slot[STARTED] = done
+    handler = Seen()
+    bad: list[tuple[int, str, bytes]] = []
+    errors: list[int] = []
+    stamps = array("q")
+    last = serve_batch(
+        memoryview(data),
+        slot,
+        UNPACK,
+        handler,
+        lambda seq, payload: errors.append(seq),
+        lambda seq, payload, exc: bad.append((seq, repr(exc), payload)),
+        stamps,
+    )
+    return {
+        "calls": handler.calls,
+        "bad": [(seq, text) for seq, text, _ in bad],
+        "bad_payloads": [payload for _, _, payload in bad],
+        "errors": errors,
+        "slot": (int(slot[STARTED]), int(slot[DONE]), int(slot[HANDLED]), int(slot[ERRORS])),
+        "running_since": int(slot[START_NS]),
+        "stamps": list(stamps),
+        "last": last,
+    }
+
+
+@pytest.mark.parametrize(("serve", "serve_batch"), BATCHES)
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_serve_batch_does_what_serve_does_with_the_same_frames(serve, serve_batch, case):
+    data = b"".join(frame(i + 1, f) for i, f in enumerate(CASES[case]))
+    got = run_batch(serve_batch, data)
+    stamps, last = got.pop("stamps"), got.pop("last")
+    assert got == run(serve, data)
+    assert last == len(CASES[case])
+    bad = {seq for seq, _ in got["bad"]}
+    frames = CASES[case]
+    assert stamps == [
+        int(frames[seq - 1][1]) for seq in range(1, len(frames) + 1) if seq not in bad
+    ]
+
+
+@pytest.mark.parametrize(("serve", "serve_batch"), BATCHES)
+def test_serve_batch_counts_frames_finished_before_a_restart_without_running_them(
+    serve, serve_batch
+):
+    data = b"".join(frame(seq, [0, 100 + seq, f"o{seq}", False]) for seq in range(1, 6))
+    got = run_batch(serve_batch, data, done=3)
+    assert got["calls"] == [("add", "o4", False), ("add", "o5", False)]
+    assert got["slot"] == (5, 5, 5, 0)  # the three skipped count as handled
+    assert got["stamps"] == [104, 105]
+    assert got["last"] == 5
+    every = run_batch(serve_batch, data, done=9)  # all of them: nothing runs
+    assert every["calls"] == [] and every["slot"] == (9, 9, 5, 0) and every["last"] == 5
+
+
+@pytest.mark.parametrize(("serve", "serve_batch"), BATCHES)
+def test_serve_batch_of_nothing_answers_zero(serve, serve_batch):
+    got = run_batch(serve_batch, b"")
+    assert got["last"] == 0 and got["calls"] == [] and got["slot"] == (0, 0, 0, 0)

@@ -22,7 +22,7 @@ import functools
 import itertools
 import threading
 import weakref
-from typing import Any
+from typing import Any, NoReturn
 
 import msgpack
 
@@ -99,9 +99,31 @@ class RayStore:
         self._holders: dict[int, int] = {}  # token -> shares (lanes, and the payload)
         # Shares of payloads collected since, released by the next locked call.
         self._later: collections.deque[tuple[int, ...]] = collections.deque()
+        self._folded: Any = None  # encoder()
         self.puts = 0  # buffers put into the object store
         self.put_bytes = 0
         _stores.add(self)
+
+    # What a codec's ``arena_encoder`` reads besides ``min_bytes``: the count of
+    # big buffers met inside an encode. The codec's hook puts nothing here (the
+    # buffers are found after the encode, by size), so it never changes.
+    _events = 0
+
+    def encoder(self, codec: Any) -> Any:
+        """``encode``, as ``codec``'s ``arena_encoder`` folds it when it has one.
+
+        Made on the first call and the same object after it (the delivery plan
+        tells listeners that share an encoding by it); ``codec`` must be the one
+        whose ``encode`` this store was given.
+        """
+        if self._folded is None:
+            fold = getattr(codec, "arena_encoder", None)
+            self._folded = fold(self) if fold is not None else self.encode
+        return self._folded
+
+    def encode_failed(self, events: int, exc: BaseException) -> NoReturn:
+        """Raise ``exc``, the failed encode's error (no encode takes anything here)."""
+        raise exc
 
     def encode(self, n: Notification, t_ns: int) -> bytes:
         """Encode ``n`` for Ray listeners: big buffers become references.
@@ -112,7 +134,14 @@ class RayStore:
         Safe from several threads (``add_listener`` encodes an initial list while
         the producer distributes).
         """
-        payload = self._encode(n, t_ns)
+        return self._encode_shared(n, t_ns)
+
+    def _encode_shared(
+        self, n: Notification, t_ns: int, payload: bytes | None = None, events: int = 0
+    ) -> bytes:
+        """``encode``'s work; ``payload``: ``n`` already encoded (``arena_encoder``)."""
+        if payload is None:
+            payload = self._encode(n, t_ns)
         if len(payload) < self.min_bytes or not self.ray.is_initialized():
             return payload
         session: dict[int, tuple[Any, msgpack.ExtType, int]] = {}

@@ -69,14 +69,16 @@ class Plan:
     common case: one native call appends to all of them); ``routed``: listeners that
     take payloads but need a lane picked or room checked (``route``, ``check_room``,
     ``put``); ``puts``: listeners that take the notification objects themselves.
-    ``feed``: when ``fast`` and a ``sink`` was given, ``distribute``'s whole common
-    case in one native call (``fanout.native.pick.Feed``), else None.
+    ``feed``: ``distribute``'s whole common case in one native call
+    (``fanout.native.pick.Feed``) when the distributor has started, a ``sink`` was
+    given, one encoding serves every listener and each takes payloads without a
+    bound (``Registration.feed_route``); else None.
 
     ``sink``: the distributor's ``(notify, deliver, closed)``: wake the pump,
     ``deliver(plan, n, t_ns, payloads)``, and check for a stop when a ring was closed.
     """
 
-    __slots__ = ("encodes", "fast", "feed", "listeners", "puts", "rings", "routed", "wire")
+    __slots__ = ("encodes", "feed", "listeners", "puts", "rings", "routed", "wire")
 
     def __init__(
         self,
@@ -115,22 +117,17 @@ class Plan:
             for r in listeners
             if not r.takes_payloads
         )
-        # Started, and every listener is a plain single-lane process listener.
-        self.fast = (
-            started
-            and bool(self.rings)
-            and not self.routed
-            and not self.puts
-            and len(encodes) == 1
-        )
         self.feed: Callable[[Notification], bool] | None = None
-        if self.fast and sink is not None:
-            notify, deliver_to, closed = sink
+        if started and sink is not None and len(encodes) == 1 and not self.puts:
+            # Unbounded process and Ray listeners: distribute is one native call.
+            routes = [r.feed_route() for r in self.routed]
+            if all(route is not None for route in routes):
+                notify, deliver_to, closed = sink
 
-            def finish(n: Notification, t_ns: int, payload: bytes) -> None:
-                deliver_to(self, n, t_ns, [payload])
+                def finish(n: Notification, t_ns: int, payload: bytes) -> None:
+                    deliver_to(self, n, t_ns, [payload])
 
-            self.feed = Feed(self.rings, encodes[0], notify, finish, closed).feed
+                self.feed = Feed(self.rings, encodes[0], notify, finish, closed, routes).feed
 
 
 def encode_all(arena: Arena | None, plan: Plan, n: Notification, t_ns: int) -> list[bytes]:

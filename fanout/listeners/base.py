@@ -321,6 +321,11 @@ class Registration:
         """The one ring every payload goes to as is, or None (route and ``put`` instead)."""
         return None
 
+    def feed_route(self) -> tuple[tuple[Any, ...], Any, Any] | None:
+        """``(rings, key, after)`` for ``fanout.native.pick.Feed`` to route and put as this
+        listener does, or None when only its own ``route`` and ``put`` will do."""
+        return None
+
     def queue_initial(self, adds: list[Add], t_ns: int) -> None:
         """Queue the initial list before anything live (distributor lock held).
 

@@ -12,7 +12,7 @@ sender thread and a Ray actor (``listeners.ray``). What every lane has is
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 from fanout.buffers.arena import SharedPayload
@@ -20,7 +20,7 @@ from fanout.core.options import ListenerOptions
 from fanout.core.poll import poll_until
 from fanout.errors import ListenerFull, RingClosed, RingFull
 from fanout.listeners.base import ListenerContext, Registration
-from fanout.native.pick import FrameRing
+from fanout.native.pick import FrameRing, default_key
 from fanout.notifications import Add, Notification, Update
 from fanout.wire.protocol import HEADER_SIZE
 
@@ -33,17 +33,6 @@ DROPS = ("drop_newest", "drop_oldest")
 def _real_bytes(payload: bytes) -> int:
     """The bytes a lane holds for ``payload``: its frame, and the arena blocks it refers to."""
     return len(payload) + HEADER_SIZE + (payload.nbytes if type(payload) is SharedPayload else 0)
-
-
-def default_key(obj: Any) -> Hashable | None:
-    """``(namespace, name)`` of ``obj``'s ``metadata`` when present, else None."""
-    if type(obj) is dict:
-        md = obj.get("metadata")
-        if type(md) is dict:
-            name = md.get("name")
-            if name is not None:
-                return (md.get("namespace"), name)
-    return None
 
 
 class LaneBase:
@@ -100,6 +89,12 @@ class LaneListener(Registration):
         return [lane_ring(self.max_pending_bytes, self.overflow) for _ in range(self.workers)]
 
     # -- producer side ---------------------------------------------------------------
+
+    def feed_route(self) -> tuple[tuple[Any, ...], Any, Any] | None:
+        """Its lanes' rings and key: an unbounded lane's ``put`` is its ring's append."""
+        if self.max_pending_bytes is not None or type(self).put is not LaneListener.put:
+            return None
+        return tuple(lane.ring for lane in self.lanes), self.key, None
 
     def route(self, n: Notification) -> Any:
         """Pick the lane of ``n``: by key, so one object's notifications keep order."""

@@ -107,6 +107,7 @@ class RayListener(LaneListener):
         with ctx.ray_lock:  # one for the distributor's Ray listeners: one put each
             if ctx.ray_store is None:
                 ctx.ray_store = RayStore(self.ray, ctx.codec.encode)
+                ctx.ray_store.encoder(ctx.codec)  # made here, under the lock
         self.store: RayStore = ctx.ray_store
         self.ray_options: dict[str, Any] = opts.ray_options or {}
         self.batch_bytes = BATCH_BYTES
@@ -131,7 +132,7 @@ class RayListener(LaneListener):
         """Big buffers go into Ray's object store once, for every Ray listener."""
         if not isinstance(self.ctx.codec, (MsgpackCodec, MsgspecCodec)):
             return self.ctx.encode  # references are MessagePack ext values
-        return self.store.encode
+        return self.store.encoder(self.ctx.codec)
 
     def put(self, lane: Any, payload: bytes) -> None:
         """Append a payload to ``lane`` (the overflow policy applies); wake the sender."""
@@ -146,8 +147,18 @@ class RayListener(LaneListener):
                     lane.tokens.retract(seq)
         else:
             super().put(lane, payload)
+        self.wake_if_idle()
+
+    def wake_if_idle(self) -> None:
+        """Wake the sender thread if it sleeps (after an append)."""
         if self.idle:
             self.wake.set()
+
+    def feed_route(self) -> tuple[tuple[Any, ...], Any, Any] | None:
+        """Its lanes' rings and key, and the sender's wake: a bytes payload's ``put``."""
+        if self.max_pending_bytes is not None:
+            return None
+        return tuple(lane.ring for lane in self.lanes), self.key, self.wake_if_idle
 
     def drop_unsent(self, lane: Any, nbytes: int) -> int:
         """Drop the oldest unsent frames, and let go of their Ray objects at once."""

@@ -120,27 +120,65 @@ cdef class Encoder:
 cdef Py_ssize_t _KEEP_BYTES = 1 << 20
 
 
+def default_key(obj):
+    """``(namespace, name)`` of ``obj``'s ``metadata`` when present, else None."""
+    if type(obj) is dict:
+        md = (<dict>obj).get("metadata")
+        if type(md) is dict:
+            name = (<dict>md).get("name")
+            if name is not None:
+                return ((<dict>md).get("namespace"), name)
+    return None
+
+
+cdef class _Route:
+    # One routed listener of a Feed: its lanes' rings and its key.
+    cdef tuple rings
+    cdef Py_ssize_t count
+    cdef object key
+    cdef Py_ssize_t rr
+
+    cdef object pick(self, object n):
+        # LaneListener.route: by key, so one object's notifications keep order.
+        cdef Py_hash_t h
+        if self.count == 1:
+            return self.rings[0]
+        obj = n.new if type(n) is _Update else n.obj
+        key = self.key(obj) if self.key is not None else default_key(obj)
+        if key is None:
+            self.rr += 1
+            return self.rings[self.rr % self.count]
+        h = hash(key)
+        return self.rings[((h % self.count) + self.count) % self.count]  # Python's modulo
+
+
 cdef class Feed:
-    """Feed(rings, encode, notify, finish, closed)
+    """Feed(rings, encode, notify, finish, closed, routes=())
 --
 
-    ``distribute``'s fast path for a plan of single-lane process listeners.
+    ``distribute``'s fast path for a plan of unbounded process (and Ray) listeners.
 
-    ``feed(n)`` stamps ``n`` with ``time.monotonic_ns()``, encodes it once with
-    ``encode(n, t_ns)`` (an ``Encoder`` is called without a Python call, into a
-    buffer it reuses), appends the bytes to every open ring of ``rings`` and
-    calls ``notify()``; calls ``closed()`` first when a ring refused them as
-    closed, and hands a payload that is not ``bytes`` (big buffers in shared
-    memory) to ``finish(n, t_ns, payload)``. Returns False, having done
-    nothing, when ``n`` is no notification.
+    ``feed(n)`` stamps ``n`` with ``time.monotonic_ns()`` and encodes it once
+    with ``encode(n, t_ns)`` (an ``Encoder`` is called without a Python call,
+    into a buffer it reuses). It picks the lane of each routed listener in
+    ``routes`` (``(rings, key, after)``: its lanes' rings, its key function or
+    None for ``default_key``, and a callable to run after its append or None),
+    as ``LaneListener.route`` does; a key that raises stops it before any ring
+    took anything. Then it appends the bytes to every open ring of ``rings``
+    and to each picked ring, runs the ``after`` callables, calls ``closed()``
+    when a ring refused them as closed, and ``notify()``. A payload that is not
+    ``bytes`` (big buffers in shared memory) goes to ``finish(n, t_ns,
+    payload)`` instead. Returns False, having done nothing, when ``n`` is no
+    notification.
     """
 
-    cdef tuple _rings
+    cdef tuple _rings, _routes, _afters
     cdef Py_ssize_t _count
     cdef object _encode, _notify, _finish, _closed
     cdef Encoder _inline
 
-    def __init__(self, tuple rings, encode, notify, finish, closed):
+    def __init__(self, tuple rings, encode, notify, finish, closed, routes=()):
+        cdef _Route route
         self._rings = rings
         self._count = len(rings)
         self._encode = encode
@@ -148,12 +186,25 @@ cdef class Feed:
         self._notify = notify
         self._finish = finish
         self._closed = closed
+        built = []
+        afters = []
+        for lane_rings, key, after in routes:
+            route = _Route()
+            route.rings = tuple(lane_rings)
+            route.count = len(route.rings)
+            if route.count == 0:
+                raise ValueError("a routed listener needs at least one lane")
+            route.key = key
+            built.append(route)
+            if after is not None:
+                afters.append(after)
+        self._routes = tuple(built)
+        self._afters = tuple(afters)
 
     def feed(self, n):
         """Deliver ``n`` as described above; False: ``n`` is no notification."""
         cdef object cls = type(n)
         cdef Encoder inline = self._inline
-        cdef Py_ssize_t taken = 0
         if cls is not _Update and cls is not _Add and cls is not _Delete:
             return False
         t_ns = _monotonic_ns()
@@ -166,21 +217,32 @@ cdef class Feed:
             try:
                 payload = inline._encode(_wire(n, t_ns), n, t_ns, True)
                 if payload is None:  # the common case: the bytes are in inline._buf
-                    taken = _append_all(self._rings, inline._buf)
+                    self._deliver(n, inline._buf)
                     if PyByteArray_GET_SIZE(inline._buf) > _KEEP_BYTES:
                         inline._buf = bytearray()
             finally:
                 inline._held = False
             if payload is None:
-                self._appended(taken)
                 return True
         if type(payload) is not bytes:
             self._finish(n, t_ns, payload)
             return True
-        self._appended(_append_all(self._rings, payload))
+        self._deliver(n, payload)
         return True
 
-    cdef inline void _appended(self, Py_ssize_t taken) except *:
-        if taken < self._count:
+    cdef int _deliver(self, object n, object frame) except -1:
+        cdef _Route route
+        cdef Py_ssize_t taken, want = self._count
+        picked = None
+        if self._routes:  # every lane picked before any ring takes the frame
+            picked = [route.pick(n) for route in self._routes]
+            want += len(picked)
+        taken = _append_all(self._rings, frame)
+        if picked is not None:
+            taken += _append_all(picked, frame)
+            for after in self._afters:
+                after()
+        if taken < want:
             self._closed()  # a ring was closed under us
         self._notify()
+        return 0

@@ -9,7 +9,7 @@ Python callables for everything but the common case.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from fanout.errors import RingClosed
@@ -18,7 +18,7 @@ from fanout.native._ring_common import frame_length
 from fanout.notifications import Add, Delete, Update
 from fanout.wire.protocol import ADD, DELETE, UPDATE, UPDATE_SAME
 
-__all__ = ["Encoder", "Feed", "append_all", "wire"]
+__all__ = ["Encoder", "Feed", "append_all", "default_key", "wire"]
 
 
 def wire(n: Any, t_ns: int) -> list[Any] | None:
@@ -122,22 +122,63 @@ class Encoder:
         return self._other(n, t_ns, payload, events)
 
 
-class Feed:
-    """``distribute``'s fast path for a plan of single-lane process listeners.
+def default_key(obj: Any) -> Hashable | None:
+    """``(namespace, name)`` of ``obj``'s ``metadata`` when present, else None."""
+    if type(obj) is dict:
+        md = obj.get("metadata")
+        if type(md) is dict:
+            name = md.get("name")
+            if name is not None:
+                return (md.get("namespace"), name)
+    return None
 
-    ``feed(n)`` stamps ``n`` with ``time.monotonic_ns()``, encodes it once with
-    ``encode(n, t_ns)``, appends the bytes to every open ring of ``rings`` and
-    calls ``notify()``; calls ``closed()`` first when a ring refused them as
-    closed, and hands a payload that is not ``bytes`` (big buffers in shared
-    memory) to ``finish(n, t_ns, payload)``. Returns False, having done nothing,
+
+class _Route:
+    """One routed listener of a ``Feed``: its lanes' rings, its key, its wake."""
+
+    def __init__(self, rings: Any, key: Callable[[Any], Any] | None, after: Any) -> None:
+        self.rings = tuple(rings)
+        if not self.rings:
+            raise ValueError("a routed listener needs at least one lane")
+        self.key = key
+        self.after = after
+        self.rr = 0
+
+    def pick(self, n: Any) -> Any:
+        """``LaneListener.route``: by key, so one object's notifications keep order."""
+        rings = self.rings
+        if len(rings) == 1:
+            return rings[0]
+        obj = n.new if type(n) is Update else n.obj
+        key = self.key(obj) if self.key is not None else default_key(obj)
+        if key is None:
+            self.rr += 1
+            return rings[self.rr % len(rings)]
+        return rings[hash(key) % len(rings)]
+
+
+class Feed:
+    """``distribute``'s fast path for a plan of unbounded process (and Ray) listeners.
+
+    ``feed(n)`` stamps ``n`` with ``time.monotonic_ns()`` and encodes it once
+    with ``encode(n, t_ns)``. It picks the lane of each routed listener in
+    ``routes`` as ``LaneListener.route`` does; a key that raises stops it
+    before any ring took anything. Then it appends the bytes to every open ring
+    of ``rings`` and to each picked ring, runs the ``after`` callables, calls
+    ``closed()`` when a ring refused them as closed, and ``notify()``. A
+    payload that is not ``bytes`` (big buffers in shared memory) goes to
+    ``finish(n, t_ns, payload)`` instead. Returns False, having done nothing,
     when ``n`` is no notification.
 
     Args:
-        rings: The ``FrameRing`` of each listener.
+        rings: The ``FrameRing`` of each single-lane listener.
         encode: ``(n, t_ns) -> payload``.
         notify: Wakes the pump.
         finish: Delivers a payload that is not ``bytes``.
         closed: Called when a ring was closed (raises if the distributor stopped).
+        routes: ``(rings, key, after)`` of each routed listener: its lanes'
+            rings, its key function or None for ``default_key``, and a callable
+            to run after its append or None.
     """
 
     def __init__(
@@ -147,12 +188,15 @@ class Feed:
         notify: Callable[[], Any],
         finish: Callable[[Any, int, Any], Any],
         closed: Callable[[], Any],
+        routes: Any = (),
     ) -> None:
         self._rings = rings
         self._encode = encode
         self._notify = notify
         self._finish = finish
         self._closed = closed
+        self._routes = tuple(_Route(*route) for route in routes)
+        self._afters = tuple(r.after for r in self._routes if r.after is not None)
 
     def feed(self, n: Any) -> bool:
         """Deliver ``n`` as described above; False: ``n`` is no notification."""
@@ -164,7 +208,13 @@ class Feed:
         if type(payload) is not bytes:
             self._finish(n, t_ns, payload)
             return True
-        if append_all(self._rings, payload) < len(self._rings):
+        picked = [route.pick(n) for route in self._routes]  # before any ring takes it
+        taken = append_all(self._rings, payload)
+        if picked:
+            taken += append_all(picked, payload)
+            for after in self._afters:
+                after()
+        if taken < len(self._rings) + len(picked):
             self._closed()  # a ring was closed under us
         self._notify()
         return True

@@ -1,4 +1,4 @@
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from typing_extensions import Buffer, disjoint_base
@@ -11,6 +11,7 @@ __all__ = [
     "FrameRing",
     "Ring",
     "append_all",
+    "default_key",
     "frame_span",
     "plain",
 ]
@@ -19,6 +20,7 @@ NATIVE: bool
 HEADER_SIZE: int
 
 def append_all(rings: Sequence[FrameRing], frame: Buffer) -> int: ...
+def default_key(obj: Any) -> Hashable | None: ...
 def frame_span(buf: Buffer, budget: int, single: bool) -> tuple[int, int, int, int]: ...
 
 @disjoint_base
@@ -99,5 +101,6 @@ class Feed:
         notify: Any,
         finish: Any,
         closed: Any,
+        routes: Any = (),
     ) -> None: ...
     def feed(self, n: Any) -> Any: ...

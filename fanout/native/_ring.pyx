@@ -33,6 +33,7 @@ __all__ = [
     "FrameRing",
     "Ring",
     "append_all",
+    "default_key",
     "frame_span",
     "plain",
 ]

@@ -4,6 +4,7 @@
 # writes progress words straight into the shared-memory slot, and calls the
 # codec and the handler through Python only for what must be Python.
 
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
 from cpython.bytes cimport PyBytes_FromStringAndSize
 from cpython.mem cimport PyMem_RawFree, PyMem_RawMalloc, PyMem_RawRealloc
 from libc.errno cimport EINTR, errno
@@ -33,7 +34,7 @@ from fanout.wire.protocol import (
     wire_shape_error,
 )
 
-__all__ = ["NATIVE", "guard_forks", "serve", "watch_lifeline"]
+__all__ = ["NATIVE", "guard_forks", "serve", "serve_batch", "watch_lifeline"]
 
 NATIVE = True
 
@@ -157,6 +158,7 @@ def serve(int fd, slot, unpack, handler, on_error, on_bad_frame,
     cdef unsigned char* buf = <unsigned char*>PyMem_RawMalloc(chunk)
     cdef unsigned char* grown
     cdef Py_ssize_t cap = chunk, have = 0, pos, n, need
+    cdef uint64_t last = 0
     if buf == NULL:
         raise MemoryError()
     # Bound once: the frame loop takes them from this tuple at each read.
@@ -171,7 +173,7 @@ def serve(int fd, slot, unpack, handler, on_error, on_bad_frame,
                 return
             have += n
             need = 0
-            pos = _frames(buf, have, cap, words, calls, &need)
+            pos = _frames(buf, have, cap, words, calls, &need, 0, None, &last)
             if pos < 0:  # the STOP word
                 return
             # Keep the start of a frame split across reads for the next one.
@@ -200,11 +202,38 @@ cdef Py_ssize_t _read(int fd, unsigned char* buf, Py_ssize_t n) except -1:
     return got
 
 
+def serve_batch(data, slot, unpack, handler, on_error, on_bad_frame, stamps):
+    """Handle the whole frames of ``data`` in order, as ``serve`` handles a pipe's.
+
+    Frames up to the slot's DONE word as the call begins (finished before a
+    restart) are counted in HANDLED and not run again; the ``t_ns`` of each
+    frame handled is appended to ``stamps`` (an ``array("q")``). Stops early
+    if the STOP word is set. Returns the sequence number of the last frame
+    reached (0: none). Twin of ``fanout.native._worker_py.serve_batch``.
+    """
+    cdef uint64_t[::1] words = slot
+    cdef Py_buffer view
+    cdef Py_ssize_t need = 0
+    cdef uint64_t last = 0
+    calls = (unpack, handler.on_add, handler.on_update, handler.on_delete, on_error,
+             on_bad_frame)
+    PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+    try:
+        _frames(<const unsigned char*>view.buf, view.len, view.len, words, calls, &need,
+                words[DONE], stamps, &last)
+    finally:
+        PyBuffer_Release(&view)
+    return last
+
+
 cdef Py_ssize_t _frames(const unsigned char* buf, Py_ssize_t have, Py_ssize_t cap,
-                        uint64_t[::1] words, tuple calls, Py_ssize_t* need) except -2:
+                        uint64_t[::1] words, tuple calls, Py_ssize_t* need,
+                        uint64_t skip, stamps, uint64_t* last) except -2:
     """Handle the whole frames at the start of buf; return the bytes they took.
 
     -1: the STOP word is set. need: set to a frame's size when it exceeds cap.
+    Frames up to ``skip`` are counted handled, not run; each handled frame's
+    t_ns goes to ``stamps`` unless it is None; ``last``: the last frame's seq.
     """
     cdef Py_ssize_t pos = 0, length, i
     cdef uint64_t seq, now
@@ -225,6 +254,11 @@ cdef Py_ssize_t _frames(const unsigned char* buf, Py_ssize_t have, Py_ssize_t ca
             break
         if words[STOP]:
             return -1
+        last[0] = seq
+        if seq <= skip:  # finished before a restart: acknowledged, not run again
+            pos += HDR + length
+            words[HANDLED] += 1
+            continue
         payload = PyBytes_FromStringAndSize(<char*>buf + pos + HDR, length)
         pos += HDR + length
         try:
@@ -264,6 +298,8 @@ cdef Py_ssize_t _frames(const unsigned char* buf, Py_ssize_t have, Py_ssize_t ca
         words[HANDLED] += 1
         words[START_NS] = 0
         words[DONE] = seq
+        if stamps is not None:
+            stamps.append(t_ns)
     return pos
 
 

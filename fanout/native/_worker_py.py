@@ -34,7 +34,7 @@ from fanout.wire.protocol import (
     wire_shape_error,
 )
 
-__all__ = ["NATIVE", "guard_forks", "serve", "watch_lifeline"]
+__all__ = ["NATIVE", "guard_forks", "serve", "serve_batch", "watch_lifeline"]
 
 NATIVE = False
 READ_CHUNK = 1 << 20
@@ -102,7 +102,7 @@ def serve(
             pending = bytearray()
         else:
             data = got
-        pos = _frames(data, slot, calls, owner)
+        pos, _ = _frames(data, slot, calls, owner)
         if pos < 0:  # the STOP word
             return
         # Keep the start of a frame split across reads for the next one.
@@ -124,10 +124,39 @@ def _read(fd: int, n: int) -> bytes:
         raise OSError(exc.errno, f"read from the data pipe: {exc.strerror}") from None
 
 
-def _frames(data: bytes, slot: memoryview, calls: tuple[Any, ...], owner: int) -> int:
-    """Handle the whole frames at the start of ``data``; return the bytes they took.
+def serve_batch(
+    data: Any,
+    slot: memoryview,
+    unpack: Any,
+    handler: Any,
+    on_error: Any,
+    on_bad_frame: Any,
+    stamps: Any,
+) -> int:
+    """Handle the whole frames of ``data`` in order, as ``serve`` handles a pipe's.
 
-    -1: the STOP word is set.
+    Frames up to the slot's DONE word as the call begins (finished before a
+    restart) are counted in HANDLED and not run again; the ``t_ns`` of each
+    frame handled is appended to ``stamps`` (an ``array("q")``). Stops early
+    if the STOP word is set. Returns the sequence number of the last frame
+    reached (0: none). Twin of ``fanout.native._worker.serve_batch``.
+    """
+    calls = (unpack, handler.on_add, handler.on_update, handler.on_delete, on_error, on_bad_frame)
+    return _frames(bytes(data), slot, calls, os.getpid(), slot[DONE], stamps)[1]
+
+
+def _frames(
+    data: bytes,
+    slot: memoryview,
+    calls: tuple[Any, ...],
+    owner: int,
+    skip: int = 0,
+    stamps: Any = None,
+) -> tuple[int, int]:
+    """Handle the whole frames at the start of ``data``: the bytes they took, the last seq.
+
+    -1 bytes: the STOP word is set. Frames up to ``skip`` are counted handled,
+    not run; each handled frame's t_ns goes to ``stamps`` unless it is None.
     """
     unpack, on_add, on_update, on_delete, on_error, on_bad_frame = calls
     # Every name the per-frame path uses, as a local: global and builtin lookups
@@ -144,14 +173,19 @@ def _frames(data: bytes, slot: memoryview, calls: tuple[Any, ...], owner: int) -
     stop_w, started_w, done_w, start_ns_w, handled_w = STOP, STARTED, DONE, START_NS, HANDLED
     _isinstance, _len = isinstance, len
     end = len(data)
-    pos = 0
+    pos = last = 0
     while end - pos >= header_size:
         length, seq = unpack_header(data, pos)
         stop = pos + header_size + length
         if stop > end:
             break
         if slot[stop_w]:
-            return -1
+            return -1, last
+        last = seq
+        if seq <= skip:  # finished before a restart: acknowledged, not run again
+            pos = stop
+            slot[handled_w] += 1
+            continue
         payload = data[pos + header_size : stop]
         pos = stop
         try:
@@ -189,7 +223,9 @@ def _frames(data: bytes, slot: memoryview, calls: tuple[Any, ...], owner: int) -
         slot[handled_w] += 1
         slot[start_ns_w] = 0
         slot[done_w] = seq
-    return pos
+        if stamps is not None:
+            stamps.append(t_ns)
+    return pos, last
 
 
 def _bad_frame(

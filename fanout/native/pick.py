@@ -50,6 +50,7 @@ IMPORT_ERROR: str | None = None
 pump_impl: Any = _pump_py
 ring_impl: Any = _ring_py
 serve: Any = None
+serve_batch: Any = None
 watch_lifeline: Any = None
 guard_forks: Any = None
 
@@ -65,10 +66,11 @@ else:
         IMPORT_ERROR = why_not_native(exc)
     else:
         pump_impl, ring_impl, serve = _pump, _ring, _worker.serve
+        serve_batch = _worker.serve_batch
         watch_lifeline, guard_forks = _worker.watch_lifeline, _worker.guard_forks
 
 if serve is None:
-    from fanout.native._worker_py import guard_forks, serve, watch_lifeline
+    from fanout.native._worker_py import guard_forks, serve, serve_batch, watch_lifeline
 
 NATIVE: bool = ring_impl is not _ring_py
 if TYPE_CHECKING:
@@ -80,6 +82,7 @@ if TYPE_CHECKING:
     from fanout.native._ring import FrameRing as FrameRing
     from fanout.native._ring import Ring as Ring
     from fanout.native._ring import append_all as append_all
+    from fanout.native._ring import default_key as default_key
     from fanout.native._ring import frame_span as frame_span
     from fanout.native._ring import plain as plain
 else:
@@ -89,6 +92,7 @@ else:
     Encoder = ring_impl.Encoder
     Feed = ring_impl.Feed
     append_all = ring_impl.append_all
+    default_key = ring_impl.default_key
     frame_span = ring_impl.frame_span
     plain = ring_impl.plain
 
@@ -101,9 +105,11 @@ __all__ = [
     "Pump",
     "Ring",
     "append_all",
+    "default_key",
     "frame_span",
     "guard_forks",
     "plain",
     "serve",
+    "serve_batch",
     "watch_lifeline",
 ]

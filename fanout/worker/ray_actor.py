@@ -34,8 +34,9 @@ from array import array
 from typing import Any
 
 from fanout.handlers import build_handler
+from fanout.native.pick import serve_batch
 from fanout.wire.codec import Codec
-from fanout.wire.protocol import ADD, HEADER, UPDATE, UPDATE_SAME, wire_shape_error
+from fanout.wire.protocol import DONE, HANDLED, SLOT_WORDS, STARTED
 from fanout.wire.schema import describe_misfit
 from fanout.worker.ray_refs import use_batch_refs
 from fanout.worker.warden import MEMORY_TICK, private_resident
@@ -45,7 +46,8 @@ __all__ = ["BatchResult", "LaneActor"]
 MAX_ECHO = 1 << 20  # a payload larger than this is not echoed back with its error
 WATCHDOG_TICK = 0.02  # seconds between the handler_timeout watchdog's looks
 PROGRESS_DIR = "/dev/shm" if os.path.isdir("/dev/shm") else "/tmp"
-STARTED, DONE = 0, 1  # words of the progress file
+# The progress file is laid out as a worker's progress slot (fanout.wire.protocol).
+PROGRESS_BYTES = SLOT_WORDS * 8
 
 
 def progress_path(actor_id: str) -> str:
@@ -96,9 +98,9 @@ class LaneActor:
         self.path = progress_path(str(ray.get_runtime_context().get_actor_id()))
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
-            if os.fstat(fd).st_size < 16:
-                os.ftruncate(fd, 16)
-            self.map = mmap.mmap(fd, 16)
+            if os.fstat(fd).st_size < PROGRESS_BYTES:
+                os.ftruncate(fd, PROGRESS_BYTES)
+            self.map = mmap.mmap(fd, PROGRESS_BYTES)
         finally:
             os.close(fd)
         self.progress = memoryview(self.map).cast("Q")
@@ -190,63 +192,28 @@ class LaneActor:
             use_batch_refs(None)
 
     def _handle(self, data: bytes) -> BatchResult:
-        """Handle the frames of an accepted batch."""
-        unpack_header = HEADER.unpack_from
-        hsize = HEADER.size
-        handler = self.handler
-        on_add, on_update, on_delete = handler.on_add, handler.on_update, handler.on_delete
-        unpack = self.unpack
+        """Handle the frames of an accepted batch, in the worker's frame loop."""
         stamps = array("q")
         errors: list[tuple[int, str, bytes]] = []
         bad: list[tuple[int, str, bytes]] = []
-        handled = 0
+        schema = self.schema
+
+        def on_error(seq: int, payload: bytes) -> None:
+            echo = payload if len(payload) <= MAX_ECHO else b""
+            errors.append((seq, traceback.format_exc(), echo))
+
+        def on_bad_frame(seq: int, payload: bytes, exc: Exception) -> None:
+            # Deterministic: a retry would fail the same way, so the producer
+            # dead-letters it at once and this batch goes on.
+            misfit = None if schema is None else describe_misfit(schema, payload, exc)
+            why = f"frame {seq}: {misfit}" if misfit else f"frame {seq} cannot be decoded: {exc!r}"
+            bad.append((seq, why, payload))
+
         progress = self.progress
-        done = progress[DONE]  # what this actor, or the one before a restart, finished
-        end = len(data)
-        pos = 0
-        seq = 0
-        while pos < end:
-            length, seq = unpack_header(data, pos)
-            payload = data[pos + hsize : pos + hsize + length]
-            pos += hsize + length
-            if seq <= done:  # finished before a crash: acknowledged, not run again
-                handled += 1
-                continue
-            try:
-                fields = unpack(payload)
-                if not isinstance(fields, (list, tuple)) or len(fields) != 4:
-                    raise wire_shape_error(fields)
-                kind, t_ns, a, b = fields
-            except Exception as exc:
-                # Deterministic: a retry would fail the same way, so the producer
-                # dead-letters it at once and this batch goes on.
-                misfit = (
-                    None if self.schema is None else describe_misfit(self.schema, payload, exc)
-                )
-                why = (
-                    f"frame {seq}: {misfit}"
-                    if misfit
-                    else f"frame {seq} cannot be decoded: {exc!r}"
-                )
-                bad.append((seq, why, payload))
-                progress[DONE] = seq
-                continue
-            progress[STARTED] = seq
-            try:
-                if kind == UPDATE:
-                    on_update(a, b)
-                elif kind == ADD:
-                    on_add(a, bool(b))
-                elif kind == UPDATE_SAME:
-                    on_update(a, a)
-                else:
-                    on_delete(a)
-            except Exception:
-                errors.append(
-                    (seq, traceback.format_exc(), payload if length <= MAX_ECHO else b"")
-                )
-            progress[DONE] = seq
-            handled += 1
-            stamps.append(t_ns)
+        before = progress[HANDLED]
+        # Frames up to DONE were finished before a crash: acknowledged, not run again.
+        seq = serve_batch(
+            data, progress, self.unpack, self.handler, on_error, on_bad_frame, stamps
+        )
         self.last_seq = seq
-        return seq, handled, errors, bad, stamps.tobytes()
+        return seq, progress[HANDLED] - before, errors, bad, stamps.tobytes()

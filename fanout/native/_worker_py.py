@@ -162,13 +162,8 @@ def _frames(
     # Every name the per-frame path uses, as a local: global and builtin lookups
     # cost this loop 4,450 of 32,400 instructions per small frame (callgrind).
     unpack_header, monotonic_ns, getpid = HEADER.unpack_from, time.monotonic_ns, os.getpid
-    index, sequence, add, update, update_same = (
-        operator.index,
-        (list, tuple),
-        ADD,
-        UPDATE,
-        UPDATE_SAME,
-    )
+    index, sequence = operator.index, (list, tuple)
+    add, update, update_same = ADD, UPDATE, UPDATE_SAME
     header_size, max_t_ns, hist, bucket = HEADER_SIZE, MAX_T_NS, HIST, bucket_of
     stop_w, started_w, done_w, start_ns_w, handled_w = STOP, STARTED, DONE, START_NS, HANDLED
     _isinstance, _len = isinstance, len

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime
 import itertools
+import threading
 import time
 import types
 from typing import Any
@@ -457,3 +458,60 @@ def make_feed_routed(ring_impl: types.ModuleType, rings: tuple[Any, ...], routes
     encoder, _, _ = make_encoder(ring_impl)
     sink = Sink()
     return ring_impl.Feed(rings, encoder, sink.notify, sink.finish, sink.closed, routes)
+
+
+# -- through a distributor: producer threads share the fast path ---------------------
+
+
+class Lines(fanout.Handler):
+    """Writes ``t i name pad-length pad-ok`` per notification, in the order handled."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_add(self, obj: Any, is_in_initial_list: bool) -> None:
+        pad = obj["pad"]
+        ok = pad == chr(97 + obj["i"] % 26) * len(pad)
+        line = f"{obj['t']} {obj['i']} {obj['metadata']['name']} {len(pad)} {ok}\n"
+        with open(self.path, "a") as f:
+            f.write(line)
+
+
+def test_four_producer_threads_through_the_fast_path_lose_and_change_nothing(make_dist, tmp_path):
+    d = make_dist()
+    outs = {name: tmp_path / name for name in ("one", "keyed", "by-thread")}
+    d.add_listener(Lines(str(outs["one"])), name="one")
+    d.add_listener(Lines(str(outs["keyed"])), name="keyed", workers=2)
+    d.add_listener(
+        Lines(str(outs["by-thread"])), name="by-thread", workers=2, key=lambda o: o["t"]
+    )
+    d.start()
+    assert d._plan.feed is not None  # all three on the native path
+    per_thread = 300
+    start = threading.Barrier(4)
+
+    def produce(t: int) -> None:
+        start.wait()
+        for i in range(per_thread):
+            pad = chr(97 + i % 26) * (i * 37 % 3000)  # sizes vary: the buffer regrows
+            meta = {"name": f"o{t}-{i % 7}", "namespace": "ns"}
+            d.distribute(fanout.Add({"t": t, "i": i, "pad": pad, "metadata": meta}))
+
+    threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(120)
+    assert d.stop(drain=True, timeout=60)
+    for name, out in outs.items():
+        rows = [line.split() for line in out.read_text().splitlines()]
+        assert len(rows) == 4 * per_thread, name
+        assert all(ok == "True" and int(n) == int(i) * 37 % 3000 for _, i, _, n, ok in rows)
+        for t in range(4):
+            mine = [int(i) for tt, i, *_ in rows if int(tt) == t]
+            assert sorted(mine) == list(range(per_thread)), name
+            if name != "keyed":  # one lane, or one key per thread: the thread's order
+                assert mine == list(range(per_thread)), name
+            for key in range(7):  # one object's notifications keep their order
+                same = [int(i) for tt, i, nm, *_ in rows if nm == f"o{t}-{key}"]
+                assert same == sorted(same), (name, t, key)

@@ -234,6 +234,28 @@ def test_has_synced_waits_for_initial_adds(make_dist, tmp_path, executor):
     assert reg.has_synced() is True
 
 
+@pytest.mark.parametrize("executor", EXECUTORS)
+def test_has_synced_waits_for_the_initial_adds_distributed_before_mark_synced(
+    make_dist, tmp_path, executor
+):
+    # An informer's way: no initial_list, the list distributed as initial adds.
+    gate = tmp_path / "gate"
+    d = make_dist()
+    reg = d.add_listener(Recorder(tmp_path / "r"), executor=executor, workers=1)
+    d.start()
+    for o in (obj("a"), obj("slow", gate=str(gate)), obj("c")):
+        d.distribute(fanout.Add(o, is_in_initial_list=True))
+    d.mark_synced()
+    d.distribute(fanout.Add(obj("live")))  # after mark_synced: not waited for
+    assert wait_calls(tmp_path / "r", 1)
+    assert reg.has_synced() is False
+    assert reg.wait_synced(timeout=0.2) is False
+    gate.touch()
+    assert reg.wait_synced(timeout=30) is True
+    # Synced means handled: every initial add has run by now, without a wait.
+    assert [c.name for c in read_calls(tmp_path / "r")][:3] == ["a", "slow", "c"]
+
+
 def test_has_synced_needs_mark_synced(make_dist, tmp_path):
     d = make_dist()
     reg = d.add_listener(Recorder(tmp_path / "r"), initial_list=[obj("a")])

@@ -453,8 +453,16 @@ class Distributor(Shutdown):
         return due
 
     def mark_synced(self) -> None:
-        """Say the producer delivered its initial list, so ``has_synced`` can turn true."""
-        self.ctx.producer_synced = True
+        """Say the producer delivered its initial list, so ``has_synced`` can turn true.
+
+        What each listener was given until now, ``distribute``-d or an
+        ``add_listener`` ``initial_list``, is its initial list: its ``has_synced``
+        turns true once the handler returned from all of it.
+        """
+        with self.lock:
+            for reg in self._listeners:
+                reg.mark_initial()
+            self.ctx.producer_synced = True
 
     # -- lifecycle -----------------------------------------------------------------------
 

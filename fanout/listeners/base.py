@@ -223,6 +223,14 @@ class Registration:
         self.catch_up()  # what the workers finished since: only then can the answer change
         return self._initial_done()
 
+    def mark_initial(self) -> None:
+        """Count everything this listener was given so far as initial list (``mark_synced``).
+
+        The producer's initial list may come through ``distribute`` (as an
+        informer's does): ``has_synced`` then waits for the handler to return
+        from all of it, as from an ``initial_list`` given to ``add_listener``.
+        """
+
     def wait_synced(self, timeout: float | None = None) -> bool:
         """Wait until ``has_synced()`` is true.
 

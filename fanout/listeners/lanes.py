@@ -90,6 +90,11 @@ class LaneListener(Registration):
 
     # -- producer side ---------------------------------------------------------------
 
+    def mark_initial(self) -> None:
+        """Every frame appended so far belongs to the initial list."""
+        for lane in self.lanes:
+            lane.initial_seq = max(lane.initial_seq, lane.ring.last_seq)
+
     def feed_route(self) -> tuple[tuple[Any, ...], Any, Any] | None:
         """Its lanes' rings and key: an unbounded lane's ``put`` is its ring's append."""
         if self.max_pending_bytes is not None or type(self).put is not LaneListener.put:

@@ -15,6 +15,8 @@ import os
 import time
 from typing import Any
 
+import numpy as np
+
 from fanout.buffers.ray_store import RayStore, TokenLog
 from fanout.listeners.base import Registration
 from fanout.listeners.lanes import LaneBase
@@ -195,8 +197,11 @@ class RayLane(LaneBase):
             # objects alive for the actor, which reads them with ray.get.
             tokens = self.tokens
             refs = self.store.refs(tokens.tokens_between(first, last)) if tokens else None
+            # As a numpy array, Ray puts the frames into its object store as one
+            # out-of-band buffer (no pickle copy) and the actor reads them there.
+            frames = np.frombuffer(data, dtype=np.uint8)
             ref = self.actor.handle_batch.remote(
-                self.gen, self.opens, self.last_submitted, data, refs
+                self.gen, self.opens, self.last_submitted, frames, refs
             )
             self.opens = False
             self.last_submitted = last

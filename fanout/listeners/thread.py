@@ -64,6 +64,10 @@ class ThreadListener(Registration):
         self.delivered = 0
         self.errors = 0
         self.initial_left = 0
+        # Items finished (handled, raised or refused by the schema), and how many
+        # of the items received must be finished for mark_synced's initial list.
+        self.finished = 0
+        self.sync_target = 0
         self.hist = [0] * NBUCKETS
         self.thread = None
 
@@ -143,7 +147,14 @@ class ThreadListener(Registration):
             )
 
     def _initial_done(self) -> bool:
-        return self.initial_left <= 0 or self.removed  # removed: nothing more comes
+        if self.removed:  # nothing more comes
+            return True
+        return self.initial_left <= 0 and self.finished >= self.sync_target
+
+    def mark_initial(self) -> None:
+        """Every item received so far belongs to the initial list (handled in order)."""
+        with self.cond:
+            self.sync_target = max(self.sync_target, self.received)
 
     def ready(self) -> bool:
         """Tell whether the thread has started."""
@@ -203,6 +214,7 @@ class ThreadListener(Registration):
                     self.delivered += 1
                 if self.initial_left > 0:  # the initial list is queued first
                     self.initial_left -= 1
+                self.finished += 1  # this thread alone writes it
                 self.in_call = False
 
     def _give_back(self, n: Notification) -> None:

@@ -1,7 +1,8 @@
 # The producer's fast path: Encoder (msgspec's encode of a notification, with the
-# arena's size check) and Feed (stamp, encode, append to every ring, wake the pump),
-# so a plain notification to plain process listeners runs one Python frame, the
-# caller's. Included by _ring.pyx; twin: fanout/native/_feed_py.py.
+# arena's size check) and Feed (stamp, encode, pick each listener's lane, append to
+# every ring, wake the pump), so a plain notification to unbounded process and Ray
+# listeners runs one Python frame, the caller's. Included by _ring.pyx; twin:
+# fanout/native/_feed_py.py.
 #
 # Everything that is not the common case goes back to Python callables given at
 # construction, with what was already computed, so nothing is encoded twice.

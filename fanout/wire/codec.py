@@ -482,7 +482,9 @@ class MsgspecCodec(_MsgpackPacking, Codec):
         ``distribute``'s ``Feed`` runs it without a Python call.
 
         Args:
-            arena: The ``fanout.buffers.arena.Arena`` this codec encodes for.
+            arena: The ``fanout.buffers.arena.Arena`` this codec encodes for, or
+                Ray's store (``fanout.buffers.ray_store.RayStore``): what has
+                ``min_bytes``, ``_events``, ``_encode_shared`` and ``encode_failed``.
 
         Returns:
             ``encode(n, t_ns) -> payload``.

@@ -164,7 +164,7 @@ class LaneActor:
             pass
 
     def handle_batch(
-        self, gen: int, opens: bool, after: int, data: bytes, refs: dict[int, Any] | None = None
+        self, gen: int, opens: bool, after: int, data: Any, refs: dict[int, Any] | None = None
     ) -> BatchResult | None:
         """Handle every frame of ``data`` in order.
 
@@ -174,7 +174,9 @@ class LaneActor:
             after: The last sequence number of the batch sent before this one in
                 the same generation (sequence numbers have gaps where an overflow
                 policy dropped frames).
-            data: Whole frames (header and payload), as the ring holds them.
+            data: Whole frames (header and payload), as the ring holds them: any
+                bytes-like object (the listener sends a numpy array, which Ray
+                hands over without copying it).
             refs: ``token -> ObjectRef`` of the big buffers the frames refer to
                 (``fanout.buffers.ray_store``); a handler gets them through ``ray.get``.
 
@@ -191,7 +193,7 @@ class LaneActor:
         finally:
             use_batch_refs(None)
 
-    def _handle(self, data: bytes) -> BatchResult:
+    def _handle(self, data: Any) -> BatchResult:
         """Handle the frames of an accepted batch, in the worker's frame loop."""
         stamps = array("q")
         errors: list[tuple[int, str, bytes]] = []

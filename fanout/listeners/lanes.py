@@ -306,7 +306,7 @@ class LaneListener(Registration):
         def queue() -> None:
             for lane, payload in planned:
                 self.put(lane, payload)
-                lane.initial_seq = lane.ring.last_seq
+            self.mark_initial()  # queued before anything live: every frame so far
 
         return queue
 

@@ -63,9 +63,8 @@ class ThreadListener(Registration):
         self.received = 0
         self.delivered = 0
         self.errors = 0
-        self.initial_left = 0
         # Items finished (handled, raised or refused by the schema), and how many
-        # of the items received must be finished for mark_synced's initial list.
+        # of the items received must be finished for the initial list (mark_initial).
         self.finished = 0
         self.sync_target = 0
         self.hist = [0] * NBUCKETS
@@ -83,9 +82,9 @@ class ThreadListener(Registration):
 
     def queue_initial(self, adds: list[Add], t_ns: int) -> None:
         """Queue the initial list (counted for ``has_synced``)."""
-        self.initial_left += len(adds)
         for n in adds:
             self.put((n, t_ns))
+        self.mark_initial()  # queued before anything live: all it received so far
 
     def start(self) -> None:
         """Start the thread (no lock held)."""
@@ -149,7 +148,7 @@ class ThreadListener(Registration):
     def _initial_done(self) -> bool:
         if self.removed:  # nothing more comes
             return True
-        return self.initial_left <= 0 and self.finished >= self.sync_target
+        return self.finished >= self.sync_target
 
     def mark_initial(self) -> None:
         """Every item received so far belongs to the initial list (handled in order)."""
@@ -212,8 +211,6 @@ class ThreadListener(Registration):
                         self.errors += 1
                         self.report_error(n, traceback.format_exc())
                     self.delivered += 1
-                if self.initial_left > 0:  # the initial list is queued first
-                    self.initial_left -= 1
                 self.finished += 1  # this thread alone writes it
                 self.in_call = False
 

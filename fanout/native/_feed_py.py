@@ -15,23 +15,18 @@ from typing import Any
 from fanout.errors import RingClosed
 from fanout.native._plain_py import plain
 from fanout.native._ring_common import frame_length
-from fanout.notifications import Add, Delete, Update
-from fanout.wire.protocol import ADD, DELETE, UPDATE, UPDATE_SAME
+from fanout.notifications import NOTIFICATION_TYPES, Update
+from fanout.wire.protocol import to_wire
 
 __all__ = ["Encoder", "Feed", "append_all", "default_key", "wire"]
 
 
 def wire(n: Any, t_ns: int) -> list[Any] | None:
     """``[kind, t_ns, a, b]`` for a notification (``fanout.wire.protocol.to_wire``), or None."""
-    cls = type(n)
-    if cls is Update:
-        old, new = n.old, n.new
-        return [UPDATE_SAME, t_ns, new, None] if old is new else [UPDATE, t_ns, old, new]
-    if cls is Add:
-        return [ADD, t_ns, n.obj, n.is_in_initial_list]
-    if cls is Delete:
-        return [DELETE, t_ns, n.obj, None]
-    return None
+    if type(n) not in NOTIFICATION_TYPES:
+        return None
+    kind, a, b = to_wire(n)
+    return [kind, t_ns, a, b]
 
 
 def append_all(rings: Any, frame: Any) -> int:
@@ -200,8 +195,7 @@ class Feed:
 
     def feed(self, n: Any) -> bool:
         """Deliver ``n`` as described above; False: ``n`` is no notification."""
-        cls = type(n)
-        if cls is not Update and cls is not Add and cls is not Delete:
+        if type(n) not in NOTIFICATION_TYPES:
             return False
         t_ns = time.monotonic_ns()
         payload = self._encode(n, t_ns)

@@ -37,9 +37,9 @@ def _small(i: int) -> dict[str, Any]:
     }
 
 
-def _variants(template: dict[str, Any]) -> list[dict[str, Any]]:
+def _variants(template: dict[str, Any], count: int) -> list[dict[str, Any]]:
     out = []
-    for i in range(VARIANTS):
+    for i in range(count):
         o = copy.deepcopy(template)
         md = o.setdefault("metadata", {}) if isinstance(o, dict) else {}
         base = md.get("name", "obj")
@@ -69,13 +69,18 @@ class Payload:
         return len(msgpack.packb([1, 0, old, new]))
 
 
-def load_payload(spec: str) -> Payload:
-    """``small``, ``pod`` (a packaged real Pod) or a path to a JSON object file."""
+def load_payload(spec: str, variants: int = VARIANTS) -> Payload:
+    """``small``, ``pod`` (a packaged real Pod) or a path to a JSON object file.
+
+    ``variants`` distinct objects are cycled through (each its own copy).
+    """
+    if variants < 2:
+        raise ValueError(f"variants must be at least 2 (an update's old and new), got {variants}")
     if spec == "small":
-        return Payload("small", [_small(i) for i in range(VARIANTS)])
+        return Payload("small", [_small(i) for i in range(variants)])
     if spec == "pod":
         text = resources.files("fanout").joinpath("data/pod.json").read_text()
-        return Payload("pod", _variants(json.loads(text)))
+        return Payload("pod", _variants(json.loads(text), variants))
     path = Path(spec)
     if not path.is_file():
         raise ValueError(f"payload must be 'small', 'pod' or a JSON file path; {spec!r} is none")
@@ -87,4 +92,4 @@ def load_payload(spec: str) -> Payload:
         raise ValueError(
             f"payload file {spec} must hold one JSON object, not {type(obj).__name__}"
         )
-    return Payload(path.stem, _variants(obj))
+    return Payload(path.stem, _variants(obj, variants))

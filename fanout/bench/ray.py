@@ -15,6 +15,14 @@ Contenders, in one run, for the ``small`` and ``pod`` payloads:
   2 actors calling ``get``;
 * ``fanout-process``: fanout's process listener with 2 workers, for scale.
 
+The objects cycle through ``VARIANTS`` distinct copies, twice ``BATCH``, where the
+other scenarios cycle through 256: pickle, which carries ``ray-batch``'s lists,
+writes an object it already wrote in the same call as a 2-byte reference to it. An
+informer's notifications are new objects; the one an update shares with the update
+before it (its ``old`` is that one's ``new``) is all a batch may share. With 256
+copies, a batch of 1,024 updates would carry each object 8 times, and ``ray-batch``
+would pickle and unpickle an eighth of what it claims to carry.
+
 A second case times recovery: SIGKILL the only actor of a listener, then the time
 until the next notification is handled (Ray restarts it, fanout resends).
 
@@ -49,6 +57,7 @@ CALLS_IN_FLIGHT = 256  # ray-call: unanswered calls the producer allows, all act
 BATCH = 1024  # ray-batch: notifications per actor call
 BATCHES_IN_FLIGHT = 4  # ray-batch: unanswered calls, all actors (2 per actor)
 QUEUE_SIZE = 10_000
+VARIANTS = 2 * BATCH  # distinct objects: none repeats within one ray-batch call
 
 
 def ensure_ray() -> None:
@@ -245,7 +254,7 @@ def cases(suite: Bench) -> list[Case]:
             1,
             ACTORS,
             0.0,
-            load_payload(name),
+            load_payload(name, VARIANTS),
         )
         for name in suite.opts.payloads
     ]

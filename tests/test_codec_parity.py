@@ -223,3 +223,31 @@ def test_the_native_walk_and_its_twin_agree(obj: Any) -> None:
         assert native.plain(value, 64, leaves) is want, value
     assert all(not _ring_py.plain(v, 64, leaves) for v in NOT_PLAIN)
     assert _ring_py.plain(nested(64, 1), 64, leaves)
+
+
+# What the one-pass packer gives up on: the walk and msgspec then take it (and
+# raise for the first three, as msgspec does).
+NOT_PACKED = [2**64, -(2**63) - 1, "\ud800", [np.int8(1)], {1.5: 1}, nested(65, 1)]
+
+
+@settings(max_examples=300, deadline=None)
+@given(values)
+def test_the_one_pass_packer_and_its_twin_write_msgpacks_bytes(obj: Any) -> None:
+    native = pytest.importorskip("fanout.native._ring")
+    from fanout.native import _ring_py
+
+    edges = [*INT_EDGES, *SIZE_EDGES, 0.0, -0.0, float("nan"), float("-inf"), True, False]
+    for value in (obj, {"a": [obj]}, edges, nested(64, 1), *NOT_PACKED):
+        want = _ring_py.pack_plain(value, 64)
+        assert native.pack_plain(value, 64) == want, value
+        refused = any(value is v for v in NOT_PACKED)
+        assert (want is None) == (refused or not _ring_py.plain(value, 64, ()))
+        if want is not None:
+            assert want == msgpack.packb(value, use_bin_type=True) == MSGPACK.pack(value)
+
+
+@pytest.mark.parametrize("n", [*SIZE_EDGES, 65537])
+def test_the_one_pass_packer_writes_every_size_boundary(n: int) -> None:
+    native = pytest.importorskip("fanout.native._ring")
+    for value in (list(range(n)), {str(i): i for i in range(n)}, "é" * n, b"x" * n):
+        assert native.pack_plain(value, 64) == msgpack.packb(value, use_bin_type=True)

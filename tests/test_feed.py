@@ -27,6 +27,13 @@ OBJ = {"metadata": {"name": "a", "labels": {"k": "v"}}, "spec": [1, 2.5, None, T
 NEW = {"metadata": {"name": "a"}, "spec": []}
 
 
+class Leaf:
+    """A leaf type: what the one-pass packer leaves to the msgspec encoder."""
+
+
+WITH_LEAF = {"metadata": {"name": "a"}, "data": Leaf()}
+
+
 class StandIn:
     """What the encoder reads of an arena: ``min_bytes`` and ``_events``."""
 
@@ -69,7 +76,7 @@ def make_encoder(
     other, failed = Calls(), Calls(raises=ValueError("failed says so"))
     encoder = ring_impl.Encoder(
         FakeEncoder(enc) if enc is not None else msgspec.msgpack.Encoder(),
-        leaves if leaves is not None else [(msgspec.msgpack.Ext,)],
+        leaves if leaves is not None else [(msgspec.msgpack.Ext, Leaf)],
         PLAIN_DEPTH,
         arena or StandIn(),
         other,
@@ -116,8 +123,8 @@ def test_a_big_buffer_met_during_the_encode_sends_it_on_with_the_events_before(r
         return b"\x94payload"
 
     encoder, other, _ = make_encoder(ring_impl, arena, enc)
-    assert encoder(fanout.Delete(OBJ), 3) == "other"
-    assert other.calls == [(fanout.Delete(OBJ), 3, b"\x94payload", 5)]
+    assert encoder(fanout.Delete(WITH_LEAF), 3) == "other"
+    assert other.calls == [(fanout.Delete(WITH_LEAF), 3, b"\x94payload", 5)]
 
 
 @pytest.mark.parametrize(
@@ -148,13 +155,33 @@ def test_a_failed_encode_is_reported_with_the_events_it_began_with(ring_impl):
 
     encoder, other, failed = make_encoder(ring_impl, arena, enc)
     with pytest.raises(ValueError, match="failed says so") as info:
-        encoder(fanout.Add({"n": 1}), 4)
+        encoder(fanout.Add(WITH_LEAF), 4)
     assert info.value.__context__ is boom
-    assert failed.calls == [([ADD, 4, {"n": 1}, False], 2, boom)]
+    assert failed.calls == [([ADD, 4, WITH_LEAF, False], 2, boom)]
     assert other.calls == []
     failed.raises = None  # a failed() that returns: the encode's own error goes up
     with pytest.raises(OverflowError):
-        encoder(fanout.Add({"n": 1}), 4)
+        encoder(fanout.Add(WITH_LEAF), 4)
+
+
+@pytest.mark.parametrize("value", [2**64, -(2**63) - 1, "\ud800"])
+def test_what_the_packer_gives_up_on_reaches_msgspec_and_its_error(ring_impl, value):
+    encoder, other, failed = make_encoder(ring_impl)
+    with pytest.raises(ValueError, match="failed says so") as info:
+        encoder(fanout.Add({"n": value}), 4)
+    assert isinstance(info.value.__context__, OverflowError | UnicodeEncodeError)
+    assert [call[:2] for call in failed.calls] == [([ADD, 4, {"n": value}, False], 0)]
+    assert other.calls == []
+
+
+def test_a_plain_notification_is_packed_without_the_msgspec_encoder(ring_impl):
+    def enc(obj: Any) -> bytes:
+        raise AssertionError("the msgspec encoder ran for a plain notification")
+
+    encoder, other, failed = make_encoder(ring_impl, enc=enc)
+    for n in (fanout.Add(OBJ), fanout.Update(OBJ, NEW), fanout.Delete(NEW)):
+        assert encoder(n, 11) == fanout.MsgpackCodec().encode(n, 11)
+    assert other.calls == failed.calls == []
 
 
 def test_leaf_types_are_read_at_each_call(ring_impl):
@@ -325,13 +352,32 @@ def test_a_feed_entered_again_during_its_encode_keeps_both_payloads_whole(ring_i
         if not entered:
             entered.append(True)
             assert feed.feed(inner) is True
-        return msgspec.msgpack.encode(obj)
+        return msgspec.msgpack.encode(obj, enc_hook=lambda leaf: "leaf")
 
     encoder, _, _ = make_encoder(ring_impl, enc=enc)
     feed = make_feed(ring_impl, (ring,), encoder, Sink())
-    assert feed.feed(fanout.Add(OBJ)) is True
+    assert feed.feed(fanout.Add(WITH_LEAF)) is True
     got = [msgspec.msgpack.decode(f) for f in ring.take_all()]
-    assert [(kind, a) for kind, _, a, _ in got] == [(ADD, {"inner": 1}), (ADD, OBJ)]
+    outer = {"metadata": {"name": "a"}, "data": "leaf"}
+    assert [(kind, a) for kind, _, a, _ in got] == [(ADD, {"inner": 1}), (ADD, outer)]
+
+
+def test_a_feed_entered_again_from_a_key_keeps_both_payloads_whole(ring_impl):
+    # The key runs while the native feed's packed bytes wait in its reused buffer.
+    single, lanes = ring_impl.FrameRing(), (ring_impl.FrameRing(), ring_impl.FrameRing())
+    inner = fanout.Add(pod("inner"))
+    feed: Any = None
+
+    def key(obj: Any) -> Any:
+        if obj is not inner.obj:
+            assert feed.feed(inner) is True
+        return "same lane for both"
+
+    feed = make_feed_routed(ring_impl, (single,), [(lanes, key, None)])
+    assert feed.feed(fanout.Add(OBJ)) is True
+    for ring in (single, lanes[hash("same lane for both") % 2]):
+        got = [msgspec.msgpack.decode(f) for f in ring.take_all()]
+        assert [(kind, a) for kind, _, a, _ in got] == [(ADD, pod("inner")), (ADD, OBJ)]
 
 
 # -- Feed: routed listeners --------------------------------------------------------

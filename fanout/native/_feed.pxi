@@ -7,7 +7,7 @@
 # Everything that is not the common case goes back to Python callables given at
 # construction, with what was already computed, so nothing is encoded twice.
 
-from cpython.bytearray cimport PyByteArray_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from fanout.notifications import Add as _Add_cls
@@ -50,40 +50,58 @@ cdef list _wire(object n, object t_ns):
     return None
 
 
+# Past this size, the reused output shrinks back to _OUT_BYTES after the call.
+cdef Py_ssize_t _KEEP_BYTES = 1 << 20
+
+
+cdef void _shrink(_wbuf* b) noexcept:
+    cdef unsigned char* p = <unsigned char*>PyMem_Realloc(b.p, _OUT_BYTES)
+    if p != NULL:
+        b.p = p
+        b.cap = _OUT_BYTES
+    b.n = 0
+
+
 cdef class Encoder:
     """Encoder(encoder, leaves, depth, arena, other, failed)
 --
 
-    msgspec's encode of a notification, with the shared arena's size check.
+    The encode of a notification, with the shared arena's size check.
 
-    ``encoder(n, t_ns)`` returns the payload: the bytes of ``encoder`` (a
-    ``msgspec.msgpack.Encoder``) for a notification that ``plain`` accepts
-    (``leaves[0]``: the leaf types, read at each call) and whose bytes are under
+    ``encoder(n, t_ns)`` returns the payload: ``pack_plain``'s bytes of the wire
+    list when it is plain without leaves; else ``encoder``'s (a
+    ``msgspec.msgpack.Encoder``) when ``plain`` accepts it with ``leaves[0]``
+    (the leaf types, read at each call). That is for bytes under
     ``arena.min_bytes`` (read once) while no encode met a big buffer
-    (``arena._events`` unchanged); ``other(n, t_ns, payload, events)`` for a
-    bigger one, ``other(n, t_ns)`` for one that is not plain or no
-    notification; a failed encode calls ``failed(obj, events, exc)``, which raises.
+    (``arena._events`` unchanged); ``other(n, t_ns, payload, events)`` gets a
+    bigger one, ``other(n, t_ns)`` one that is not plain or no notification; a
+    failed encode calls ``failed(obj, events, exc)``, which raises.
     """
 
-    cdef object _enc, _enc_into, _arena, _other, _failed
+    cdef object _enc, _arena, _other, _failed
     cdef list _leaves
     cdef int _depth
     cdef Py_ssize_t _min_bytes
-    # Feed's reused output: msgspec writes into it and the rings copy from it, so
-    # the common case allocates no bytes. One caller at a time (``_held``).
-    cdef bytearray _buf
+    # Feed's reused output: pack_plain writes into it and the rings copy from it,
+    # so the common case allocates nothing. One caller at a time (``_held``).
+    cdef _wbuf _out
     cdef bint _held
+
+    def __cinit__(self, *args, **kwargs):
+        if _wbuf_init(&self._out, _OUT_BYTES) < 0:
+            raise MemoryError()
+
+    def __dealloc__(self):
+        PyMem_Free(self._out.p)
 
     def __init__(self, encoder, list leaves, int depth, arena, other, failed):
         self._enc = encoder.encode
-        self._enc_into = encoder.encode_into
         self._leaves = leaves
         self._depth = depth
         self._arena = arena
         self._min_bytes = arena.min_bytes
         self._other = other
         self._failed = failed
-        self._buf = bytearray()
 
     def __call__(self, n, t_ns):
         obj = _wire(n, t_ns)
@@ -92,33 +110,36 @@ cdef class Encoder:
         return self._encode(obj, n, t_ns, False)
 
     cdef object _encode(self, list obj, object n, object t_ns, bint into):
-        # With ``into`` (the caller holds ``_buf``): None for the common case,
-        # whose bytes are then in ``_buf``.
-        cdef object leaves = self._leaves[0]
-        cdef Py_ssize_t size
-        if not _plain(<PyObject*>obj, self._depth, <PyObject*>leaves):
-            return self._other(n, t_ns)  # packed by msgpack: the arena's own path
+        # With ``into`` (the caller holds ``_out``): None for the common case,
+        # whose bytes are then in ``_out``.
+        cdef object leaves
         arena = self._arena
         events = arena._events
-        payload = None
+        if into:
+            self._out.n = 0
+            if _pack(&self._out, <PyObject*>obj, self._depth) == 0:
+                if self._out.n < self._min_bytes:
+                    return None
+                payload = PyBytes_FromStringAndSize(<char*>self._out.p, self._out.n)
+                return self._other(n, t_ns, payload, events)
+        else:
+            payload = _pack_bytes(obj, self._depth)
+            if payload is not None:
+                if len(payload) < self._min_bytes:
+                    return payload
+                return self._other(n, t_ns, payload, events)
+        # Leaf types (numpy arrays, Ext), or what msgspec refuses: its own path.
+        leaves = self._leaves[0]
+        if not _plain(<PyObject*>obj, self._depth, <PyObject*>leaves):
+            return self._other(n, t_ns)  # packed by msgpack: the arena's own path
         try:
-            if into:
-                self._enc_into(obj, self._buf)
-            else:
-                payload = self._enc(obj)
+            payload = self._enc(obj)
         except BaseException as exc:
             self._failed(obj, events, exc)
             raise  # (failed raises)
-        size = PyByteArray_GET_SIZE(self._buf) if into else len(payload)
-        if arena._events == events and size < self._min_bytes:
+        if arena._events == events and len(payload) < self._min_bytes:
             return payload
-        if into:
-            payload = bytes(self._buf)
         return self._other(n, t_ns, payload, events)
-
-
-# A reused output buffer grown past this is let go after the call.
-cdef Py_ssize_t _KEEP_BYTES = 1 << 20
 
 
 def default_key(obj):
@@ -217,30 +238,33 @@ cdef class Feed:
             inline._held = True
             try:
                 payload = inline._encode(_wire(n, t_ns), n, t_ns, True)
-                if payload is None:  # the common case: the bytes are in inline._buf
-                    self._deliver(n, inline._buf)
-                    if PyByteArray_GET_SIZE(inline._buf) > _KEEP_BYTES:
-                        inline._buf = bytearray()
+                if payload is None:  # the common case: the bytes are in inline._out
+                    self._deliver(n, inline._out.p, inline._out.n)
             finally:
                 inline._held = False
+                if inline._out.cap > _KEEP_BYTES:
+                    _shrink(&inline._out)
             if payload is None:
                 return True
         if type(payload) is not bytes:
             self._finish(n, t_ns, payload)
             return True
-        self._deliver(n, payload)
+        if PyBytes_GET_SIZE(payload) == 0 or PyBytes_GET_SIZE(payload) > 0xFFFFFFFF:
+            frame_length(payload)  # raises append_all's error for such a frame
+        self._deliver(n, <unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
         return True
 
-    cdef int _deliver(self, object n, object frame) except -1:
+    cdef int _deliver(self, object n, const unsigned char* data, Py_ssize_t size) except -1:
+        # ``data`` stays put: a payload held by the caller, or ``_out`` while held.
         cdef _Route route
         cdef Py_ssize_t taken, want = self._count
         picked = None
         if self._routes:  # every lane picked before any ring takes the frame
             picked = [route.pick(n) for route in self._routes]
             want += len(picked)
-        taken = _append_all(self._rings, frame)
+        taken = _append_data(self._rings, data, size)
         if picked is not None:
-            taken += _append_all(picked, frame)
+            taken += _append_data(picked, data, size)
             for after in self._afters:
                 after()
         if taken < want:

@@ -13,7 +13,7 @@ from collections.abc import Callable, Hashable
 from typing import Any
 
 from fanout.errors import RingClosed
-from fanout.native._plain_py import plain
+from fanout.native._plain_py import pack_plain, plain
 from fanout.native._ring_common import frame_length
 from fanout.notifications import NOTIFICATION_TYPES, Update
 from fanout.wire.protocol import to_wire
@@ -56,17 +56,18 @@ def append_all(rings: Any, frame: Any) -> int:
 
 
 class Encoder:
-    """msgspec's encode of a notification, with the shared arena's size check.
+    """The encode of a notification, with the shared arena's size check.
 
-    ``encoder(n, t_ns)`` returns the payload: the bytes of ``encoder`` (a
-    ``msgspec.msgpack.Encoder``) for a notification that ``plain`` accepts
-    (``leaves[0]``: the leaf types, read at each call) and whose bytes are under
+    ``encoder(n, t_ns)`` returns the payload: ``pack_plain``'s bytes of the wire
+    list when it is plain without leaves; else ``encoder``'s (a
+    ``msgspec.msgpack.Encoder``) when ``plain`` accepts it with ``leaves[0]``
+    (the leaf types, read at each call). That is for bytes under
     ``arena.min_bytes`` (read once) while no encode met a big buffer
-    (``arena._events`` unchanged); ``other(n, t_ns, payload, events)`` for a
-    bigger one, ``other(n, t_ns)`` for one that is not plain or no
-    notification; a failed encode calls ``failed(obj, events, exc)``, which raises.
-    (The native one encodes into a buffer it reuses when ``Feed`` calls it; this
-    one has no such step.)
+    (``arena._events`` unchanged); ``other(n, t_ns, payload, events)`` gets a
+    bigger one, ``other(n, t_ns)`` one that is not plain or no notification; a
+    failed encode calls ``failed(obj, events, exc)``, which raises. (The native
+    one encodes into a buffer it reuses when ``Feed`` calls it; this one has no
+    such step.)
 
     Args:
         encoder: A ``msgspec.msgpack.Encoder`` (or anything with its ``encode``).
@@ -102,10 +103,16 @@ class Encoder:
 
     def _encode(self, obj: list[Any], n: Any, t_ns: int) -> Any:
         """Encode ``obj``, the wire list of ``n``, as ``__call__`` does."""
-        if not plain(obj, self._depth, self._leaves[0]):
-            return self._other(n, t_ns)  # packed by msgpack: the arena's own path
         arena = self._arena
         events = arena._events
+        payload = pack_plain(obj, self._depth)
+        if payload is not None:
+            if len(payload) < self._min_bytes:
+                return payload
+            return self._other(n, t_ns, payload, events)
+        # Leaf types (numpy arrays, Ext), or what msgspec refuses: its own path.
+        if not plain(obj, self._depth, self._leaves[0]):
+            return self._other(n, t_ns)  # packed by msgpack: the arena's own path
         try:
             payload = self._enc(obj)
         except BaseException as exc:

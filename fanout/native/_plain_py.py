@@ -1,14 +1,35 @@
 """Which objects the two MessagePack packages encode alike, in pure Python.
 
-The twin of the native ``plain`` (compiled from ``_plain.pxi`` into
-``fanout.native._ring``); ``fanout.native._ring_py`` names it beside the other twins.
+The twins of the native ``plain`` and ``pack_plain`` (compiled from ``_plain.pxi``
+and ``_pack.pxi`` into ``fanout.native._ring``); ``fanout.native._ring_py`` names
+them beside the other twins.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["plain"]
+import msgspec
+
+__all__ = ["pack_plain", "plain"]
+
+_encode = msgspec.msgpack.Encoder().encode
+
+
+def pack_plain(obj: Any, depth: int) -> bytes | None:
+    """MessagePack of ``obj`` when ``plain(obj, depth, ())`` holds, in one pass; else None.
+
+    The bytes msgpack and msgspec both write. None also for what they would
+    refuse or write apart: an int outside -2**63 .. 2**64 - 1, a str with a
+    lone surrogate, a container with more than 2**32 - 1 items. (Here, the walk
+    and then msgspec: two passes.)
+    """
+    if not plain(obj, depth, ()):
+        return None
+    try:
+        return _encode(obj)
+    except (OverflowError, UnicodeEncodeError, ValueError):
+        return None
 
 
 def plain(obj: Any, depth: int, leaves: tuple[type, ...]) -> bool:

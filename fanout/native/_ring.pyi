@@ -13,6 +13,7 @@ __all__ = [
     "append_all",
     "default_key",
     "frame_span",
+    "pack_plain",
     "plain",
 ]
 
@@ -78,6 +79,7 @@ class FrameRing:
     def sent_seq(self) -> int: ...
 
 def plain(obj: Any, depth: int, leaves: tuple[type, ...]) -> bool: ...
+def pack_plain(obj: Any, depth: int) -> bytes | None: ...
 
 @disjoint_base
 class Encoder:

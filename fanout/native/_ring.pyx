@@ -11,7 +11,8 @@
 #   _frame_ring.pxi    the FrameRing class around that state
 #   _object_ring.pxi   Ring, the ring of Python objects
 #   _plain.pxi         plain(), the producer's check that both codecs agree
-#   _feed.pxi          Encoder and Feed, distribute's fast path (uses the two above)
+#   _pack.pxi          pack_plain(), that check and the encode in one pass
+#   _feed.pxi          Encoder and Feed, distribute's fast path (uses the three above)
 # This file keeps the two calls on frames beyond one ring: append_all (one frame
 # into many rings) and frame_span (the whole frames in a buffer).
 
@@ -35,6 +36,7 @@ __all__ = [
     "append_all",
     "default_key",
     "frame_span",
+    "pack_plain",
     "plain",
 ]
 
@@ -44,6 +46,7 @@ include "_frame_state.pxi"
 include "_frame_ring.pxi"
 include "_object_ring.pxi"
 include "_plain.pxi"
+include "_pack.pxi"
 include "_feed.pxi"
 
 
@@ -58,20 +61,25 @@ def append_all(rings, frame):
 
 cdef Py_ssize_t _append_all(rings, frame) except -1:
     cdef Py_buffer view
-    cdef FrameRing ring
-    cdef Py_ssize_t taken = 0
     _get_frame(frame, &view)
     try:
-        for ring in rings:
-            if ring.st.closed:  # racy read; _put checks again under the lock
-                continue
-            try:
-                ring._put(<const unsigned char*>view.buf, <size_t>view.len)
-            except RingClosed:
-                continue
-            taken += 1
+        return _append_data(rings, <const unsigned char*>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
+
+
+cdef Py_ssize_t _append_data(rings, const unsigned char* data, Py_ssize_t size) except -1:
+    # A checked frame (1 byte to 4 GiB) into every open ring; how many took it.
+    cdef FrameRing ring
+    cdef Py_ssize_t taken = 0
+    for ring in rings:
+        if ring.st.closed:  # racy read; _put checks again under the lock
+            continue
+        try:
+            ring._put(data, <size_t>size)
+        except RingClosed:
+            continue
+        taken += 1
     return taken
 
 

@@ -3,8 +3,8 @@
 Both modules have the same API, raise the same exceptions with the same messages
 and pass the same tests; ``FANOUT_NO_EXTENSIONS=1`` makes fanout use this one.
 As the native module is built from one file per concept, this one gathers them:
-``FrameRing`` from ``_frame_ring_py``, ``Ring`` from ``_object_ring_py``, ``plain``
-from ``_plain_py``, ``distribute``'s fast path (``Encoder``, ``Feed``) and
+``FrameRing`` from ``_frame_ring_py``, ``Ring`` from ``_object_ring_py``, ``plain`` and
+``pack_plain`` from ``_plain_py``, ``distribute``'s fast path (``Encoder``, ``Feed``) and
 ``append_all`` and ``default_key`` from ``_feed_py``; it keeps ``frame_span``.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 from fanout.native._feed_py import Encoder, Feed, append_all, default_key
 from fanout.native._frame_ring_py import FrameRing
 from fanout.native._object_ring_py import Ring
-from fanout.native._plain_py import plain
+from fanout.native._plain_py import pack_plain, plain
 from fanout.native._ring_common import HEADER, HEADER_SIZE
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "append_all",
     "default_key",
     "frame_span",
+    "pack_plain",
     "plain",
 ]
 
@@ -36,7 +37,7 @@ NATIVE = False
 # This module is their public home, as fanout.native._ring is the native ones':
 # reprs and error messages (the pump's "ring must be a ...FrameRing") name it,
 # whichever file holds the source.
-for _cls in (FrameRing, Ring, plain, Encoder, Feed, append_all, default_key):
+for _cls in (FrameRing, Ring, plain, pack_plain, Encoder, Feed, append_all, default_key):
     _cls.__module__ = __name__
 
 

@@ -84,6 +84,7 @@ if TYPE_CHECKING:
     from fanout.native._ring import append_all as append_all
     from fanout.native._ring import default_key as default_key
     from fanout.native._ring import frame_span as frame_span
+    from fanout.native._ring import pack_plain as pack_plain
     from fanout.native._ring import plain as plain
 else:
     Ring = ring_impl.Ring
@@ -94,6 +95,7 @@ else:
     append_all = ring_impl.append_all
     default_key = ring_impl.default_key
     frame_span = ring_impl.frame_span
+    pack_plain = ring_impl.pack_plain
     plain = ring_impl.plain
 
 __all__ = [
@@ -108,6 +110,7 @@ __all__ = [
     "default_key",
     "frame_span",
     "guard_forks",
+    "pack_plain",
     "plain",
     "serve",
     "serve_batch",

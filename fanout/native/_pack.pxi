@@ -154,7 +154,12 @@ cdef inline int _pack_str(_wbuf* b, PyObject* o) noexcept:
         if s == NULL:  # a lone surrogate: msgspec raises the error the user sees
             _err_clear()
             return -1
-    if _head(b, 0xA0, 31, 0xD9, 0xDA, 0xDB, n) < 0:
+    if n <= 31:  # most keys and values: a one-byte header, written here
+        if _room(b, 1) == NULL:
+            return -1
+        b.p[b.n] = <unsigned char>(0xA0 | n)
+        b.n += 1
+    elif _head(b, 0xA0, 31, 0xD9, 0xDA, 0xDB, n) < 0:
         return -1
     return _raw(b, s, n)
 

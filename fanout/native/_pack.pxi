@@ -117,6 +117,20 @@ cdef inline int _head(_wbuf* b, unsigned fix, Py_ssize_t fix_max, unsigned c8,
     return 0
 
 
+cdef inline int _head_small(_wbuf* b, unsigned fix, unsigned c16, unsigned c32,
+                            Py_ssize_t n) noexcept:
+    # An array's or a map's header: most hold up to 15 items, one byte written here.
+    cdef unsigned char* p
+    if n > 15:
+        return _head(b, fix, 15, 0, c16, c32, n)
+    p = _room(b, 1)
+    if p == NULL:
+        return -1
+    p[0] = <unsigned char>(fix | n)
+    b.n += 1
+    return 0
+
+
 cdef inline int _raw(_wbuf* b, const void* data, Py_ssize_t n) noexcept:
     cdef unsigned char* p = _room(b, n)
     cdef const unsigned char* s = <const unsigned char*>data
@@ -246,7 +260,7 @@ cdef int _pack(_wbuf* b, PyObject* o, int depth) noexcept:
     if t == &_str_t:
         return _pack_str(b, o)
     if t == &_dict_t:
-        if depth == 0 or _head(b, 0x80, 15, 0, 0xDE, 0xDF, _dict_size(o)) < 0:
+        if depth == 0 or _head_small(b, 0x80, 0xDE, 0xDF, _dict_size(o)) < 0:
             return -1
         while _dict_next(o, &pos, &k, &v):
             kt = _type_of(k)
@@ -264,7 +278,7 @@ cdef int _pack(_wbuf* b, PyObject* o, int depth) noexcept:
         return _pack_one(b, 0xC0)
     if t == &_list_t or t == &_tuple_t:
         n = _seq_size(o)
-        if depth == 0 or _head(b, 0x90, 15, 0, 0xDC, 0xDD, n) < 0:
+        if depth == 0 or _head_small(b, 0x90, 0xDC, 0xDD, n) < 0:
             return -1
         for i in range(n):
             if _pack(b, _seq_item(o, i), depth - 1) < 0:

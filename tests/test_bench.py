@@ -429,4 +429,9 @@ def test_targets_are_ratios_of_figures_from_the_same_run():
     text = report.table(doc)
     assert "Targets (ratios of figures from this one run):" in text
     assert "NOT MET" in text and "not measured in this run" in text
+    assert "judge the targets" not in text  # no duration given: nothing to say
     assert not [t for t in targets(_doc()) if t["value"] is not None]
+    doc["options"]["duration"] = 0.05  # as --quick runs it
+    assert "rounds of 0.05 s, as --quick runs them" in report.table(doc)
+    doc["options"]["duration"] = 0.5
+    assert "judge the targets" not in report.table(doc)

@@ -44,6 +44,7 @@ __all__ = [
 
 PACKAGES = (DISTRIBUTION, "msgpack", "numpy", "msgspec", "pyzmq", "faster-fifo", "Cython")
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per core above which we warn
+TARGET_ROUND_S = 0.5  # rounds shorter than this (--quick) cannot judge the targets
 
 
 def _cores() -> int:
@@ -238,6 +239,13 @@ def table(doc: dict[str, Any]) -> str:
     rows = targets(doc)
     if rows:
         lines.append("\nTargets (ratios of figures from this one run):")
+        duration = doc["options"].get("duration")
+        if duration is not None and duration < TARGET_ROUND_S:
+            lines.append(
+                f"  (rounds of {duration:g} s, as --quick runs them, time mostly starting and "
+                f"stopping: judge the targets from rounds of {TARGET_ROUND_S:g} s or more, "
+                f"the default)"
+            )
         for t in rows:
             lines.append(
                 f"- {t['what']:<60} {t['shown']:>8}  target {t['target']:<10} {t['verdict']}"

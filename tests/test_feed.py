@@ -465,7 +465,7 @@ def test_a_key_that_raises_stops_the_feed_before_any_ring_took_anything(ring_imp
         sink.notify,
         sink.finish,
         sink.closed,
-        [(first, None, after), (second, key, None)],
+        [(first, ring_impl.Router(2), after), (second, ring_impl.Router(2, key), None)],
     )
     with pytest.raises(KeyError, match="no key here"):
         feed.feed(fanout.Add(pod("a")))
@@ -489,20 +489,77 @@ def test_afters_run_once_after_every_append_then_closed_then_notify(ring_impl):
         sink.notify,
         sink.finish,
         sink.closed,
-        [(lanes, None, after)],
+        [(lanes, ring_impl.Router(2), after)],
     )
     assert feed.feed(fanout.Add(pod("a"))) is True
     assert sink.log == [("after", 1), ("closed",), ("notify",)]
 
 
-def test_a_routed_listener_needs_a_lane(ring_impl):
-    with pytest.raises(ValueError, match="at least one lane"):
-        make_feed_routed(ring_impl, (), [((), None, None)])
-
-
-def make_feed_routed(ring_impl: types.ModuleType, rings: tuple[Any, ...], routes: Any) -> Any:
+def test_a_routed_listener_needs_a_lane_and_a_router_of_its_lanes(ring_impl):
     encoder, _, _ = make_encoder(ring_impl)
     sink = Sink()
+
+    def feed(routes: Any) -> Any:
+        return ring_impl.Feed((), encoder, sink.notify, sink.finish, sink.closed, routes)
+
+    lanes = (ring_impl.FrameRing(), ring_impl.FrameRing())
+    with pytest.raises(ValueError, match="at least one lane"):
+        feed([((), ring_impl.Router(1), None)])
+    with pytest.raises(ValueError, match="a Router of its 2 lanes, not None"):
+        feed([(lanes, None, None)])  # a key function is no router
+    with pytest.raises(ValueError, match="a Router of its 2 lanes"):
+        feed([(lanes, ring_impl.Router(3), None)])
+
+
+@pytest.mark.parametrize(
+    ("args", "error", "message"),
+    [
+        ((0,), ValueError, "at least one lane, got count=0"),
+        ((-2,), ValueError, "at least one lane, got count=-2"),
+        ((2, "name"), TypeError, "key must be callable or None, not 'name'"),
+    ],
+)
+def test_a_router_refuses_bad_arguments_by_name(ring_impl, args, error, message):
+    with pytest.raises(error, match=message):
+        ring_impl.Router(*args)
+
+
+def test_a_router_with_one_lane_never_computes_a_key(ring_impl):
+    def key(obj: Any) -> Any:
+        raise AssertionError("key computed for a single lane")
+
+    router = ring_impl.Router(1, key)
+    assert (router.count, router.key) == (1, key)
+    assert [router.index(fanout.Add(pod(f"p{i}"))) for i in range(3)] == [0, 0, 0]
+
+
+def test_a_router_shared_by_a_listener_and_a_feed_keeps_one_turn(ring_impl):
+    # LaneListener.route and distribute's Feed ask the same router: objects
+    # without a key take the lanes in turn across both.
+    lanes = tuple(ring_impl.FrameRing() for _ in range(3))
+    router = ring_impl.Router(3)
+    feed = make_feed_routed(ring_impl, (), [(lanes, router, None)], routers=False)
+    turns = []
+    for i in range(6):
+        if i % 2:
+            turns.append(router.index(fanout.Add({"i": i})))  # as route() asks it
+        else:
+            feed.feed(fanout.Add({"i": i}))
+            turns.append([len(r) for r in lanes])
+    fed = [t for t in turns if isinstance(t, list)]
+    asked = [t for t in turns if isinstance(t, int)]
+    assert asked == [2, 1, 0]  # turns 2, 4 and 6 of 6: the feed took 1, 3 and 5
+    assert fed[-1] == [1, 1, 1]
+
+
+def make_feed_routed(
+    ring_impl: types.ModuleType, rings: tuple[Any, ...], routes: Any, routers: bool = True
+) -> Any:
+    """A feed with an Encoder; ``routes`` give each listener's key (None: default)."""
+    encoder, _, _ = make_encoder(ring_impl)
+    sink = Sink()
+    if routers:
+        routes = [(r, ring_impl.Router(len(r), key), after) for r, key, after in routes]
     return ring_impl.Feed(rings, encoder, sink.notify, sink.finish, sink.closed, routes)
 
 

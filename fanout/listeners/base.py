@@ -330,7 +330,7 @@ class Registration:
         return None
 
     def feed_route(self) -> tuple[tuple[Any, ...], Any, Any] | None:
-        """``(rings, key, after)`` for ``fanout.native.pick.Feed`` to route and put as this
+        """``(rings, router, after)`` for ``fanout.native.pick.Feed`` to route and put as this
         listener does, or None when only its own ``route`` and ``put`` will do."""
         return None
 

@@ -20,8 +20,8 @@ from fanout.core.options import ListenerOptions
 from fanout.core.poll import poll_until
 from fanout.errors import ListenerFull, RingClosed, RingFull
 from fanout.listeners.base import ListenerContext, Registration
-from fanout.native.pick import FrameRing, default_key
-from fanout.notifications import Add, Notification, Update
+from fanout.native.pick import FrameRing, Router, default_key
+from fanout.notifications import Add, Notification
 from fanout.wire.protocol import HEADER_SIZE
 
 __all__ = ["LaneBase", "LaneListener", "default_key", "lane_ring"]
@@ -77,8 +77,9 @@ class LaneListener(Registration):
 
     def __init__(self, ctx: ListenerContext, opts: ListenerOptions) -> None:
         super().__init__(ctx, opts)
-        self.rr = 0
         self.lanes: list[Any] = []
+        # Picks each notification's lane, here and in distribute's Feed alike.
+        self.router = Router(self.workers, self.key)
 
     def _count_drops(self, held: int = 0, arriving: int = 0) -> None:
         """Count ``held`` frames dropped from a ring and ``arriving`` ones never appended."""
@@ -96,23 +97,14 @@ class LaneListener(Registration):
             lane.initial_seq = max(lane.initial_seq, lane.ring.last_seq)
 
     def feed_route(self) -> tuple[tuple[Any, ...], Any, Any] | None:
-        """Its lanes' rings and key: an unbounded lane's ``put`` is its ring's append."""
+        """Its lanes' rings and router: an unbounded lane's ``put`` is its ring's append."""
         if self.max_pending_bytes is not None or type(self).put is not LaneListener.put:
             return None
-        return tuple(lane.ring for lane in self.lanes), self.key, None
+        return tuple(lane.ring for lane in self.lanes), self.router, None
 
     def route(self, n: Notification) -> Any:
         """Pick the lane of ``n``: by key, so one object's notifications keep order."""
-        lanes = self.lanes
-        if len(lanes) == 1:
-            return lanes[0]
-        # The object a key is taken from: an Update's new one.
-        obj = n.new if type(n) is Update else n.obj  # type: ignore[union-attr]
-        key = self.key(obj) if self.key else default_key(obj)
-        if key is None:
-            self.rr += 1
-            return lanes[self.rr % len(lanes)]
-        return lanes[hash(key) % len(lanes)]
+        return self.lanes[self.router.index(n)]
 
     def arena_bytes(self, lane: LaneBase) -> int:
         """Bytes of the shared-memory arena ``lane``'s frames refer to (0 without one).

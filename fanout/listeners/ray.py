@@ -155,10 +155,10 @@ class RayListener(LaneListener):
             self.wake.set()
 
     def feed_route(self) -> tuple[tuple[Any, ...], Any, Any] | None:
-        """Its lanes' rings and key, and the sender's wake: a bytes payload's ``put``."""
+        """Its lanes' rings and router, and the sender's wake: a bytes payload's ``put``."""
         if self.max_pending_bytes is not None:
             return None
-        return tuple(lane.ring for lane in self.lanes), self.key, self.wake_if_idle
+        return tuple(lane.ring for lane in self.lanes), self.router, self.wake_if_idle
 
     def drop_unsent(self, lane: Any, nbytes: int) -> int:
         """Drop the oldest unsent frames, and let go of their Ray objects at once."""

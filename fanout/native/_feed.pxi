@@ -153,25 +153,50 @@ def default_key(obj):
     return None
 
 
-cdef class _Route:
-    # One routed listener of a Feed: its lanes' rings and its key.
-    cdef tuple rings
-    cdef Py_ssize_t count
-    cdef object key
+cdef class Router:
+    """Router(count, key=None)
+--
+
+    Which of a listener's ``count`` lanes a notification goes to.
+
+    ``index(n)`` is ``hash(key(obj)) % count`` (Python's modulo), ``obj`` being
+    the notification's object (an ``Update``'s new one) and ``key`` the
+    listener's key function, or ``default_key`` when None. Objects whose key is
+    None take the lanes in turn. With one lane, no key is computed. A
+    listener's ``route`` and ``distribute``'s ``Feed`` ask the same router, so
+    they pick alike and share the turn.
+    """
+
+    cdef readonly Py_ssize_t count
+    cdef readonly object key
     cdef Py_ssize_t rr
 
-    cdef object pick(self, object n):
-        # LaneListener.route: by key, so one object's notifications keep order.
+    def __init__(self, Py_ssize_t count, key=None):
+        if count < 1:
+            raise ValueError(f"a router needs at least one lane, got count={count}")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be callable or None, not {key!r}")
+        self.count = count
+        self.key = key
+
+    cpdef Py_ssize_t index(self, object n) except -1:
+        """The lane of notification ``n``: from 0 to ``count - 1``."""
         cdef Py_hash_t h
         if self.count == 1:
-            return self.rings[0]
+            return 0
         obj = n.new if type(n) is _Update else n.obj
         key = self.key(obj) if self.key is not None else default_key(obj)
         if key is None:
             self.rr += 1
-            return self.rings[self.rr % self.count]
+            return self.rr % self.count
         h = hash(key)
-        return self.rings[((h % self.count) + self.count) % self.count]  # Python's modulo
+        return ((h % self.count) + self.count) % self.count  # Python's modulo
+
+
+cdef class _Route:
+    # One routed listener of a Feed: its lanes' rings and its router.
+    cdef tuple rings
+    cdef Router router
 
 
 cdef class Feed:
@@ -183,10 +208,9 @@ cdef class Feed:
     ``feed(n)`` stamps ``n`` with ``time.monotonic_ns()`` and encodes it once
     with ``encode(n, t_ns)`` (an ``Encoder`` is called without a Python call,
     into a buffer it reuses). It picks the lane of each routed listener in
-    ``routes`` (``(rings, key, after)``: its lanes' rings, its key function or
-    None for ``default_key``, and a callable to run after its append or None),
-    as ``LaneListener.route`` does; a key that raises stops it before any ring
-    took anything. Then it appends the bytes to every open ring of ``rings``
+    ``routes`` (``(rings, router, after)``: its lanes' rings, the listener's
+    ``Router``, and a callable to run after its append or None); a key that
+    raises stops it before any ring took anything. Then it appends the bytes to every open ring of ``rings``
     and to each picked ring, runs the ``after`` callables, calls ``closed()``
     when a ring refused them as closed, and ``notify()``. A payload that is not
     ``bytes`` (big buffers in shared memory) goes to ``finish(n, t_ns,
@@ -210,13 +234,17 @@ cdef class Feed:
         self._closed = closed
         built = []
         afters = []
-        for lane_rings, key, after in routes:
+        for lane_rings, router, after in routes:
             route = _Route()
             route.rings = tuple(lane_rings)
-            route.count = len(route.rings)
-            if route.count == 0:
+            if not route.rings:
                 raise ValueError("a routed listener needs at least one lane")
-            route.key = key
+            if type(router) is not Router or (<Router>router).count != len(route.rings):
+                raise ValueError(
+                    f"a routed listener needs a Router of its {len(route.rings)} lanes, "
+                    f"not {router!r}"
+                )
+            route.router = router
             built.append(route)
             if after is not None:
                 afters.append(after)
@@ -260,7 +288,7 @@ cdef class Feed:
         cdef Py_ssize_t taken, want = self._count
         picked = None
         if self._routes:  # every lane picked before any ring takes the frame
-            picked = [route.pick(n) for route in self._routes]
+            picked = [route.rings[route.router.index(n)] for route in self._routes]
             want += len(picked)
         taken = _append_data(self._rings, data, size)
         if picked is not None:

@@ -18,7 +18,7 @@ from fanout.native._ring_common import frame_length
 from fanout.notifications import NOTIFICATION_TYPES, Update
 from fanout.wire.protocol import to_wire
 
-__all__ = ["Encoder", "Feed", "append_all", "default_key", "wire"]
+__all__ = ["Encoder", "Feed", "Router", "append_all", "default_key", "wire"]
 
 
 def wire(n: Any, t_ns: int) -> list[Any] | None:
@@ -135,28 +135,63 @@ def default_key(obj: Any) -> Hashable | None:
     return None
 
 
-class _Route:
-    """One routed listener of a ``Feed``: its lanes' rings, its key, its wake."""
+class Router:
+    """Which of a listener's ``count`` lanes a notification goes to.
 
-    def __init__(self, rings: Any, key: Callable[[Any], Any] | None, after: Any) -> None:
-        self.rings = tuple(rings)
-        if not self.rings:
-            raise ValueError("a routed listener needs at least one lane")
+    ``index(n)`` is ``hash(key(obj)) % count``, ``obj`` being the notification's
+    object (an ``Update``'s new one) and ``key`` the listener's key function, or
+    ``default_key`` when None. Objects whose key is None take the lanes in turn.
+    With one lane, no key is computed. A listener's ``route`` and
+    ``distribute``'s ``Feed`` ask the same router, so they pick alike and share
+    the turn.
+
+    Args:
+        count: How many lanes (at least 1).
+        key: ``obj -> hashable``, or None for ``default_key``.
+
+    Raises:
+        ValueError: ``count`` is below 1.
+        TypeError: ``key`` is neither callable nor None.
+    """
+
+    def __init__(self, count: int, key: Callable[[Any], Any] | None = None) -> None:
+        if count < 1:
+            raise ValueError(f"a router needs at least one lane, got count={count}")
+        if key is not None and not callable(key):
+            raise TypeError(f"key must be callable or None, not {key!r}")
+        self.count = count
         self.key = key
-        self.after = after
-        self.rr = 0
+        self._rr = 0
 
-    def pick(self, n: Any) -> Any:
-        """``LaneListener.route``: by key, so one object's notifications keep order."""
-        rings = self.rings
-        if len(rings) == 1:
-            return rings[0]
+    def index(self, n: Any) -> int:
+        """The lane of notification ``n``: from 0 to ``count - 1``."""
+        if self.count == 1:
+            return 0
         obj = n.new if type(n) is Update else n.obj
         key = self.key(obj) if self.key is not None else default_key(obj)
         if key is None:
-            self.rr += 1
-            return rings[self.rr % len(rings)]
-        return rings[hash(key) % len(rings)]
+            self._rr += 1
+            return self._rr % self.count
+        return hash(key) % self.count
+
+
+class _Route:
+    """One routed listener of a ``Feed``: its lanes' rings, its router, its wake."""
+
+    def __init__(self, rings: Any, router: Any, after: Any) -> None:
+        self.rings = tuple(rings)
+        if not self.rings:
+            raise ValueError("a routed listener needs at least one lane")
+        if type(router) is not Router or router.count != len(self.rings):
+            raise ValueError(
+                f"a routed listener needs a Router of its {len(self.rings)} lanes, not {router!r}"
+            )
+        self.router = router
+        self.after = after
+
+    def pick(self, n: Any) -> Any:
+        """The ring of ``n``'s lane."""
+        return self.rings[self.router.index(n)]
 
 
 class Feed:
@@ -164,7 +199,7 @@ class Feed:
 
     ``feed(n)`` stamps ``n`` with ``time.monotonic_ns()`` and encodes it once
     with ``encode(n, t_ns)``. It picks the lane of each routed listener in
-    ``routes`` as ``LaneListener.route`` does; a key that raises stops it
+    ``routes`` with the listener's ``Router``; a key that raises stops it
     before any ring took anything. Then it appends the bytes to every open ring
     of ``rings`` and to each picked ring, runs the ``after`` callables, calls
     ``closed()`` when a ring refused them as closed, and ``notify()``. A
@@ -178,9 +213,8 @@ class Feed:
         notify: Wakes the pump.
         finish: Delivers a payload that is not ``bytes``.
         closed: Called when a ring was closed (raises if the distributor stopped).
-        routes: ``(rings, key, after)`` of each routed listener: its lanes'
-            rings, its key function or None for ``default_key``, and a callable
-            to run after its append or None.
+        routes: ``(rings, router, after)`` of each routed listener: its lanes'
+            rings, its ``Router``, and a callable to run after its append or None.
     """
 
     def __init__(

@@ -10,6 +10,7 @@ __all__ = [
     "Feed",
     "FrameRing",
     "Ring",
+    "Router",
     "append_all",
     "default_key",
     "frame_span",
@@ -93,6 +94,13 @@ class Encoder:
         failed: Callable[[Any, Any, BaseException], Any],
     ) -> None: ...
     def __call__(self, n: Any, t_ns: Any) -> Any: ...
+
+@disjoint_base
+class Router:
+    count: int
+    key: Any
+    def __init__(self, count: int, key: Any = None) -> None: ...
+    def index(self, n: Any) -> int: ...
 
 @disjoint_base
 class Feed:

@@ -33,6 +33,7 @@ __all__ = [
     "Feed",
     "FrameRing",
     "Ring",
+    "Router",
     "append_all",
     "default_key",
     "frame_span",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fanout.native._feed_py import Encoder, Feed, append_all, default_key
+from fanout.native._feed_py import Encoder, Feed, Router, append_all, default_key
 from fanout.native._frame_ring_py import FrameRing
 from fanout.native._object_ring_py import Ring
 from fanout.native._plain_py import pack_plain, plain
@@ -25,6 +25,7 @@ __all__ = [
     "Feed",
     "FrameRing",
     "Ring",
+    "Router",
     "append_all",
     "default_key",
     "frame_span",
@@ -37,7 +38,7 @@ NATIVE = False
 # This module is their public home, as fanout.native._ring is the native ones':
 # reprs and error messages (the pump's "ring must be a ...FrameRing") name it,
 # whichever file holds the source.
-for _cls in (FrameRing, Ring, plain, pack_plain, Encoder, Feed, append_all, default_key):
+for _cls in (FrameRing, Ring, plain, pack_plain, Encoder, Feed, Router, append_all, default_key):
     _cls.__module__ = __name__
 
 

@@ -81,6 +81,7 @@ if TYPE_CHECKING:
     from fanout.native._ring import Feed as Feed
     from fanout.native._ring import FrameRing as FrameRing
     from fanout.native._ring import Ring as Ring
+    from fanout.native._ring import Router as Router
     from fanout.native._ring import append_all as append_all
     from fanout.native._ring import default_key as default_key
     from fanout.native._ring import frame_span as frame_span
@@ -88,6 +89,7 @@ if TYPE_CHECKING:
     from fanout.native._ring import plain as plain
 else:
     Ring = ring_impl.Ring
+    Router = ring_impl.Router
     FrameRing = ring_impl.FrameRing
     Pump = pump_impl.Pump
     Encoder = ring_impl.Encoder
@@ -106,6 +108,7 @@ __all__ = [
     "FrameRing",
     "Pump",
     "Ring",
+    "Router",
     "append_all",
     "default_key",
     "frame_span",

@@ -210,12 +210,12 @@ cdef class Feed:
     into a buffer it reuses). It picks the lane of each routed listener in
     ``routes`` (``(rings, router, after)``: its lanes' rings, the listener's
     ``Router``, and a callable to run after its append or None); a key that
-    raises stops it before any ring took anything. Then it appends the bytes to every open ring of ``rings``
-    and to each picked ring, runs the ``after`` callables, calls ``closed()``
-    when a ring refused them as closed, and ``notify()``. A payload that is not
-    ``bytes`` (big buffers in shared memory) goes to ``finish(n, t_ns,
-    payload)`` instead. Returns False, having done nothing, when ``n`` is no
-    notification.
+    raises stops it before any ring took anything. Then it appends the bytes to
+    every open ring of ``rings`` and to each picked ring, runs the ``after``
+    callables, calls ``closed()`` when a ring refused them as closed, and
+    ``notify()``. A payload that is not ``bytes`` (big buffers in shared
+    memory) goes to ``finish(n, t_ns, payload)`` instead. Returns False, having
+    done nothing, when ``n`` is no notification.
     """
 
     cdef tuple _rings, _routes, _afters

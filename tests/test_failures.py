@@ -851,3 +851,56 @@ def test_a_start_that_fails_half_way_leaves_nothing_running(make_dist, monkeypat
     with pytest.raises(OSError, match="Too many open files"):
         d.start()
     assert d.stopped  # and the leak check finds no worker, thread or fd
+
+
+class RacingSlot:
+    """A progress slot whose worker finishes two raising calls right after the
+    producer's first counter read, writing in the worker's order (ERRORS, then
+    HANDLED, then DONE)."""
+
+    def __init__(self, calls: int) -> None:
+        self.words = [0] * fanout.wire.protocol.SLOT_WORDS
+        self.words[fanout.wire.protocol.HANDLED] = calls
+        self.words[fanout.wire.protocol.ERRORS] = calls
+        self.words[fanout.wire.protocol.DONE] = self.words[fanout.wire.protocol.STARTED] = calls
+        self.raced = False
+
+    def __getitem__(self, i: int) -> int:
+        value = self.words[i]
+        counters = (fanout.wire.protocol.HANDLED, fanout.wire.protocol.ERRORS)
+        if i in counters and not self.raced:
+            self.raced = True
+            w = self.words
+            for _ in range(2):
+                w[fanout.wire.protocol.ERRORS] += 1
+                w[fanout.wire.protocol.HANDLED] += 1
+                w[fanout.wire.protocol.DONE] = w[fanout.wire.protocol.STARTED] = (
+                    w[fanout.wire.protocol.DONE] + 1
+                )
+        return value
+
+
+def test_calls_finishing_between_the_slots_reads_are_no_corruption():
+    # Seen on a loaded CI machine: the producer read HANDLED, was descheduled while
+    # the worker finished two raising calls, then read ERRORS, and killed a healthy
+    # worker for "37 calls and 39 errors".
+    from types import SimpleNamespace
+
+    from fanout.listeners.deaths import corrupt_slot_reason
+
+    lane = SimpleNamespace(
+        slot=RacingSlot(37),
+        handled_at_spawn=0,
+        errors_at_spawn=0,
+        done_at_spawn=0,
+        undecodable_since_spawn=0,
+        ring=SimpleNamespace(last_seq=100),
+        ready=False,
+        proc=None,
+    )
+    assert corrupt_slot_reason(lane) is None
+    assert lane.slot.raced
+    lane.slot = RacingSlot(37)
+    lane.slot.words[fanout.wire.protocol.ERRORS] = 40  # more errors than calls: corrupt
+    lane.slot.raced = True
+    assert corrupt_slot_reason(lane) == "37 calls and 40 errors since the worker started"

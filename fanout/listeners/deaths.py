@@ -106,9 +106,13 @@ def rewind_dead_lane(
 def corrupt_slot_reason(lane: Lane) -> str | None:
     """Say what is impossible in a worker's progress slot, if anything."""
     slot = lane.slot
-    # Counters first, DONE after: a call finishing in between errs on the safe side.
-    handled = int(slot[HANDLED]) - lane.handled_at_spawn
+    # Read in the order opposite to the worker's writes, so calls finishing
+    # between two reads err on the safe side: the worker counts an error before
+    # its call, and a call before marking its frame done. (Errors read after the
+    # calls could count calls made after that read: a busy machine could then
+    # see more errors than calls.)
     errors = int(slot[ERRORS]) - lane.errors_at_spawn
+    handled = int(slot[HANDLED]) - lane.handled_at_spawn
     done, started = int(slot[DONE]), int(slot[STARTED])
     last = lane.ring.last_seq  # read after the slot: appends only raise it
     if done > last or started > last:

@@ -7,7 +7,6 @@
 # Everything that is not the common case goes back to Python callables given at
 # construction, with what was already computed, so nothing is encoded twice.
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from fanout.notifications import Add as _Add_cls
@@ -255,6 +254,7 @@ cdef class Feed:
         """Deliver ``n`` as described above; False: ``n`` is no notification."""
         cdef object cls = type(n)
         cdef Encoder inline = self._inline
+        cdef Py_buffer view
         if cls is not _Update and cls is not _Add and cls is not _Delete:
             return False
         t_ns = _monotonic_ns()
@@ -277,9 +277,11 @@ cdef class Feed:
         if type(payload) is not bytes:
             self._finish(n, t_ns, payload)
             return True
-        if PyBytes_GET_SIZE(payload) == 0 or PyBytes_GET_SIZE(payload) > 0xFFFFFFFF:
-            frame_length(payload)  # raises append_all's error for such a frame
-        self._deliver(n, <unsigned char*>PyBytes_AS_STRING(payload), PyBytes_GET_SIZE(payload))
+        _get_frame(payload, &view)  # append_all's checks and errors
+        try:
+            self._deliver(n, <const unsigned char*>view.buf, view.len)
+        finally:
+            PyBuffer_Release(&view)
         return True
 
     cdef int _deliver(self, object n, const unsigned char* data, Py_ssize_t size) except -1:

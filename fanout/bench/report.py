@@ -27,7 +27,7 @@ from fanout.bench.formatting import (
     spread_text,
     table_rows,
 )
-from fanout.bench.model import CODEC_CONTENDERS, UNSTABLE_SPREAD, Bench
+from fanout.bench.model import CODEC_CONTENDERS, UNSTABLE_SPREAD, Bench, Options
 from fanout.bench.targets import targets
 
 __all__ = [
@@ -44,7 +44,7 @@ __all__ = [
 
 PACKAGES = (DISTRIBUTION, "msgpack", "numpy", "msgspec", "pyzmq", "faster-fifo", "Cython")
 BUSY_LOAD_PER_CORE = 0.5  # 1-minute load average per core above which we warn
-TARGET_ROUND_S = 0.5  # rounds shorter than this (--quick) cannot judge the targets
+TARGET_ROUND_S = Options.duration  # shorter rounds than the default (--quick) cannot judge
 
 
 def _cores() -> int:

@@ -20,11 +20,11 @@ from fanout.core.options import ListenerOptions
 from fanout.core.poll import poll_until
 from fanout.errors import ListenerFull, RingClosed, RingFull
 from fanout.listeners.base import ListenerContext, Registration
-from fanout.native.pick import FrameRing, Router, default_key
+from fanout.native.pick import FrameRing, Router
 from fanout.notifications import Add, Notification
 from fanout.wire.protocol import HEADER_SIZE
 
-__all__ = ["LaneBase", "LaneListener", "default_key", "lane_ring"]
+__all__ = ["LaneBase", "LaneListener", "lane_ring"]
 
 RING_INITIAL_BYTES = 64 * 1024
 DROPS = ("drop_newest", "drop_oldest")

@@ -10,7 +10,7 @@
 # here runs Python code, so nothing can change a container under it.
 
 from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
-from libc.stdint cimport uint8_t, uint16_t
+from libc.stdint cimport uint16_t
 from libc.string cimport memcpy
 
 cdef extern from "Python.h":

@@ -1,4 +1,4 @@
-"""Instructions per ``distribute`` and per worker frame, counted by callgrind.
+"""Instructions per ``distribute``, per worker frame and per codec call, counted by callgrind.
 
 Wall-clock figures swing by ±15 % on a shared machine; the number of
 instructions a loop executes does not. This module runs the measured loops in a
@@ -10,7 +10,13 @@ child Python under ``valgrind --tool=callgrind`` and reads the counts back:
   and ``codec="msgpack"``;
 * a worker frame: the worker's read + decode + dispatch loop (``serve``) over a
   file of frames, into a no-op handler, for the native loop and its pure-Python
-  twin, and decoding with the ``msgpack`` package instead of msgspec.
+  twin, and decoding with the ``msgpack`` package instead of msgspec;
+* the codec alone: the default codec's ``encode`` of one notification and the
+  worker's decode of it, with nothing around them. From these, ``codec_share``:
+  the part of fanout's own instructions per notification (one ``distribute``,
+  then one frame in each listener's worker) that the codec's encode and decodes
+  are, the instruction-count twin of the bench's wall-clock "share of the
+  codec-bound limit" (which also pays the kernel, page faults and caches).
 
 Only the measured loop is counted: the child asks callgrind (client requests,
 the same ``xchg rbx, rbx`` sequence ``<valgrind/callgrind.h>`` emits, run from an
@@ -42,7 +48,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["DEFAULT_ITERATIONS", "available", "measure", "table"]
+__all__ = ["DEFAULT_ITERATIONS", "available", "codec_shares", "measure", "table"]
 
 DEFAULT_ITERATIONS = 2000
 # Callgrind's client requests (<valgrind/callgrind.h>): VG_USERREQ_TOOL_BASE('C','T') + n.
@@ -237,6 +243,37 @@ def _frame_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
         raise RuntimeError("serve handled no frame")
 
 
+def _codec_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
+    import fanout
+    from fanout.bench.payloads import load_payload
+    from fanout.wire.codec import get_codec
+
+    codec = get_codec("msgspec")  # the default: what distribute encodes with
+    decode = codec.unpacker()  # what workers decode with
+    encode = codec.encode
+    for name in payloads:
+        payload = load_payload(name)
+        notes = [fanout.Update(*payload.pair(i)) for i in range(n)]
+        frames = [encode(note, 0) for note in notes]
+
+        def baseline(notes: list[Any] = notes) -> None:
+            for _note in notes:
+                pass
+
+        def encoding(notes: list[Any] = notes) -> None:
+            for note in notes:
+                encode(note, 0)
+
+        def decoding(frames: list[bytes] = frames) -> None:
+            for frame in frames:
+                decode(frame)
+
+        cg.count(f"codec-baseline {name}", baseline)
+        for part, loop in (("encode", encoding), ("decode", decoding)):
+            loop()  # warm-up
+            cg.count(f"codec {name} {part}", loop)
+
+
 def _unexpected(seq: int, payload: bytes, *exc: Any) -> None:
     raise RuntimeError(f"frame {seq} failed in the instruction count: {exc!r}")
 
@@ -249,6 +286,8 @@ def _child(n: int, payloads: Sequence[str], only: str | None) -> None:
         _frame_cases(cg, n, payloads)
     if only in (None, "distribute"):
         _distribute_cases(cg, n, payloads)
+    if only in (None, "codec"):
+        _codec_cases(cg, n, payloads)
     print(json.dumps({"native": fanout.NATIVE}))
 
 
@@ -274,11 +313,36 @@ def _per_iteration(counts: dict[str, int], n: int) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for label, total in sorted(counts.items()):
         what, _, rest = label.partition(" ")
-        if what not in ("distribute", "frame"):
+        if what not in ("distribute", "frame", "codec"):
             continue
-        base = counts[f"{what}-baseline {rest.split()[0 if what == 'distribute' else 1]}"]
+        base = counts[f"{what}-baseline {rest.split()[1 if what == 'frame' else 0]}"]
         out.setdefault(what, {})[rest] = round((total - base) / n, 1)
     return out
+
+
+def codec_shares(result: dict[str, Any]) -> dict[str, float]:
+    """The codec's part of fanout's instructions per notification, per payload and L.
+
+    ``(encode + L x decode) / (distribute to L + L x frame)``: the default codec's
+    encode and the worker's decode, over what fanout runs for the same
+    notification (the producer's ``distribute``, then a frame in each of the L
+    listeners' workers; the native worker loop when it is built). Cases the result
+    lacks are left out.
+    """
+    shares: dict[str, float] = {}
+    codec = result.get("codec", {})
+    frames = result.get("frame", {})
+    for case, dist in result.get("distribute", {}).items():
+        name, _, rest = case.partition(" L=")
+        if not rest.isdigit():  # "small L=1 msgpack": not the default codec
+            continue
+        L = int(rest)
+        enc, dec = codec.get(f"{name} encode"), codec.get(f"{name} decode")
+        frame = frames.get(f"{name} native", frames.get(f"{name} py"))
+        if enc is None or dec is None or frame is None:
+            continue
+        shares[case] = round((enc + L * dec) / (dist + L * frame), 3)
+    return shares
 
 
 def measure(
@@ -297,20 +361,24 @@ def measure(
             (``FANOUT_NO_EXTENSIONS`` unset) or the pure-Python twins; None:
             as this process's environment says. (Frames are counted on both
             loops whenever the native one is built.)
-        only: ``"distribute"`` or ``"frame"`` to count only those; None: both.
+        only: ``"distribute"``, ``"frame"`` or ``"codec"`` to count only those;
+            None: all three.
 
     Returns:
         ``{"distribute": {"small L=1": 1234.5, ...}, "frame": {"small native": ...},
-        "iterations": n, "native": bool, "valgrind": version}``, or ``{"error": why}`` when
-        valgrind cannot run here.
+        "codec": {"small encode": ..., "small decode": ...}, "codec_share":
+        {"small L=4": 0.9, ...}, "iterations": n, "native": bool, "valgrind":
+        version}``, or ``{"error": why}`` when valgrind cannot run here.
+        ``codec_share`` (see :func:`codec_shares`) has the cases whose three
+        counts were all measured.
 
     Raises:
         RuntimeError: valgrind ran but the child failed or produced no counts.
     """
     if iterations < 1:
         raise ValueError(f"iterations must be >= 1, got {iterations}")
-    if only not in (None, "distribute", "frame"):
-        raise ValueError(f"only must be 'distribute', 'frame' or None, got {only!r}")
+    if only not in (None, "distribute", "frame", "codec"):
+        raise ValueError(f"only must be 'distribute', 'frame', 'codec' or None, got {only!r}")
     why = available()
     if why is not None:
         return {"error": why}
@@ -345,6 +413,9 @@ def measure(
         raise RuntimeError("callgrind wrote no counts for the measured loops")
     version = subprocess.run(["valgrind", "--version"], capture_output=True, text=True)
     result = _per_iteration(counts, iterations)
+    shares = codec_shares(result)
+    if shares:
+        result["codec_share"] = shares
     result.update(
         iterations=iterations,
         native=json.loads(proc.stdout.splitlines()[-1])["native"],
@@ -362,16 +433,24 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"instructions per call ({impl}, {result['iterations']} iterations, {result['valgrind']}):"
     ]
-    for what in ("distribute", "frame"):
+    for what in ("distribute", "frame", "codec"):
         for case, value in result.get(what, {}).items():
             lines.append(f"  {what:<10} {case:<22} {value:>12,.1f}")
+    shares = result.get("codec_share", {})
+    if shares:
+        lines.append("the codec's part of fanout's instructions per notification")
+        lines.append("  (encode + L x decode) / (distribute to L + L x worker frame):")
+        for case, share in shares.items():
+            lines.append(f"  {case:<33} {100 * share:>11.0f}%")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fanout.bench.instructions",
-        description="Instructions per distribute and per worker frame, under callgrind.",
+        description=(
+            "Instructions per distribute, per worker frame and per codec call, under callgrind."
+        ),
     )
     parser.add_argument("--iterations", type=int, default=DEFAULT_ITERATIONS)
     parser.add_argument("--payload", action="append", help="small, pod or a JSON file")
@@ -379,7 +458,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--no-extensions", action="store_true", help="distribute with the pure-Python twins"
     )
-    parser.add_argument("--only", choices=["distribute", "frame"], help="count only these")
+    parser.add_argument(
+        "--only", choices=["distribute", "frame", "codec"], help="count only these"
+    )
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     payloads = args.payload or ["small", "pod"]

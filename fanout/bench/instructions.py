@@ -420,7 +420,7 @@ def measure(
         iterations=iterations,
         native=json.loads(proc.stdout.splitlines()[-1])["native"],
         valgrind=version.stdout.strip(),
-        unit="instructions per distribute / per frame, loop baseline subtracted",
+        unit="instructions per distribute / frame / codec call, loop baseline subtracted",
     )
     return result
 

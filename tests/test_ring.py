@@ -392,3 +392,12 @@ def test_random_writes_and_reads_match_deque(ring_impl: types.ModuleType):
         machine,
         settings=settings(max_examples=100, stateful_step_count=40, deadline=None),
     )
+
+
+def test_slot_progress_reads_a_workers_progress_words(ring_impl: types.ModuleType):
+    from fanout.wire.protocol import DONE, ERRORS, HANDLED, SLOT_WORDS, STARTED
+
+    slot = memoryview(bytearray(8 * SLOT_WORDS)).cast("Q")
+    for word, value in ((ERRORS, 3), (HANDLED, 5), (DONE, 9), (STARTED, 2**64 - 1)):
+        slot[word] = value
+    assert ring_impl.slot_progress(slot) == (3, 5, 9, 2**64 - 1)

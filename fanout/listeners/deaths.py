@@ -16,7 +16,8 @@ import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from fanout.wire.protocol import DONE, ERRORS, EXIT_START_FAILED, HANDLED, PID, STARTED
+from fanout.native.pick import slot_progress
+from fanout.wire.protocol import DONE, EXIT_START_FAILED, PID, STARTED
 
 if TYPE_CHECKING:
     from fanout.listeners.process import Lane
@@ -110,10 +111,11 @@ def corrupt_slot_reason(lane: Lane) -> str | None:
     # between two reads err on the safe side: the worker counts an error before
     # its call, and a call before marking its frame done. (Errors read after the
     # calls could count calls made after that read: a busy machine could then
-    # see more errors than calls.)
-    errors = int(slot[ERRORS]) - lane.errors_at_spawn
-    handled = int(slot[HANDLED]) - lane.handled_at_spawn
-    done, started = int(slot[DONE]), int(slot[STARTED])
+    # see more errors than calls.) The native reads are acquires, matching the
+    # worker's release stores, so this holds on weakly ordered CPUs too.
+    errors, handled, done, started = slot_progress(slot)
+    errors -= lane.errors_at_spawn
+    handled -= lane.handled_at_spawn
     last = lane.ring.last_seq  # read after the slot: appends only raise it
     if done > last or started > last:
         return f"done={done} started={started} beyond the last frame appended, {last}"

@@ -16,6 +16,7 @@ __all__ = [
     "frame_span",
     "pack_plain",
     "plain",
+    "slot_progress",
 ]
 
 NATIVE: bool
@@ -24,6 +25,7 @@ HEADER_SIZE: int
 def append_all(rings: Sequence[FrameRing], frame: Buffer) -> int: ...
 def default_key(obj: Any) -> Hashable | None: ...
 def frame_span(buf: Buffer, budget: int, single: bool) -> tuple[int, int, int, int]: ...
+def slot_progress(slot: Buffer) -> tuple[int, int, int, int]: ...
 
 @disjoint_base
 class Ring:

@@ -14,7 +14,8 @@
 #   _pack.pxi          pack_plain(), that check and the encode in one pass
 #   _feed.pxi          Encoder and Feed, distribute's fast path (uses the three above)
 # This file keeps the two calls on frames beyond one ring: append_all (one frame
-# into many rings) and frame_span (the whole frames in a buffer).
+# into many rings) and frame_span (the whole frames in a buffer), and the
+# producer's read of a worker's progress words (slot_progress).
 
 cimport cython
 from cpython.buffer cimport PyBuffer_Release
@@ -25,6 +26,13 @@ from fanout.errors import RingClosed
 from fanout.native._sys cimport HDR
 
 from fanout.native._ring_common import HEADER_SIZE
+
+from fanout.wire.protocol import (
+    DONE as _DONE,
+    ERRORS as _ERRORS,
+    HANDLED as _HANDLED,
+    STARTED as _STARTED,
+)
 
 __all__ = [
     "HEADER_SIZE",
@@ -39,6 +47,7 @@ __all__ = [
     "frame_span",
     "pack_plain",
     "plain",
+    "slot_progress",
 ]
 
 NATIVE = True
@@ -118,3 +127,31 @@ def frame_span(const unsigned char[:] buf, Py_ssize_t budget, bint single):
             if single:
                 break
     return pos, first, last, count
+
+
+cdef extern from *:
+    """
+    static inline uint64_t fanout_acquire64(const uint64_t *p) {
+        return __atomic_load_n(p, __ATOMIC_ACQUIRE);
+    }
+    """
+    uint64_t _acquire "fanout_acquire64"(const uint64_t* p) noexcept nogil
+
+
+cdef Py_ssize_t ERRORS = _ERRORS, HANDLED = _HANDLED, DONE = _DONE, STARTED = _STARTED
+
+
+def slot_progress(slot):
+    """A worker's progress words ``(errors, handled, done, started)``, read in that order.
+
+    The worker stores them in the opposite order (it counts an error before the
+    call, the call before its frame is done), each store a release; each read
+    here is an acquire, so a later read never shows an older state than an
+    earlier one did, on any CPU (on x86 all of these are plain moves).
+    ``slot``: the lane's progress slot, a buffer of uint64 words.
+    """
+    cdef const uint64_t[::1] w = slot
+    cdef uint64_t errors = _acquire(&w[ERRORS])
+    cdef uint64_t handled = _acquire(&w[HANDLED])
+    cdef uint64_t done = _acquire(&w[DONE])
+    return errors, handled, done, _acquire(&w[STARTED])

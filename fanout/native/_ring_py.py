@@ -5,7 +5,8 @@ and pass the same tests; ``FANOUT_NO_EXTENSIONS=1`` makes fanout use this one.
 As the native module is built from one file per concept, this one gathers them:
 ``FrameRing`` from ``_frame_ring_py``, ``Ring`` from ``_object_ring_py``, ``plain`` and
 ``pack_plain`` from ``_plain_py``, ``distribute``'s fast path (``Encoder``, ``Feed``) and
-``append_all`` and ``default_key`` from ``_feed_py``; it keeps ``frame_span``.
+``append_all`` and ``default_key`` from ``_feed_py``; it keeps ``frame_span`` and
+``slot_progress``.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from fanout.native._frame_ring_py import FrameRing
 from fanout.native._object_ring_py import Ring
 from fanout.native._plain_py import pack_plain, plain
 from fanout.native._ring_common import HEADER, HEADER_SIZE
+from fanout.wire.protocol import DONE, ERRORS, HANDLED, STARTED
 
 __all__ = [
     "HEADER_SIZE",
@@ -31,6 +33,7 @@ __all__ = [
     "frame_span",
     "pack_plain",
     "plain",
+    "slot_progress",
 ]
 
 NATIVE = False
@@ -65,3 +68,18 @@ def frame_span(buf: Any, budget: int, single: bool) -> tuple[int, int, int, int]
         if single:
             break
     return pos, first, last, count
+
+
+def slot_progress(slot: Any) -> tuple[int, int, int, int]:
+    """A worker's progress words ``(errors, handled, done, started)``, read in that order.
+
+    The worker stores them in the opposite order (it counts an error before the
+    call, the call before its frame is done), so calls finishing between these
+    reads can only make a later word look newer, never an impossible state. Plain
+    reads: the native twin reads with acquire ordering, for weakly ordered CPUs.
+    ``slot``: the lane's progress slot, a buffer of uint64 words.
+    """
+    errors = int(slot[ERRORS])
+    handled = int(slot[HANDLED])
+    done = int(slot[DONE])
+    return errors, handled, done, int(slot[STARTED])

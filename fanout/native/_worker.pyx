@@ -60,6 +60,19 @@ cdef extern from *:
     int __builtin_clzll(unsigned long long) nogil
 
 
+cdef extern from *:
+    """
+    static inline void fanout_release64(uint64_t *p, uint64_t v) {
+        __atomic_store_n(p, v, __ATOMIC_RELEASE);
+    }
+    """
+    # The progress words the producer checks (fanout.native._ring.slot_progress
+    # reads them with acquires): each store is a release, so a reader that sees
+    # one sees every word stored before it, on any CPU. Only this process writes
+    # them while it runs, so a count's read-then-store needs no atomic add.
+    void _publish "fanout_release64"(uint64_t* p, uint64_t v) noexcept nogil
+
+
 cdef extern from "<poll.h>" nogil:
     struct pollfd:
         int fd
@@ -257,7 +270,7 @@ cdef Py_ssize_t _frames(const unsigned char* buf, Py_ssize_t have, Py_ssize_t ca
         last[0] = seq
         if seq <= skip:  # finished before a restart: acknowledged, not run again
             pos += HDR + length
-            words[HANDLED] += 1
+            _publish(&words[HANDLED], words[HANDLED] + 1)
             continue
         payload = PyBytes_FromStringAndSize(<char*>buf + pos + HDR, length)
         pos += HDR + length
@@ -279,8 +292,8 @@ cdef Py_ssize_t _frames(const unsigned char* buf, Py_ssize_t have, Py_ssize_t ca
             _bad_frame(words, seq, payload, exc, on_bad_frame)
             continue
         now = now_ns()
-        words[START_NS] = now
-        words[STARTED] = seq
+        _publish(&words[START_NS], now)
+        _publish(&words[STARTED], seq)
         words[HIST + _bucket(<int64_t>(now - <uint64_t>t_ns))] += 1
         try:
             if kind == UPDATE:
@@ -295,9 +308,9 @@ cdef Py_ssize_t _frames(const unsigned char* buf, Py_ssize_t have, Py_ssize_t ca
             _handler_failed(words, seq, payload, on_error)
         if _forked:  # a copy the handler forked: its call is not the worker's
             _exit(0)
-        words[HANDLED] += 1
-        words[START_NS] = 0
-        words[DONE] = seq
+        _publish(&words[HANDLED], words[HANDLED] + 1)
+        _publish(&words[START_NS], 0)
+        _publish(&words[DONE], seq)
         if stamps is not None:
             stamps.append(t_ns)
     return pos
@@ -308,9 +321,9 @@ cdef _bad_frame(uint64_t[::1] words, uint64_t seq, payload, exc, on_bad_frame):
     # Decoding is deterministic (an object that does not fit the schema never
     # will): a retry would fail the same way. The parent dead-letters it; this
     # worker goes on.
-    words[STARTED] = seq
+    _publish(&words[STARTED], seq)
     on_bad_frame(seq, payload, exc)
-    words[DONE] = seq
+    _publish(&words[DONE], seq)
 
 
 cdef _handler_failed(uint64_t[::1] words, uint64_t seq, payload, on_error):
@@ -319,6 +332,6 @@ cdef _handler_failed(uint64_t[::1] words, uint64_t seq, payload, on_error):
         _exit(0)
     # The call is over: stop the handler_timeout clock before a report that may
     # wait on a full return pipe.
-    words[START_NS] = 0
-    words[ERRORS] += 1
+    _publish(&words[START_NS], 0)
+    _publish(&words[ERRORS], words[ERRORS] + 1)
     on_error(seq, payload)

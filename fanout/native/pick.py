@@ -87,6 +87,7 @@ if TYPE_CHECKING:
     from fanout.native._ring import frame_span as frame_span
     from fanout.native._ring import pack_plain as pack_plain
     from fanout.native._ring import plain as plain
+    from fanout.native._ring import slot_progress as slot_progress
 else:
     Ring = ring_impl.Ring
     Router = ring_impl.Router
@@ -99,6 +100,7 @@ else:
     frame_span = ring_impl.frame_span
     pack_plain = ring_impl.pack_plain
     plain = ring_impl.plain
+    slot_progress = ring_impl.slot_progress
 
 __all__ = [
     "IMPORT_ERROR",
@@ -117,5 +119,6 @@ __all__ = [
     "plain",
     "serve",
     "serve_batch",
+    "slot_progress",
     "watch_lifeline",
 ]

@@ -117,16 +117,19 @@ class _Callgrind:
 # -- the child: runs under callgrind ------------------------------------------------------
 
 
+def _empty(items: list[Any]) -> Callable[[], None]:
+    """A baseline: the measured loops' iteration over ``items``, doing nothing."""
+
+    def loop() -> None:
+        for _item in items:
+            pass
+
+    return loop
+
+
 def _distribute_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
     import fanout
     from fanout.bench.payloads import load_payload
-
-    def empty(notes: list[Any]) -> Callable[[], None]:
-        def loop() -> None:
-            for _note in notes:
-                pass
-
-        return loop
 
     def distributing(d: Any, notes: list[Any]) -> Callable[[], None]:
         distribute = d.distribute
@@ -140,7 +143,7 @@ def _distribute_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
     for name in payloads:
         payload = load_payload(name)
         notes = [fanout.Update(*payload.pair(i)) for i in range(n)]
-        cg.count(f"distribute-baseline {name}", empty(notes))
+        cg.count(f"distribute-baseline {name}", _empty(notes))
         # The default codec (msgspec) with 1 and 4 listeners; codec="msgpack" with
         # one, to show what the msgspec encode buys.
         cases: tuple[tuple[int, Any, str], ...] = (
@@ -256,10 +259,6 @@ def _codec_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
         notes = [fanout.Update(*payload.pair(i)) for i in range(n)]
         frames = [encode(note, 0) for note in notes]
 
-        def baseline(notes: list[Any] = notes) -> None:
-            for _note in notes:
-                pass
-
         def encoding(notes: list[Any] = notes) -> None:
             for note in notes:
                 encode(note, 0)
@@ -268,7 +267,7 @@ def _codec_cases(cg: _Callgrind, n: int, payloads: Sequence[str]) -> None:
             for frame in frames:
                 decode(frame)
 
-        cg.count(f"codec-baseline {name}", baseline)
+        cg.count(f"codec-baseline {name}", _empty(notes))
         for part, loop in (("encode", encoding), ("decode", decoding)):
             loop()  # warm-up
             cg.count(f"codec {name} {part}", loop)
